@@ -1,0 +1,1 @@
+"""dpfpl: privacy-preserving personalized federated prompt learning on OpenCLIP with Flower."""

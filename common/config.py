@@ -1,0 +1,107 @@
+"""Run and node configuration: every knob is named once here and validated before any work starts.
+
+Flower hands the run config over as a flat dict with hyphenated keys (``[tool.flwr.app.config]``);
+``RunConfig.from_flower`` maps it onto this model so a typo or an out-of-range value fails at start-up
+with the key's name, instead of deep inside round 37.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["dpfpl", "dpfpl-noresidual"]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method = "dpfpl"
+    model_name: str = "dpfpl-demo-tiny"
+    pretrained: str = "demo"
+    dataset: Literal["demo"] = "demo"
+    n_ctx: int = Field(16, ge=1, le=64)
+    ctx_init: str = ""
+    rank: int = Field(8, ge=1)
+
+    num_clients: int = Field(10, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    num_server_rounds: int = Field(100, ge=1)
+    min_clients: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_every: int = Field(10, ge=1)
+
+    lr_global: float = Field(1e-4, gt=0)
+    lr_local: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+    dp: bool = True
+    target_epsilon: float = Field(0.4, ge=0)
+    calibrate_for: Literal["each", "published"] = "each"
+    noise_multiplier_local: float = Field(0.0, ge=0)
+    noise_multiplier_global: float = Field(0.0, ge=0)
+    max_grad_norm_local: float = Field(10.0, gt=0)
+    max_grad_norm_global: float = Field(10.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+    seed: int = 0
+    run_dir: str = "runs/latest"
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.dp and self.target_epsilon == 0 and (
+            self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0
+        ):
+            raise ValueError(
+                "dp = true needs either target-epsilon > 0 (calibrate the noise) or both "
+                "noise-multiplier-local and noise-multiplier-global > 0"
+            )
+        if self.min_clients > self.num_clients:
+            raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: dict) -> "RunConfig":
+        return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
+
+    def to_flower(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.dp and self.target_epsilon > 0
+
+
+class NodeConfig(BaseModel):
+    """What a SuperNode is told by its operator (``--node-config``) or by the simulation engine."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    partition_id: int | None = Field(None, ge=0)
+    num_partitions: int | None = Field(None, ge=1)
+    state_dir: str | None = None
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_flower(cls, node_config: dict) -> "NodeConfig":
+        return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
+
+    def resolved_state_dir(self, run_dir: str) -> Path:
+        """Node-local state directory: from node config, else under the run directory (simulation)."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        if self.partition_id is None:
+            raise ValueError("node config needs 'state-dir' (or 'partition-id' in simulation)")
+        return Path(run_dir) / "nodes" / f"node-{self.partition_id}"
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where built backbones and feature caches live: node config, $DPFPL_CACHE, or ~/.cache/dpfpl."""
+    path = Path(override or os.environ.get("DPFPL_CACHE") or Path.home() / ".cache" / "dpfpl")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,28 @@
+"""Differential privacy in one place: per-sample gradients, clipping and Gaussian noise (pure functions,
+``mechanisms``), and the privacy accountant with calibration and reporting (``accountant``)."""
+
+from .accountant import (
+    PrivacyAccountant,
+    calibrate_noise_multiplier,
+    combined_noise_multiplier,
+    epsilon_for,
+)
+from .mechanisms import (
+    add_gaussian_noise,
+    clip_per_sample,
+    clip_per_sample_jointly,
+    per_sample_grads,
+    poisson_sample,
+)
+
+__all__ = [
+    "PrivacyAccountant",
+    "add_gaussian_noise",
+    "calibrate_noise_multiplier",
+    "clip_per_sample",
+    "clip_per_sample_jointly",
+    "combined_noise_multiplier",
+    "epsilon_for",
+    "per_sample_grads",
+    "poisson_sample",
+]

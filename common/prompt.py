@@ -1,0 +1,147 @@
+"""CoOp-style prompt learning on OpenCLIP's text tower.
+
+The text prompt of class c is ``[SOS] ctx_1 ... ctx_n CLASSNAME . [EOS]``: one learnable context shared by
+all classes, class token at the end (CoOp's "end" position, as in DP-FPL). Only the context is learned; the
+rest of the tower is frozen.
+
+Why truncate: the text transformer is causal and the feature is read at the EOT token, so positions after
+the last EOT of the batch of class prompts cannot change any output. Dropping them makes every forward and
+backward pass proportionally cheaper (77 -> ~25 tokens for short class names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+CONTEXT_PLACEHOLDER = "X"
+HANDCRAFTED_TEMPLATE = "a photo of a {}."
+
+
+@dataclass
+class TextTower:
+    """The parts of an OpenCLIP text transformer that a prompt learner needs (works for ``CLIP`` and
+    ``CustomTextCLIP`` with OpenCLIP's own ``TextTransformer``)."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    text_projection: torch.Tensor | nn.Module | None
+    attn_mask: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "TextTower":
+        owner = model.text if hasattr(model, "text") else model
+        if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
+            raise TypeError(
+                f"{type(model).__name__} has no OpenCLIP text transformer (token_embedding + transformer); "
+                "prompt learning needs a model with OpenCLIP's own text tower (e.g. ViT-B-16, RN50)."
+            )
+        pool = getattr(owner, "text_pool_type", getattr(owner, "pool_type", "argmax"))
+        if pool != "argmax":
+            raise TypeError(f"text pooling '{pool}' is not supported; only EOT (argmax) pooling is")
+        return cls(
+            token_embedding=owner.token_embedding,
+            positional_embedding=owner.positional_embedding,
+            transformer=owner.transformer,
+            ln_final=owner.ln_final,
+            text_projection=owner.text_projection,
+            attn_mask=owner.attn_mask,
+        )
+
+    @property
+    def width(self) -> int:
+        return self.token_embedding.weight.shape[1]
+
+    def encode_embeddings(self, x: torch.Tensor, eot_index: torch.Tensor) -> torch.Tensor:
+        """Run the tower on token embeddings ``x`` (S, L, width), read the feature at each EOT."""
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length]
+        mask = None if self.attn_mask is None else self.attn_mask[:length, :length]
+        x = self.transformer(x, attn_mask=mask)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_index]
+        if self.text_projection is None:
+            return x
+        if isinstance(self.text_projection, nn.Module):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+
+class PromptTextEncoder(nn.Module):
+    """Maps a learnable context (n_ctx, width) to normalized text features (C, D) for all C classes.
+
+    Token ids, the frozen prefix (SOS) and suffix (class name, '.', EOS) embeddings are computed once at
+    construction, never per step.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, classnames: list[str], n_ctx: int) -> None:
+        super().__init__()
+        if not classnames:
+            raise ValueError("the class-name list is empty")
+        self.tower = TextTower.of(model)
+        self.n_ctx = n_ctx
+        self.classnames = list(classnames)
+        placeholder = " ".join([CONTEXT_PLACEHOLDER] * n_ctx)
+        tokens = tokenizer([f"{placeholder} {name.replace('_', ' ')}." for name in classnames])
+        eot = tokens.argmax(dim=-1)
+        context_length = tokens.shape[1]
+        if int(eot.max()) >= context_length - 1:
+            raise ValueError(
+                f"a class prompt with n_ctx={n_ctx} does not fit the model's context length "
+                f"{context_length}; shorten the class names or use a smaller n_ctx"
+            )
+        length = int(eot.max()) + 1  # truncate after the last EOT: later positions change nothing
+        tokens = tokens[:, :length]
+        with torch.no_grad():
+            embedding = self.tower.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot_index", eot, persistent=False)
+        self.register_buffer("prefix", embedding[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embedding[:, 1 + n_ctx :].clone(), persistent=False)
+        self._tokenizer = tokenizer
+
+    @property
+    def width(self) -> int:
+        return self.tower.width
+
+    @property
+    def sequence_length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def forward(self, ctx: torch.Tensor) -> torch.Tensor:
+        """ctx: (n_ctx, width) -> normalized text features (C, D)."""
+        n_cls = self.prefix.shape[0]
+        ctx = ctx.to(self.prefix.dtype).unsqueeze(0).expand(n_cls, -1, -1)
+        x = torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        return F.normalize(self.tower.encode_embeddings(x, self.eot_index), dim=-1)
+
+    @torch.no_grad()
+    def handcrafted_features(self, template: str = HANDCRAFTED_TEMPLATE) -> torch.Tensor:
+        """Zero-shot text features of ``template.format(classname)`` for every class (normalized)."""
+        tokens = self._tokenizer([template.format(c.replace("_", " ")) for c in self.classnames])
+        tokens = tokens.to(self.prefix.device)
+        eot = tokens.argmax(dim=-1)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        x = self.tower.token_embedding(tokens)
+        return F.normalize(self.tower.encode_embeddings(x, eot), dim=-1)
+
+    @torch.no_grad()
+    def init_context(self, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Context initialization: random N(0, 0.02^2) (CoOp/DP-FPL default) or the embedding of a text.
+
+        An init text shorter than n_ctx fills the first positions; the rest stay random.
+        """
+        ctx = torch.randn(self.n_ctx, self.width, generator=generator) * 0.02
+        if init_text:
+            ids = self._tokenizer([init_text])[0]
+            ids = ids[1 : int(ids.argmax())]  # drop SOS ... EOT
+            if len(ids) > self.n_ctx:
+                raise ValueError(f"ctx-init '{init_text}' has {len(ids)} tokens, more than n_ctx={self.n_ctx}")
+            emb = self.tower.token_embedding(ids.to(self.prefix.device)).cpu()
+            ctx[: len(ids)] = emb
+        return ctx.to(self.prefix.dtype)
