@@ -47,7 +47,7 @@ def register_model_configs() -> None:
     open_clip.add_model_config(Path(str(resources.files("common") / "model_configs")))
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: one loaded model per process
 class LoadedModel:
     model: nn.Module
     tokenizer: object

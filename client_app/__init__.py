@@ -1,0 +1,1 @@
+"""The ClientApp: local training, local DP, node-local state on disk."""

@@ -1,0 +1,145 @@
+"""Run the app in Flower's simulation engine through a private, managed SuperLink.
+
+``flwr run .`` on the default connection would leave a managed SuperLink running. Here every launch gets
+its own FLWR_HOME, free loopback ports and a SuperLink started in simulation mode, and stops what it
+started by pid, whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    found = str(candidate) if candidate.exists() else shutil.which(name)
+    if not found:
+        raise RuntimeError(f"'{name}' not found: install the project (pip install -e .) in this environment")
+    return found
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
+                   timeout: float = 3600, stream: bool = True) -> None:
+    """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink."""
+    work_dir = Path(work_dir).resolve()
+    flwr_home = work_dir / ".flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    # flwr 1.41 serves the Runtime, Control and Fleet APIs on one HTTP port.
+    port = _free_port()
+    config = {"superlink": {"default": "dpfpl-sim", "dpfpl-sim": {
+        "address": f"127.0.0.1:{port}", "insecure": True,
+        "options": {"num-supernodes": num_supernodes,
+                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": 0.0}}},
+    }}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_file = work_dir / "superlink.log"
+    superlink = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
+         "--database", str(work_dir / "superlink.db")],
+        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_port(port, superlink, log_file)
+        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "dpfpl-sim", "--run-config", overrides, "--format", "json"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=work_dir)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
+        run_id = _parse_run_id(out.stdout)
+        _follow(run_id, env, work_dir, timeout, stream)
+    finally:
+        _stop(superlink)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited early; see {log_file}:\n{log_file.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink did not open port {port} within {timeout}s; see {log_file}")
+
+
+def _parse_run_id(stdout: str) -> int:
+    start = stdout.find("{")
+    data = json.loads(stdout[start:])
+    if not data.get("success", True) or "run-id" not in data:
+        raise RuntimeError(f"flwr run did not start a run: {stdout}")
+    return int(data["run-id"])
+
+
+def _status(run_id: int, env: dict, cwd: Path) -> str:
+    out = subprocess.run([_bin("flwr"), "ls", "dpfpl-sim", "--run-id", str(run_id), "--format", "json"],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
+    start = out.stdout.find("{")
+    if start < 0:
+        return "unknown"
+    runs = json.loads(out.stdout[start:]).get("runs", [])
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool) -> None:
+    """Stream the run's logs (if asked) and wait until it finishes; fail unless it completed successfully
+    (``flwr run --stream`` itself exits 0 even when the ServerApp fails)."""
+    logs = None
+    if stream:
+        logs = subprocess.Popen([_bin("flwr"), "log", str(run_id), "dpfpl-sim", "--stream"], env=env, cwd=cwd,
+                                start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            status = _status(run_id, env, cwd)
+            if status.startswith("finished"):
+                if status != "finished:completed":
+                    raise RuntimeError(f"run {run_id} ended with status '{status}'; see the log above")
+                return
+            time.sleep(2)
+        raise TimeoutError(f"run {run_id} did not finish within {timeout}s")
+    finally:
+        if logs is not None:
+            time.sleep(1)
+            _stop(logs)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,51 @@
+"""What a node trains and evaluates on: its silo's cached image features, split into train, local test
+and neighbor test (DP-FPL's protocol), for the embedded demo data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import NodeConfig, RunConfig
+from .data.demo import load_demo_dataset
+from .data.partition import pathological_partition
+from .features import demo_features
+from .models import LoadedModel
+
+
+@dataclass
+class NodeData:
+    classnames: list[str]
+    own_classes: list[int]
+    train_features: torch.Tensor
+    train_labels: torch.Tensor
+    local_features: torch.Tensor
+    local_labels: torch.Tensor
+    neighbor_features: torch.Tensor
+    neighbor_labels: torch.Tensor
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+
+def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
+    if node.partition_id is None:
+        raise ValueError("the demo data set is partitioned in simulation: the node config needs 'partition-id'")
+    data = load_demo_dataset()
+    parts = pathological_partition(len(data.classnames), cfg.num_clients, cfg.classes_per_client, cfg.seed)
+    if node.partition_id >= len(parts):
+        raise ValueError(f"partition-id {node.partition_id} >= num-clients {cfg.num_clients}")
+    own = parts[node.partition_id]
+    others = sorted({c for i, p in enumerate(parts) if i != node.partition_id for c in p})
+    feats = demo_features(model, cache)
+    labels = torch.from_numpy(data.labels)
+    is_test = torch.from_numpy(data.is_test)
+
+    def select(classes: list[int], test: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.from_numpy(np.isin(data.labels, classes)) & (is_test if test else ~is_test)
+        return feats[mask], labels[mask]
+
+    return NodeData(data.classnames, own, *select(own, False), *select(own, True), *select(others, True))

@@ -1,0 +1,1 @@
+"""The ServerApp: strategy, server-side DP, checkpoints, metrics log."""

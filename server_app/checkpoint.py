@@ -1,0 +1,79 @@
+"""The run directory: checkpoint (atomic), per-round metrics log (JSON lines), run summary.
+
+After every round the server writes the global prompt, its optimizer state and the bookkeeping needed to
+resume (round counter, noise multiplier, per-node sample rates and participation counts for the
+accountant). Metrics lines past the checkpointed round are dropped on resume, so no round is logged or
+counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from common.atomic import read_tensors, write_json, write_tensors
+
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class ServerState:
+    p_global: torch.Tensor
+    momentum: torch.Tensor | None
+    server_round: int
+    run_token: str
+    noise_multiplier_global: float
+    config_fingerprint: str
+    node_sample_rates: dict[str, float] = field(default_factory=dict)  # node_id -> q_i
+    participation: dict[str, int] = field(default_factory=dict)  # node_id -> noisy rounds
+    zeroshot: dict[str, float] = field(default_factory=dict)
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def save(self, state: ServerState) -> None:
+        tensors = {"p_global": state.p_global}
+        if state.momentum is not None:
+            tensors["momentum"] = state.momentum
+        meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
+                                                "config_fingerprint", "node_sample_rates", "participation",
+                                                "zeroshot")}
+        write_tensors(self.path / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
+
+    def load(self) -> ServerState | None:
+        path = self.path / CHECKPOINT
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["state"])
+        tensors = read_tensors(path)
+        return ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), **meta)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / METRICS
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_round: int) -> None:
+        kept = [r for r in self.read_metrics() if r["round"] <= last_round]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        from common.atomic import _atomic_write
+
+        _atomic_write(self.path / METRICS, lambda fh: fh.write(text.encode()))
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(self.path / SUMMARY, summary)

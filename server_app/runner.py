@@ -1,0 +1,131 @@
+"""The round loop: setup/zero-shot phase, calibration, rounds with evaluation, checkpoint and metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+
+import open_clip
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from common.models import register_model_configs
+
+from .checkpoint import RunDirectory, ServerState
+from .strategy import DpFplStrategy, global_noise_multiplier
+
+log = logging.getLogger("dpfpl.server")
+
+RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients"}
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    relevant = {k: v for k, v in cfg.model_dump().items() if k not in RESUME_IRRELEVANT}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
+    """Random N(0, 0.02^2) context (width from the model config, no weights needed on the server)."""
+    if cfg.ctx_init:
+        raise NotImplementedError("ctx-init on the server is not supported yet; leave ctx-init empty")
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
+    width = model_cfg["text_cfg"]["width"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return torch.randn(cfg.n_ctx, width, generator=gen) * 0.02
+
+
+def _evaluate(strategy: DpFplStrategy, grid: Grid, server_round: int, phase: str) -> dict:
+    replies = grid.send_and_receive(strategy.configure_evaluate(
+        server_round, strategy._arrays(), ConfigRecord({"phase": phase}), grid))
+    result = strategy.aggregate_evaluate(server_round, replies)
+    return dict(result) if result is not None else {}
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+    run_dir = RunDirectory(cfg.run_dir)
+    fingerprint = config_fingerprint(cfg)
+    state = run_dir.load() if cfg.resume else None
+    if state is not None and state.config_fingerprint != fingerprint:
+        raise RuntimeError(
+            f"{run_dir.path} holds a checkpoint of a different configuration; choose another run-dir or "
+            "set resume = false to start over (the old run would then be overwritten)")
+    if state is None:
+        state = ServerState(p_global=initial_global_prompt(cfg), momentum=None, server_round=0,
+                            run_token=secrets.token_hex(8), noise_multiplier_global=0.0,
+                            config_fingerprint=fingerprint)
+        (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
+    else:
+        log.info("resuming %s after round %d", run_dir.path, state.server_round)
+        run_dir.truncate_metrics(state.server_round)
+    strategy = DpFplStrategy(cfg, state)
+
+    if state.server_round == 0:
+        zs = _evaluate(strategy, grid, 0, "zeroshot")
+        if not state.node_sample_rates:
+            raise RuntimeError("no node answered the setup phase; check that SuperNodes are connected")
+        state.zeroshot = zs
+        q_max = max(state.node_sample_rates.values())
+        state.noise_multiplier_global = global_noise_multiplier(cfg, q_max)
+        log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
+                 zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
+        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global})
+        run_dir.save(state)
+    strategy.summary()
+
+    for server_round in range(state.server_round + 1, cfg.num_server_rounds + 1):
+        started = time.time()
+        replies = grid.send_and_receive(strategy.configure_train(server_round, strategy._arrays(), ConfigRecord(), grid))
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        record = {"round": server_round, "phase": "train", "updated": arrays is not None}
+        record.update(dict(train_metrics) if train_metrics is not None else {})
+        if cfg.dp:
+            record["epsilon-global-max"] = strategy.epsilon_global()
+        state.server_round = server_round
+        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
+            record.update(_evaluate(strategy, grid, server_round, "personalized"))
+        record["round-seconds"] = round(time.time() - started, 3)
+        run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
+        run_dir.append_metrics(record)
+        log.info("round %d/%d %s", server_round, cfg.num_server_rounds,
+                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+
+    summary = summarize(cfg, state, run_dir.read_metrics(), strategy)
+    run_dir.write_summary(summary)
+    return summary
+
+
+def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: DpFplStrategy) -> dict:
+    evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
+    last = evals[-1] if evals else {}
+    train = [m for m in metrics if m.get("phase") == "train"]
+    final_train = train[-1] if train else {}
+    return {
+        "method": cfg.method,
+        "model": f"{cfg.model_name} ({cfg.pretrained})",
+        "rounds": state.server_round,
+        "num-clients": cfg.num_clients,
+        "zeroshot": state.zeroshot,
+        "final": {k: last[k] for k in ("local-acc", "neighbor-acc") if k in last},
+        "final-round": last.get("round"),
+        "privacy": {
+            "dp": cfg.dp,
+            "delta": cfg.delta,
+            "neighbouring-relation": "add/remove one record",
+            "accountant": "dp-accounting PLD, Poisson-subsampled Gaussian",
+            "target-epsilon": cfg.target_epsilon if cfg.uses_calibration else None,
+            "calibrate-for": cfg.calibrate_for,
+            "noise-multiplier-global": state.noise_multiplier_global,
+            "epsilon-local-max": final_train.get("epsilon-local-max"),
+            "epsilon-global-max": strategy.epsilon_global() if cfg.dp else None,
+            "epsilon-published-max": final_train.get("epsilon-published-max"),
+        },
+    }

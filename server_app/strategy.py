@@ -1,0 +1,170 @@
+"""DP-FPL server strategy: validate replies, average the clipped global gradients with equal weights, add the
+global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
+
+Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). Its own ``run`` replaces
+``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
+calibrate the global noise), evaluation every ``eval-every`` rounds, and resume from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from common.config import RunConfig
+from common.optim import sgd_update
+from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, epsilon_for
+
+from .checkpoint import ServerState
+
+log = logging.getLogger("dpfpl.server")
+
+
+class InvalidReply(ValueError):
+    pass
+
+
+def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float) -> float:
+    """z_G: given, or calibrated for the worst-case (largest) sample rate among the nodes."""
+    if not cfg.dp:
+        return 0.0
+    if not cfg.uses_calibration:
+        return cfg.noise_multiplier_global
+    z = calibrate_noise_multiplier(cfg.target_epsilon, max_sample_rate, cfg.num_server_rounds, cfg.delta)
+    # "published": z_L and z_G share the budget of the combined mechanism equally (1/z_eff^2 = 2/z^2)
+    return z if cfg.calibrate_for == "each" else z * math.sqrt(2.0)
+
+
+class DpFplStrategy(Strategy):
+    def __init__(self, cfg: RunConfig, state: ServerState) -> None:
+        self.cfg = cfg
+        self.state = state
+        # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
+        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+
+    # ---------------------------------------------------------------- messages
+    def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
+                  message_type: str) -> list[Message]:
+        node_ids, _ = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
+        node_ids = list(grid.get_node_ids())
+        record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token})}
+        if arrays is not None:
+            record["arrays"] = arrays
+        return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
+
+    def _arrays(self) -> ArrayRecord:
+        return ArrayRecord({"global-prompt": self.state.p_global})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        cfg = {**dict(config), "noise-multiplier-global": self.state.noise_multiplier_global}
+        return self._messages(server_round, arrays, cfg, grid, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self._messages(server_round, arrays, dict(config), grid, MessageType.EVALUATE)
+
+    # ---------------------------------------------------------------- validation
+    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor, dict]:
+        if msg.has_error():
+            raise InvalidReply(f"node reported an error: {msg.error.reason}")
+        content = msg.content
+        if set(content.array_records.keys()) != {"arrays"} or set(content["arrays"].keys()) != {"global-grad"}:
+            raise InvalidReply("reply must carry exactly one array record with the key 'global-grad'")
+        array = content["arrays"]["global-grad"]
+        if tuple(array.shape) != tuple(self.state.p_global.shape) or array.dtype != "float32":
+            raise InvalidReply(f"global-grad has shape {array.shape}/{array.dtype}, expected "
+                               f"{tuple(self.state.p_global.shape)}/float32")
+        grad = torch.from_numpy(np.array(array.numpy(), copy=True))
+        if not torch.isfinite(grad).all():
+            raise InvalidReply("global-grad contains NaN or Inf")
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        if int(metrics.get("server-round", -1)) != server_round:
+            raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
+        if self.cfg.dp:
+            batch = float(metrics.get("batch-size", math.inf))
+            bound = self.cfg.max_grad_norm_global * batch / self.cfg.batch_size
+            if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:
+                raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")
+        return grad, metrics
+
+    # ---------------------------------------------------------------- aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        grads, per_node = [], []
+        for msg in replies:
+            try:
+                grad, metrics = self.validate_train_reply(msg, server_round)
+            except InvalidReply as err:
+                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
+                continue
+            grads.append(grad)
+            per_node.append((msg.metadata.src_node_id, metrics))
+        if len(grads) < self.cfg.min_clients:
+            log.error("round %d: only %d valid replies (< min-clients %d); global prompt not updated",
+                      server_round, len(grads), self.cfg.min_clients)
+            return None, None
+        n = len(grads)
+        mean = torch.stack(grads).mean(0)
+        # One record of node i moves the average by at most C_G / (B n): noise std z_G C_G / (B n), with n the
+        # number of replies actually aggregated.
+        std = self.state.noise_multiplier_global * self.cfg.max_grad_norm_global / (self.cfg.batch_size * n)
+        noisy = add_gaussian_noise(mean, std, self.noise_generator)
+        self.state.p_global, self.state.momentum = sgd_update(
+            self.state.p_global, noisy, self.state.momentum, self.cfg.lr_global, self.cfg.momentum, self.cfg.weight_decay)
+        for node_id, _ in per_node:
+            if self.cfg.dp:
+                self.state.participation[str(node_id)] = self.state.participation.get(str(node_id), 0) + 1
+        summary = {"num-replies": float(n), "global-noise-std": std}
+        for key in ("epsilon-local", "epsilon-published"):
+            values = [m[key] for _, m in per_node if key in m]
+            if values:
+                summary[key + "-max"] = float(max(values))
+        losses = [m["train-loss"] for _, m in per_node if "train-loss" in m and not math.isnan(m["train-loss"])]
+        if losses:
+            summary["train-loss"] = float(np.mean(losses))
+        return self._arrays(), MetricRecord(summary)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = []
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: node %s failed to evaluate: %s", server_round, msg.metadata.src_node_id,
+                            msg.error.reason)
+                continue
+            if "metrics" not in msg.content.metric_records:
+                log.warning("round %d: evaluation reply from node %s has no metrics", server_round,
+                            msg.metadata.src_node_id)
+                continue
+            m = dict(msg.content["metrics"])
+            if all(math.isfinite(float(m.get(k, math.nan))) for k in ("local-acc", "neighbor-acc")):
+                rows.append((msg.metadata.src_node_id, m))
+        if not rows:
+            return None
+        if server_round == 0:  # setup: the nodes' sample rates feed the accountant
+            for node_id, m in rows:
+                self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
+        # unweighted mean over clients (DP-FPL's protocol)
+        return MetricRecord({k: float(np.mean([m[k] for _, m in rows])) for k in ("local-acc", "neighbor-acc")}
+                            | {"num-clients": float(len(rows))})
+
+    # ---------------------------------------------------------------- accounting
+    def epsilon_global(self) -> float:
+        """Worst case over nodes of the GDP mechanism's epsilon for the noisy rounds that really happened."""
+        if not self.cfg.dp:
+            return math.inf
+        eps = [epsilon_for(self.state.noise_multiplier_global, self.state.node_sample_rates.get(node, 1.0),
+                           rounds, self.cfg.delta) for node, rounds in self.state.participation.items()]
+        return max(eps, default=0.0)
+
+    def summary(self) -> None:
+        log.info("DP-FPL strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.state.noise_multiplier_global,
+                 self.cfg.max_grad_norm_global, self.cfg.batch_size, self.cfg.min_clients)
