@@ -22,7 +22,7 @@ from common.prompt import PromptTextEncoder
 
 from .state import NodeState
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dpfpl.client")
 
 
 @lru_cache(maxsize=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +36,7 @@ DEMO_TEMPLATES = [
     "an image of a {}.",
     "a small {}.",
 ]
-DEMO_PRETRAIN_STEPS = 600
+DEMO_PRETRAIN_STEPS = int(os.environ.get("DPFPL_DEMO_PRETRAIN_STEPS", 600))  # tests use fewer
 DEMO_BATCH = 128
 
 
@@ -126,11 +127,11 @@ def demo_pixels(images: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _demo_backbone_path(seed: int, cache: str | None) -> Path:
+def _demo_backbone_path(seed: int, cache: str | None, steps: int) -> Path:
     from .data.demo import load_demo_dataset
 
     fingerprint = load_demo_dataset().fingerprint
-    return cache_dir(cache) / "backbones" / f"{DEMO_MODEL}-s{seed}-{fingerprint}.safetensors"
+    return cache_dir(cache) / "backbones" / f"{DEMO_MODEL}-s{seed}-n{steps}-{fingerprint}.safetensors"
 
 
 def build_demo_backbone(seed: int = 0, cache: str | None = None, progress: bool = True,
@@ -145,7 +146,7 @@ def build_demo_backbone(seed: int = 0, cache: str | None = None, progress: bool 
 
     from .data.demo import load_demo_dataset
 
-    path = _demo_backbone_path(seed, cache)
+    path = _demo_backbone_path(seed, cache, steps)
     if path.is_file():
         return path
     register_model_configs()

@@ -130,18 +130,28 @@ class PromptTextEncoder(nn.Module):
         x = self.tower.token_embedding(tokens)
         return F.normalize(self.tower.encode_embeddings(x, eot), dim=-1)
 
-    @torch.no_grad()
     def init_context(self, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Context initialization: random N(0, 0.02^2) (CoOp/DP-FPL default) or the embedding of a text.
+        return _init_context(self.tower.token_embedding, self._tokenizer, self.n_ctx, init_text, generator)
 
-        An init text shorter than n_ctx fills the first positions; the rest stay random.
-        """
-        ctx = torch.randn(self.n_ctx, self.width, generator=generator) * 0.02
-        if init_text:
-            ids = self._tokenizer([init_text])[0]
-            ids = ids[1 : int(ids.argmax())]  # drop SOS ... EOT
-            if len(ids) > self.n_ctx:
-                raise ValueError(f"ctx-init '{init_text}' has {len(ids)} tokens, more than n_ctx={self.n_ctx}")
-            emb = self.tower.token_embedding(ids.to(self.prefix.device)).cpu()
-            ctx[: len(ids)] = emb
-        return ctx.to(self.prefix.dtype)
+
+@torch.no_grad()
+def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """Context initialization: random N(0, 0.02^2) (CoOp/DP-FPL default) or the embedding of a text.
+
+    An init text shorter than n_ctx fills the first positions; the rest stay random.
+    """
+    width = token_embedding.weight.shape[1]
+    ctx = torch.randn(n_ctx, width, generator=generator) * 0.02
+    if init_text:
+        ids = tokenizer([init_text])[0]
+        ids = ids[1 : int(ids.argmax())]  # drop SOS ... EOT
+        if len(ids) > n_ctx:
+            raise ValueError(f"ctx-init '{init_text}' has {len(ids)} tokens, more than n_ctx={n_ctx}")
+        ctx[: len(ids)] = token_embedding(ids.to(token_embedding.weight.device)).cpu()
+    return ctx.to(token_embedding.weight.dtype)
+
+
+def context_from_text(model, n_ctx: int, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``model`` is a ``LoadedModel``; used by the server to initialize the global prompt."""
+    return _init_context(TextTower.of(model.model).token_embedding, model.tokenizer, n_ctx, init_text, generator)

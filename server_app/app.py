@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -12,7 +14,18 @@ from .runner import run_federation
 app = ServerApp()
 
 
+def _console_logging() -> None:
+    """Per-round metrics go to the console next to Flower's own log lines."""
+    logger = logging.getLogger("dpfpl")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("dpfpl %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    _console_logging()
     cfg = RunConfig.from_flower(dict(context.run_config))
     run_federation(grid, cfg)

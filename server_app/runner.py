@@ -31,15 +31,20 @@ def config_fingerprint(cfg: RunConfig) -> str:
 
 
 def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
-    """Random N(0, 0.02^2) context (width from the model config, no weights needed on the server)."""
+    """Random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
+    token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.ctx_init:
-        raise NotImplementedError("ctx-init on the server is not supported yet; leave ctx-init empty")
+        from common.models import cached_clip
+        from common.prompt import context_from_text
+
+        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None, cfg.seed), cfg.n_ctx,
+                                 cfg.ctx_init, gen)
     register_model_configs()
     model_cfg = open_clip.get_model_config(cfg.model_name)
     if model_cfg is None:
         raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
     width = model_cfg["text_cfg"]["width"]
-    gen = torch.Generator().manual_seed(cfg.seed)
     return torch.randn(cfg.n_ctx, width, generator=gen) * 0.02
 
 

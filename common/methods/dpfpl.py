@@ -39,6 +39,16 @@ def rgp_reconstruct(grad_u: torch.Tensor, grad_v: torch.Tensor, u: torch.Tensor,
     return grad_u @ v + u @ grad_v - u @ (u.t() @ grad_u) @ v
 
 
+def noisy_factor_gradient_sums(g: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dp: "DpSettings",
+                               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local DP on the factors: per-sample (gU_j, gv_j) = (g_j v^T, U^T g_j), clipped jointly to C_L, summed,
+    plus N(0, (z_L C_L)^2) per coordinate (the caller divides by the expected batch size)."""
+    g_u, g_v = clip_per_sample_jointly([g @ v.t(), u.t() @ g], dp.max_grad_norm_local)
+    noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local
+    return (add_gaussian_noise(g_u.sum(0), noise_std, generator),
+            add_gaussian_noise(g_v.sum(0), noise_std, generator))
+
+
 @dataclass
 class StepResult:
     global_grad: torch.Tensor  # sum_j clip(g_j) / B: the only tensor that leaves the node
@@ -92,14 +102,10 @@ class DpFplMethod:
         prompt = p_global + u @ v + (r if self.use_residual else 0.0)
         loss_fn = self._losses(feats, labs)
         if dp.enabled:
-            g = per_sample_grads(loss_fn, prompt, self.chunk_size)  # (b, n_ctx, d)
+            g, losses = per_sample_grads(loss_fn, prompt, self.chunk_size)  # (b, n_ctx, d), (b,)
             g_global = clip_per_sample(g, dp.max_grad_norm_global).sum(0)
-            g_u, g_v = clip_per_sample_jointly([g @ v.t(), u.t() @ g], dp.max_grad_norm_local)
-            noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local
-            g_u = add_gaussian_noise(g_u.sum(0), noise_std, generator)
-            g_v = add_gaussian_noise(g_v.sum(0), noise_std, generator)
-            with torch.no_grad():
-                loss = float(loss_fn(prompt).mean()) if len(idx) else float("nan")
+            g_u, g_v = noisy_factor_gradient_sums(g, u, v, dp, generator)
+            loss = float(losses.mean()) if len(idx) else float("nan")
         else:
             prompt = prompt.detach().requires_grad_(True)
             losses = loss_fn(prompt)

@@ -23,8 +23,8 @@ def per_sample_grads(
     per_sample_losses: Callable[[torch.Tensor], torch.Tensor],
     param: torch.Tensor,
     chunk_size: int = 32,
-) -> torch.Tensor:
-    """Gradient of each sample's loss w.r.t. ``param``: returns (B, *param.shape).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of each sample's loss w.r.t. ``param``: returns ((B, *param.shape), the B losses).
 
     ``per_sample_losses(param)`` must return the vector of B per-sample losses. Samples are processed in
     chunks of ``chunk_size`` cotangents to bound the memory of the vectorized backward.
@@ -34,7 +34,7 @@ def per_sample_grads(
         losses = per_sample_losses(param)
         batch = losses.shape[0]
         if batch == 0:
-            return param.new_zeros((0, *param.shape))
+            return param.new_zeros((0, *param.shape)), losses.detach()
         eye = torch.eye(batch, dtype=losses.dtype, device=losses.device)
         chunks = []
         starts = list(range(0, batch, max(1, chunk_size)))
@@ -47,7 +47,7 @@ def per_sample_grads(
                 retain_graph=i < len(starts) - 1,
             )
             chunks.append(g)
-    return torch.cat(chunks)
+    return torch.cat(chunks), losses.detach()
 
 
 def _scale_to_norm(norms: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Generate a private CA, a SuperLink TLS certificate for HOST, and N SuperNode authentication key pairs.
+# Usage: deploy/gen-certs.sh OUT_DIR HOST N
+# Register each node's public key with: flwr supernode register OUT_DIR/supernode-I.pub CONNECTION
+set -euo pipefail
+OUT=$1; HOST=$2; N=$3
+mkdir -p "$OUT"; cd "$OUT"
+openssl genrsa -out ca.key 4096 2>/dev/null
+openssl req -new -x509 -key ca.key -sha256 -subj "/CN=dpfpl-ca" -days 365 -out ca.crt
+openssl genrsa -out server.key 4096 2>/dev/null
+openssl req -new -key server.key -subj "/CN=$HOST" -out server.csr
+printf "subjectAltName=DNS:%s,IP:127.0.0.1\n" "$HOST" > san.ext
+openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.pem -days 365 -sha256 -extfile san.ext 2>/dev/null
+for i in $(seq 0 $((N - 1))); do
+  ssh-keygen -q -t ecdsa -b 384 -N "" -f "supernode-$i.key" -C "dpfpl-node-$i"
+  mv "supernode-$i.key.pub" "supernode-$i.pub"
+done
+chmod 600 ./*.key
+echo "wrote CA, server certificate and $N SuperNode key pairs to $OUT"

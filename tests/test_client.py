@@ -1,0 +1,98 @@
+"""The ClientApp's handlers, called as Flower calls them, with node state on disk."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import MessageType
+
+import client_app.app as client_module
+from client_app.state import NodeState
+from common.config import RunConfig
+from common.methods.dpfpl import factorize
+from common.privacy import clip_per_sample, per_sample_grads
+
+RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, target_epsilon=1.0)
+
+
+def _context(tmp_path, partition_id, **run):
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), **{**RUN, **run})
+    return Context(run_id=1, node_id=partition_id + 100, node_config={"partition-id": partition_id,
+                   "num-partitions": 10}, state=RecordDict(), run_config=cfg.to_flower())
+
+
+def _train_msg(p_global, server_round, token="tok", z_global=2.0):
+    content = RecordDict({
+        "arrays": ArrayRecord({"global-prompt": p_global}),
+        "config": ConfigRecord({"server-round": server_round, "run-token": token, "noise-multiplier-global": z_global}),
+    })
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+@pytest.fixture()
+def p_global():
+    return torch.randn(16, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+
+
+def test_local_state_persists_across_invocations_and_is_separate_per_node(tmp_path, cache_dir, p_global):
+    ctx0 = _context(tmp_path, 0)
+    client_module.train(_train_msg(p_global, 1), ctx0)
+    dir0 = tmp_path / "run" / "nodes" / "node-0"
+    first = NodeState.load(dir0)
+    assert first.last_round == 1 and len(first.accountant.history) == 1
+    # a new Context stands for a fresh ClientApp process: only the disk carries state
+    client_module.train(_train_msg(p_global, 2), _context(tmp_path, 0))
+    second = NodeState.load(dir0)
+    assert second.last_round == 2 and len(second.accountant.history) == 2
+    assert not torch.equal(first.p_local, second.p_local)
+    client_module.train(_train_msg(p_global, 1), _context(tmp_path, 1))
+    other = NodeState.load(tmp_path / "run" / "nodes" / "node-1")
+    assert other.last_round == 1 and not torch.equal(other.p_local, second.p_local)
+    assert NodeState.load(dir0).last_round == 2  # untouched by node 1
+
+
+def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_global):
+    """What leaves the node: exactly 'global-grad' = sum_j clip(g_j) / B, plus numeric metrics."""
+    ctx = _context(tmp_path, 3)
+    client_module.train(_train_msg(p_global, 1), ctx)  # creates p_L on disk
+    state_dir = tmp_path / "run" / "nodes" / "node-3"
+    before = NodeState.load(state_dir)
+    reply = client_module.train(_train_msg(p_global, 2), ctx)
+
+    assert list(reply.content.array_records.keys()) == ["arrays"]
+    assert list(reply.content["arrays"].keys()) == ["global-grad"]
+    assert list(reply.content.config_records.keys()) == []
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert "train-loss" not in metrics  # a non-private function of the batch stays on the node under DP
+    sent = torch.from_numpy(reply.content["arrays"]["global-grad"].numpy().copy())
+
+    # Recompute independently: replay the node's Poisson sample at p_G + p_L, clip per sample, divide by B.
+    node = client_module._node(ctx)
+    gen = before.generator
+    n = node.data.num_train
+    idx = (torch.rand(n, generator=gen) < 16 / n).nonzero().flatten()
+    factorize(before.p_local, 8, gen)
+    feats, labels = node.data.train_features[idx], node.data.train_labels[idx]
+    scale = float(node.model.model.logit_scale.exp())
+    fn = lambda p: torch.nn.functional.cross_entropy(scale * feats @ node.encoder(p).t(), labels, reduction="none")
+    g, _ = per_sample_grads(fn, p_global + before.p_local)
+    expected = clip_per_sample(g, 10.0).sum(0) / 16
+    assert torch.allclose(sent, expected, atol=1e-5)
+
+    # No private tensor is in the message: not p_L, nor its factors, nor any of the node's features.
+    after = NodeState.load(state_dir)
+    blob = np.concatenate([np.asarray(a.numpy()).ravel() for a in reply.content["arrays"].values()])
+    for private in (before.p_local, after.p_local, node.data.train_features[:5]):
+        flat = private.numpy().ravel()
+        assert not np.isin(flat[flat != 0], blob).any()
+
+
+def test_zero_shot_and_personalized_evaluation(tmp_path, cache_dir, p_global):
+    ctx = _context(tmp_path, 2)
+    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "zeroshot", "server-round": 0,
+                                                               "run-token": "tok"})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    metrics = dict(client_module.evaluate(msg, ctx).content["metrics"])
+    assert 0.0 <= metrics["local-acc"] <= 1.0 and 0.0 <= metrics["neighbor-acc"] <= 1.0
+    assert metrics["num-examples"] > 0

@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+
+from common.config import RunConfig
+from server_app.checkpoint import RunDirectory, ServerState
+from server_app.strategy import DpFplStrategy
+
+
+def _strategy(tmp_path, **overrides):
+    cfg = RunConfig(run_dir=str(tmp_path), num_clients=4, min_clients=2, batch_size=8, lr_global=1.0,
+                    target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=2.0, **overrides)
+    state = ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=0, run_token="t",
+                        noise_multiplier_global=2.0, config_fingerprint="f")
+    return DpFplStrategy(cfg, state)
+
+
+def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):
+    arrays = {"global-grad": grad, **(extra_arrays or {})}
+    content = RecordDict({"arrays": ArrayRecord(arrays),
+                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch})})
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    request.metadata.__dict__["_src_node_id"] = 0
+    msg = Message(content=content, reply_to=request)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_global_noise_std_is_z_c_over_b_n(tmp_path):
+    strategy = _strategy(tmp_path)
+    deltas = []
+    for _ in range(40):
+        before = strategy.state.p_global.clone()
+        arrays, _ = strategy.aggregate_train(1, [_reply(torch.zeros(4, 16), node=n) for n in (1, 2, 3)])
+        assert arrays is not None
+        deltas.append(strategy.state.p_global - before)
+    std = float(torch.stack(deltas).std())
+    expected = 2.0 * 10.0 / (8 * 3)  # lr = 1
+    assert abs(std - expected) / expected < 0.05
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: _reply(torch.full((4, 16), float("nan"))),
+    lambda: _reply(torch.zeros(4, 17)),
+    lambda: _reply(torch.zeros(4, 16, dtype=torch.float64)),
+    lambda: _reply(torch.ones(4, 16) * 100.0),  # norm 800 > C_G = 10
+    lambda: _reply(torch.zeros(4, 16), server_round=7),
+    lambda: _reply(torch.zeros(4, 16), extra_arrays={"p-local": torch.zeros(4, 16)}),
+])
+def test_invalid_replies_are_rejected_and_never_aggregated(tmp_path, bad):
+    strategy = _strategy(tmp_path)
+    good = [_reply(torch.zeros(4, 16), node=n) for n in (1, 2)]
+    strategy.aggregate_train(1, good + [bad()])
+    assert strategy.state.participation == {"1": 1, "2": 1}
+    with pytest.raises(Exception):
+        strategy.validate_train_reply(bad(), 1)
+
+
+def test_too_few_valid_replies_leave_the_global_prompt_unchanged(tmp_path):
+    strategy = _strategy(tmp_path)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(torch.zeros(4, 16))])
+    assert arrays is None and metrics is None
+    assert torch.equal(strategy.state.p_global, torch.zeros(4, 16))
+    assert strategy.state.participation == {}
+
+
+def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
+    run = RunDirectory(tmp_path)
+    state = ServerState(p_global=torch.randn(4, 16), momentum=torch.randn(4, 16), server_round=3, run_token="abc",
+                        noise_multiplier_global=1.5, config_fingerprint="f", node_sample_rates={"1": 0.1},
+                        participation={"1": 3})
+    run.save(state)
+    loaded = run.load()
+    assert torch.equal(loaded.p_global, state.p_global) and torch.equal(loaded.momentum, state.momentum)
+    assert (loaded.server_round, loaded.participation, loaded.node_sample_rates) == (3, {"1": 3}, {"1": 0.1})
+    for r in range(6):
+        run.append_metrics({"round": r})
+    run.truncate_metrics(3)
+    assert [m["round"] for m in run.read_metrics()] == [0, 1, 2, 3]
