@@ -15,11 +15,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import tomli_w
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+LAUNCH_TAG = "DPFPL_LAUNCH_TAG"
 
 
 def _free_port() -> int:
@@ -58,7 +60,8 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
                     "backend": {"client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": 0.0}}},
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+    tag = uuid.uuid4().hex
+    env = {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log_file = work_dir / "superlink.log"
     superlink = subprocess.Popen(
@@ -77,6 +80,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
         _follow(run_id, env, work_dir, timeout, stream)
     finally:
         _stop(superlink)
+        stop_tagged_processes(tag)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
@@ -130,6 +134,36 @@ def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool) -> 
         if logs is not None:
             time.sleep(1)
             _stop(logs)
+
+
+def stop_tagged_processes(tag: str, grace: float = 10.0) -> int:
+    """Stop every process that inherited this launch's tag: the simulation process and its Ray workers
+    are not all in the SuperLink's process group (Ray daemonizes some), but all inherit its environment."""
+    needle = f"{LAUNCH_TAG}={tag}".encode()
+
+    def tagged() -> list[int]:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    found = tagged()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in tagged():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and tagged():
+            time.sleep(0.3)
+    return len(found)
 
 
 def _stop(proc: subprocess.Popen) -> None:

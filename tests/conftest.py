@@ -39,3 +39,14 @@ def batch(encoder, tiny_model):
     feats = torch.nn.functional.normalize(torch.randn(12, d, generator=gen), dim=-1)
     labels = torch.randint(0, 6, (12,), generator=gen)
     return feats, labels
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    """Messages built outside a running ServerApp need the run/task identity Flower sets there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1
+    TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    yield
