@@ -91,7 +91,9 @@ class DpFplStrategy(Strategy):
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if self.cfg.dp:
-            batch = float(metrics.get("batch-size", math.inf))
+            # the Poisson batch cannot exceed the node's data set (B / q_i)
+            q = self.state.node_sample_rates.get(str(msg.metadata.src_node_id), 1.0)
+            batch = min(float(metrics.get("batch-size", math.inf)), self.cfg.batch_size / q)
             bound = self.cfg.max_grad_norm_global * batch / self.cfg.batch_size
             if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:
                 raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")

@@ -1,0 +1,35 @@
+import pytest
+from pydantic import ValidationError
+
+from common.config import RunConfig
+from common.models import WeightsUnavailableError, load_clip
+
+
+def test_run_config_round_trips_flower_keys():
+    cfg = RunConfig.from_flower({"num-server-rounds": 7, "target-epsilon": 0.1, "max-grad-norm-local": 5.0})
+    assert cfg.num_server_rounds == 7 and cfg.to_flower()["max-grad-norm-local"] == 5.0
+
+
+@pytest.mark.parametrize("bad", [
+    {"num-server-roundz": 3},  # typo
+    {"batch-size": 0},
+    {"dp": True, "target-epsilon": 0.0},  # no way to set the noise
+    {"min-clients": 11, "num-clients": 10},
+    {"calibrate-for": "nobody"},
+])
+def test_bad_run_config_fails_with_the_key_name(bad):
+    with pytest.raises(ValidationError):
+        RunConfig.from_flower(bad)
+
+
+def test_missing_weights_file_says_where_to_put_it(tmp_path):
+    missing = tmp_path / "weights" / "open_clip_pytorch_model.bin"
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_clip("ViT-B-16", str(missing))
+
+
+def test_unknown_model_and_tag_are_rejected():
+    with pytest.raises(ValueError, match="unknown OpenCLIP model"):
+        load_clip("ViT-Q-99", "none")
+    with pytest.raises(ValueError, match="not a pretrained tag"):
+        load_clip("ViT-B-16", "no-such-tag")
