@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from common.config import NodeConfig, RunConfig
-from common.evaluation import accuracy
+from common.evaluation import accuracy, cross_entropy
 from common.methods import DpFplMethod
 from common.methods.dpfpl import DpSettings
 from common.models import LoadedModel, cached_clip
@@ -136,5 +136,6 @@ class DpFplNode:
         return {
             "local-acc": accuracy(text, d.local_features, d.local_labels),
             "neighbor-acc": accuracy(text, d.neighbor_features, d.neighbor_labels),
+            "local-loss": cross_entropy(text, d.local_features, d.local_labels, self.method.logit_scale),
             "num-examples": float(d.num_train),
         }

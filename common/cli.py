@@ -80,6 +80,35 @@ def report(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(run_dir: Path) -> Path:
+    """Accuracy and epsilon over rounds, next to the metrics they come from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("local-acc", "local"), ("neighbor-acc", "neighbor")):
+        pts = [(r["round"], r[key]) for r in rows if key in r]
+        if pts:
+            ax_acc.plot(*zip(*pts), marker="o", label=label)
+    ax_acc.set(xlabel="round", ylabel="accuracy (mean over clients)", title="personalized prompt (round 0: zero-shot)")
+    ax_acc.legend()
+    for key, label in (("epsilon-local-max", "local (LDP)"), ("epsilon-global-max", "global (GDP)"),
+                       ("epsilon-published-max", "published p_G + p_L")):
+        pts = [(r["round"], r[key]) for r in rows if key in r]
+        if pts:
+            ax_eps.plot(*zip(*pts), label=label)
+    ax_eps.set(xlabel="round", ylabel="epsilon (worst client)", title="privacy spent (PLD accountant)")
+    ax_eps.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool) -> Path:
     config = {**_default_run_config(), **overrides, "run-dir": str(run_dir.resolve())}
     cfg = RunConfig.from_flower(config)  # fail fast on a bad key or value
@@ -118,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         prepare(RunConfig.from_flower(_default_run_config()))
     elif args.command == "report":
         print(report(Path(args.run_dir)))
+        print(f"curves: {plot(Path(args.run_dir))}")
     else:
         started = time.time()
         overrides = _parse_overrides(args.run_config)
@@ -127,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet)
         print()
         print(report(run_dir))
+        print(f"curves: {plot(run_dir)}")
         print(f"\nwall time {time.time() - started:.0f} s; run directory {run_dir.resolve()}")
 
 

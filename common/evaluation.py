@@ -12,3 +12,12 @@ def accuracy(text_features: torch.Tensor, image_features: torch.Tensor, labels: 
     if len(labels) == 0:
         return math.nan
     return float(((image_features @ text_features.t()).argmax(1) == labels).float().mean())
+
+
+@torch.no_grad()
+def cross_entropy(text_features: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor,
+                  logit_scale: float) -> float:
+    """Mean test loss over all C classes (test images only: a training loss would leak under DP)."""
+    if len(labels) == 0:
+        return math.nan
+    return float(torch.nn.functional.cross_entropy(logit_scale * image_features @ text_features.t(), labels))

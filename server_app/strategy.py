@@ -155,7 +155,8 @@ class DpFplStrategy(Strategy):
             for node_id, m in rows:
                 self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
         # unweighted mean over clients (DP-FPL's protocol)
-        return MetricRecord({k: float(np.mean([m[k] for _, m in rows])) for k in ("local-acc", "neighbor-acc")}
+        keys = [k for k in ("local-acc", "neighbor-acc", "local-loss") if all(k in m for _, m in rows)]
+        return MetricRecord({k: float(np.mean([m[k] for _, m in rows])) for k in keys}
                             | {"num-clients": float(len(rows))})
 
     # ---------------------------------------------------------------- accounting

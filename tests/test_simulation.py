@@ -43,3 +43,24 @@ def test_no_flower_process_is_left_running(finished_run):
             except OSError:
                 pass
     assert left == []
+
+
+def test_resume_continues_from_the_checkpoint_without_repeating_rounds(finished_run):
+    """A second launch on the same run directory with one more round runs only that round."""
+    from client_app.state import NodeState
+    from server_app.checkpoint import RunDirectory
+
+    before = RunDirectory(finished_run).load()
+    config = {
+        "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 4, "eval-every": 1,
+        "dp": False, "lr-global": 0.05, "lr-local": 0.05, "batch-size": 64, "ctx-init": "",
+        "run-dir": str(finished_run), "resume": True,
+    }
+    run_simulation(config, 3, finished_run.parent / "resume", stream=False, timeout=900)
+    after = RunDirectory(finished_run).load()
+    assert (before.server_round, after.server_round) == (3, 4)
+    assert after.run_token == before.run_token
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4]
+    for node in range(3):
+        assert NodeState.load(finished_run / "nodes" / f"node-{node}").last_round == 4
