@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from common.atomic import read_tensors, write_json, write_tensors
+from common.atomic import read_tensors, write_bytes, write_json, write_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -70,10 +70,7 @@ class RunDirectory:
 
     def truncate_metrics(self, last_round: int) -> None:
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        from common.atomic import _atomic_write
-
-        _atomic_write(self.path / METRICS, lambda fh: fh.write(text.encode()))
+        write_bytes(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)

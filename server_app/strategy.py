@@ -56,8 +56,8 @@ class DpFplStrategy(Strategy):
     # ---------------------------------------------------------------- messages
     def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
                   message_type: str) -> list[Message]:
-        node_ids, _ = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
-        node_ids = list(grid.get_node_ids())
+        # DP-FPL: every connected node takes part; wait until at least min-clients are connected
+        _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
         record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token})}
         if arrays is not None:
             record["arrays"] = arrays
