@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -64,16 +65,11 @@ class DpFplNode:
         self.cfg = cfg
         self.node = node
         self.state_dir = node.resolved_state_dir(cfg.run_dir)
-        classnames = tuple(self._classnames())
+        classnames = tuple(cfg.class_list())
         self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.seed, cfg.n_ctx, classnames)
         self.data = _node_data(cfg, node, self.model)
         self.method = DpFplMethod(self.encoder, float(self.model.model.logit_scale.exp()), cfg.rank,
                                   use_residual=cfg.method == "dpfpl")
-
-    def _classnames(self) -> list[str]:
-        from common.data.demo import DEMO_CLASSES
-
-        return DEMO_CLASSES
 
     @property
     def sample_rate(self) -> float:
@@ -87,9 +83,10 @@ class DpFplNode:
             backup = self.state_dir / f"local_state.{state.run_key or 'old'}.safetensors"
             (self.state_dir / "local_state.safetensors").replace(backup)
             log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
-        seed = self.cfg.seed * 100_003 + (self.node.partition_id or 0) + 1
-        gen = torch.Generator().manual_seed(seed)
-        p_local = self.encoder.init_context("", gen).detach()
+        # p_L's init may follow the seed; its noise and sampling must not be predictable (OS entropy)
+        init = torch.Generator().manual_seed(self.cfg.seed * 100_003 + (self.node.partition_id or 0) + 1)
+        p_local = self.encoder.init_context("", init).detach()
+        gen = torch.Generator().manual_seed(secrets.randbits(63))
         return NodeState(p_local=p_local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
                          noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global),
                          run_key=run_token)

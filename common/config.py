@@ -22,7 +22,8 @@ class RunConfig(BaseModel):
     method: Method = "dpfpl"
     model_name: str = "dpfpl-demo-tiny"
     pretrained: str = "demo"
-    dataset: Literal["demo"] = "demo"
+    dataset: Literal["demo", "silo"] = "demo"
+    classnames: str = ""  # silo mode: the run's class list, comma-separated, identical on every node
     n_ctx: int = Field(16, ge=1, le=64)
     ctx_init: str = ""
     rank: int = Field(8, ge=1)
@@ -61,6 +62,8 @@ class RunConfig(BaseModel):
                 "dp = true needs either target-epsilon > 0 (calibrate the noise) or both "
                 "noise-multiplier-local and noise-multiplier-global > 0"
             )
+        if self.dataset == "silo" and len(self.class_list()) < 2:
+            raise ValueError("dataset = 'silo' needs classnames = \"name1,name2,...\" (at least two classes)")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self
@@ -71,6 +74,16 @@ class RunConfig(BaseModel):
 
     def to_flower(self) -> dict:
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+    def class_list(self) -> list[str]:
+        if self.dataset == "demo":
+            from .data.demo import DEMO_CLASSES
+
+            return list(DEMO_CLASSES)
+        names = [c.strip() for c in self.classnames.split(",") if c.strip()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"classnames has duplicates: {names}")
+        return names
 
     @property
     def uses_calibration(self) -> bool:
@@ -86,6 +99,7 @@ class NodeConfig(BaseModel):
     num_partitions: int | None = Field(None, ge=1)
     state_dir: str | None = None
     cache_dir: str | None = None
+    data_dir: str | None = None  # silo mode: this organization's images
 
     @classmethod
     def from_flower(cls, node_config: dict) -> "NodeConfig":

@@ -38,3 +38,19 @@ def demo_features(model: LoadedModel, cache: str | None = None, progress: bool =
     feats = encode_images(model, demo_pixels(data.images), progress=progress)
     write_tensors(path, {"features": feats})
     return feats
+
+
+def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.Tensor:
+    """Normalized image features of a silo's images (model preprocess), cached per (weights, file set)."""
+    from .data.silo import load_images
+
+    path = Path(cache_dir(cache)) / "features" / f"{model.name}-{model.weights_id}-silo-{silo.fingerprint}.safetensors"
+    if path.is_file():
+        return read_tensors(path)["features"]
+    chunks = []
+    for start in range(0, len(silo.paths), 128):
+        pixels = load_images(silo.paths[start : start + 128], model.preprocess)
+        chunks.append(encode_images(model, pixels))
+    feats = torch.cat(chunks)
+    write_tensors(path, {"features": feats})
+    return feats

@@ -32,6 +32,8 @@ class NodeData:
 
 
 def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
+    if cfg.dataset == "silo":
+        return load_silo_data(cfg, node, model, cache)
     if node.partition_id is None:
         raise ValueError("the demo data set is partitioned in simulation: the node config needs 'partition-id'")
     data = load_demo_dataset()
@@ -49,3 +51,20 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
         return feats[mask], labels[mask]
 
     return NodeData(data.classnames, own, *select(own, False), *select(own, True), *select(others, True))
+
+
+def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
+    """Silo mode: the node's own images (checked against the run's class list), no neighbor test set."""
+    from .data.silo import SiloError, load_silo
+    from .features import silo_features
+
+    if not node.data_dir:
+        raise SiloError("dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder)")
+    classnames = cfg.class_list()
+    silo = load_silo(node.data_dir, classnames, seed=cfg.seed)
+    feats = silo_features(model, silo, cache)
+    labels = torch.from_numpy(silo.labels)
+    test = torch.from_numpy(silo.is_test)
+    own = sorted(set(silo.labels.tolist()))
+    empty_f, empty_l = feats[:0], labels[:0]
+    return NodeData(classnames, own, feats[~test], labels[~test], feats[test], labels[test], empty_f, empty_l)

@@ -9,7 +9,7 @@ openssl genrsa -out ca.key 4096 2>/dev/null
 openssl req -new -x509 -key ca.key -sha256 -subj "/CN=dpfpl-ca" -days 365 -out ca.crt
 openssl genrsa -out server.key 4096 2>/dev/null
 openssl req -new -key server.key -subj "/CN=$HOST" -out server.csr
-printf "subjectAltName=DNS:%s,IP:127.0.0.1\n" "$HOST" > san.ext
+printf "subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\n" "$HOST" > san.ext
 openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.pem -days 365 -sha256 -extfile san.ext 2>/dev/null
 for i in $(seq 0 $((N - 1))); do
   ssh-keygen -q -t ecdsa -b 384 -N "" -f "supernode-$i.key" -C "dpfpl-node-$i"

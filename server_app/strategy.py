@@ -146,18 +146,19 @@ class DpFplStrategy(Strategy):
                 log.warning("round %d: evaluation reply from node %s has no metrics", server_round,
                             msg.metadata.src_node_id)
                 continue
-            m = dict(msg.content["metrics"])
-            if all(math.isfinite(float(m.get(k, math.nan))) for k in ("local-acc", "neighbor-acc")):
-                rows.append((msg.metadata.src_node_id, m))
+            rows.append((msg.metadata.src_node_id, dict(msg.content["metrics"])))
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
             for node_id, m in rows:
                 self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
-        # unweighted mean over clients (DP-FPL's protocol)
-        keys = [k for k in ("local-acc", "neighbor-acc", "local-loss") if all(k in m for _, m in rows)]
-        return MetricRecord({k: float(np.mean([m[k] for _, m in rows])) for k in keys}
-                            | {"num-clients": float(len(rows))})
+        # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
+        out = {"num-clients": float(len(rows))}
+        for k in ("local-acc", "neighbor-acc", "local-loss"):
+            values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
+            if values:
+                out[k] = float(np.mean(values))
+        return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting
     def epsilon_global(self) -> float:
