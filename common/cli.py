@@ -137,13 +137,24 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
         p.add_argument("--run-dir", default="runs/demo" if name == "demo" else "runs/latest")
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
+    p = sub.add_parser("submit", help="submit to a SuperLink connection in $FLWR_HOME/config.toml and follow it")
+    p.add_argument("connection")
+    p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
+    p.add_argument("--timeout", type=float, default=24 * 3600)
     sub.add_parser("prepare")
     p = sub.add_parser("report")
     p.add_argument("run_dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    if args.command == "prepare":
+    if args.command == "submit":
+        from .launch import submit_run
+
+        overrides = _parse_overrides(args.run_config)
+        RunConfig.from_flower({**_default_run_config(), **overrides})  # fail fast
+        run_id = submit_run(args.connection, overrides, timeout=args.timeout)
+        print(f"run {run_id} completed")
+    elif args.command == "prepare":
         prepare(RunConfig.from_flower(_default_run_config()))
     elif args.command == "report":
         print(report(Path(args.run_dir)))

@@ -103,8 +103,8 @@ def _parse_run_id(stdout: str) -> int:
     return int(data["run-id"])
 
 
-def _status(run_id: int, env: dict, cwd: Path) -> str:
-    out = subprocess.run([_bin("flwr"), "ls", "dpfpl-sim", "--run-id", str(run_id), "--format", "json"],
+def _status(run_id: int, env: dict, cwd: Path, connection: str = "dpfpl-sim") -> str:
+    out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
                          env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
     start = out.stdout.find("{")
     if start < 0:
@@ -113,17 +113,17 @@ def _status(run_id: int, env: dict, cwd: Path) -> str:
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
 
 
-def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool) -> None:
+def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool, connection: str = "dpfpl-sim") -> None:
     """Stream the run's logs (if asked) and wait until it finishes; fail unless it completed successfully
     (``flwr run --stream`` itself exits 0 even when the ServerApp fails)."""
     logs = None
     if stream:
-        logs = subprocess.Popen([_bin("flwr"), "log", str(run_id), "dpfpl-sim", "--stream"], env=env, cwd=cwd,
+        logs = subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd,
                                 start_new_session=True)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
-            status = _status(run_id, env, cwd)
+            status = _status(run_id, env, cwd, connection)
             if status.startswith("finished"):
                 if status != "finished:completed":
                     raise RuntimeError(f"run {run_id} ended with status '{status}'; see the log above")
@@ -177,3 +177,20 @@ def _stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
+               stream: bool = True, cwd: Path | None = None) -> int:
+    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``), follow it, and fail
+    unless it completed. Returns the run id."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), connection, "--format", "json"]
+    if overrides:
+        cmd += ["--run-config", overrides]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
+    if out.returncode != 0:
+        raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
+    run_id = _parse_run_id(out.stdout)
+    _follow(run_id, env, Path(cwd or "."), timeout, stream, connection)
+    return run_id

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Start one organization's SuperNode. Its state (the local prompt, which never leaves this machine) lives
-# in STATE_DIR; give every SuperNode on one host its own LOCAL_PORT.
-# Usage: deploy/start-supernode.sh SUPERLINK_HOST:PORT PARTITION_ID STATE_DIR [LOCAL_PORT] [CERT_DIR]
+# Start one organization's SuperNode (TLS + node authentication by default).
+#   deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR CERT_DIR KEY_NAME [LOCAL_PORT]
+# DATA_DIR: the organization's images (class folders or manifest.csv); STATE_DIR: where its local prompt
+# lives (it never leaves this machine); CERT_DIR holds ca.crt and KEY_NAME.key/.pub; LOCAL_PORT: the
+# SuperNode's own API port (default 9094; give every SuperNode on one host its own).
+# Insecure (no TLS, no authentication), only for a trusted test network:
+#   DPFPL_INSECURE=1 deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR - - [LOCAL_PORT]
 set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0
 VENV_BIN="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
-export PATH="$VENV_BIN:$PATH"
-LINK=$1; PART=$2; STATE=$3; LOCAL_PORT=${4:-9094}; C=${5:-}
+export PATH="$VENV_BIN:$PATH"   # the SuperNode starts flower-superexec from PATH
+LINK=$1; DATA=$2; STATE=$3; C=$4; KEY=$5; LOCAL_PORT=${6:-9094}
 mkdir -p "$STATE"
-ARGS=(--superlink "$LINK" --clientappio-api-address "127.0.0.1:$LOCAL_PORT"
-      --node-config "partition-id=$PART state-dir=\"$STATE\"")
-if [ -n "$C" ]; then
-  ARGS+=(--root-certificates "$C/ca.crt" --auth-supernode-private-key "$C/supernode-$PART.key")
-else
+ARGS=(--superlink "$LINK" --port "$LOCAL_PORT"
+      --node-config "data-dir=\"$DATA\" state-dir=\"$STATE\" cache-dir=\"$STATE/cache\"")
+if [ "${DPFPL_INSECURE:-0}" = "1" ]; then
+  echo "WARNING: DPFPL_INSECURE=1: no TLS and no node authentication; use only on a trusted network" >&2
   ARGS+=(--insecure)
+else
+  ARGS+=(--root-certificates "$C/ca.crt" --auth-supernode-private-key "$C/$KEY.key"
+         --auth-supernode-public-key "$C/$KEY.pub")
 fi
 exec flower-supernode "${ARGS[@]}"
