@@ -27,14 +27,17 @@ log = logging.getLogger("dpfpl.client")
 
 
 @lru_cache(maxsize=4)
-def _encoder(model_name: str, pretrained: str, cache: str | None, seed: int, n_ctx: int, classnames: tuple[str, ...]):
+def _encoder(model_name: str, pretrained: str, cache: str | None, seed: int, n_ctx: int, classnames: tuple[str, ...],
+             device: torch.device):
     model = cached_clip(model_name, pretrained, cache, seed)
-    return model, PromptTextEncoder(model.model, model.tokenizer, list(classnames), n_ctx)
+    model.model.to(device)
+    return model, PromptTextEncoder(model.model, model.tokenizer, list(classnames), n_ctx).to(device)
 
 
 @lru_cache(maxsize=16)
-def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel) -> NodeData:
-    return load_node_data(cfg, node, model, node.cache_dir)
+def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: torch.device) -> NodeData:
+    data = load_node_data(cfg, node, model, node.cache_dir)
+    return NodeData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()})
 
 
 @dataclass
@@ -66,8 +69,10 @@ class DpFplNode:
         self.node = node
         self.state_dir = node.resolved_state_dir(cfg.run_dir)
         classnames = tuple(cfg.class_list())
-        self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.seed, cfg.n_ctx, classnames)
-        self.data = _node_data(cfg, node, self.model)
+        self.device = node.resolved_device()
+        self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.seed, cfg.n_ctx,
+                                            classnames, self.device)
+        self.data = _node_data(cfg, node, self.model, self.device)
         self.method = DpFplMethod(self.encoder, float(self.model.model.logit_scale.exp()), cfg.rank,
                                   use_residual=cfg.method == "dpfpl")
 
@@ -95,8 +100,9 @@ class DpFplNode:
         state = self._state(run_token, z_global)
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
                         self.cfg.max_grad_norm_global)
+        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         result = self.method.train_step(
-            p_global, state.p_local, state.momentum, self.data.train_features, self.data.train_labels,
+            to(p_global), to(state.p_local), to(state.momentum), self.data.train_features, self.data.train_labels,
             self.cfg.batch_size, dp, self.cfg.lr_local, self.cfg.momentum, self.cfg.weight_decay, state.generator,
         )
         state.p_local, state.momentum, state.last_round = result.p_local, result.momentum, server_round
@@ -117,7 +123,7 @@ class DpFplNode:
             # Without DP there is no guarantee to protect; with DP the batch loss is a non-private function
             # of the training data and stays on the node.
             metrics["train-loss"] = result.loss
-        return TrainOutcome(result.global_grad, metrics)
+        return TrainOutcome(result.global_grad.cpu(), metrics)
 
     def evaluate(self, p_global: torch.Tensor | None, run_token: str) -> dict[str, float]:
         """Zero-shot (p_global None) or personalized-prompt accuracy on local and neighbor test images."""
@@ -128,7 +134,8 @@ class DpFplNode:
                 state = NodeState.load(self.state_dir)
                 p_local = state.p_local if state is not None and state.run_key == run_token else torch.zeros_like(p_global)
                 gen = torch.Generator().manual_seed(0)
-                text = self.encoder(self.method.personalized_prompt(p_global, p_local, gen))
+                prompt = self.method.personalized_prompt(p_global.to(self.device), p_local.to(self.device), gen)
+                text = self.encoder(prompt)
         d = self.data
         return {
             "local-acc": accuracy(text, d.local_features, d.local_labels),

@@ -100,6 +100,21 @@ class NodeConfig(BaseModel):
     state_dir: str | None = None
     cache_dir: str | None = None
     data_dir: str | None = None  # silo mode: this organization's images
+    device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
+
+    def resolved_device(self) -> "torch.device":
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"node config device='{self.device}' but this machine has no usable CUDA GPU; "
+                                 "use device=\"cpu\" or \"auto\"")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"node config device='{self.device}' but only {torch.cuda.device_count()} GPU(s)")
+        return device
 
     @classmethod
     def from_flower(cls, node_config: dict) -> "NodeConfig":

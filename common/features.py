@@ -23,7 +23,8 @@ from .models import LoadedModel, demo_pixels
 def encode_images(model: LoadedModel, pixels: torch.Tensor, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="encoding images (once)", disable=not progress):
-        chunks.append(F.normalize(model.model.encode_image(pixels[start : start + batch_size]), dim=-1))
+        batch = pixels[start : start + batch_size].to(next(model.model.parameters()).device)
+        chunks.append(F.normalize(model.model.encode_image(batch), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 

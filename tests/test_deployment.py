@@ -59,10 +59,6 @@ def federation(tmp_path):
     subprocess.run(["bash", str(DEPLOY / "gen-certs.sh"), str(certs), "localhost", "4"], check=True, env=env,
                    capture_output=True)
     port = _free_port()
-    (tmp_path / "flwr-home").mkdir()
-    (tmp_path / "flwr-home" / "config.toml").write_text(
-        f'[superlink]\ndefault = "org"\n\n[superlink.org]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -75,15 +71,16 @@ def federation(tmp_path):
         link = start(["bash", str(DEPLOY / "start-superlink.sh"), str(certs), "127.0.0.1", str(port),
                       str(tmp_path / "superlink.db")], tmp_path / "superlink.log")
         _wait_port(port, link, tmp_path / "superlink.log")
-        for i in range(3):  # keys 0..2 registered; key 3 is not
-            subprocess.run(["flwr", "supernode", "register", str(certs / f"supernode-{i}.pub"), "org"],
-                           check=True, env=env, capture_output=True, cwd=tmp_path)
+        # write the connection and register keys 0..2; key 3 stays unregistered
+        subprocess.run(["bash", str(DEPLOY / "connect.sh"), "org", f"127.0.0.1:{port}", str(certs / "ca.crt")]
+                       + [str(certs / f"supernode-{i}.pub") for i in range(3)],
+                       check=True, env=env, capture_output=True, cwd=tmp_path)
         nodes = []
         for i in range(4):
             silo, state = tmp_path / f"org{i}" / "data", tmp_path / f"org{i}" / "state"
             _write_silo(silo, CLASSES[2 * (i % 3): 2 * (i % 3) + 2], seed=i)
             nodes.append(start(["bash", str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{port}", str(silo),
-                                str(state), str(certs), f"supernode-{i}", str(_free_port())],
+                                str(state), str(certs), f"supernode-{i}", str(_free_port()), "cpu"],
                                tmp_path / f"supernode-{i}.log"))
         yield {"env": env, "tmp": tmp_path, "nodes": nodes, "port": port}
     finally:

@@ -27,7 +27,7 @@ def factorize(p_local: torch.Tensor, rank: int, generator: torch.Generator) -> t
     n_ctx, d = p_local.shape
     if rank > min(n_ctx, d):
         raise ValueError(f"rank {rank} exceeds min(n_ctx, width) = {min(n_ctx, d)}")
-    v0 = torch.randn(d, rank, generator=generator, dtype=p_local.dtype)
+    v0 = torch.randn(d, rank, generator=generator, dtype=p_local.dtype).to(p_local.device)
     u, _ = torch.linalg.qr(p_local @ v0)  # (n_ctx, k), orthonormal columns
     q, _ = torch.linalg.qr(p_local.t() @ u)  # (d, k), orthonormal columns
     v = q.t()  # (k, d), orthonormal rows
@@ -96,7 +96,7 @@ class DpFplMethod:
         features: torch.Tensor, labels: torch.Tensor, expected_batch: int, dp: DpSettings,
         lr_local: float, momentum_coef: float, weight_decay: float, generator: torch.Generator,
     ) -> StepResult:
-        idx = poisson_sample(len(features), min(1.0, expected_batch / len(features)), generator)
+        idx = poisson_sample(len(features), min(1.0, expected_batch / len(features)), generator).to(features.device)
         feats, labs = features[idx], labels[idx]
         u, v, r = factorize(p_local, self.rank, generator)
         prompt = p_global + u @ v + (r if self.use_residual else 0.0)
