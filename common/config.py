@@ -24,6 +24,7 @@ class RunConfig(BaseModel):
     pretrained: str = "demo"
     dataset: Literal["demo", "silo"] = "demo"
     classnames: str = ""  # silo mode: the run's class list, comma-separated, identical on every node
+    silo_root: str = ""  # silo mode in simulation: node I reads silo-root/I (deployment: node config data-dir)
     n_ctx: int = Field(16, ge=1, le=64)
     ctx_init: str = ""
     rank: int = Field(8, ge=1)

@@ -58,10 +58,14 @@ def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
     from .data.silo import SiloError, load_silo
     from .features import silo_features
 
-    if not node.data_dir:
-        raise SiloError("dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder)")
+    data_dir = node.data_dir
+    if not data_dir and cfg.silo_root and node.partition_id is not None:
+        data_dir = f"{cfg.silo_root}/{node.partition_id}"
+    if not data_dir:
+        raise SiloError("dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder), "
+                        "or silo-root in the run config when simulating")
     classnames = cfg.class_list()
-    silo = load_silo(node.data_dir, classnames, seed=cfg.seed)
+    silo = load_silo(data_dir, classnames, seed=cfg.seed)
     feats = silo_features(model, silo, cache)
     labels = torch.from_numpy(silo.labels)
     test = torch.from_numpy(silo.is_test)

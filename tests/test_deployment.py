@@ -4,6 +4,7 @@ authentication, each SuperNode on its own silo of real image files, a 2-round DP
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -104,6 +105,9 @@ def test_two_round_dpfpl_across_three_authenticated_supernodes(federation):
         "target-epsilon": 1.0, "run-dir": str(run_dir), "resume": False,
     }, env=env, timeout=600, stream=False, cwd=tmp)
     print(f"deployment run wall time {time.time() - started:.1f} s")
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        print(f"deployment round {record['round']}: {record.get('round-seconds', '-')} s")
 
     # the unregistered SuperNode was refused and exited
     refused = federation["nodes"][3]
