@@ -6,20 +6,32 @@ metrics. Never p_L, its factors, features, labels or raw data.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import NodeConfig, RunConfig
+from common.data.silo import SiloError
 
 from .node import DpFplNode
 
 app = ClientApp()
+log = logging.getLogger("dpfpl.client")
 
 
 def _node(context: Context) -> DpFplNode:
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
-    return DpFplNode(RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config)))
+    try:
+        return DpFplNode(RunConfig.from_flower(dict(context.run_config)),
+                         NodeConfig.from_flower(dict(context.node_config)))
+    except SiloError as err:
+        # The details name this organization's files and labels: they stay in the node's own log. The
+        # server (which receives the exception text as the error reply) only learns that the check failed.
+        log.error("%s", err)
+        raise RuntimeError("this node's data silo failed its checks against the run's class list; "
+                           "the node's own log lists the files and labels involved") from None
 
 
 def _global_prompt(msg: Message) -> torch.Tensor:

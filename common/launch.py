@@ -24,7 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_TAG = "DPFPL_LAUNCH_TAG"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -53,7 +53,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     flwr_home = work_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet APIs on one HTTP port.
-    port = _free_port()
+    port = free_port()
     config = {"superlink": {"default": "dpfpl-sim", "dpfpl-sim": {
         "address": f"127.0.0.1:{port}", "insecure": True,
         "options": {"num-supernodes": num_supernodes,
@@ -70,7 +70,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
          "--database", str(work_dir / "superlink.db")],
         env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_port(port, superlink, log_file)
+        wait_for_port(port, superlink, log_file)
         overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "dpfpl-sim", "--run-config", overrides, "--format", "json"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=work_dir)
@@ -83,7 +83,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
         stop_tagged_processes(tag)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

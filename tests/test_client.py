@@ -96,3 +96,22 @@ def test_zero_shot_and_personalized_evaluation(tmp_path, cache_dir, p_global):
     metrics = dict(client_module.evaluate(msg, ctx).content["metrics"])
     assert 0.0 <= metrics["local-acc"] <= 1.0 and 0.0 <= metrics["neighbor-acc"] <= 1.0
     assert metrics["num-examples"] > 0
+
+
+def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, caplog):
+    from PIL import Image
+
+    silo = tmp_path / "silo"
+    (silo / "cat").mkdir(parents=True)
+    (silo / "unicorn").mkdir()
+    Image.new("RGB", (32, 32)).save(silo / "cat" / "patient-0042.png")
+    Image.new("RGB", (32, 32)).save(silo / "unicorn" / "patient-0043.png")
+    cfg = RunConfig(run_dir=str(tmp_path / "run"), dataset="silo", classnames="cat,dog", model_name="dpfpl-demo-tiny",
+                    pretrained="none", num_clients=2, classes_per_client=1, target_epsilon=1.0)
+    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(silo), "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config=cfg.to_flower())
+    with caplog.at_level("ERROR"), pytest.raises(RuntimeError) as err:
+        client_module.train(_train_msg(torch.zeros(16, 128), 1), ctx)
+    assert "patient" not in str(err.value) and "unicorn" not in str(err.value)
+    assert "unicorn" in caplog.text  # the node's own log says what is wrong
+    assert not (tmp_path / "state" / "local_state.safetensors").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,17 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.launch import PROJECT_ROOT, stop_tagged_processes, submit_run
+from common.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
 
 pytestmark = pytest.mark.deployment
 DEPLOY = PROJECT_ROOT / "deploy"
 CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_silo(root: Path, classes: list[str], seed: int) -> None:
@@ -40,17 +33,6 @@ def _write_silo(root: Path, classes: list[str], seed: int) -> None:
                 Image.fromarray(img).save(folder / f"{c}-{i}.png")
 
 
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"process exited early:\n{log.read_text()[-3000:]}"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"port {port} not open; see {log}")
-
-
 @pytest.fixture()
 def federation(tmp_path):
     tag = f"deploytest-{os.getpid()}-{time.time_ns()}"
@@ -59,7 +41,7 @@ def federation(tmp_path):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(DEPLOY / "gen-certs.sh"), str(certs), "localhost", "4"], check=True, env=env,
                    capture_output=True)
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], log: Path) -> subprocess.Popen:
@@ -71,7 +53,7 @@ def federation(tmp_path):
     try:
         link = start(["bash", str(DEPLOY / "start-superlink.sh"), str(certs), "127.0.0.1", str(port),
                       str(tmp_path / "superlink.db")], tmp_path / "superlink.log")
-        _wait_port(port, link, tmp_path / "superlink.log")
+        wait_for_port(port, link, tmp_path / "superlink.log")
         # write the connection and register keys 0..2; key 3 stays unregistered
         subprocess.run(["bash", str(DEPLOY / "connect.sh"), "org", f"127.0.0.1:{port}", str(certs / "ca.crt")]
                        + [str(certs / f"supernode-{i}.pub") for i in range(3)],
@@ -81,7 +63,7 @@ def federation(tmp_path):
             silo, state = tmp_path / f"org{i}" / "data", tmp_path / f"org{i}" / "state"
             _write_silo(silo, CLASSES[2 * (i % 3): 2 * (i % 3) + 2], seed=i)
             nodes.append(start(["bash", str(DEPLOY / "start-supernode.sh"), f"127.0.0.1:{port}", str(silo),
-                                str(state), str(certs), f"supernode-{i}", str(_free_port()), "cpu"],
+                                str(state), str(certs), f"supernode-{i}", str(free_port()), "cpu"],
                                tmp_path / f"supernode-{i}.log"))
         yield {"env": env, "tmp": tmp_path, "nodes": nodes, "port": port}
     finally:
