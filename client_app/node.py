@@ -8,7 +8,6 @@ import math
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
@@ -18,7 +17,7 @@ from common.methods import DpFplMethod
 from common.methods.dpfpl import DpSettings
 from common.models import LoadedModel, cached_clip
 from common.node import NodeData, load_node_data
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, combined_noise_multiplier
+from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
 
 from .state import NodeState

@@ -7,11 +7,16 @@ with the key's name, instead of deep inside round 37.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import torch
 
 Method = Literal["dpfpl", "dpfpl-noresidual"]
 

@@ -7,7 +7,6 @@ cached; it exists because no CLIP weights can be downloaded on the machines this
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
 from collections.abc import Iterable
 
 import numpy as np

@@ -1,6 +1,4 @@
-import math
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict

@@ -13,6 +13,8 @@ collected and reported together with the files or labels involved, before any tr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import csv
 import hashlib
 from dataclasses import dataclass
@@ -20,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "test")
