@@ -27,30 +27,31 @@ def encode_images(model: LoadedModel, pixels: torch.Tensor, batch_size: int = 25
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
+def _cached(model: LoadedModel, data_key: str, cache: str | None, compute) -> torch.Tensor:
+    """Features of one data set under one set of weights: computed once, then read from disk."""
+    path = Path(cache_dir(cache)) / "features" / f"{model.name}-{model.weights_id}-{data_key}.safetensors"
+    if path.is_file():
+        return read_tensors(path)["features"]
+    feats = compute()
+    write_tensors(path, {"features": feats})
+    return feats
+
+
 def demo_features(model: LoadedModel, cache: str | None = None, progress: bool = False) -> torch.Tensor:
     """Normalized image features of every demo image (train and test), cached per backbone."""
     from .data.demo import load_demo_dataset
 
     data = load_demo_dataset()
-    path = Path(cache_dir(cache)) / "features" / f"{model.name}-{model.weights_id}-demo-{data.fingerprint}.safetensors"
-    if path.is_file():
-        return read_tensors(path)["features"]
-    feats = encode_images(model, demo_pixels(data.images), progress=progress)
-    write_tensors(path, {"features": feats})
-    return feats
+    return _cached(model, f"demo-{data.fingerprint}", cache,
+                   lambda: encode_images(model, demo_pixels(data.images), progress=progress))
 
 
 def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.Tensor:
     """Normalized image features of a silo's images (model preprocess), cached per (weights, file set)."""
     from .data.silo import load_images
 
-    path = Path(cache_dir(cache)) / "features" / f"{model.name}-{model.weights_id}-silo-{silo.fingerprint}.safetensors"
-    if path.is_file():
-        return read_tensors(path)["features"]
-    chunks = []
-    for start in range(0, len(silo.paths), 128):
-        pixels = load_images(silo.paths[start : start + 128], model.preprocess)
-        chunks.append(encode_images(model, pixels))
-    feats = torch.cat(chunks)
-    write_tensors(path, {"features": feats})
-    return feats
+    def compute() -> torch.Tensor:  # 128 images at a time: a silo's decoded pixels need not fit in memory
+        return torch.cat([encode_images(model, load_images(silo.paths[i : i + 128], model.preprocess))
+                          for i in range(0, len(silo.paths), 128)])
+
+    return _cached(model, f"silo-{silo.fingerprint}", cache, compute)
