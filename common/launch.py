@@ -71,13 +71,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
         env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, superlink, log_file)
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), "dpfpl-sim", "--run-config", overrides, "--format", "json"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=work_dir)
-        if out.returncode != 0:
-            raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
-        run_id = _parse_run_id(out.stdout)
-        _follow(run_id, env, work_dir, timeout, stream)
+        submit_run("dpfpl-sim", run_config, env=env, timeout=timeout, stream=stream, cwd=work_dir)
     finally:
         _stop(superlink)
         stop_tagged_processes(tag)

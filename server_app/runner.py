@@ -50,7 +50,7 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
 
 def _evaluate(strategy: DpFplStrategy, grid: Grid, server_round: int, phase: str) -> dict:
     replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy._arrays(), ConfigRecord({"phase": phase}), grid))
+        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid))
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
 
@@ -88,7 +88,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     for server_round in range(state.server_round + 1, cfg.num_server_rounds + 1):
         started = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, strategy._arrays(), ConfigRecord(), grid))
+        replies = grid.send_and_receive(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": arrays is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})

@@ -62,7 +62,7 @@ class DpFplStrategy(Strategy):
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
 
-    def _arrays(self) -> ArrayRecord:
+    def current_arrays(self) -> ArrayRecord:
         return ArrayRecord({"global-prompt": self.state.p_global})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -132,7 +132,7 @@ class DpFplStrategy(Strategy):
         losses = [m["train-loss"] for _, m in per_node if "train-loss" in m and not math.isnan(m["train-loss"])]
         if losses:
             summary["train-loss"] = float(np.mean(losses))
-        return self._arrays(), MetricRecord(summary)
+        return self.current_arrays(), MetricRecord(summary)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
