@@ -1,7 +1,7 @@
-"""ClientApp: thin Flower handlers around ``DpFplNode``.
+"""ClientApp: thin Flower handlers around ``PromptNode``.
 
-What leaves the node: the ``global-grad`` array (the clipped, averaged global gradient) and numeric
-metrics. Never p_L, its factors, features, labels or raw data.
+What leaves the node: for methods with a global prompt, the ``global-grad`` array (the clipped, averaged
+global gradient); for every method, numeric metrics. Never p_L, its factors, features, labels or raw data.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from flwr.clientapp import ClientApp
 from common.config import NodeConfig, RunConfig
 from common.data.silo import SiloError
 
-from .node import DpFplNode
+from .node import PromptNode
 
 app = ClientApp()
 log = logging.getLogger("dpfpl.client")
 
 
-def _node(context: Context) -> DpFplNode:
+def _node(context: Context) -> PromptNode:
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     try:
-        return DpFplNode(RunConfig.from_flower(dict(context.run_config)),
+        return PromptNode(RunConfig.from_flower(dict(context.run_config)),
                          NodeConfig.from_flower(dict(context.node_config)))
     except SiloError as err:
         # The details name this organization's files and labels: they stay in the node's own log. The
@@ -34,7 +34,10 @@ def _node(context: Context) -> DpFplNode:
                            "the node's own log lists the files and labels involved") from None
 
 
-def _global_prompt(msg: Message) -> torch.Tensor:
+def _global_prompt(msg: Message) -> torch.Tensor | None:
+    """The server's p_G, or None for methods without a global prompt (the message then carries no arrays)."""
+    if "arrays" not in msg.content.array_records:
+        return None
     return torch.from_numpy(msg.content["arrays"]["global-prompt"].numpy().copy())
 
 
@@ -44,18 +47,16 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    content = RecordDict({
-        "arrays": ArrayRecord({"global-grad": outcome.global_grad}),
-        "metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"])}),
-    })
-    return Message(content=content, reply_to=msg)
+    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"])})}
+    if outcome.global_grad is not None:
+        records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
+    return Message(content=RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
-    p_global = None if config["phase"] == "zeroshot" else _global_prompt(msg)
-    metrics = node.evaluate(p_global, str(config["run-token"]))
+    metrics = node.evaluate(_global_prompt(msg), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot")
     content = RecordDict({"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})})
     return Message(content=content, reply_to=msg)

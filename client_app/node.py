@@ -13,8 +13,7 @@ import torch
 
 from common.config import NodeConfig, RunConfig
 from common.evaluation import accuracy, cross_entropy
-from common.methods import DpFplMethod
-from common.methods.dpfpl import DpSettings
+from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
 from common.models import LoadedModel, cached_clip
 from common.node import NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
@@ -41,28 +40,33 @@ def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: tor
 
 @dataclass
 class TrainOutcome:
-    global_grad: torch.Tensor
+    global_grad: torch.Tensor | None  # None: the method shares nothing
     metrics: dict[str, float]
 
 
-def local_noise_multiplier(cfg: RunConfig, sample_rate: float, z_global: float) -> float:
+def local_noise_multiplier(cfg: RunConfig, sample_rate: float, z_global: float, method: Method) -> float:
     """z_L for this node: given directly, or calibrated by the accountant for this node's q and the planned
     number of rounds. With calibrate-for = "published", z_L is chosen so that the published prompt
-    (LDP and GDP on the same batch, combined multiplier) meets the target."""
+    (LDP and GDP on the same batch, combined multiplier) meets the target. ``inf`` when the method has no
+    local release (PromptFL)."""
     if not cfg.dp:
         return 0.0
+    if method.local is None:
+        return math.inf
     if not cfg.uses_calibration:
         return cfg.noise_multiplier_local
     if cfg.calibrate_for == "each":
         return calibrate_noise_multiplier(cfg.target_epsilon, sample_rate, cfg.num_server_rounds, cfg.delta)
     z_eff = calibrate_noise_multiplier(cfg.target_epsilon, sample_rate, cfg.num_server_rounds, cfg.delta)
-    rest = 1.0 / z_eff**2 - (1.0 / z_global**2 if z_global > 0 else 0.0)
+    rest = 1.0 / z_eff**2 - (1.0 / z_global**2 if 0 < z_global else 0.0)  # z_G = inf (CoOp): nothing shared
     if rest <= 0:
         raise ValueError("the global noise alone already exceeds the published-prompt budget; check z_G")
     return 1.0 / math.sqrt(rest)
 
 
-class DpFplNode:
+class PromptNode:
+    """One organization's side of any method: its data, its private state, its step and its evaluation."""
+
     def __init__(self, cfg: RunConfig, node: NodeConfig) -> None:
         self.cfg = cfg
         self.node = node
@@ -72,12 +76,19 @@ class DpFplNode:
         self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.seed, cfg.n_ctx,
                                             classnames, self.device)
         self.data = _node_data(cfg, node, self.model, self.device)
-        self.method = DpFplMethod(self.encoder, float(self.model.model.logit_scale.exp()), cfg.rank,
-                                  use_residual=cfg.method == "dpfpl")
+        self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
+        self.learner = PromptLearner(self.method, self.encoder, float(self.model.model.logit_scale.exp()))
 
     @property
     def sample_rate(self) -> float:
         return min(1.0, self.cfg.batch_size / self.data.num_train)
+
+    @property
+    def _seed(self) -> int:
+        return self.cfg.seed * 100_003 + (self.node.partition_id or 0) + 1
+
+    def _fresh_local(self) -> dict[str, torch.Tensor]:
+        return self.learner.init_local(torch.Generator().manual_seed(self._seed))
 
     def _state(self, run_token: str, z_global: float) -> NodeState:
         state = NodeState.load(self.state_dir)
@@ -87,24 +98,30 @@ class DpFplNode:
             backup = self.state_dir / f"local_state.{state.run_key or 'old'}.safetensors"
             (self.state_dir / "local_state.safetensors").replace(backup)
             log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
-        # p_L's init may follow the seed; its noise and sampling must not be predictable (OS entropy)
-        init = torch.Generator().manual_seed(self.cfg.seed * 100_003 + (self.node.partition_id or 0) + 1)
-        p_local = self.encoder.init_context("", init).detach()
-        gen = torch.Generator().manual_seed(secrets.randbits(63))
-        return NodeState(p_local=p_local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
-                         noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global),
+        # The local init may follow the seed. Under DP the noise and the Poisson sample must not be predictable
+        # (amplification by subsampling needs a secret sample): OS entropy. Without DP there is nothing to
+        # hide and a seeded generator makes runs reproducible.
+        local = self._fresh_local()
+        gen = torch.Generator().manual_seed(secrets.randbits(63) if self.cfg.dp else self._seed + 7919)
+        return NodeState(local=local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
+                         noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global,
+                                                                       self.method),
                          run_key=run_token)
 
-    def train(self, p_global: torch.Tensor, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
+    def train(self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
+        if self.method.shares_global and p_global is None:
+            raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         state = self._state(run_token, z_global)
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
                         self.cfg.max_grad_norm_global)
-        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        result = self.method.train_step(
-            to(p_global), to(state.p_local), to(state.momentum), self.data.train_features, self.data.train_labels,
-            self.cfg.batch_size, dp, self.cfg.lr_local, self.cfg.momentum, self.cfg.weight_decay, state.generator,
+        to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
+        result = self.learner.train_step(
+            None if p_global is None else p_global.to(self.device), to_device(state.local), to_device(state.momentum),
+            self.data.train_features, self.data.train_labels, self.cfg.batch_size, dp,
+            SgdSettings(self.cfg.lr_local, self.cfg.momentum, self.cfg.weight_decay), state.generator,
         )
-        state.p_local, state.momentum, state.last_round = result.p_local, result.momentum, server_round
+        cpu = lambda ts: {k: v.cpu() for k, v in ts.items()}  # noqa: E731
+        state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round
         if self.cfg.dp:
             state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)
         state.save(self.state_dir)
@@ -116,29 +133,33 @@ class DpFplNode:
             "noise-multiplier-local": state.noise_multiplier_local,
         }
         if self.cfg.dp:
-            metrics["epsilon-local"] = state.accountant.epsilon_local()
+            if self.method.local is not None:
+                metrics["epsilon-local"] = state.accountant.epsilon_local()
             metrics["epsilon-published"] = state.accountant.epsilon_published()
         else:
             # Without DP there is no guarantee to protect; with DP the batch loss is a non-private function
             # of the training data and stays on the node.
             metrics["train-loss"] = result.loss
-        return TrainOutcome(result.global_grad.cpu(), metrics)
+        return TrainOutcome(None if result.global_grad is None else result.global_grad.cpu(), metrics)
 
-    def evaluate(self, p_global: torch.Tensor | None, run_token: str) -> dict[str, float]:
-        """Zero-shot (p_global None) or personalized-prompt accuracy on local and neighbor test images."""
+    def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
+        """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not
+        trained yet (no local state of this run) is evaluated with the method's freshly initialized local part."""
         with torch.no_grad():
-            if p_global is None:
+            if zeroshot or not self.method.trains:
                 text = self.encoder.handcrafted_features()
             else:
                 state = NodeState.load(self.state_dir)
-                p_local = state.p_local if state is not None and state.run_key == run_token else torch.zeros_like(p_global)
-                gen = torch.Generator().manual_seed(0)
-                prompt = self.method.personalized_prompt(p_global.to(self.device), p_local.to(self.device), gen)
-                text = self.encoder(prompt)
+                if state is not None and state.run_key == run_token:
+                    local = state.local
+                else:
+                    local = self._fresh_local()
+                text = self.learner.text_features(None if p_global is None else p_global.to(self.device),
+                                                  {k: v.to(self.device) for k, v in local.items()})
         d = self.data
         return {
             "local-acc": accuracy(text, d.local_features, d.local_labels),
             "neighbor-acc": accuracy(text, d.neighbor_features, d.neighbor_labels),
-            "local-loss": cross_entropy(text, d.local_features, d.local_labels, self.method.logit_scale),
+            "local-loss": cross_entropy(text, d.local_features, d.local_labels, self.learner.logit_scale),
             "num-examples": float(d.num_train),
         }

@@ -1,4 +1,5 @@
-"""Node-local state on disk: the local prompt p_L, its optimizer state, the node's RNG and accountant.
+"""Node-local state on disk: the method's local tensors (p_L, or FedPGP's U and V), their optimizer state,
+the node's RNG and accountant.
 
 In deployment every message starts a fresh ClientApp process, so nothing may live in module globals;
 the local prompt must survive restarts and never leave the node. One safetensors file holds the tensors
@@ -22,19 +23,19 @@ STATE_FILE = "local_state.safetensors"
 
 @dataclass
 class NodeState:
-    p_local: torch.Tensor
+    local: dict[str, torch.Tensor]
     generator: torch.Generator
     accountant: PrivacyAccountant
-    momentum: torch.Tensor | None = None
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
     noise_multiplier_local: float = 0.0
     last_round: int = 0
     run_key: str = ""
     extra: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
-        tensors = {"p_local": self.p_local, "rng_state": self.generator.get_state()}
-        if self.momentum is not None:
-            tensors["momentum"] = self.momentum
+        tensors = {"rng_state": self.generator.get_state()}
+        tensors.update({f"local.{k}": v.contiguous() for k, v in self.local.items()})
+        tensors.update({f"momentum.{k}": v.contiguous() for k, v in self.momentum.items()})
         meta = {
             "accountant": self.accountant.state_dict(),
             "noise_multiplier_local": self.noise_multiplier_local,
@@ -57,10 +58,10 @@ class NodeState:
         gen = torch.Generator()
         gen.set_state(tensors["rng_state"])
         return cls(
-            p_local=tensors["p_local"],
+            local={k[len("local."):]: v for k, v in tensors.items() if k.startswith("local.")},
             generator=gen,
             accountant=PrivacyAccountant.from_state_dict(meta["accountant"]),
-            momentum=tensors.get("momentum"),
+            momentum={k[len("momentum."):]: v for k, v in tensors.items() if k.startswith("momentum.")},
             noise_multiplier_local=float(meta["noise_multiplier_local"]),
             last_round=int(meta["last_round"]),
             run_key=meta["run_key"],

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     import torch
 
-Method = Literal["dpfpl", "dpfpl-noresidual"]
+Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl"]
+METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl")
 
 
 class RunConfig(BaseModel):
@@ -33,6 +34,8 @@ class RunConfig(BaseModel):
     n_ctx: int = Field(16, ge=1, le=64)
     ctx_init: str = ""
     rank: int = Field(8, ge=1)
+    contrastive_weight: float = Field(0.5, ge=0)
+    contrastive_temperature: float = Field(0.5, gt=0)
 
     num_clients: int = Field(10, ge=1)
     classes_per_client: int = Field(2, ge=1)
@@ -40,6 +43,7 @@ class RunConfig(BaseModel):
     min_clients: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(10, ge=1)
+    eval_last: int = Field(10, ge=0)
 
     lr_global: float = Field(1e-4, gt=0)
     lr_local: float = Field(1e-4, gt=0)

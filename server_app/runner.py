@@ -18,7 +18,7 @@ from common.config import RunConfig
 from common.models import register_model_configs
 
 from .checkpoint import RunDirectory, ServerState
-from .strategy import DpFplStrategy, global_noise_multiplier
+from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
@@ -48,11 +48,18 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
     return torch.randn(cfg.n_ctx, width, generator=gen) * 0.02
 
 
-def _evaluate(strategy: DpFplStrategy, grid: Grid, server_round: int, phase: str) -> dict:
+def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
     replies = grid.send_and_receive(strategy.configure_evaluate(
         server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid))
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
+
+
+def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
+    """Every ``eval-every`` rounds, the last round, and each of the last ``eval-last`` rounds (the papers
+    report the mean over the last 10 rounds)."""
+    return (server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds
+            or server_round > cfg.num_server_rounds - cfg.eval_last)
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
@@ -71,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
         run_dir.truncate_metrics(state.server_round)
-    strategy = DpFplStrategy(cfg, state)
+    strategy = PromptStrategy(cfg, state)
 
     if state.server_round == 0:
         zs = _evaluate(strategy, grid, 0, "zeroshot")
@@ -79,23 +86,25 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             raise RuntimeError("no node answered the setup phase; check that SuperNodes are connected")
         state.zeroshot = zs
         q_max = max(state.node_sample_rates.values())
-        state.noise_multiplier_global = global_noise_multiplier(cfg, q_max)
+        state.noise_multiplier_global = global_noise_multiplier(cfg, q_max, strategy.method)
         log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
                  zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
         run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global})
         run_dir.save(state)
     strategy.summary()
 
-    for server_round in range(state.server_round + 1, cfg.num_server_rounds + 1):
+    # zero-shot has nothing to train: its result is the setup phase's evaluation
+    last_round = cfg.num_server_rounds if strategy.method.trains else 0
+    for server_round in range(state.server_round + 1, last_round + 1):
         started = time.time()
         replies = grid.send_and_receive(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        record = {"round": server_round, "phase": "train", "updated": arrays is not None}
+        record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
         if cfg.dp:
             record["epsilon-global-max"] = strategy.epsilon_global()
         state.server_round = server_round
-        if server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds:
+        if should_evaluate(cfg, server_round):
             record.update(_evaluate(strategy, grid, server_round, "personalized"))
         record["round-seconds"] = round(time.time() - started, 3)
         run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
@@ -108,8 +117,27 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     return summary
 
 
-def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: DpFplStrategy) -> dict:
+ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm")
+
+
+def last_rounds_mean(evals: list[dict], count: int) -> dict:
+    """Mean of each accuracy over the evaluations of the last ``count`` rounds (the papers' number)."""
+    if not evals or count <= 0:
+        return {}
+    last_round = evals[-1]["round"]
+    window = [m for m in evals if m["round"] > last_round - count]
+    out: dict = {"rounds": [window[0]["round"], last_round], "evaluations": len(window)}
+    for key in ACCURACY_KEYS:
+        values = [m[key] for m in window if key in m]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
     evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
+    if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
+        evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
     train = [m for m in metrics if m.get("phase") == "train"]
     final_train = train[-1] if train else {}
@@ -119,8 +147,9 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "rounds": state.server_round,
         "num-clients": cfg.num_clients,
         "zeroshot": state.zeroshot,
-        "final": {k: last[k] for k in ("local-acc", "neighbor-acc") if k in last},
+        "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
+        "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,
             "delta": cfg.delta,

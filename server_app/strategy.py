@@ -1,5 +1,6 @@
-"""DP-FPL server strategy: validate replies, average the clipped global gradients with equal weights, add the
-global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
+"""The server strategy of every method: validate replies, average the clipped global gradients with equal
+weights, add the global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
+Methods without a global prompt (CoOp) only drive the rounds: their replies must carry no array at all.
 
 Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). Its own ``run`` replaces
 ``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
@@ -22,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
+from common.methods import Method, build_method
 from common.optim import sgd_update
 from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, epsilon_for
 
@@ -34,21 +36,27 @@ class InvalidReply(ValueError):
     pass
 
 
-def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float) -> float:
-    """z_G: given, or calibrated for the worst-case (largest) sample rate among the nodes."""
+def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
+    """z_G: given, or calibrated for the worst-case (largest) sample rate among the nodes; ``inf`` when the
+    method shares nothing (CoOp: no global release)."""
     if not cfg.dp:
         return 0.0
+    if not method.shares_global:
+        return math.inf
     if not cfg.uses_calibration:
         return cfg.noise_multiplier_global
     z = calibrate_noise_multiplier(cfg.target_epsilon, max_sample_rate, cfg.num_server_rounds, cfg.delta)
+    if cfg.calibrate_for == "each" or method.local is None:
+        return z
     # "published": z_L and z_G share the budget of the combined mechanism equally (1/z_eff^2 = 2/z^2)
-    return z if cfg.calibrate_for == "each" else z * math.sqrt(2.0)
+    return z * math.sqrt(2.0)
 
 
-class DpFplStrategy(Strategy):
+class PromptStrategy(Strategy):
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
         self.cfg = cfg
         self.state = state
+        self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
 
@@ -62,21 +70,29 @@ class DpFplStrategy(Strategy):
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
 
-    def current_arrays(self) -> ArrayRecord:
-        return ArrayRecord({"global-prompt": self.state.p_global})
+    def current_arrays(self) -> ArrayRecord | None:
+        """What the nodes receive: p_G, or nothing for methods without a global prompt."""
+        return ArrayRecord({"global-prompt": self.state.p_global}) if self.method.shares_global else None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         cfg = {**dict(config), "noise-multiplier-global": self.state.noise_multiplier_global}
         return self._messages(server_round, arrays, cfg, grid, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self._messages(server_round, arrays, dict(config), grid, MessageType.EVALUATE)
 
     # ---------------------------------------------------------------- validation
-    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor, dict]:
+    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
             raise InvalidReply(f"node reported an error: {msg.error.reason}")
         content = msg.content
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        if int(metrics.get("server-round", -1)) != server_round:
+            raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
+        if not self.method.shares_global:
+            if len(content.array_records) or len(content.config_records):
+                raise InvalidReply(f"method '{self.method.name}' shares nothing, but the reply carries arrays/configs")
+            return None, metrics
         if set(content.array_records.keys()) != {"arrays"} or set(content["arrays"].keys()) != {"global-grad"}:
             raise InvalidReply("reply must carry exactly one array record with the key 'global-grad'")
         array = content["arrays"]["global-grad"]
@@ -86,9 +102,6 @@ class DpFplStrategy(Strategy):
         grad = torch.from_numpy(np.array(array.numpy(), copy=True))
         if not torch.isfinite(grad).all():
             raise InvalidReply("global-grad contains NaN or Inf")
-        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
-        if int(metrics.get("server-round", -1)) != server_round:
-            raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if self.cfg.dp:
             # the Poisson batch cannot exceed the node's data set (B / q_i)
             q = self.state.node_sample_rates.get(str(msg.metadata.src_node_id), 1.0)
@@ -109,11 +122,15 @@ class DpFplStrategy(Strategy):
                 continue
             grads.append(grad)
             per_node.append((msg.metadata.src_node_id, metrics))
-        if len(grads) < self.cfg.min_clients:
+        if len(per_node) < self.cfg.min_clients:
             log.error("round %d: only %d valid replies (< min-clients %d); global prompt not updated",
-                      server_round, len(grads), self.cfg.min_clients)
+                      server_round, len(per_node), self.cfg.min_clients)
             return None, None
-        n = len(grads)
+        n = len(per_node)
+        summary = {"num-replies": float(n)}
+        summary.update(self._summarize_node_metrics([m for _, m in per_node]))
+        if not self.method.shares_global:
+            return None, MetricRecord(summary)
         mean = torch.stack(grads).mean(0)
         # One record of node i moves the average by at most C_G / (B n): noise std z_G C_G / (B n), with n the
         # number of replies actually aggregated.
@@ -124,15 +141,20 @@ class DpFplStrategy(Strategy):
         for node_id, _ in per_node:
             if self.cfg.dp:
                 self.state.participation[str(node_id)] = self.state.participation.get(str(node_id), 0) + 1
-        summary = {"num-replies": float(n), "global-noise-std": std}
-        for key in ("epsilon-local", "epsilon-published"):
-            values = [m[key] for _, m in per_node if key in m]
-            if values:
-                summary[key + "-max"] = float(max(values))
-        losses = [m["train-loss"] for _, m in per_node if "train-loss" in m and not math.isnan(m["train-loss"])]
-        if losses:
-            summary["train-loss"] = float(np.mean(losses))
+        summary["global-noise-std"] = std
         return self.current_arrays(), MetricRecord(summary)
+
+    @staticmethod
+    def _summarize_node_metrics(rows: list[dict]) -> dict:
+        out = {}
+        for key in ("epsilon-local", "epsilon-published"):
+            values = [m[key] for m in rows if key in m]
+            if values:
+                out[key + "-max"] = float(max(values))
+        losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
+        if losses:
+            out["train-loss"] = float(np.mean(losses))
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
@@ -164,10 +186,12 @@ class DpFplStrategy(Strategy):
         """Worst case over nodes of the GDP mechanism's epsilon for the noisy rounds that really happened."""
         if not self.cfg.dp:
             return math.inf
+        if not self.method.shares_global:
+            return 0.0  # nothing global is released
         eps = [epsilon_for(self.state.noise_multiplier_global, self.state.node_sample_rates.get(node, 1.0),
                            rounds, self.cfg.delta) for node, rounds in self.state.participation.items()]
         return max(eps, default=0.0)
 
     def summary(self) -> None:
-        log.info("DP-FPL strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.state.noise_multiplier_global,
+        log.info("%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.method.name, self.state.noise_multiplier_global,
                  self.cfg.max_grad_norm_global, self.cfg.batch_size, self.cfg.min_clients)

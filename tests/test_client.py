@@ -44,10 +44,10 @@ def test_local_state_persists_across_invocations_and_is_separate_per_node(tmp_pa
     client_module.train(_train_msg(p_global, 2), _context(tmp_path, 0))
     second = NodeState.load(dir0)
     assert second.last_round == 2 and len(second.accountant.history) == 2
-    assert not torch.equal(first.p_local, second.p_local)
+    assert not torch.equal(first.local["p_local"], second.local["p_local"])
     client_module.train(_train_msg(p_global, 1), _context(tmp_path, 1))
     other = NodeState.load(tmp_path / "run" / "nodes" / "node-1")
-    assert other.last_round == 1 and not torch.equal(other.p_local, second.p_local)
+    assert other.last_round == 1 and not torch.equal(other.local["p_local"], second.local["p_local"])
     assert NodeState.load(dir0).last_round == 2  # untouched by node 1
 
 
@@ -72,11 +72,11 @@ def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_g
     gen = before.generator
     n = node.data.num_train
     idx = (torch.rand(n, generator=gen) < 16 / n).nonzero().flatten()
-    factorize(before.p_local, 8, gen)
+    factorize(before.local["p_local"], 8, gen)
     feats, labels = node.data.train_features[idx], node.data.train_labels[idx]
     scale = float(node.model.model.logit_scale.exp())
     fn = lambda p: torch.nn.functional.cross_entropy(scale * feats @ node.encoder(p).t(), labels, reduction="none")
-    g, _ = per_sample_grads(fn, p_global + before.p_local)
+    g, _ = per_sample_grads(fn, p_global + before.local["p_local"])
     expected = clip_per_sample(g, 10.0).sum(0) / 16
     assert torch.allclose(sent, expected, atol=1e-5)
 
@@ -86,8 +86,8 @@ def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_g
     after = NodeState.load(state_dir)
     blob = np.concatenate([np.asarray(a.numpy()).ravel() for a in reply.content["arrays"].values()])
     windows = np.lib.stride_tricks.sliding_window_view(blob, 128)
-    _, v, _ = factorize(before.p_local, 8, torch.Generator().manual_seed(0))
-    for private in (before.p_local, after.p_local, v, node.data.train_features[:5]):
+    _, v, _ = factorize(before.local["p_local"], 8, torch.Generator().manual_seed(0))
+    for private in (before.local["p_local"], after.local["p_local"], v, node.data.train_features[:5]):
         rows = private.numpy().reshape(-1, 128)
         assert not (windows[:, None, :] == rows[None]).all(-1).any()
 

@@ -6,7 +6,7 @@ from flwr.common import MessageType
 
 from common.config import RunConfig
 from server_app.checkpoint import RunDirectory, ServerState
-from server_app.strategy import DpFplStrategy
+from server_app.strategy import PromptStrategy
 
 
 def _strategy(tmp_path, **overrides):
@@ -14,7 +14,7 @@ def _strategy(tmp_path, **overrides):
                     target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=2.0, **overrides)
     state = ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=0, run_token="t",
                         noise_multiplier_global=2.0, config_fingerprint="f")
-    return DpFplStrategy(cfg, state)
+    return PromptStrategy(cfg, state)
 
 
 def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):

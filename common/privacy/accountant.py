@@ -12,6 +12,9 @@ The published personalized prompt p_G + p_L depends on both the local (LDP) rele
 release of the *same* Poisson batch. Stacking the two releases, scaled by their noise std, gives one
 Gaussian mechanism on one subsample whose sensitivity is sqrt(1/z_L^2 + 1/z_G^2); so the pair is exactly
 a subsampled Gaussian with the combined noise multiplier ``(z_L^-2 + z_G^-2)^-1/2``.
+
+A method without one of the two releases (PromptFL has no local prompt, CoOp no global one) records that
+release with ``z = inf``: it publishes nothing, costs epsilon 0 and drops out of the combination.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _epsilon_of(steps: list[tuple[float, float, int]], delta: float) -> float:
 @lru_cache(maxsize=4096)
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """epsilon of ``steps`` compositions of a Poisson-subsampled Gaussian (inf if no noise, 0 if no steps)."""
-    if steps <= 0 or sample_rate <= 0.0:
+    if steps <= 0 or sample_rate <= 0.0 or math.isinf(noise_multiplier):
         return 0.0
     if noise_multiplier <= 0.0:
         return math.inf
@@ -97,7 +100,8 @@ def combined_noise_multiplier(*noise_multipliers: float) -> float:
     """Noise multiplier of several Gaussian releases of the same subsample, viewed as one mechanism."""
     if any(z <= 0 for z in noise_multipliers):
         return 0.0
-    return 1.0 / math.sqrt(sum(1.0 / z**2 for z in noise_multipliers))
+    precision = sum(1.0 / z**2 for z in noise_multipliers)  # z = inf: nothing released, adds 0
+    return math.inf if precision == 0 else 1.0 / math.sqrt(precision)
 
 
 class PrivacyAccountant:
@@ -124,6 +128,9 @@ class PrivacyAccountant:
             return 0.0
         if any(z <= 0 for z, _ in groups):
             return math.inf
+        groups = {(z, q): n for (z, q), n in groups.items() if not math.isinf(z)}
+        if not groups:
+            return 0.0
         if len(groups) == 1:
             ((z, q), n), = groups.items()
             return epsilon_for(z, q, n, self.delta)

@@ -1,0 +1,153 @@
+"""One training engine for every method; a method is a few named pieces (SPEC section 5):
+
+- ``shares_global``: is there a global prompt p_G whose clipped gradient goes to the server (GDP there)?
+- ``local``: the node's private part (``LocalPrompt``) and so where LDP noise goes, or ``None``;
+- ``contrastive``: an extra data-independent loss term (FedPGP).
+
+One step on a Poisson minibatch:
+ 1. the local part prepares this step (DP-FPL: factorize p_L) and yields its context;
+ 2. forward with p = p_G + local context; per-sample gradients g_j = d loss_j / dp, one batched backward;
+ 3. global: clip g_j (+ the contrastive term) to C_G, sum, divide by the expected batch B -> the reply;
+ 4. local: the parameters' per-sample gradients (linear in g_j), clipped jointly to C_L, summed, plus
+    N(0, (z_L C_L)^2) per coordinate, divided by B -> the local update (never sent).
+Without DP the same step runs with one ordinary backward, no clipping and no noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..privacy import add_gaussian_noise, clip_per_sample, clip_per_sample_jointly, per_sample_grads, poisson_sample
+from ..prompt import PromptTextEncoder
+from .contrastive import ContrastiveLoss
+from .local import LocalPrompt, SgdSettings, Tensors
+
+
+@dataclass(frozen=True)
+class DpSettings:
+    enabled: bool
+    noise_multiplier_local: float
+    max_grad_norm_local: float
+    max_grad_norm_global: float
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    shares_global: bool
+    local: LocalPrompt | None = None
+    contrastive: ContrastiveLoss | None = None
+
+    @property
+    def trains(self) -> bool:
+        return self.shares_global or self.local is not None
+
+    @property
+    def shared_arrays(self) -> tuple[str, ...]:
+        """The keys of the only arrays a node's train reply may carry."""
+        return ("global-grad",) if self.shares_global else ()
+
+
+@dataclass
+class StepResult:
+    global_grad: torch.Tensor | None  # sum_j clip(g_j) / B, the only tensor that leaves the node; None: nothing
+    local: Tensors
+    momentum: Tensors
+    loss: float
+    batch_size: int
+    local_grads: list[torch.Tensor] = field(default_factory=list)  # noised averages (tests inspect them)
+
+
+class PromptLearner:
+    """Runs a method's step and builds its personalized prompt, for one node's text encoder."""
+
+    def __init__(self, method: Method, encoder: PromptTextEncoder, logit_scale: float, chunk_size: int = 32) -> None:
+        self.method = method
+        self.encoder = encoder
+        self.logit_scale = logit_scale
+        self.chunk_size = chunk_size
+        self._handcrafted: torch.Tensor | None = None
+
+    def init_local(self, generator: torch.Generator) -> Tensors:
+        if self.method.local is None:
+            return {}
+        return self.method.local.init(self.encoder.n_ctx, self.encoder.width, generator)
+
+    def _compose(self, p_global: torch.Tensor | None, local_context: torch.Tensor | None) -> torch.Tensor:
+        parts = [p for p in ((p_global if self.method.shares_global else None), local_context) if p is not None]
+        if not parts:
+            raise ValueError(f"method '{self.method.name}' has no learnable prompt")
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def personalized_prompt(self, p_global: torch.Tensor | None, local: Tensors) -> torch.Tensor | None:
+        """The node's prompt at evaluation/export time; ``None`` for zero-shot (hand-crafted prompts)."""
+        if not self.method.trains:
+            return None
+        ctx = self.method.local.eval_context(local) if self.method.local is not None and local else None
+        return self._compose(p_global, ctx)
+
+    def text_features(self, p_global: torch.Tensor | None, local: Tensors) -> torch.Tensor:
+        prompt = self.personalized_prompt(p_global, local)
+        return self.encoder.handcrafted_features() if prompt is None else self.encoder(prompt)
+
+    def _loss_fn(self, features: torch.Tensor, labels: torch.Tensor):
+        def fn(prompt: torch.Tensor) -> torch.Tensor:
+            logits = self.logit_scale * features @ self.encoder(prompt).t()
+            return F.cross_entropy(logits, labels, reduction="none")
+        return fn
+
+    def _regularizer(self, p_global: torch.Tensor | None, prompt: torch.Tensor):
+        """(extra gradient for p_G's reply, extra gradient for the local context), per sample; zeros if none."""
+        zero = torch.zeros_like(prompt)
+        if self.method.contrastive is None or p_global is None:
+            return zero, zero
+        if self._handcrafted is None:
+            with torch.no_grad():
+                self._handcrafted = self.encoder.handcrafted_features()
+        via_global, via_prompt = self.method.contrastive.gradients(self.encoder, p_global, prompt, self._handcrafted)
+        return via_global + via_prompt, via_prompt
+
+    def train_step(self, p_global: torch.Tensor | None, local: Tensors, momentum: Tensors, features: torch.Tensor,
+                   labels: torch.Tensor, expected_batch: int, dp: DpSettings, opt: SgdSettings,
+                   generator: torch.Generator) -> StepResult:
+        method = self.method
+        if not method.trains:
+            raise ValueError(f"method '{method.name}' does not train")
+        if method.shares_global and p_global is None:
+            raise ValueError(f"method '{method.name}' needs the global prompt")
+        idx = poisson_sample(len(features), min(1.0, expected_batch / len(features)), generator).to(features.device)
+        feats, labs = features[idx], labels[idx]
+        aux = method.local.prepare(local, generator) if method.local is not None else None
+        local_ctx = method.local.context(local, aux) if method.local is not None else None
+        prompt = self._compose(p_global, local_ctx).detach()
+        extra_global, extra_local = self._regularizer(p_global, prompt)
+        loss_fn = self._loss_fn(feats, labs)
+        b = len(idx)
+
+        if dp.enabled:
+            g, losses = per_sample_grads(loss_fn, prompt, self.chunk_size)  # (b, n_ctx, d)
+            global_sum = clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0) if method.shares_global else None
+            local_sums = []
+            if method.local is not None:
+                per_sample = method.local.param_grads(g + extra_local, aux, local)
+                noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local
+                local_sums = [add_gaussian_noise(c.sum(0), noise_std, generator)
+                              for c in clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)]
+        else:
+            leaf = prompt.requires_grad_(True)
+            losses = loss_fn(leaf)
+            (g_sum,) = torch.autograd.grad(losses.sum(), leaf) if b else (torch.zeros_like(prompt),)
+            losses = losses.detach()
+            global_sum = g_sum + b * extra_global if method.shares_global else None
+            local_sums = method.local.param_grads(g_sum + b * extra_local, aux, local) if method.local is not None else []
+        # Divide by the *expected* batch size: with Poisson sampling the actual size is data-dependent and
+        # dividing by it would break the sensitivity bound.
+        global_grad = None if global_sum is None else (global_sum / expected_batch).detach()
+        local_grads = [s / expected_batch for s in local_sums]
+        new_local, new_momentum = (method.local.apply(local, local_grads, aux, momentum, opt)
+                                   if method.local is not None else (local, momentum))
+        loss = float(losses.mean()) if b else float("nan")
+        return StepResult(global_grad, new_local, new_momentum, loss, b, local_grads)
