@@ -25,9 +25,9 @@ log = logging.getLogger("dpfpl.client")
 
 
 @lru_cache(maxsize=4)
-def _encoder(model_name: str, pretrained: str, cache: str | None, seed: int, n_ctx: int, classnames: tuple[str, ...],
+def _encoder(model_name: str, pretrained: str, cache: str | None, n_ctx: int, classnames: tuple[str, ...],
              device: torch.device):
-    model = cached_clip(model_name, pretrained, cache, seed)
+    model = cached_clip(model_name, pretrained, cache)
     model.model.to(device)
     return model, PromptTextEncoder(model.model, model.tokenizer, list(classnames), n_ctx).to(device)
 
@@ -73,7 +73,7 @@ class PromptNode:
         self.state_dir = node.resolved_state_dir(cfg.run_dir)
         classnames = tuple(cfg.class_list())
         self.device = node.resolved_device()
-        self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.seed, cfg.n_ctx,
+        self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.n_ctx,
                                             classnames, self.device)
         self.data = _node_data(cfg, node, self.model, self.device)
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)

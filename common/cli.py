@@ -5,6 +5,8 @@
     dpfpl simulate -c k=v ...  the same engine with any run-config override (keys of [tool.flwr.app.config])
     dpfpl prepare              only build/cache the demo backbone and image features
     dpfpl report RUN_DIR       print the table of a finished run
+    dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
+                               run every combination (resumable) and write results.csv, table.md and plots
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -42,7 +45,7 @@ def prepare(cfg: RunConfig) -> None:
     from .features import demo_features
     from .models import load_clip
 
-    model = load_clip(cfg.model_name, cfg.pretrained, seed=cfg.seed)
+    model = load_clip(cfg.model_name, cfg.pretrained)
     demo_features(model, progress=True)
 
 
@@ -124,6 +127,37 @@ def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream:
 DEMO_PRESET = {"lr-global": 0.1, "lr-local": 0.1, "num-server-rounds": 50, "eval-every": 5, "resume": False}
 
 
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> int:
+    """``dpfpl sweep``: run the grid (or only rebuild its report); exit status 1 when a run failed."""
+    from .sweep import NO_DP, SweepSpec, report, run_sweep
+
+    out = Path(args.out)
+    if args.report_only:
+        outputs = report(out)
+        print("\n".join(f"{name}: {path}" for name, path in outputs.items()))
+        return 0
+    base = {**DEMO_PRESET, "resume": True, **_parse_overrides(args.run_config)}
+    try:
+        spec = SweepSpec(
+            methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)],
+            epsilons=[NO_DP if e.lower() == NO_DP else float(e) for e in _split(args.epsilons)],
+            ranks=[int(r) for r in _split(args.ranks)], base=base, out=str(out), runtime=args.runtime,
+            command=" ".join(["dpfpl", *(shlex.quote(a) for a in argv)]))
+        print("sweep base overrides:", ", ".join(f"{k}={v}" for k, v in base.items()))
+        outcome = run_sweep(spec)
+    except ValueError as err:  # a bad list or run config: say so before any run starts
+        raise SystemExit(f"dpfpl sweep: {err}") from None
+    print(f"\n{len(outcome.ran)} runs done now, {len(outcome.skipped)} already done, {len(outcome.failed)} failed")
+    for name, reason in outcome.failed.items():
+        print(f"  FAILED {name}: {reason}")
+    print("\n".join(f"{name}: {path}" for name, path in outcome.outputs.items()))
+    return 1 if outcome.failed else 0
+
+
 def _terminate_cleanly(signum, frame):  # SIGTERM -> exception, so launch's finally-blocks stop what it started
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -144,6 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("prepare")
     p = sub.add_parser("report")
     p.add_argument("run_dir")
+    p = sub.add_parser("sweep", help="methods x epsilons x seeds (x ranks), resumable, tabulated as in the papers")
+    p.add_argument("--methods", default="dpfpl", help="comma-separated, in the table's column order")
+    p.add_argument("--epsilons", default="none,0.4", help="comma-separated target epsilons; 'none': DP off")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--ranks", default="8", help="ranks of the factorized methods (dpfpl, dpfpl-noresidual, fedpgp)")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("-c", "--run-config", action="append", default=[],
+                   help="key=value (TOML value), applied to every run over the demo preset")
+    p.add_argument("--runtime", choices=("inprocess", "flower"), default="inprocess",
+                   help="inprocess (default): same apps, no SuperLink; flower: a Flower simulation per run")
+    p.add_argument("--report-only", action="store_true", help="only rebuild csv, table and plots from --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -156,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run {run_id} completed")
     elif args.command == "prepare":
         prepare(RunConfig.from_flower(_default_run_config()))
+    elif args.command == "sweep":
+        sys.exit(sweep(args, sys.argv[1:] if argv is None else argv))
     elif args.command == "report":
         print(report(Path(args.run_dir)))
         print(f"curves: {plot(Path(args.run_dir))}")

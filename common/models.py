@@ -63,12 +63,16 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model.float()
 
 
-def load_clip(model_name: str, pretrained: str, cache: str | None = None, seed: int = 0) -> LoadedModel:
+def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> LoadedModel:
     """Load a frozen OpenCLIP model in fp32.
 
     ``pretrained``: ``"demo"`` (the project's demo backbone, built on first use), an OpenCLIP tag such as
     ``"openai"`` (from the OpenCLIP/HF cache, or downloaded where the network allows), a path to a local
     weights file, or ``"none"`` (random weights: same compute as the real model, for speed/shape tests).
+
+    Weights never depend on a run's seed: like a pretrained tag, the demo backbone is one fixed artifact
+    (seed 0), and ``"none"`` draws its random weights from a fixed seed, so every process (and the feature
+    cache, keyed by the weights' identity) sees the same model.
     """
     register_model_configs()
     if model_name not in open_clip.list_models():
@@ -76,7 +80,7 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None, seed: 
     if pretrained == "demo":
         if model_name != DEMO_MODEL:
             raise ValueError(f"pretrained='demo' is only available for model '{DEMO_MODEL}'")
-        path = build_demo_backbone(seed=seed, cache=cache)
+        path = build_demo_backbone(cache=cache)
         weights: str | None = str(path)
     elif pretrained.lower() in ("none", ""):
         weights = None
@@ -97,9 +101,11 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None, seed: 
                 f"{open_clip.list_pretrained_tags_by_model(model_name)}"
             )
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=weights, cache_dir=cache
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # "none": the same random weights in every process
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=weights, cache_dir=cache
+            )
     except (OSError, RuntimeError) as err:
         if weights is None or Path(str(weights)).is_file():
             raise
@@ -198,6 +204,6 @@ def build_demo_backbone(seed: int = 0, cache: str | None = None, progress: bool 
 
 
 @lru_cache(maxsize=4)
-def cached_clip(model_name: str, pretrained: str, cache: str | None = None, seed: int = 0) -> LoadedModel:
+def cached_clip(model_name: str, pretrained: str, cache: str | None = None) -> LoadedModel:
     """One model per process: a ClientApp in simulation reuses it across rounds instead of rebuilding."""
-    return load_clip(model_name, pretrained, cache, seed)
+    return load_clip(model_name, pretrained, cache)

@@ -38,7 +38,7 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
         from common.models import cached_clip
         from common.prompt import context_from_text
 
-        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None, cfg.seed), cfg.n_ctx,
+        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx,
                                  cfg.ctx_init, gen)
     register_model_configs()
     model_cfg = open_clip.get_model_config(cfg.model_name)
