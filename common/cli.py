@@ -146,6 +146,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
             methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)],
             epsilons=[NO_DP if e.lower() == NO_DP else float(e) for e in _split(args.epsilons)],
             ranks=[int(r) for r in _split(args.ranks)], base=base, out=str(out), runtime=args.runtime,
+            workers=args.workers,
             command=" ".join(["dpfpl", *(shlex.quote(a) for a in argv)]))
         print("sweep base overrides:", ", ".join(f"{k}={v}" for k, v in base.items()))
         outcome = run_sweep(spec)
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("-c", "--run-config", action="append", default=[],
                    help="key=value (TOML value), applied to every run over the demo preset")
+    p.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process")
     p.add_argument("--runtime", choices=("inprocess", "flower"), default="inprocess",
                    help="inprocess (default): same apps, no SuperLink; flower: a Flower simulation per run")
     p.add_argument("--report-only", action="store_true", help="only rebuild csv, table and plots from --out")

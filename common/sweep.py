@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import statistics
 import traceback
 from collections.abc import Callable, Iterator
@@ -65,6 +66,7 @@ class SweepSpec(BaseModel):
     runtime: Literal["inprocess", "flower"] = "inprocess"
     num_nodes: int | None = Field(None, ge=1)  # default: num-clients of the run config
     node_config: dict[str, Any] = Field(default_factory=dict)  # in-process: added to every node's config
+    workers: int = Field(1, ge=1)  # runs at a time, each in its own process with cores/workers threads
     command: str = ""  # how the sweep was started, for the table's header
 
     @field_validator("epsilons", mode="before")
@@ -262,30 +264,58 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
     if todo:
         _prepare([configs[run.name] for run in todo], spec.node_config)
 
-    outcome = SweepOutcome()
-    bar = tqdm(runs, desc="sweep", unit="run", disable=not progress, dynamic_ncols=True)
-    for run in bar:
-        bar.set_postfix_str(run.name)
-        run_dir = run_dir_of(out, run)
-        if run not in todo:
-            outcome.skipped.append(run.name)
-            continue
-        try:
-            run_one(spec, run, run_dir)
+    outcome = SweepOutcome(skipped=[run.name for run in runs if run not in todo])
+    bar = tqdm(total=len(runs), initial=len(outcome.skipped), desc="sweep", unit="run", disable=not progress,
+               dynamic_ncols=True)
+
+    def finished(run: SweepRun, error: str | None) -> None:
+        bar.update(1)
+        if error is None:
             outcome.ran.append(run.name)
-        except Exception as err:  # one failed run must not end a sweep of a hundred
-            reason = f"{type(err).__name__}: {err}"
-            outcome.failed[run.name] = reason
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_bytes(run_dir / ERROR_FILE, traceback.format_exc().encode())
-            message = f"run {run.name} FAILED: {reason} (details in {run_dir / ERROR_FILE}); the sweep goes on"
-            if progress:
-                bar.write(message)  # above the progress bar, not through it
-            else:
-                log.error("%s", message)
+            return
+        # one failed run must not end a sweep of a hundred
+        outcome.failed[run.name] = error.strip().splitlines()[-1]
+        run_dir = run_dir_of(out, run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes(run_dir / ERROR_FILE, error.encode())
+        message = (f"run {run.name} FAILED: {outcome.failed[run.name]} (details in {run_dir / ERROR_FILE}); "
+                   "the sweep goes on")
+        bar.write(message) if progress else log.error("%s", message)
+
+    if spec.workers == 1:
+        for run in todo:
+            bar.set_postfix_str(run.name)
+            finished(run, _run_guarded(spec, run, run_dir_of(out, run)))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // spec.workers)
+        with ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_guarded, spec, run, run_dir_of(out, run)): run for run in todo}
+            for future in as_completed(futures):
+                bar.set_postfix_str(futures[future].name)
+                finished(futures[future], future.result())
     bar.close()
     outcome.outputs = report(out)
     return outcome
+
+
+def _worker_init(threads: int) -> None:
+    """A sweep worker process: its share of the cores (the runs of a sweep are independent)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_guarded(spec: SweepSpec, run: SweepRun, run_dir: Path) -> str | None:
+    """``run_one``, with any failure returned as its traceback text (it may cross a process boundary)."""
+    try:
+        run_one(spec, run, run_dir)
+        return None
+    except Exception:  # noqa: BLE001 - reported per run, the sweep goes on
+        return traceback.format_exc()
 
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -37,3 +37,13 @@ def test_published_prompt_composes_both_mechanisms():
     assert e_p == pytest.approx(epsilon_for(combined_noise_multiplier(4.0, 6.0), 0.05, 20, 1e-5))
     restored = PrivacyAccountant.from_state_dict(acc.state_dict())
     assert restored.epsilon_published() == pytest.approx(e_p)
+
+
+@pytest.mark.parametrize("q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0),
+                                        (0.00101, 0.0011)])
+def test_calibration_rate_is_rounded_up_so_the_true_rate_stays_within_budget(q, rounded):
+    from common.privacy.accountant import calibration_sample_rate
+
+    assert calibration_sample_rate(q) == pytest.approx(rounded) and calibration_sample_rate(q) >= q
+    z = calibrate_noise_multiplier(0.4, q, 20, 1e-5)
+    assert epsilon_for(z, q, 20, 1e-5) <= 0.4 + 1e-9

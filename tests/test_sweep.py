@@ -252,3 +252,17 @@ def test_table_cells_are_mean_and_std_over_seeds_with_the_best_in_bold(tmp_path)
     assert format_cell([0.5], expected=1) == "50.00" and format_cell([], expected=3) == "–"
     with open(tmp_path / "results.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 2 * (3 + 17)
+
+
+def test_parallel_workers_reproduce_the_sequential_non_dp_results(sweep, tmp_path):
+    """Without DP a run is deterministic (seeded sampling), so two worker processes must give exactly the
+    per-round accuracies of the sequential sweep."""
+    spec, out, _ = sweep
+    parallel = _spec(tmp_path, epsilons=["none"], seeds=[0], workers=2)
+    outcome = run_sweep(parallel, progress=False)
+    assert outcome.failed == {} and len(outcome.ran) == 2
+    for run in expand(parallel):
+        ours = RunDirectory(run_dir_of(tmp_path, run)).read_metrics()
+        theirs = RunDirectory(run_dir_of(out, run)).read_metrics()
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "round-seconds"} for r in rows]  # noqa: E731
+        assert strip(ours) == strip(theirs)

@@ -67,14 +67,31 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return _epsilon_of([(noise_multiplier, sample_rate, steps)], delta)
 
 
-@lru_cache(maxsize=256)
+def calibration_sample_rate(sample_rate: float) -> float:
+    """The sample rate a calibration is done for: q rounded *up* to two significant digits.
+
+    A larger q needs more noise, so the noise calibrated for the rounded rate also meets the target at the
+    true rate (the accountant then reports the true, slightly smaller epsilon). Nodes of similar size share
+    one calibration instead of each paying a PLD bisection (~10 s at epsilon = 0.4 on this CPU).
+    """
+    if sample_rate >= 1.0:
+        return 1.0
+    scale = 10.0 ** (math.floor(math.log10(sample_rate)) - 1)
+    return min(1.0, math.ceil(sample_rate / scale - 1e-9) * scale)
+
+
 def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Smallest noise multiplier whose ``steps``-fold subsampled Gaussian is (target_epsilon, delta)-DP."""
+    """Smallest noise multiplier whose ``steps``-fold subsampled Gaussian is (target_epsilon, delta)-DP at the
+    sample rate ``calibration_sample_rate(sample_rate)`` (>= the true rate, so the guarantee holds)."""
     if target_epsilon <= 0:
         raise ValueError("target epsilon must be > 0")
     if steps <= 0:
         raise ValueError("steps must be > 0 to calibrate")
-    q = min(sample_rate, 1.0)
+    return _calibrate(target_epsilon, calibration_sample_rate(min(sample_rate, 1.0)), steps, delta)
+
+
+@lru_cache(maxsize=256)
+def _calibrate(target_epsilon: float, q: float, steps: int, delta: float) -> float:
 
     def eps(z: float) -> float:
         return epsilon_for(z, q, steps, delta)
