@@ -80,3 +80,37 @@ def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
         run.append_metrics({"round": r})
     run.truncate_metrics(3)
     assert [m["round"] for m in run.read_metrics()] == [0, 1, 2, 3]
+
+
+def _metrics_only_reply(server_round=1, node=1, arrays=None):
+    records = {"metrics": MetricRecord({"server-round": server_round, "batch-size": 8.0})}
+    if arrays is not None:
+        records["arrays"] = ArrayRecord(arrays)
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    request.metadata.__dict__["_src_node_id"] = 0
+    msg = Message(content=RecordDict(records), reply_to=request)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_coop_shares_nothing_and_the_server_adds_no_noise(tmp_path):
+    strategy = _strategy(tmp_path, method="coop")
+    assert strategy.current_arrays() is None  # nodes are sent no global prompt
+    arrays, metrics = strategy.aggregate_train(1, [_metrics_only_reply(node=n) for n in (1, 2)])
+    assert arrays is None and metrics["num-replies"] == 2 and "global-noise-std" not in metrics
+    assert torch.equal(strategy.state.p_global, torch.zeros(4, 16)) and strategy.state.participation == {}
+    assert strategy.epsilon_global() == 0.0
+    # a reply that smuggles an array is rejected: coop shares nothing
+    with pytest.raises(Exception, match="shares nothing"):
+        strategy.validate_train_reply(_metrics_only_reply(arrays={"global-grad": torch.zeros(4, 16)}), 1)
+
+
+@pytest.mark.parametrize("method", ["promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl"])
+def test_global_noise_goes_on_the_global_prompt_of_every_sharing_method(tmp_path, method):
+    quiet, noisy = _strategy(tmp_path, method=method), _strategy(tmp_path, method=method)
+    quiet.state.noise_multiplier_global = 0.0
+    replies = lambda: [_reply(torch.full((4, 16), 0.1), node=n) for n in (1, 2)]  # noqa: E731
+    quiet.aggregate_train(1, replies())
+    noisy.aggregate_train(1, replies())
+    assert torch.allclose(quiet.state.p_global, torch.full((4, 16), -0.1))  # lr 1, mean gradient 0.1
+    assert not torch.allclose(noisy.state.p_global, quiet.state.p_global, atol=1e-3)
