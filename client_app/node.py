@@ -112,6 +112,12 @@ class PromptNode:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         state = self._state(run_token, z_global)
+        if state.last_round == server_round and state.extra.get("reply-round") == server_round:
+            # The server re-sent a round this node already answered (it restarted from the checkpoint before
+            # that round): send the same reply again. No new step, no new noise, nothing new released.
+            log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id,
+                        server_round)
+            return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
                         self.cfg.max_grad_norm_global)
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
@@ -124,7 +130,6 @@ class PromptNode:
         state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round
         if self.cfg.dp:
             state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)
-        state.save(self.state_dir)
         log.info("node %s round %d: loss %.4f on %d samples", self.node.partition_id, server_round,
                  result.loss, result.batch_size)
         metrics: dict[str, float] = {
@@ -140,7 +145,11 @@ class PromptNode:
             # Without DP there is no guarantee to protect; with DP the batch loss is a non-private function
             # of the training data and stays on the node.
             metrics["train-loss"] = result.loss
-        return TrainOutcome(None if result.global_grad is None else result.global_grad.cpu(), metrics)
+        global_grad = None if result.global_grad is None else result.global_grad.cpu()
+        state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
+        state.extra.update({"reply-round": server_round, "reply-metrics": metrics})
+        state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
+        return TrainOutcome(global_grad, metrics)
 
     def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
         """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not

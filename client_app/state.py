@@ -27,6 +27,7 @@ class NodeState:
     generator: torch.Generator
     accountant: PrivacyAccountant
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    last_reply: dict[str, torch.Tensor] = field(default_factory=dict)  # what was sent for last_round
     noise_multiplier_local: float = 0.0
     last_round: int = 0
     run_key: str = ""
@@ -36,6 +37,7 @@ class NodeState:
         tensors = {"rng_state": self.generator.get_state()}
         tensors.update({f"local.{k}": v.contiguous() for k, v in self.local.items()})
         tensors.update({f"momentum.{k}": v.contiguous() for k, v in self.momentum.items()})
+        tensors.update({f"reply.{k}": v.contiguous() for k, v in self.last_reply.items()})
         meta = {
             "accountant": self.accountant.state_dict(),
             "noise_multiplier_local": self.noise_multiplier_local,
@@ -62,6 +64,7 @@ class NodeState:
             generator=gen,
             accountant=PrivacyAccountant.from_state_dict(meta["accountant"]),
             momentum={k[len("momentum."):]: v for k, v in tensors.items() if k.startswith("momentum.")},
+            last_reply={k[len("reply."):]: v for k, v in tensors.items() if k.startswith("reply.")},
             noise_multiplier_local=float(meta["noise_multiplier_local"]),
             last_round=int(meta["last_round"]),
             run_key=meta["run_key"],

@@ -119,3 +119,21 @@ def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, c
     assert "patient" not in str(err.value) and "unicorn" not in str(err.value)
     assert "unicorn" in caplog.text  # the node's own log says what is wrong
     assert not (tmp_path / "state" / "local_state.safetensors").exists()
+
+
+def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_dir, p_global):
+    """After a server restart the last round may be sent again: the node answers with what it already sent,
+    so the local prompt is not stepped twice and the accountant counts one release."""
+    ctx = _context(tmp_path, 4)
+    first = client_module.train(_train_msg(p_global, 1), ctx)
+    state_dir = tmp_path / "run" / "nodes" / "node-4"
+    after_first = NodeState.load(state_dir)
+    again = client_module.train(_train_msg(p_global, 1), _context(tmp_path, 4))  # a fresh process
+    after_again = NodeState.load(state_dir)
+    sent = lambda m: m.content["arrays"]["global-grad"].numpy()  # noqa: E731
+    np.testing.assert_array_equal(sent(first), sent(again))
+    assert dict(first.content["metrics"]) == dict(again.content["metrics"])
+    assert len(after_again.accountant.history) == 1
+    assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
+    client_module.train(_train_msg(p_global, 2), ctx)  # the next round trains as usual
+    assert len(NodeState.load(state_dir).accountant.history) == 2
