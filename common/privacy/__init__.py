@@ -3,6 +3,7 @@
 
 from .accountant import (
     PrivacyAccountant,
+    accounting_sample_rate,
     calibrate_noise_multiplier,
     combined_noise_multiplier,
     epsilon_for,
@@ -18,6 +19,7 @@ from .mechanisms import (
 __all__ = [
     "PrivacyAccountant",
     "add_gaussian_noise",
+    "accounting_sample_rate",
     "calibrate_noise_multiplier",
     "clip_per_sample",
     "clip_per_sample_jointly",
