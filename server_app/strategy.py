@@ -89,9 +89,11 @@ class PromptStrategy(Strategy):
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
+        if len(content.config_records) or set(content.metric_records.keys()) != {"metrics"}:
+            raise InvalidReply("a reply carries one metric record 'metrics' (and the method's arrays), nothing else")
         if not self.method.shares_global:
-            if len(content.array_records) or len(content.config_records):
-                raise InvalidReply(f"method '{self.method.name}' shares nothing, but the reply carries arrays/configs")
+            if len(content.array_records):
+                raise InvalidReply(f"method '{self.method.name}' shares nothing, but the reply carries arrays")
             return None, metrics
         if set(content.array_records.keys()) != {"arrays"} or set(content["arrays"].keys()) != {"global-grad"}:
             raise InvalidReply("reply must carry exactly one array record with the key 'global-grad'")
