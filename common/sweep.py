@@ -255,11 +255,12 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
     runs = expand(spec)
     configs = {run.name: _full_config(run.overrides(spec, run_dir_of(out, run))) for run in runs}
     rounds = {}
-    for name, config in configs.items():  # every run's config is checked before the first one starts
+    for run in runs:  # every run's config is checked before the first one starts
         try:
-            rounds[name] = RunConfig.from_flower(config).num_server_rounds
+            planned = RunConfig.from_flower(configs[run.name]).num_server_rounds
         except ValueError as err:
-            raise ValueError(f"run {name}: invalid run config: {err}") from err
+            raise ValueError(f"run {run.name}: invalid run config: {err}") from err
+        rounds[run.name] = 0 if run.method == "zeroshot" else planned  # zero-shot trains no round
     todo = [run for run in runs if not is_done(run_dir_of(out, run), rounds[run.name])]
     if todo:
         _prepare([configs[run.name] for run in todo], spec.node_config)

@@ -77,7 +77,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
-        run_dir.truncate_metrics(state.server_round)
+        # a checkpoint at round 0 means the setup phase runs again: drop its earlier line
+        run_dir.truncate_metrics(state.server_round if state.server_round > 0 else -1)
     strategy = PromptStrategy(cfg, state)
 
     if state.server_round == 0:

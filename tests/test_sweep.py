@@ -266,3 +266,14 @@ def test_parallel_workers_reproduce_the_sequential_non_dp_results(sweep, tmp_pat
         theirs = RunDirectory(run_dir_of(out, run)).read_metrics()
         strip = lambda rows: [{k: v for k, v in r.items() if k != "round-seconds"} for r in rows]  # noqa: E731
         assert strip(ours) == strip(theirs)
+
+
+def test_zeroshot_runs_once_and_is_not_repeated_by_a_second_sweep(cache_dir, tmp_path):
+    spec = _spec(tmp_path, methods=["zeroshot"], seeds=[0])
+    first = run_sweep(spec, progress=False)
+    again = run_sweep(spec, progress=False)
+    assert first.ran == ["zeroshot_eps-none_rank-na_seed-0"] and again.ran == [] and again.skipped == first.ran
+    rows = RunDirectory(run_dir_of(tmp_path, expand(spec)[0])).read_metrics()
+    assert [r["round"] for r in rows] == [0]
+    table = (tmp_path / "table.md").read_text()
+    assert "| none (no DP) |" in table
