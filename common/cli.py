@@ -32,12 +32,17 @@ def _default_run_config() -> dict:
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs, values as TOML (``rank=4``, ``dp=false``); a bare word is a string
+    (``method=fedpgp`` is ``method="fedpgp"``), as ``flwr run --run-config`` users would expect."""
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
         if not _:
             raise SystemExit(f"override '{pair}' is not key=value")
-        out[key.strip()] = tomllib.loads(f"v = {value}")["v"] if value.strip() else ""
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"] if value.strip() else ""
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
     return out
 
 

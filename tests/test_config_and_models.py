@@ -33,3 +33,12 @@ def test_unknown_model_and_tag_are_rejected():
         load_clip("ViT-Q-99", "none")
     with pytest.raises(ValueError, match="not a pretrained tag"):
         load_clip("ViT-B-16", "no-such-tag")
+
+
+def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
+    from common.cli import _parse_overrides
+
+    got = _parse_overrides(["method=fedpgp", "rank=4", "dp=false", 'ctx-init="a photo of a"', "lr-local=1e-3"])
+    assert got == {"method": "fedpgp", "rank": 4, "dp": False, "ctx-init": "a photo of a", "lr-local": 0.001}
+    with pytest.raises(SystemExit, match="key=value"):
+        _parse_overrides(["rank"])

@@ -64,3 +64,19 @@ def test_resume_continues_from_the_checkpoint_without_repeating_rounds(finished_
     assert [m["round"] for m in metrics] == [0, 1, 2, 3, 4]
     for node in range(3):
         assert NodeState.load(finished_run / "nodes" / f"node-{node}").last_round == 4
+
+
+def test_a_method_that_shares_nothing_runs_through_real_flower_messages(tmp_path, cache_dir):
+    """CoOp's messages carry no array at all (only config and metrics): Flower must carry them as they are."""
+    config = {
+        "method": "coop", "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 2,
+        "eval-every": 1, "dp": True, "target-epsilon": 1.0, "lr-local": 0.05, "batch-size": 32,
+        "run-dir": str(tmp_path / "run"), "resume": False,
+    }
+    run_simulation(config, 3, tmp_path, stream=False, timeout=900)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert all(m["updated"] and m["num-replies"] == 3 for m in metrics[1:])
+    assert all(0 < m["epsilon-local-max"] <= 1.0 and m["epsilon-global-max"] == 0.0 for m in metrics[1:])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "coop" and summary["rounds"] == 2
