@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from common.atomic import previous_path
 from common.config import NodeConfig, RunConfig
 from common.evaluation import accuracy, cross_entropy
 from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
@@ -19,7 +20,7 @@ from common.node import NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
 
-from .state import NodeState
+from .state import STATE_FILE, NodeState
 
 log = logging.getLogger("dpfpl.client")
 
@@ -96,7 +97,8 @@ class PromptNode:
             return state
         if state is not None:
             backup = self.state_dir / f"local_state.{state.run_key or 'old'}.safetensors"
-            (self.state_dir / "local_state.safetensors").replace(backup)
+            (self.state_dir / STATE_FILE).replace(backup)
+            previous_path(self.state_dir / STATE_FILE).unlink(missing_ok=True)  # the old run's, too
             log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
         # The local init may follow the seed. Under DP the noise and the Poisson sample must not be predictable
         # (amplification by subsampling needs a secret sample): OS entropy. Without DP there is nothing to

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import read_tensors, write_tensors
+from common.atomic import read_state, write_state
 from common.privacy import PrivacyAccountant
 
 STATE_FILE = "local_state.safetensors"
@@ -45,24 +45,25 @@ class NodeState:
             "run_key": self.run_key,
             "extra": self.extra,
         }
-        write_tensors(Path(directory) / STATE_FILE, tensors, metadata={"state": json.dumps(meta)})
+        write_state(Path(directory) / STATE_FILE, tensors, {"state": json.dumps(meta)})
 
     @classmethod
     def load(cls, directory: Path) -> "NodeState | None":
-        path = Path(directory) / STATE_FILE
-        if not path.is_file():
+        loaded = read_state(Path(directory) / STATE_FILE)  # falls back to the previous file if damaged
+        if loaded is None:
             return None
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["state"])
-        tensors = read_tensors(path)
+        tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
+        accountant = PrivacyAccountant.from_state_dict(meta["accountant"])
+        if loaded.from_previous and accountant.history:
+            # The damaged state may belong to a step whose reply already left the node: charge that step
+            # again (same mechanism) so a lost file can never make the node under-count its releases.
+            accountant.history.append(accountant.history[-1])
         gen = torch.Generator()
         gen.set_state(tensors["rng_state"])
         return cls(
             local={k[len("local."):]: v for k, v in tensors.items() if k.startswith("local.")},
             generator=gen,
-            accountant=PrivacyAccountant.from_state_dict(meta["accountant"]),
+            accountant=accountant,
             momentum={k[len("momentum."):]: v for k, v in tensors.items() if k.startswith("momentum.")},
             last_reply={k[len("reply."):]: v for k, v in tensors.items() if k.startswith("reply.")},
             noise_multiplier_local=float(meta["noise_multiplier_local"]),

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
-from common.atomic import read_tensors, write_bytes, write_json, write_tensors
+from common.atomic import read_state, write_bytes, write_json, write_state
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -47,15 +45,13 @@ class RunDirectory:
         meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
                                                 "config_fingerprint", "node_sample_rates", "participation",
                                                 "zeroshot")}
-        write_tensors(self.path / CHECKPOINT, tensors, metadata={"state": json.dumps(meta)})
+        write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:
-        path = self.path / CHECKPOINT
-        if not path.is_file():
+        loaded = read_state(self.path / CHECKPOINT)  # falls back to the previous checkpoint if damaged
+        if loaded is None:
             return None
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["state"])
-        tensors = read_tensors(path)
+        tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
         return ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), **meta)
 
     def append_metrics(self, record: dict) -> None:
