@@ -43,6 +43,10 @@ class WeightsUnavailableError(RuntimeError):
     """The requested weights are not on this machine and could not be fetched."""
 
 
+class WeightsMismatchError(ValueError):
+    """A weights file that exists but belongs to another architecture."""
+
+
 def register_model_configs() -> None:
     open_clip.add_model_config(Path(str(resources.files("common") / "model_configs")))
 
@@ -107,8 +111,17 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> Loa
                 model_name, pretrained=weights, cache_dir=cache
             )
     except (OSError, RuntimeError) as err:
-        if weights is None or Path(str(weights)).is_file():
+        if weights is None:
             raise
+        if Path(str(weights)).is_file():
+            if "state_dict" not in str(err) and "size mismatch" not in str(err):
+                raise
+            first_lines = "\n".join(str(err).splitlines()[:4])
+            raise WeightsMismatchError(
+                f"the weights file '{weights}' does not fit OpenCLIP model '{model_name}' (a checkpoint of another "
+                f"architecture?):\n{first_lines}\nSet model-name to the architecture the file was trained for, or "
+                "pass the checkpoint of this model."
+            ) from None
         raise WeightsUnavailableError(
             f"could not load OpenCLIP weights '{pretrained}' for {model_name}: {err}\n"
             "This machine may be offline. Download them where the network allows (e.g. "

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from pydantic import ValidationError
 
 from common.config import RunConfig
@@ -42,3 +43,18 @@ def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
     assert got == {"method": "fedpgp", "rank": 4, "dp": False, "ctx-init": "a photo of a", "lr-local": 0.001}
     with pytest.raises(SystemExit, match="key=value"):
         _parse_overrides(["rank"])
+
+
+def test_a_weights_file_of_another_architecture_is_named_and_explained(tmp_path, tiny_model):
+    from safetensors.torch import save_file
+
+    from common.models import WeightsMismatchError, load_clip
+
+    state = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
+    state["text_projection"] = torch.zeros(state["text_projection"].shape[0], 32)  # another embedding width
+    del state["ln_final.weight"]
+    path = tmp_path / "other-model.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(WeightsMismatchError) as err:
+        load_clip("dpfpl-demo-tiny", str(path))
+    assert str(path) in str(err.value) and "model-name" in str(err.value) and "text_projection" in str(err.value)
