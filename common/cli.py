@@ -138,7 +138,8 @@ def _split(text: str) -> list[str]:
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     """``dpfpl sweep``: run the grid (or only rebuild its report); exit status 1 when a run failed."""
-    from .sweep import NO_DP, SweepSpec, report, run_sweep
+    from .sweep import NO_DP, SweepSpec, run_sweep
+    from .sweep_report import report
 
     out = Path(args.out)
     if args.report_only:

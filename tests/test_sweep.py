@@ -17,7 +17,8 @@ from flwr.common import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from common.inprocess import InProcessGrid, node_id_for
-from common.sweep import SweepSpec, expand, format_cell, report, run_dir_of, run_sweep
+from common.sweep import SweepSpec, expand, run_dir_of, run_sweep
+from common.sweep_report import format_cell, report
 from server_app.checkpoint import RunDirectory
 
 # ------------------------------------------------------------------------------------------------ (a) the grid
