@@ -39,6 +39,10 @@ def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: tor
     return NodeData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()})
 
 
+class PrivacyBudgetSpent(RuntimeError):
+    """A node refuses a step its privacy budget does not cover."""
+
+
 @dataclass
 class TrainOutcome:
     global_grad: torch.Tensor | None  # None: the method shares nothing
@@ -120,6 +124,13 @@ class PromptNode:
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id,
                         server_round)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
+        if self.cfg.uses_calibration and len(state.accountant.history) >= self.cfg.num_server_rounds:
+            # Whatever the server asks: the noise was calibrated for this many steps, one more would exceed
+            # the target epsilon this node agreed to.
+            raise PrivacyBudgetSpent(
+                f"privacy budget spent: this node took {len(state.accountant.history)} noisy steps, the number "
+                f"its noise was calibrated for (target epsilon {self.cfg.target_epsilon}); it trains no further "
+                "in this run")
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
                         self.cfg.max_grad_norm_global)
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731

@@ -31,6 +31,7 @@ class ServerState:
     node_sample_rates: dict[str, float] = field(default_factory=dict)  # node_id -> q_i
     participation: dict[str, int] = field(default_factory=dict)  # node_id -> noisy rounds
     zeroshot: dict[str, float] = field(default_factory=dict)
+    calibrated_rounds: int = 0  # the number of rounds the noise was calibrated for (0: not calibrated)
 
 
 class RunDirectory:
@@ -44,7 +45,7 @@ class RunDirectory:
             tensors["momentum"] = state.momentum
         meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
                                                 "config_fingerprint", "node_sample_rates", "participation",
-                                                "zeroshot")}
+                                                "zeroshot", "calibrated_rounds")}
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:

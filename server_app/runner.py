@@ -70,6 +70,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         raise RuntimeError(
             f"{run_dir.path} holds a checkpoint of a different configuration; choose another run-dir or "
             "set resume = false to start over (the old run would then be overwritten)")
+    if state is not None and cfg.uses_calibration and state.calibrated_rounds and \
+            cfg.num_server_rounds > state.calibrated_rounds:
+        raise RuntimeError(
+            f"{run_dir.path}: the noise of this run was calibrated for {state.calibrated_rounds} rounds at target "
+            f"epsilon {cfg.target_epsilon}; {cfg.num_server_rounds} rounds would spend more than that budget. "
+            "Start a new run (another run-dir, or resume = false) to train longer.")
     if state is None:
         state = ServerState(p_global=initial_global_prompt(cfg), momentum=None, server_round=0,
                             run_token=secrets.token_hex(8), noise_multiplier_global=0.0,
@@ -88,6 +94,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         state.zeroshot = zs
         q_max = max(state.node_sample_rates.values())
         state.noise_multiplier_global = global_noise_multiplier(cfg, q_max, strategy.method)
+        state.calibrated_rounds = cfg.num_server_rounds if cfg.uses_calibration else 0
         log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
                  zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
         run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global})

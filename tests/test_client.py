@@ -137,3 +137,14 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
     assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
     client_module.train(_train_msg(p_global, 2), ctx)  # the next round trains as usual
     assert len(NodeState.load(state_dir).accountant.history) == 2
+
+
+def test_a_node_refuses_steps_beyond_its_calibrated_budget(tmp_path, cache_dir, p_global):
+    from client_app.node import PrivacyBudgetSpent
+
+    ctx = _context(tmp_path, 6, num_server_rounds=2)
+    for r in (1, 2):
+        client_module.train(_train_msg(p_global, r), ctx)
+    with pytest.raises(PrivacyBudgetSpent, match="privacy budget spent"):
+        client_module.train(_train_msg(p_global, 3), ctx)
+    assert len(NodeState.load(tmp_path / "run" / "nodes" / "node-6").accountant.history) == 2

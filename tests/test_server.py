@@ -114,3 +114,15 @@ def test_global_noise_goes_on_the_global_prompt_of_every_sharing_method(tmp_path
     noisy.aggregate_train(1, replies())
     assert torch.allclose(quiet.state.p_global, torch.full((4, 16), -0.1))  # lr 1, mean gradient 0.1
     assert not torch.allclose(noisy.state.p_global, quiet.state.p_global, atol=1e-3)
+
+
+def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(tmp_path):
+    from server_app.runner import config_fingerprint, run_federation
+
+    cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=5, target_epsilon=0.4)
+    RunDirectory(tmp_path).save(ServerState(
+        p_global=torch.zeros(4, 16), momentum=None, server_round=3, run_token="t", noise_multiplier_global=2.0,
+        config_fingerprint=config_fingerprint(cfg), calibrated_rounds=3))
+    with pytest.raises(RuntimeError, match="calibrated for 3 rounds"):
+        run_federation(grid=None, cfg=cfg)  # refused before any node is contacted
+    assert RunDirectory(tmp_path).load().server_round == 3  # nothing was touched
