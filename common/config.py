@@ -44,6 +44,7 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(10, ge=1)
     eval_last: int = Field(10, ge=0)
+    round_timeout: float = Field(3600.0, ge=0)  # seconds to wait for replies; 0: wait for every node
 
     lr_global: float = Field(1e-4, gt=0)
     lr_local: float = Field(1e-4, gt=0)

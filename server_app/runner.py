@@ -50,9 +50,13 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
     replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid))
+        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=_timeout(strategy.cfg))
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
+
+
+def _timeout(cfg: RunConfig) -> float | None:
+    return cfg.round_timeout if cfg.round_timeout > 0 else None
 
 
 def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
@@ -105,7 +109,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     last_round = cfg.num_server_rounds if strategy.method.trains else 0
     for server_round in range(state.server_round + 1, last_round + 1):
         started = time.time()
-        replies = grid.send_and_receive(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
+            timeout=_timeout(cfg))  # a node that hangs is dropped from the round, not waited for
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})

@@ -126,3 +126,25 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
     with pytest.raises(RuntimeError, match="calibrated for 3 rounds"):
         run_federation(grid=None, cfg=cfg)  # refused before any node is contacted
     assert RunDirectory(tmp_path).load().server_round == 3  # nothing was touched
+
+
+def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
+    """A hung node must not stall the federation: each send_and_receive carries the configured timeout."""
+    from client_app.app import app as client_app
+    from common.inprocess import InProcessGrid, full_run_config
+    from server_app.runner import run_federation
+
+    class RecordingGrid(InProcessGrid):
+        timeouts: list = []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.timeouts.append(timeout)
+            return super().send_and_receive(messages, timeout=timeout)
+
+    config = full_run_config({"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2,
+                              "dp": False, "pretrained": "none", "n-ctx": 4, "batch-size": 8, "round-timeout": 42.0,
+                              "run-dir": str(tmp_path / "run"), "resume": False})
+    grid = RecordingGrid(client_app, config, 2, {})
+    with grid.identity():
+        run_federation(grid, RunConfig.from_flower(config))
+    assert grid.timeouts and set(grid.timeouts) == {42.0}
