@@ -3,6 +3,7 @@ and the ClientApp handlers stay thin."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import secrets
@@ -37,6 +38,13 @@ def _encoder(model_name: str, pretrained: str, cache: str | None, n_ctx: int, cl
 def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: torch.device) -> NodeData:
     data = load_node_data(cfg, node, model, node.cache_dir)
     return NodeData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()})
+
+
+def _digest(p_global: torch.Tensor | None) -> str:
+    """Identifies the global prompt a reply answered (a re-sent round gets the old reply only for the same p_G)."""
+    if p_global is None:
+        return "none"
+    return hashlib.sha256(p_global.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 class PrivacyBudgetSpent(RuntimeError):
@@ -118,7 +126,9 @@ class PromptNode:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         state = self._state(run_token, z_global)
-        if state.last_round == server_round and state.extra.get("reply-round") == server_round:
+        asked = _digest(p_global)
+        if (state.last_round == server_round and state.extra.get("reply-round") == server_round
+                and state.extra.get("reply-to") == asked):
             # The server re-sent a round this node already answered (it restarted from the checkpoint before
             # that round): send the same reply again. No new step, no new noise, nothing new released.
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id,
@@ -160,7 +170,7 @@ class PromptNode:
             metrics["train-loss"] = result.loss
         global_grad = None if result.global_grad is None else result.global_grad.cpu()
         state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
-        state.extra.update({"reply-round": server_round, "reply-metrics": metrics})
+        state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
         state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
         return TrainOutcome(global_grad, metrics)
 

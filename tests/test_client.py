@@ -135,8 +135,10 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
     assert dict(first.content["metrics"]) == dict(again.content["metrics"])
     assert len(after_again.accountant.history) == 1
     assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
-    client_module.train(_train_msg(p_global, 2), ctx)  # the next round trains as usual
+    client_module.train(_train_msg(p_global + 1.0, 1), ctx)  # same round, another p_G: a real step
     assert len(NodeState.load(state_dir).accountant.history) == 2
+    client_module.train(_train_msg(p_global, 2), ctx)  # the next round trains as usual
+    assert len(NodeState.load(state_dir).accountant.history) == 3
 
 
 def test_a_node_refuses_steps_beyond_its_calibrated_budget(tmp_path, cache_dir, p_global):
