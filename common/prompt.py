@@ -134,6 +134,14 @@ class PromptTextEncoder(nn.Module):
         return _init_context(self.tower.token_embedding, self._tokenizer, self.n_ctx, init_text, generator)
 
 
+CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)
+
+
+def random_context(rows: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (rows, width) tensor drawn from N(0, 0.02^2): the random init of every learnable prompt tensor."""
+    return torch.randn(rows, width, generator=generator) * CONTEXT_INIT_STD
+
+
 @torch.no_grad()
 def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str,
                   generator: torch.Generator | None) -> torch.Tensor:
@@ -142,7 +150,7 @@ def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_tex
     An init text shorter than n_ctx fills the first positions; the rest stay random.
     """
     width = token_embedding.weight.shape[1]
-    ctx = torch.randn(n_ctx, width, generator=generator) * 0.02
+    ctx = random_context(n_ctx, width, generator)
     if init_text:
         ids = tokenizer([init_text])[0]
         ids = ids[1 : int(ids.argmax())]  # drop SOS ... EOT

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.models import register_model_configs
+from common.prompt import random_context
 
 from .checkpoint import RunDirectory, ServerState
 from .strategy import PromptStrategy, global_noise_multiplier
@@ -45,7 +46,7 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
     if model_cfg is None:
         raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
     width = model_cfg["text_cfg"]["width"]
-    return torch.randn(cfg.n_ctx, width, generator=gen) * 0.02
+    return random_context(cfg.n_ctx, width, gen)
 
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:

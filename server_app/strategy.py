@@ -25,7 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from common.config import RunConfig
 from common.methods import Method, build_method
 from common.optim import sgd_update
-from common.privacy import accounting_sample_rate, add_gaussian_noise, calibrate_noise_multiplier, epsilon_for
+from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_noise_multiplier
 
 from .checkpoint import ServerState
 
@@ -190,9 +190,8 @@ class PromptStrategy(Strategy):
             return math.inf
         if not self.method.shares_global:
             return 0.0  # nothing global is released
-        eps = [epsilon_for(self.state.noise_multiplier_global,
-                           accounting_sample_rate(self.state.node_sample_rates.get(node, 1.0)), rounds, self.cfg.delta)
-                for node, rounds in self.state.participation.items()]
+        eps = [accounted_epsilon(self.state.noise_multiplier_global, self.state.node_sample_rates.get(node, 1.0),
+                                 rounds, self.cfg.delta) for node, rounds in self.state.participation.items()]
         return max(eps, default=0.0)
 
     def summary(self) -> None:

@@ -45,11 +45,6 @@ class Method:
     def trains(self) -> bool:
         return self.shares_global or self.local is not None
 
-    @property
-    def shared_arrays(self) -> tuple[str, ...]:
-        """The keys of the only arrays a node's train reply may carry."""
-        return ("global-grad",) if self.shares_global else ()
-
 
 @dataclass
 class StepResult:

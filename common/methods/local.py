@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..optim import sgd_update
+from ..prompt import random_context
 from .dpfpl import factorize, rgp_reconstruct
 
 Tensors = dict[str, torch.Tensor]
@@ -37,6 +38,12 @@ def sgd_step(params: Tensors, grads: Tensors, momentum: Tensors, opt: SgdSetting
         if buf is not None:
             new_momentum[name] = buf
     return {k: v.detach() for k, v in new_params.items()}, {k: v.detach() for k, v in new_momentum.items()}
+
+
+def _check_rank(rank: int, n_ctx: int, width: int) -> None:
+    """Fail when the run is configured, not at the first step, for a rank the context cannot have."""
+    if rank > min(n_ctx, width):
+        raise ValueError(f"rank {rank} exceeds min(n-ctx, width) = {min(n_ctx, width)}")
 
 
 class LocalPrompt(ABC):
@@ -77,7 +84,7 @@ class FullRankLocal(LocalPrompt):
     """
 
     def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
-        return {"p_local": torch.randn(n_ctx, width, generator=generator) * 0.02}
+        return {"p_local": random_context(n_ctx, width, generator)}
 
     def context(self, state: Tensors, aux: Any) -> torch.Tensor:
         return state["p_local"]
@@ -97,10 +104,8 @@ class LowRankFactors(LocalPrompt):
         self.rank = rank
 
     def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
-        if self.rank > min(n_ctx, width):
-            raise ValueError(f"rank {self.rank} exceeds min(n-ctx, width) = {min(n_ctx, width)}")
-        return {"u": torch.randn(n_ctx, self.rank, generator=generator) * 0.02,
-                "v": torch.randn(self.rank, width, generator=generator) * 0.02}
+        _check_rank(self.rank, n_ctx, width)
+        return {"u": random_context(n_ctx, self.rank, generator), "v": random_context(self.rank, width, generator)}
 
     def context(self, state: Tensors, aux: Any) -> torch.Tensor:
         return state["u"] @ state["v"]
@@ -122,9 +127,8 @@ class RefactorizedLocal(LocalPrompt):
         self.residual = residual
 
     def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
-        if self.rank > min(n_ctx, width):
-            raise ValueError(f"rank {self.rank} exceeds min(n-ctx, width) = {min(n_ctx, width)}")
-        return {"p_local": torch.randn(n_ctx, width, generator=generator) * 0.02}
+        _check_rank(self.rank, n_ctx, width)
+        return {"p_local": random_context(n_ctx, width, generator)}
 
     def prepare(self, state: Tensors, generator: torch.Generator):
         return factorize(state["p_local"], self.rank, generator)

@@ -3,6 +3,7 @@
 
 from .accountant import (
     PrivacyAccountant,
+    accounted_epsilon,
     accounting_sample_rate,
     calibrate_noise_multiplier,
     combined_noise_multiplier,
@@ -19,6 +20,7 @@ from .mechanisms import (
 __all__ = [
     "PrivacyAccountant",
     "add_gaussian_noise",
+    "accounted_epsilon",
     "accounting_sample_rate",
     "calibrate_noise_multiplier",
     "clip_per_sample",

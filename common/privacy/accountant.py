@@ -81,6 +81,11 @@ def accounting_sample_rate(sample_rate: float) -> float:
     return min(1.0, math.ceil(sample_rate / scale - 1e-9) * scale)
 
 
+def accounted_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """epsilon as this project reports it: for the sample rate rounded up (``accounting_sample_rate``)."""
+    return epsilon_for(noise_multiplier, accounting_sample_rate(sample_rate), steps, delta)
+
+
 def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float) -> float:
     """Smallest noise multiplier whose ``steps``-fold subsampled Gaussian is (target_epsilon, delta)-DP at the
     sample rate ``accounting_sample_rate(sample_rate)`` (>= the true rate, so the guarantee holds)."""
