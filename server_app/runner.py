@@ -132,7 +132,33 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     return summary
 
 
-ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm")
+ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "hm-of-means")
+
+PROTOCOL_DESCRIPTIONS = {
+    "pathological": "pathological (DP-FPL): disjoint classes per client; local = own classes' test images, "
+                    "neighbor = the other clients' classes; classifier over all classes",
+    "dirichlet": "dirichlet (CIFAR): label skew Dir(alpha) on train and test; local = the client's own test "
+                 "shard; classifier over all classes",
+    "base-novel": "base-novel (FedPGP): local = own base classes, base = all base classes (base classifier), "
+                  "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
+                  "hm-of-means = HM of the three means",
+    "silo": "silo: each organization's own test images (local only)",
+}
+
+
+def evaluation_protocol(cfg: RunConfig) -> dict:
+    protocol = "silo" if cfg.dataset == "silo" else cfg.partition
+    out = {"name": protocol, "description": PROTOCOL_DESCRIPTIONS[protocol], "dataset": cfg.dataset,
+           "mean-over": "clients, unweighted", "last-rounds": cfg.eval_last}
+    if protocol == "dirichlet":
+        out["dirichlet-alpha"] = cfg.dirichlet_alpha
+    if protocol in ("pathological", "base-novel"):
+        out["classes-per-client"] = cfg.classes_per_client or "round(C/N)"
+    if cfg.num_shots:
+        out["num-shots"] = cfg.num_shots
+    if cfg.augment_views:
+        out["augment-views"] = cfg.augment_views
+    return out
 
 
 def last_rounds_mean(evals: list[dict], count: int) -> dict:
@@ -161,6 +187,7 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "model": f"{cfg.model_name} ({cfg.pretrained})",
         "rounds": state.server_round,
         "num-clients": cfg.num_clients,
+        "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
         "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),

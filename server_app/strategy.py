@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
+from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
 from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_noise_multiplier
@@ -30,6 +31,10 @@ from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_nois
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
+
+
+# per-client evaluation metrics averaged over clients (unweighted, as the papers report)
+EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
 
 
 class InvalidReply(ValueError):
@@ -177,10 +182,13 @@ class PromptStrategy(Strategy):
                 self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
         # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
         out = {"num-clients": float(len(rows))}
-        for k in ("local-acc", "neighbor-acc", "local-loss"):
+        for k in EVALUATION_KEYS:
             values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
             if values:
                 out[k] = float(np.mean(values))
+        if all(k in out for k in ("local-acc", "base-acc", "novel-acc")):
+            # FedPGP's HM: of the three means (``hm`` above is the mean of the clients' own HMs)
+            out["hm-of-means"] = harmonic_mean([out["local-acc"], out["base-acc"], out["novel-acc"]])
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting
