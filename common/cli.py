@@ -52,9 +52,13 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def prepare(cfg: RunConfig, print_partition: bool = True) -> None:
     """Load the backbone, check the data set and encode its images once (shared by every simulated node
     through the feature cache), and print the partition the nodes will compute."""
+    import torch
+
     from .models import load_clip
 
     model = load_clip(cfg.model_name, cfg.pretrained)
+    if torch.cuda.is_available():  # encoding a real data set is image-tower work: use the GPU when there is one
+        model.model.to("cuda")
     if cfg.dataset == "silo":
         return  # each node reads and checks its own silo
     from .features import augmented_train_features, dataset_features
@@ -172,11 +176,17 @@ def _checked_config(overrides: dict) -> RunConfig:
         raise SystemExit(f"dpfpl: {err}") from None
 
 
-def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool) -> Path:
+def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool,
+             gpus_per_client: float | None = None) -> Path:
+    import torch
+
     config = {**_default_run_config(), **overrides, "run-dir": str(run_dir.resolve())}
     cfg = _checked_config({**overrides, "run-dir": str(run_dir.resolve())})  # fail fast on a bad key or value
     prepare(cfg)
-    run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream)
+    if gpus_per_client is None:  # share the visible GPUs among at most 4 concurrent clients; none: CPU
+        gpus_per_client = min(1.0, torch.cuda.device_count() / min(4, cfg.num_clients)) if torch.cuda.is_available() else 0.0
+    run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream,
+                   num_gpus_per_client=gpus_per_client)
     return run_dir
 
 
@@ -245,6 +255,9 @@ def _main(argv: list[str] | None = None) -> None:
         p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
         p.add_argument("--run-dir", default="runs/demo" if name == "demo" else "runs/latest")
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
+        p.add_argument("--gpus-per-client", type=float, default=None,
+                       help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is "
+                            "visible, else 0)")
     p = sub.add_parser("submit", help="submit to a SuperLink connection in $FLWR_HOME/config.toml and follow it")
     p.add_argument("connection")
     p.add_argument("--preset", help=preset_help)
@@ -301,7 +314,8 @@ def _main(argv: list[str] | None = None) -> None:
         if args.command == "demo":
             overrides = {**DEMO_PRESET, **overrides}
             print("demo preset:", ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()))
-        run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet)
+        run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet,
+                           gpus_per_client=args.gpus_per_client)
         print()
         print(report(run_dir))
         print(f"curves: {plot(run_dir)}")
