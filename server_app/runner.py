@@ -102,7 +102,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         state.calibrated_rounds = cfg.num_server_rounds if cfg.uses_calibration else 0
         log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
                  zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
-        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global})
+        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global,
+                                "per-client": strategy.client_evaluations})
         run_dir.save(state)
     strategy.summary()
 
@@ -121,6 +122,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         state.server_round = server_round
         if should_evaluate(cfg, server_round):
             record.update(_evaluate(strategy, grid, server_round, "personalized"))
+            record["per-client"] = strategy.client_evaluations
         record["round-seconds"] = round(time.time() - started, 3)
         run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
         run_dir.append_metrics(record)
@@ -191,6 +193,7 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "zeroshot": state.zeroshot,
         "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
+        "final-per-client": last.get("per-client", {}),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,

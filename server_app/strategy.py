@@ -62,6 +62,7 @@ class PromptStrategy(Strategy):
         self.cfg = cfg
         self.state = state
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
+        self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
 
@@ -175,6 +176,9 @@ class PromptStrategy(Strategy):
                             msg.metadata.src_node_id)
                 continue
             rows.append((msg.metadata.src_node_id, dict(msg.content["metrics"])))
+        # each client's own numbers (metrics.jsonl keeps them next to the means)
+        self.client_evaluations = {str(node_id): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
+                                   for node_id, m in rows}
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant

@@ -129,5 +129,9 @@ def test_a_run_on_an_on_disk_data_set_with_the_base_to_novel_protocol(tmp_path, 
     for key in ("local-acc", "base-acc", "novel-acc", "hm", "hm-of-means"):
         assert key in summary["final"] and 0.0 <= summary["final"][key] <= 1.0
     assert summary["last-rounds-mean"]["evaluations"] == 2
+    per_client = summary["final-per-client"]
+    assert len(per_client) == 2
+    for key in ("local-acc", "base-acc", "novel-acc", "hm"):
+        assert np.mean([c[key] for c in per_client.values()]) == pytest.approx(summary["final"][key])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "novel-acc" in rows[0] and rows[0]["phase"] == "zeroshot"
