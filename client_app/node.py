@@ -201,4 +201,6 @@ class PromptNode:
         if d.protocol == "base-novel":
             metrics["hm"] = harmonic_mean([metrics["local-acc"], metrics["base-acc"], metrics["novel-acc"]])
         metrics["num-examples"] = float(d.num_train)
+        if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table
+            metrics["partition-id"] = float(self.node.partition_id)
         return metrics

@@ -37,6 +37,15 @@ log = logging.getLogger("dpfpl.server")
 EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
 
 
+def client_label(node_id: int | str, metrics: dict) -> str:
+    """How a client is named in the per-client table: its partition id where it has one (stable across runs and
+    resumes, and the name the partition summary uses), else its node id (a silo without a partition)."""
+    pid = metrics.get("partition-id")
+    if isinstance(pid, (int, float)) and math.isfinite(pid) and pid >= 0 and float(pid).is_integer():
+        return f"partition-{int(pid)}"
+    return f"node-{node_id}"
+
+
 class InvalidReply(ValueError):
     pass
 
@@ -177,7 +186,7 @@ class PromptStrategy(Strategy):
                 continue
             rows.append((msg.metadata.src_node_id, dict(msg.content["metrics"])))
         # each client's own numbers (metrics.jsonl keeps them next to the means)
-        self.client_evaluations = {str(node_id): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
+        self.client_evaluations = {client_label(node_id, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
                                    for node_id, m in rows}
         if not rows:
             return None
