@@ -253,7 +253,8 @@ def _main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(name)
         p.add_argument("--preset", help=preset_help)
         p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
-        p.add_argument("--run-dir", default="runs/demo" if name == "demo" else "runs/latest")
+        p.add_argument("--run-dir", default=None,
+                       help=f"where the run writes (default: -c run-dir=..., else runs/{'demo' if name == 'demo' else 'latest'})")
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
         p.add_argument("--gpus-per-client", type=float, default=None,
                        help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is "
@@ -314,7 +315,11 @@ def _main(argv: list[str] | None = None) -> None:
         if args.command == "demo":
             overrides = {**DEMO_PRESET, **overrides}
             print("demo preset:", ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()))
-        run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet,
+        default_dir = "runs/demo" if args.command == "demo" else "runs/latest"
+        if args.run_dir and "run-dir" in overrides and Path(args.run_dir) != Path(str(overrides["run-dir"])):
+            sys.exit(f"dpfpl: --run-dir {args.run_dir} and -c run-dir={overrides['run-dir']} disagree; give one")
+        run_dir = Path(args.run_dir or overrides.get("run-dir") or default_dir)
+        run_dir = simulate(overrides, run_dir, None, stream=not args.quiet,
                            gpus_per_client=args.gpus_per_client)
         print()
         print(report(run_dir))

@@ -45,6 +45,14 @@ def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
         _parse_overrides(["rank"])
 
 
+def test_cli_refuses_two_different_run_directories_before_running(tmp_path):
+    from common.cli import main
+
+    with pytest.raises(SystemExit, match="disagree"):
+        main(["simulate", "--run-dir", str(tmp_path / "a"), "-c", f'run-dir="{tmp_path / "b"}"'])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_weights_file_of_another_architecture_is_named_and_explained(tmp_path, tiny_model):
     from safetensors.torch import save_file
 

@@ -164,7 +164,11 @@ def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[
         return Partition(protocol, classnames, by_classes(groups), seed, num_shots=num_shots, detail=detail)
     if protocol == "base-novel":
         base, novel = base_novel_classes(num_classes)
-        local_order = pathological_partition(len(base), num_clients, classes_per_client, seed)
+        try:
+            local_order = pathological_partition(len(base), num_clients, classes_per_client, seed)
+        except DatasetError as err:  # the split deals only the base half: say so
+            raise DatasetError(f"base-novel partition deals the {len(base)} base classes of {num_classes} "
+                               f"(the other {len(novel)} are novel) -- {err}") from None
         groups = [[base[c] for c in g] for g in local_order]
         return Partition(protocol, classnames, by_classes(groups), seed, base, novel, num_shots)
     if protocol == "dirichlet":
