@@ -21,7 +21,7 @@ from common.node import NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
 
-from .state import STATE_FILE, NodeState
+from .state import STATE_FILE, NodeState, node_key
 
 log = logging.getLogger("dpfpl.client")
 
@@ -156,6 +156,7 @@ class PromptNode:
         log.info("node %s round %d: loss %.4f on %d samples", self.node.partition_id, server_round,
                  result.loss, result.batch_size)
         metrics: dict[str, float] = {
+            "node-key": node_key(self.state_dir),
             "num-examples": float(self.data.num_train),
             "batch-size": float(result.batch_size),
             "noise-multiplier-local": state.noise_multiplier_local,
@@ -194,4 +195,5 @@ class PromptNode:
             "neighbor-acc": accuracy(text, d.neighbor_features, d.neighbor_labels),
             "local-loss": cross_entropy(text, d.local_features, d.local_labels, self.learner.logit_scale),
             "num-examples": float(d.num_train),
+            "node-key": node_key(self.state_dir),
         }

@@ -111,6 +111,9 @@ class NodeConfig(BaseModel):
     state_dir: str | None = None
     cache_dir: str | None = None
     data_dir: str | None = None  # silo mode: this organization's images
+    # the ordered class list this organization agreed to (comma-separated); when set, a run whose class list
+    # differs is refused before any work (see common/classlist.py)
+    classnames: str | None = None
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
 
     def resolved_device(self) -> "torch.device":
@@ -130,6 +133,15 @@ class NodeConfig(BaseModel):
     @classmethod
     def from_flower(cls, node_config: dict) -> "NodeConfig":
         return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
+
+    def own_class_list(self, cfg: RunConfig) -> tuple[list[str], str]:
+        """The class list this node holds the server's digest against, and where it comes from."""
+        from .classlist import parse_classnames
+
+        if self.classnames:
+            return parse_classnames(self.classnames), "node config 'classnames'"
+        source = "run config 'classnames'" if cfg.dataset == "silo" else "this node's demo data set"
+        return cfg.class_list(), source
 
     def resolved_state_dir(self, run_dir: str) -> Path:
         """Node-local state directory: from node config, else under the run directory (simulation)."""

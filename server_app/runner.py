@@ -88,8 +88,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
-        # a checkpoint at round 0 means the setup phase runs again: drop its earlier line
-        run_dir.truncate_metrics(state.server_round if state.server_round > 0 else -1)
+        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
     strategy = PromptStrategy(cfg, state)
 
     if state.server_round == 0:
@@ -122,8 +121,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         if should_evaluate(cfg, server_round):
             record.update(_evaluate(strategy, grid, server_round, "personalized"))
         record["round-seconds"] = round(time.time() - started, 3)
-        run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
-        run_dir.append_metrics(record)
+        state.last_record = record
+        run_dir.save(state)  # checkpoint (with its metrics line) first: a crash before the append is repaired
+        run_dir.append_metrics(record)  # on resume by RunDirectory.resume_metrics
         log.info("round %d/%d %s", server_round, cfg.num_server_rounds,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
