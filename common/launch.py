@@ -47,8 +47,10 @@ def _toml_value(v) -> str:
 
 
 def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
-                   timeout: float = 3600, stream: bool = True) -> None:
-    """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink."""
+                   timeout: float = 3600, stream: bool = True, tag: str | None = None) -> None:
+    """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink. Every process
+    started carries ``tag`` (default: a fresh one) in ``DPFPL_LAUNCH_TAG``, so a caller can find them
+    (bench/soak.py samples their memory)."""
     work_dir = Path(work_dir).resolve()
     flwr_home = work_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -60,7 +62,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
                     "backend": {"client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": 0.0}}},
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
-    tag = uuid.uuid4().hex
+    tag = tag or uuid.uuid4().hex
     env = {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     log_file = work_dir / "superlink.log"
@@ -130,22 +132,26 @@ def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool, con
             _stop(logs)
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the processes that inherited this launch's tag (the SuperLink, its app processes, Ray's)."""
+    needle = f"{LAUNCH_TAG}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def stop_tagged_processes(tag: str, grace: float = 10.0) -> int:
     """Stop every process that inherited this launch's tag: the simulation process and its Ray workers
     are not all in the SuperLink's process group (Ray daemonizes some), but all inherit its environment."""
-    needle = f"{LAUNCH_TAG}={tag}".encode()
-
     def tagged() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        return tagged_processes(tag)
 
     found = tagged()
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -173,10 +179,9 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
-               stream: bool = True, cwd: Path | None = None) -> int:
-    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``), follow it, and fail
-    unless it completed. Returns the run id."""
+def start_run(connection: str, run_config: dict, env: dict | None = None, cwd: Path | None = None) -> int:
+    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``) and return its run id
+    without waiting for it."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), connection, "--format", "json"]
@@ -185,6 +190,20 @@ def submit_run(connection: str, run_config: dict, env: dict | None = None, timeo
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
-    run_id = _parse_run_id(out.stdout)
+    return _parse_run_id(out.stdout)
+
+
+def wait_run(run_id: int, connection: str, env: dict | None = None, timeout: float = 3600, stream: bool = True,
+             cwd: Path | None = None) -> None:
+    """Follow a submitted run until it finishes; fail unless it completed."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     _follow(run_id, env, Path(cwd or "."), timeout, stream, connection)
+
+
+def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
+               stream: bool = True, cwd: Path | None = None) -> int:
+    """Submit this app to an existing SuperLink connection, follow it, and fail unless it completed. Returns
+    the run id."""
+    run_id = start_run(connection, run_config, env, cwd)
+    wait_run(run_id, connection, env, timeout, stream, cwd)
     return run_id
