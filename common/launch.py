@@ -47,7 +47,8 @@ def _toml_value(v) -> str:
 
 
 def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
-                   timeout: float = 3600, stream: bool = True, tag: str | None = None) -> None:
+                   timeout: float = 3600, stream: bool = True, num_gpus_per_client: float = 0.0,
+                   tag: str | None = None) -> None:
     """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink. Every process
     started carries ``tag`` (default: a fresh one) in ``DPFPL_LAUNCH_TAG``, so a caller can find them
     (bench/soak.py samples their memory)."""
@@ -59,7 +60,8 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     config = {"superlink": {"default": "dpfpl-sim", "dpfpl-sim": {
         "address": f"127.0.0.1:{port}", "insecure": True,
         "options": {"num-supernodes": num_supernodes,
-                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": 0.0}}},
+                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client,
+                                                "num-gpus": float(num_gpus_per_client)}}},
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = tag or uuid.uuid4().hex

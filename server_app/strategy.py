@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.classlist import DIGEST_KEY, class_list_digest
 from common.config import RunConfig
+from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
 from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_noise_multiplier
@@ -31,6 +32,19 @@ from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_nois
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
+
+
+# per-client evaluation metrics averaged over clients (unweighted, as the papers report)
+EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
+
+
+def client_label(node_id: int | str, metrics: dict) -> str:
+    """How a client is named in the per-client table: its partition id where it has one (stable across runs and
+    resumes, and the name the partition summary uses), else its node id (a silo without a partition)."""
+    pid = metrics.get("partition-id")
+    if isinstance(pid, (int, float)) and math.isfinite(pid) and pid >= 0 and float(pid).is_integer():
+        return f"partition-{int(pid)}"
+    return f"node-{node_id}"
 
 
 class InvalidReply(ValueError):
@@ -47,6 +61,19 @@ def node_key(msg: Message, metrics: dict) -> str:
     if isinstance(key, bool) or not isinstance(key, int) or not 0 < key < 2**62:
         raise InvalidReply(f"node-key {key!r} is not a positive 62-bit integer")
     return str(key)
+
+
+def _server_class_list(cfg: RunConfig) -> list[str]:
+    """The class list the server holds every node against. For a registry data set the server reads the data
+    set's own list, so it needs the data set's index files (not the images) under its data-root."""
+    try:
+        return cfg.class_list()
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"the server checks every node's class list against the run's, and could not read the class list of "
+            f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Give the ServerApp's machine the data "
+            "set's index/split files under the same data-root, or run with dataset = 'silo' and explicit "
+            "classnames") from err
 
 
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
@@ -70,9 +97,10 @@ class PromptStrategy(Strategy):
         self.cfg = cfg
         self.state = state
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
+        self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self.classes_digest = class_list_digest(cfg.class_list())
+        self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages
     def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
@@ -202,6 +230,10 @@ class PromptStrategy(Strategy):
             except InvalidReply as err:
                 log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,
                             msg.metadata.src_node_id, err)
+        # each client's own numbers (metrics.jsonl keeps them next to the means), named by partition id where
+        # there is one, else by the stable node key the books use
+        self.client_evaluations = {client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
+                                   for key, m in rows}
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
@@ -209,10 +241,13 @@ class PromptStrategy(Strategy):
                 self.state.node_sample_rates[key] = self.sample_rate(None, m)
         # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
         out = {"num-clients": float(len(rows))}
-        for k in ("local-acc", "neighbor-acc", "local-loss"):
+        for k in EVALUATION_KEYS:
             values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
             if values:
                 out[k] = float(np.mean(values))
+        if all(k in out for k in ("local-acc", "base-acc", "novel-acc")):
+            # FedPGP's HM: of the three means (``hm`` above is the mean of the clients' own HMs)
+            out["hm-of-means"] = harmonic_mean([out["local-acc"], out["base-acc"], out["novel-acc"]])
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting
