@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
 from common.config import NodeConfig, RunConfig
 from common.data.silo import SiloError
+from common.runtag import RUN_TAG_KEY, run_tag
 
 from .node import PromptNode
 
@@ -61,7 +62,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"])})}
+    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"]),
+                                         RUN_TAG_KEY: run_tag(str(config["run-token"]))})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
     return Message(content=RecordDict(records), reply_to=msg)

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.classlist import DIGEST_KEY, class_list_digest
 from common.config import RunConfig
+from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
@@ -132,6 +133,9 @@ class PromptStrategy(Strategy):
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
+        if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
+            raise InvalidReply(f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
+                               f"{run_tag(self.state.run_token)})")
         if len(content.config_records) or set(content.metric_records.keys()) != {"metrics"}:
             raise InvalidReply("a reply carries one metric record 'metrics' (and the method's arrays), nothing else")
         node_key(msg, metrics)  # a malformed key is rejected here

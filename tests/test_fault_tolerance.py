@@ -20,6 +20,7 @@ from common.classlist import ClassListMismatch, check_class_list, class_list_dig
 from common.config import RunConfig
 from common.inprocess import InProcessGrid, full_run_config
 from common.privacy import accounted_epsilon
+from common.runtag import run_tag
 from server_app.checkpoint import RunDirectory, ServerState
 from server_app.runner import run_federation
 from server_app.strategy import PromptStrategy
@@ -139,7 +140,7 @@ def _strategy(tmp_path) -> PromptStrategy:
 
 
 def _reply(node: int, key, num_examples: float = 80.0, batch: float = 8.0) -> Message:
-    metrics = {"server-round": 1, "batch-size": batch, "num-examples": num_examples}
+    metrics = {"server-round": 1, "batch-size": batch, "num-examples": num_examples, "run-tag": run_tag("t")}
     if key is not None:
         metrics["node-key"] = key
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)

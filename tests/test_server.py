@@ -5,6 +5,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from common.config import RunConfig
+from common.runtag import run_tag
 from server_app.checkpoint import RunDirectory, ServerState
 from server_app.strategy import PromptStrategy
 
@@ -20,7 +21,7 @@ def _strategy(tmp_path, **overrides):
 def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):
     arrays = {"global-grad": grad, **(extra_arrays or {})}
     content = RecordDict({"arrays": ArrayRecord(arrays),
-                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch})})
+                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t")})})
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_src_node_id"] = 0
     msg = Message(content=content, reply_to=request)
@@ -83,7 +84,7 @@ def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
 
 
 def _metrics_only_reply(server_round=1, node=1, arrays=None):
-    records = {"metrics": MetricRecord({"server-round": server_round, "batch-size": 8.0})}
+    records = {"metrics": MetricRecord({"server-round": server_round, "batch-size": 8.0, "run-tag": run_tag("t")})}
     if arrays is not None:
         records["arrays"] = ArrayRecord(arrays)
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
