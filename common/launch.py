@@ -65,8 +65,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = tag or uuid.uuid4().hex
-    env = {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = launch_env(flwr_home, tag)
     log_file = work_dir / "superlink.log"
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -79,6 +78,59 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     finally:
         _stop(superlink)
         stop_tagged_processes(tag)
+
+
+def launch_env(flwr_home: Path, tag: str) -> dict:
+    """The environment of every process a launch starts: its own FLWR_HOME, no telemetry, this
+    environment's Flower programs first on PATH, and the launch's tag (``tagged_processes``)."""
+    return {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> subprocess.Popen:
+    """An insecure deployment-mode SuperLink on 127.0.0.1:``port`` (one port for nodes, CLI and apps) whose
+    state lives in ``database``: a SuperLink restarted on the same database knows its SuperNodes and runs.
+    Insecure: loopback tests only (deploy/start-superlink.sh starts the TLS one)."""
+    proc = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(port), "--disable-runtime-dependency-installation", "--database", str(database)],
+        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, proc, log_file)
+    return proc
+
+
+def start_supernode(superlink_port: int, node_config: dict, env: dict, log_file: Path) -> subprocess.Popen:
+    """An insecure SuperNode on loopback that retries its SuperLink for as long as it takes (a restarted
+    SuperLink finds it again)."""
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    return subprocess.Popen(
+        [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+         "--port", str(free_port()), "--node-config", config],
+        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tagged_processes(tag: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of a launch at once: a crash, not a shutdown (nothing gets to clean up). Returns
+    once they are gone (their ports are free again), so a restart does not find the dead one's port open."""
+    pids = tagged_processes(tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child of this process stays a zombie until reaped, its sockets closed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
