@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     eval_every: int = Field(10, ge=1)
     eval_last: int = Field(10, ge=0)
     round_timeout: float = Field(3600.0, ge=0)  # seconds to wait for replies; 0: wait for every node
+    # the setup phase (first contact: each node loads the model and encodes its whole data set) waits this long
+    setup_timeout: float = Field(3600.0, ge=0)
 
     lr_global: float = Field(1e-4, gt=0)
     lr_local: float = Field(1e-4, gt=0)

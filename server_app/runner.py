@@ -23,7 +23,7 @@ from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
-RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients"}
+RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients", "round_timeout", "setup_timeout"}
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -50,14 +50,12 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
 
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
+    # the setup phase is each node's first contact (model load, feature encoding): it has its own, longer wait
+    seconds = strategy.cfg.setup_timeout if server_round == 0 else strategy.cfg.round_timeout
     replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=_timeout(strategy.cfg))
+        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=seconds or None)
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
-
-
-def _timeout(cfg: RunConfig) -> float | None:
-    return cfg.round_timeout if cfg.round_timeout > 0 else None
 
 
 def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
@@ -112,7 +110,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         started = time.time()
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
-            timeout=_timeout(cfg))  # a node that hangs is dropped from the round, not waited for
+            timeout=cfg.round_timeout or None)  # a node that hangs is dropped from the round, not waited for
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})

@@ -1,4 +1,4 @@
-"""Fault injection with real processes: a SuperLink and three SuperNodes on 127.0.0.1, a 4-round DP-FPL run
+"""Fault injection with real processes: a SuperLink and three SuperNodes on 127.0.0.1, a 3-round DP-FPL run
 submitted with ``flwr run``. While it runs, one SuperNode is SIGKILLed (it and its ClientApp) and later started
 again on its own state directory; the SuperLink (with its ServerApp) is SIGKILLed once and restarted on its
 database, and the run is submitted again with ``resume = true``.
@@ -33,7 +33,7 @@ from server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment
 CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]
-ROUNDS = 4
+ROUNDS = 3
 KILLED = 2  # the SuperNode that dies
 
 
@@ -97,7 +97,7 @@ def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prom
     config = {"dataset": "silo", "classnames": ",".join(CLASSES), "model-name": "dpfpl-demo-tiny",
               "pretrained": "none", "n-ctx": 4, "rank": 2, "num-clients": 3, "min-clients": 2,
               "num-server-rounds": ROUNDS, "eval-every": 100, "eval-last": 0, "batch-size": 8,
-              "target-epsilon": 1.0, "round-timeout": 60.0, "run-dir": str(run_dir), "resume": False}
+              "target-epsilon": 1.0, "round-timeout": 40.0, "setup-timeout": 300.0, "run-dir": str(run_dir), "resume": False}
     started = time.time()
     loopback["link"]()
     for i in range(3):

@@ -130,7 +130,8 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
 
 
 def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
-    """A hung node must not stall the federation: each send_and_receive carries the configured timeout."""
+    """A hung node must not stall the federation: each send_and_receive carries the configured timeout (the
+    setup phase, the nodes' first contact, its own)."""
     from client_app.app import app as client_app
     from common.inprocess import InProcessGrid, full_run_config
     from server_app.runner import run_federation
@@ -144,8 +145,9 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
 
     config = full_run_config({"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2,
                               "dp": False, "pretrained": "none", "n-ctx": 4, "batch-size": 8, "round-timeout": 42.0,
+                              "setup-timeout": 420.0,
                               "run-dir": str(tmp_path / "run"), "resume": False})
     grid = RecordingGrid(client_app, config, 2, {})
     with grid.identity():
         run_federation(grid, RunConfig.from_flower(config))
-    assert grid.timeouts and set(grid.timeouts) == {42.0}
+    assert grid.timeouts[0] == 420.0 and grid.timeouts[1:] and set(grid.timeouts[1:]) == {42.0}
