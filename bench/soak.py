@@ -6,9 +6,10 @@ every process involved sampled while it runs, and its failures counted.
 
 What "involved" means: with ``--runtime flower`` (default) every process that inherited the launch's tag
 (the SuperLink, the ServerApp process, the simulation process and Ray's workers: the ClientApps run there);
-with ``inprocess`` this process, which holds server and nodes. Each sample records the RSS of each of them
-and the round the run has reached (lines of metrics.jsonl). The report gives RSS by round, the growth over
-the run after warm-up (least-squares slope per 100 rounds over the second half, and last minus first
+with ``inprocess`` this process, which holds server and nodes. Each sample records the RSS and PSS of each
+of them and the round the run has reached (lines of metrics.jsonl). The report gives memory by round (total
+PSS, whose sum over processes counts shared pages once; total RSS counts them once per process), the growth
+of total PSS over the run after warm-up (least-squares slope per 100 rounds over the second half, and last minus first
 sample after warm-up), and failures: rounds in which fewer than all clients replied, rounds without an
 update, and the run's own status. A table goes to stdout, everything to ``--json``.
 """
@@ -37,6 +38,19 @@ def rss_mb(pid: int) -> float | None:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
     except (OSError, IndexError, ValueError):
         return None
+
+
+def pss_mb(pid: int) -> float | None:
+    """Proportional set size: shared pages (torch's libraries, the backbone mapped by every Ray worker) are
+    split between the processes that share them, so the sum over processes is the memory really used, where
+    the sum of RSS counts shared pages once per process."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 def process_name(pid: int) -> str:
@@ -71,11 +85,13 @@ class Sampler(threading.Thread):
         while not self.stop.is_set():
             procs = {}
             for pid in self.pids_of():
-                mb = rss_mb(pid)
+                mb, pss = rss_mb(pid), pss_mb(pid)
                 if mb is not None:
-                    procs[str(pid)] = {"name": process_name(pid), "rss_mb": round(mb, 1)}
+                    procs[str(pid)] = {"name": process_name(pid), "rss_mb": round(mb, 1),
+                                       "pss_mb": round(pss if pss is not None else mb, 1)}
             self.samples.append({"t": round(time.time() - self.started, 1), "round": self._round(),
                                  "total_rss_mb": round(sum(p["rss_mb"] for p in procs.values()), 1),
+                                 "total_pss_mb": round(sum(p["pss_mb"] for p in procs.values()), 1),
                                  "processes": procs})
             self.stop.wait(self.every)
 
@@ -141,29 +157,31 @@ def main() -> None:
     train = [m for m in metrics if m.get("phase") == "train"]
     short = [m["round"] for m in train if m.get("num-replies", 0) < args.clients]
     not_updated = [m["round"] for m in train if not m.get("updated", False)]
-    samples = [s for s in sampler.samples if s["processes"]]
+    # samples while rounds run: once the last round's line is written the run shuts down (its processes exit)
+    samples = [s for s in sampler.samples if s["processes"] and s["round"] < args.rounds]
     warm = max(1, args.rounds // 10)  # the first tenth of the rounds: imports, caches, Ray start-up
     after = [s for s in samples if s["round"] >= warm]
-    half = [(s["round"], s["total_rss_mb"]) for s in samples if s["round"] >= args.rounds // 2]
+    half = [(s["round"], s["total_pss_mb"]) for s in samples if s["round"] >= args.rounds // 2]
     by_round = []
-    for mark in sorted({0, 1, warm, *range(0, args.rounds + 1, max(1, args.rounds // 8)), args.rounds}):
+    for mark in sorted({0, 1, warm, *range(0, args.rounds, max(1, args.rounds // 8)), args.rounds - 1}):
         at = [s for s in samples if s["round"] == mark] or [s for s in samples if s["round"] >= mark][:1]
         if at:
-            s = at[-1]
-            by_round.append({"round": mark, "t": s["t"], "total_rss_mb": s["total_rss_mb"],
-                             "processes": len(s["processes"]),
-                             "largest_mb": max(p["rss_mb"] for p in s["processes"].values())})
+            s = at[0]
+            by_round.append({"round": mark, "t": s["t"], "total_pss_mb": s["total_pss_mb"],
+                             "total_rss_mb": s["total_rss_mb"], "processes": len(s["processes"]),
+                             "largest_rss_mb": max(p["rss_mb"] for p in s["processes"].values())})
     report = {
         "runtime": args.runtime, "rounds": args.rounds, "clients": args.clients, "status": status, "error": error,
         "wall_s": round(wall, 1), "rounds_done": train[-1]["round"] if train else 0,
         "mean_round_s": round(sum(m.get("round-seconds", 0) for m in train) / len(train), 3) if train else None,
         "failures": {"rounds_with_missing_replies": short, "rounds_without_update": not_updated,
                      "run_status": status},
-        "rss_mb": {
-            "peak_total": max((s["total_rss_mb"] for s in samples), default=None),
-            "after_warmup_first": after[0]["total_rss_mb"] if after else None,
-            "after_warmup_last": after[-1]["total_rss_mb"] if after else None,
-            "growth_after_warmup": round(after[-1]["total_rss_mb"] - after[0]["total_rss_mb"], 1) if after else None,
+        "pss_mb": {
+            "peak_total": max((s["total_pss_mb"] for s in samples), default=None),
+            "peak_total_rss": max((s["total_rss_mb"] for s in samples), default=None),
+            "after_warmup_first": after[0]["total_pss_mb"] if after else None,
+            "after_warmup_last": after[-1]["total_pss_mb"] if after else None,
+            "growth_after_warmup": round(after[-1]["total_pss_mb"] - after[0]["total_pss_mb"], 1) if after else None,
             "slope_per_100_rounds_second_half": round(slope_per_100_rounds(half), 2),
         },
         "final_epsilon": {k: train[-1].get(k) for k in ("epsilon-local-max", "epsilon-global-max",
@@ -176,14 +194,14 @@ def main() -> None:
 
     print(f"\nsoak: {args.runtime}, {args.rounds} rounds x {args.clients} clients: {status} in {wall:.0f} s "
           f"({report['mean_round_s']} s/round){'; ' + error if error else ''}")
-    print(f"{'round':>6} {'t (s)':>8} {'procs':>6} {'total RSS (MB)':>15} {'largest (MB)':>13}")
+    print(f"{'round':>6} {'t (s)':>8} {'procs':>6} {'total PSS (MB)':>15} {'total RSS (MB)':>15} {'largest RSS':>12}")
     for row in by_round:
-        print(f"{row['round']:>6} {row['t']:>8.0f} {row['processes']:>6} {row['total_rss_mb']:>15.1f} "
-              f"{row['largest_mb']:>13.1f}")
-    r = report["rss_mb"]
-    print(f"RSS after warm-up (round {warm}): {r['after_warmup_first']} -> {r['after_warmup_last']} MB "
+        print(f"{row['round']:>6} {row['t']:>8.0f} {row['processes']:>6} {row['total_pss_mb']:>15.1f} "
+              f"{row['total_rss_mb']:>15.1f} {row['largest_rss_mb']:>12.1f}")
+    r = report["pss_mb"]
+    print(f"total PSS after warm-up (round {warm}): {r['after_warmup_first']} -> {r['after_warmup_last']} MB "
           f"(growth {r['growth_after_warmup']} MB; slope over the second half {r['slope_per_100_rounds_second_half']} "
-          f"MB/100 rounds); peak {r['peak_total']} MB")
+          f"MB/100 rounds); peak {r['peak_total']} MB PSS ({r['peak_total_rss']} MB RSS)")
     print(f"failures: rounds with missing replies {short or 'none'}, rounds without update {not_updated or 'none'}")
     print(f"final epsilon: {report['final_epsilon']}")
     print(f"samples and details: {args.json}")
