@@ -183,6 +183,8 @@ def main() -> None:
             "after_warmup_last": after[-1]["total_pss_mb"] if after else None,
             "growth_after_warmup": round(after[-1]["total_pss_mb"] - after[0]["total_pss_mb"], 1) if after else None,
             "slope_per_100_rounds_second_half": round(slope_per_100_rounds(half), 2),
+            "after_warmup_min": min((s["total_pss_mb"] for s in after), default=None),
+            "after_warmup_max": max((s["total_pss_mb"] for s in after), default=None),
         },
         "final_epsilon": {k: train[-1].get(k) for k in ("epsilon-local-max", "epsilon-global-max",
                                                          "epsilon-published-max")} if train else {},
@@ -201,7 +203,8 @@ def main() -> None:
     r = report["pss_mb"]
     print(f"total PSS after warm-up (round {warm}): {r['after_warmup_first']} -> {r['after_warmup_last']} MB "
           f"(growth {r['growth_after_warmup']} MB; slope over the second half {r['slope_per_100_rounds_second_half']} "
-          f"MB/100 rounds); peak {r['peak_total']} MB PSS ({r['peak_total_rss']} MB RSS)")
+          f"MB/100 rounds; short runs make it noise); range after warm-up {r['after_warmup_min']}-"
+          f"{r['after_warmup_max']} MB; peak {r['peak_total']} MB PSS ({r['peak_total_rss']} MB RSS)")
     print(f"failures: rounds with missing replies {short or 'none'}, rounds without update {not_updated or 'none'}")
     print(f"final epsilon: {report['final_epsilon']}")
     print(f"samples and details: {args.json}")
