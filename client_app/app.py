@@ -12,8 +12,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
 from common.config import NodeConfig, RunConfig
 from common.data.silo import SiloError
+from common.runtag import RUN_TAG_KEY, run_tag
 
 from .node import PromptNode
 
@@ -21,11 +23,23 @@ app = ClientApp()
 log = logging.getLogger("dpfpl.client")
 
 
+def _check_classes(msg: Message, context: Context) -> None:
+    """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
+    cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
+    config = msg.content["config"]
+    own, source = node_cfg.own_class_list(cfg)
+    try:
+        check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
+    except ClassListMismatch as err:
+        log.error("%s; this node's classes: %s", err, own)
+        raise
+
+
 def _node(context: Context) -> PromptNode:
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
     try:
-        return PromptNode(RunConfig.from_flower(dict(context.run_config)),
-                         NodeConfig.from_flower(dict(context.node_config)))
+        return PromptNode(cfg, node_cfg)
     except SiloError as err:
         # The details name this organization's files and labels: they stay in the node's own log. The
         # server (which receives the exception text as the error reply) only learns that the check failed.
@@ -43,11 +57,13 @@ def _global_prompt(msg: Message) -> torch.Tensor | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    _check_classes(msg, context)
     node = _node(context)
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"])})}
+    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"]),
+                                         RUN_TAG_KEY: run_tag(str(config["run-token"]))})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
     return Message(content=RecordDict(records), reply_to=msg)
@@ -55,6 +71,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    _check_classes(msg, context)
     node = _node(context)
     config = msg.content["config"]
     metrics = node.evaluate(_global_prompt(msg), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot")

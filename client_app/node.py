@@ -21,7 +21,7 @@ from common.node import NOVEL, NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
 
-from .state import STATE_FILE, NodeState
+from .state import STATE_FILE, NodeState, node_key
 
 log = logging.getLogger("dpfpl.client")
 
@@ -159,6 +159,7 @@ class PromptNode:
         log.info("node %s round %d: loss %.4f on %d samples", self.node.partition_id, server_round,
                  result.loss, result.batch_size)
         metrics: dict[str, float] = {
+            "node-key": node_key(self.state_dir),
             "num-examples": float(self.data.num_train),
             "batch-size": float(result.batch_size),
             "noise-multiplier-local": state.noise_multiplier_local,
@@ -201,6 +202,7 @@ class PromptNode:
         if d.protocol == "base-novel":
             metrics["hm"] = harmonic_mean([metrics["local-acc"], metrics["base-acc"], metrics["novel-acc"]])
         metrics["num-examples"] = float(d.num_train)
+        metrics["node-key"] = node_key(self.state_dir)  # the key the server books this node under
         if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table
             metrics["partition-id"] = float(self.node.partition_id)
         return metrics

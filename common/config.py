@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     eval_every: int = Field(10, ge=1)
     eval_last: int = Field(10, ge=0)
     round_timeout: float = Field(3600.0, ge=0)  # seconds to wait for replies; 0: wait for every node
+    # the setup phase (first contact: each node loads the model and encodes its whole data set) waits this long
+    setup_timeout: float = Field(3600.0, ge=0)
 
     lr_global: float = Field(1e-4, gt=0)
     lr_local: float = Field(1e-4, gt=0)
@@ -132,6 +134,9 @@ class NodeConfig(BaseModel):
     state_dir: str | None = None
     cache_dir: str | None = None
     data_dir: str | None = None  # silo mode: this organization's images
+    # the ordered class list this organization agreed to (comma-separated); when set, a run whose class list
+    # differs is refused before any work (see common/classlist.py)
+    classnames: str | None = None
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
 
     def resolved_device(self) -> "torch.device":
@@ -151,6 +156,15 @@ class NodeConfig(BaseModel):
     @classmethod
     def from_flower(cls, node_config: dict) -> "NodeConfig":
         return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
+
+    def own_class_list(self, cfg: RunConfig) -> tuple[list[str], str]:
+        """The class list this node holds the server's digest against, and where it comes from."""
+        from .classlist import parse_classnames
+
+        if self.classnames:
+            return parse_classnames(self.classnames), "node config 'classnames'"
+        source = "run config 'classnames'" if cfg.dataset == "silo" else "this node's demo data set"
+        return cfg.class_list(), source
 
     def resolved_state_dir(self, run_dir: str) -> Path:
         """Node-local state directory: from node config, else under the run directory (simulation)."""

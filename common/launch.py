@@ -47,8 +47,11 @@ def _toml_value(v) -> str:
 
 
 def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
-                   timeout: float = 3600, stream: bool = True, num_gpus_per_client: float = 0.0) -> None:
-    """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink."""
+                   timeout: float = 3600, stream: bool = True, num_gpus_per_client: float = 0.0,
+                   tag: str | None = None) -> None:
+    """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink. Every process
+    started carries ``tag`` (default: a fresh one) in ``DPFPL_LAUNCH_TAG``, so a caller can find them
+    (bench/soak.py samples their memory)."""
     work_dir = Path(work_dir).resolve()
     flwr_home = work_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -61,9 +64,8 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
                                                 "num-gpus": float(num_gpus_per_client)}}},
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
-    tag = uuid.uuid4().hex
-    env = {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    tag = tag or uuid.uuid4().hex
+    env = launch_env(flwr_home, tag)
     log_file = work_dir / "superlink.log"
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -76,6 +78,59 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     finally:
         _stop(superlink)
         stop_tagged_processes(tag)
+
+
+def launch_env(flwr_home: Path, tag: str) -> dict:
+    """The environment of every process a launch starts: its own FLWR_HOME, no telemetry, this
+    environment's Flower programs first on PATH, and the launch's tag (``tagged_processes``)."""
+    return {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> subprocess.Popen:
+    """An insecure deployment-mode SuperLink on 127.0.0.1:``port`` (one port for nodes, CLI and apps) whose
+    state lives in ``database``: a SuperLink restarted on the same database knows its SuperNodes and runs.
+    Insecure: loopback tests only (deploy/start-superlink.sh starts the TLS one)."""
+    proc = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
+         "--port", str(port), "--disable-runtime-dependency-installation", "--database", str(database)],
+        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for_port(port, proc, log_file)
+    return proc
+
+
+def start_supernode(superlink_port: int, node_config: dict, env: dict, log_file: Path) -> subprocess.Popen:
+    """An insecure SuperNode on loopback that retries its SuperLink for as long as it takes (a restarted
+    SuperLink finds it again)."""
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    return subprocess.Popen(
+        [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
+         "--port", str(free_port()), "--node-config", config],
+        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tagged_processes(tag: str, timeout: float = 30.0) -> list[int]:
+    """SIGKILL every process of a launch at once: a crash, not a shutdown (nothing gets to clean up). Returns
+    once they are gone (their ports are free again), so a restart does not find the dead one's port open."""
+    pids = tagged_processes(tag)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a killed child of this process stays a zombie until reaped, its sockets closed)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60) -> None:
@@ -131,22 +186,26 @@ def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool, con
             _stop(logs)
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Pids of the processes that inherited this launch's tag (the SuperLink, its app processes, Ray's)."""
+    needle = f"{LAUNCH_TAG}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
 def stop_tagged_processes(tag: str, grace: float = 10.0) -> int:
     """Stop every process that inherited this launch's tag: the simulation process and its Ray workers
     are not all in the SuperLink's process group (Ray daemonizes some), but all inherit its environment."""
-    needle = f"{LAUNCH_TAG}={tag}".encode()
-
     def tagged() -> list[int]:
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        return pids
+        return tagged_processes(tag)
 
     found = tagged()
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -174,10 +233,9 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
-               stream: bool = True, cwd: Path | None = None) -> int:
-    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``), follow it, and fail
-    unless it completed. Returns the run id."""
+def start_run(connection: str, run_config: dict, env: dict | None = None, cwd: Path | None = None) -> int:
+    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``) and return its run id
+    without waiting for it."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), connection, "--format", "json"]
@@ -186,6 +244,20 @@ def submit_run(connection: str, run_config: dict, env: dict | None = None, timeo
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"flwr run failed:\n{out.stdout}\n{out.stderr}")
-    run_id = _parse_run_id(out.stdout)
+    return _parse_run_id(out.stdout)
+
+
+def wait_run(run_id: int, connection: str, env: dict | None = None, timeout: float = 3600, stream: bool = True,
+             cwd: Path | None = None) -> None:
+    """Follow a submitted run until it finishes; fail unless it completed."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     _follow(run_id, env, Path(cwd or "."), timeout, stream, connection)
+
+
+def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
+               stream: bool = True, cwd: Path | None = None) -> int:
+    """Submit this app to an existing SuperLink connection, follow it, and fail unless it completed. Returns
+    the run id."""
+    run_id = start_run(connection, run_config, env, cwd)
+    wait_run(run_id, connection, env, timeout, stream, cwd)
     return run_id

@@ -32,6 +32,7 @@ class ServerState:
     participation: dict[str, int] = field(default_factory=dict)  # node_id -> noisy rounds
     zeroshot: dict[str, float] = field(default_factory=dict)
     calibrated_rounds: int = 0  # the number of rounds the noise was calibrated for (0: not calibrated)
+    last_record: dict = field(default_factory=dict)  # the metrics line of server_round (see RunDirectory.resume)
 
 
 class RunDirectory:
@@ -45,7 +46,7 @@ class RunDirectory:
             tensors["momentum"] = state.momentum
         meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
                                                 "config_fingerprint", "node_sample_rates", "participation",
-                                                "zeroshot", "calibrated_rounds")}
+                                                "zeroshot", "calibrated_rounds", "last_record")}
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:
@@ -64,6 +65,16 @@ class RunDirectory:
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def resume_metrics(self, state: ServerState) -> None:
+        """Make the metrics log end at the checkpointed round: drop lines of rounds after it (they will run
+        again) and restore its own line when a crash came between the checkpoint and the line (the
+        checkpoint carries it), so every round is logged exactly once."""
+        self.truncate_metrics(state.server_round if state.server_round > 0 else -1)
+        logged = {r["round"] for r in self.read_metrics()}
+        if state.server_round > 0 and state.server_round not in logged and \
+                state.last_record.get("round") == state.server_round:
+            self.append_metrics(state.last_record)
 
     def truncate_metrics(self, last_round: int) -> None:
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]

@@ -23,7 +23,7 @@ from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
-RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients"}
+RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients", "round_timeout", "setup_timeout"}
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -50,14 +50,12 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
 
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
+    # the setup phase is each node's first contact (model load, feature encoding): it has its own, longer wait
+    seconds = strategy.cfg.setup_timeout if server_round == 0 else strategy.cfg.round_timeout
     replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=_timeout(strategy.cfg))
+        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=seconds or None)
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
-
-
-def _timeout(cfg: RunConfig) -> float | None:
-    return cfg.round_timeout if cfg.round_timeout > 0 else None
 
 
 def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
@@ -88,8 +86,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
-        # a checkpoint at round 0 means the setup phase runs again: drop its earlier line
-        run_dir.truncate_metrics(state.server_round if state.server_round > 0 else -1)
+        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
     strategy = PromptStrategy(cfg, state)
 
     if state.server_round == 0:
@@ -113,7 +110,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         started = time.time()
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
-            timeout=_timeout(cfg))  # a node that hangs is dropped from the round, not waited for
+            timeout=cfg.round_timeout or None)  # a node that hangs is dropped from the round, not waited for
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
@@ -124,8 +121,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             record.update(_evaluate(strategy, grid, server_round, "personalized"))
             record["per-client"] = strategy.client_evaluations
         record["round-seconds"] = round(time.time() - started, 3)
-        run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
-        run_dir.append_metrics(record)
+        state.last_record = record
+        run_dir.save(state)  # checkpoint (with its metrics line) first: a crash before the append is repaired
+        run_dir.append_metrics(record)  # on resume by RunDirectory.resume_metrics
         log.info("round %d/%d %s", server_round, cfg.num_server_rounds,
                  " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 

@@ -22,7 +22,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from common.classlist import DIGEST_KEY, class_list_digest
 from common.config import RunConfig
+from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
@@ -50,6 +52,31 @@ class InvalidReply(ValueError):
     pass
 
 
+def node_key(msg: Message, metrics: dict) -> str:
+    """The key the server books a node under: the stable ``node-key`` the node reports (see
+    ``client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
+    taken on trust from an admitted node; two replies under one key in a round are both rejected."""
+    if "node-key" not in metrics:
+        return str(msg.metadata.src_node_id)
+    key = metrics["node-key"]
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 < key < 2**62:
+        raise InvalidReply(f"node-key {key!r} is not a positive 62-bit integer")
+    return str(key)
+
+
+def _server_class_list(cfg: RunConfig) -> list[str]:
+    """The class list the server holds every node against. For a registry data set the server reads the data
+    set's own list, so it needs the data set's index files (not the images) under its data-root."""
+    try:
+        return cfg.class_list()
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"the server checks every node's class list against the run's, and could not read the class list of "
+            f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Give the ServerApp's machine the data "
+            "set's index/split files under the same data-root, or run with dataset = 'silo' and explicit "
+            "classnames") from err
+
+
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
     """z_G: given, or calibrated for the worst-case (largest) sample rate among the nodes; ``inf`` when the
     method shares nothing (CoOp: no global release)."""
@@ -74,13 +101,15 @@ class PromptStrategy(Strategy):
         self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages
     def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
                   message_type: str) -> list[Message]:
         # DP-FPL: every connected node takes part; wait until at least min-clients are connected
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
-        record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token})}
+        record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token,
+                                          DIGEST_KEY: self.classes_digest})}
         if arrays is not None:
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
@@ -104,8 +133,12 @@ class PromptStrategy(Strategy):
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
+        if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
+            raise InvalidReply(f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
+                               f"{run_tag(self.state.run_token)})")
         if len(content.config_records) or set(content.metric_records.keys()) != {"metrics"}:
             raise InvalidReply("a reply carries one metric record 'metrics' (and the method's arrays), nothing else")
+        node_key(msg, metrics)  # a malformed key is rejected here
         if not self.method.shares_global:
             if len(content.array_records):
                 raise InvalidReply(f"method '{self.method.name}' shares nothing, but the reply carries arrays")
@@ -121,7 +154,7 @@ class PromptStrategy(Strategy):
             raise InvalidReply("global-grad contains NaN or Inf")
         if self.cfg.dp:
             # the Poisson batch cannot exceed the node's data set (B / q_i)
-            q = self.state.node_sample_rates.get(str(msg.metadata.src_node_id), 1.0)
+            q = self.sample_rate(node_key(msg, metrics), metrics)
             batch = min(float(metrics.get("batch-size", math.inf)), self.cfg.batch_size / q)
             bound = self.cfg.max_grad_norm_global * batch / self.cfg.batch_size
             if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:
@@ -130,7 +163,7 @@ class PromptStrategy(Strategy):
 
     # ---------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        grads, per_node = [], []
+        grads, per_node, keys = [], [], []
         for msg in replies:
             try:
                 grad, metrics = self.validate_train_reply(msg, server_round)
@@ -138,7 +171,16 @@ class PromptStrategy(Strategy):
                 log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
                 continue
             grads.append(grad)
-            per_node.append((msg.metadata.src_node_id, metrics))
+            keys.append(node_key(msg, metrics))
+            per_node.append((keys[-1], metrics))
+        # One identity, one reply per round: two replies under one key (a node cloned with its state directory,
+        # or one claiming another's key) would be counted twice in the mean and once in the books.
+        duplicated = {k for k in keys if keys.count(k) > 1}
+        if duplicated:
+            log.warning("round %d: %d replies share a node key (%s); all of them rejected", server_round,
+                        sum(k in duplicated for k in keys), ", ".join(sorted(duplicated)))
+            kept = [i for i, k in enumerate(keys) if k not in duplicated]
+            grads, per_node = [grads[i] for i in kept], [per_node[i] for i in kept]
         if len(per_node) < self.cfg.min_clients:
             log.error("round %d: only %d valid replies (< min-clients %d); global prompt not updated",
                       server_round, len(per_node), self.cfg.min_clients)
@@ -155,9 +197,11 @@ class PromptStrategy(Strategy):
         noisy = add_gaussian_noise(mean, std, self.noise_generator)
         self.state.p_global, self.state.momentum = sgd_update(
             self.state.p_global, noisy, self.state.momentum, self.cfg.lr_global, self.cfg.momentum, self.cfg.weight_decay)
-        for node_id, _ in per_node:
+        for key, metrics in per_node:
             if self.cfg.dp:
-                self.state.participation[str(node_id)] = self.state.participation.get(str(node_id), 0) + 1
+                self.state.participation[key] = self.state.participation.get(key, 0) + 1
+                # a node that missed the setup phase (joined later) is booked with the rate it reports now
+                self.state.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
         summary["global-noise-std"] = std
         return self.current_arrays(), MetricRecord(summary)
 
@@ -184,15 +228,21 @@ class PromptStrategy(Strategy):
                 log.warning("round %d: evaluation reply from node %s has no metrics", server_round,
                             msg.metadata.src_node_id)
                 continue
-            rows.append((msg.metadata.src_node_id, dict(msg.content["metrics"])))
-        # each client's own numbers (metrics.jsonl keeps them next to the means)
-        self.client_evaluations = {client_label(node_id, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
-                                   for node_id, m in rows}
+            metrics = dict(msg.content["metrics"])
+            try:
+                rows.append((node_key(msg, metrics), metrics))
+            except InvalidReply as err:
+                log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,
+                            msg.metadata.src_node_id, err)
+        # each client's own numbers (metrics.jsonl keeps them next to the means), named by partition id where
+        # there is one, else by the stable node key the books use
+        self.client_evaluations = {client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
+                                   for key, m in rows}
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
-            for node_id, m in rows:
-                self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
+            for key, m in rows:
+                self.state.node_sample_rates[key] = self.sample_rate(None, m)
         # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
         out = {"num-clients": float(len(rows))}
         for k in EVALUATION_KEYS:
@@ -205,6 +255,16 @@ class PromptStrategy(Strategy):
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting
+    def sample_rate(self, key: str | None, metrics: dict) -> float:
+        """q_i = B / n_i: as booked for this node, else from the training-set size its reply reports (as in the
+        setup phase), else 1 (the worst case)."""
+        if key is not None and key in self.state.node_sample_rates:
+            return self.state.node_sample_rates[key]
+        n = metrics.get("num-examples")
+        if isinstance(n, (int, float)) and math.isfinite(n) and n >= 1:
+            return min(1.0, self.cfg.batch_size / float(n))
+        return 1.0
+
     def epsilon_global(self) -> float:
         """Worst case over nodes of the GDP mechanism's epsilon for the noisy rounds that really happened."""
         if not self.cfg.dp:

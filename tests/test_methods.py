@@ -11,6 +11,7 @@ from flwr.common import MessageType
 
 import client_app.app as client_module
 from client_app.state import NodeState
+from common.classlist import DIGEST_KEY, class_list_digest
 from common.config import METHOD_NAMES, RunConfig
 from common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
 from common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
@@ -112,7 +113,8 @@ def test_reply_carries_exactly_what_the_method_shares(name, tmp_path, cache_dir)
                   run_config=cfg.to_flower())
     method = build_method(name)
     records = {"config": ConfigRecord({"server-round": 1, "run-token": "tok", "noise-multiplier-global":
-                                       2.0 if method.shares_global else math.inf})}
+                                       2.0 if method.shares_global else math.inf,
+                                       DIGEST_KEY: class_list_digest(cfg.class_list())})}
     if method.shares_global:
         records["arrays"] = ArrayRecord({"global-prompt": torch.zeros(4, 128)})
     msg = Message(content=RecordDict(records), dst_node_id=1, message_type=MessageType.TRAIN)

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.config import RunConfig
+from common.runtag import run_tag
 from server_app.checkpoint import ServerState
 from server_app.strategy import PromptStrategy
 
@@ -28,14 +29,14 @@ def _strategy():
 
 
 VALID = {"error": False, "record": "arrays", "keys": ("global-grad",), "shape": SHAPE, "dtype": np.float32,
-         "poison": None, "round": ROUND, "extra_config": False}
+         "poison": None, "round": ROUND, "run": "t", "extra_config": False}
 # Each reply is valid but for at most one corruption (independent draws would make a fully valid reply rare),
 # with its norm (scale) and claimed batch drawn independently: the clipping bound depends on both.
 CORRUPTIONS = st.sampled_from([
     {}, {}, {}, {"error": True}, {"record": "params"}, {"record": None}, {"keys": ("global-grad", "p-local")},
     {"keys": ("p-local",)}, {"keys": ()}, {"shape": (4, 17)}, {"shape": (16, 4)}, {"shape": (64,)},
     {"dtype": np.float64}, {"dtype": np.float16}, {"dtype": np.int32}, {"poison": math.nan},
-    {"poison": math.inf}, {"poison": -math.inf}, {"round": ROUND - 1}, {"round": ROUND + 1}, {"round": None},
+    {"poison": math.inf}, {"poison": -math.inf}, {"round": ROUND - 1}, {"round": ROUND + 1}, {"round": None}, {"run": "an-earlier-run"}, {"run": None},
     {"extra_config": True},
 ])
 reply_spec = st.builds(
@@ -61,6 +62,8 @@ def _message(spec: dict, node: int) -> Message:
         metrics = {}
         if spec["round"] is not None:
             metrics["server-round"] = spec["round"]
+        if spec["run"] is not None:
+            metrics["run-tag"] = run_tag(spec["run"])
         if spec["batch"] is not None:
             metrics["batch-size"] = spec["batch"]
         records["metrics"] = MetricRecord(metrics)
@@ -73,12 +76,12 @@ def _message(spec: dict, node: int) -> Message:
 
 def _valid(spec: dict) -> bool:
     """The rules, restated: exactly one 'global-grad' in an 'arrays' record, right shape, float32, finite, for
-    this round, and no larger than C_G * b / B with b the claimed batch capped at B / q = 16."""
+    this round and this run, and no larger than C_G * b / B with b the claimed batch capped at B / q = 16."""
     if spec["error"] or spec["record"] != "arrays" or spec["keys"] != ("global-grad",):
         return False
     if spec["shape"] != SHAPE or spec["dtype"] is not np.float32 or spec["poison"] is not None:
         return False
-    if spec["round"] != ROUND or spec["extra_config"]:
+    if spec["round"] != ROUND or spec["run"] != "t" or spec["extra_config"]:
         return False
     batch = min(spec["batch"] if spec["batch"] is not None else math.inf, 16.0)
     return 8.0 * spec["scale"] <= CLIP * batch / BATCH * (1 + 1e-4) + 1e-6

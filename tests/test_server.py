@@ -5,6 +5,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
 from common.config import RunConfig
+from common.runtag import run_tag
 from server_app.checkpoint import RunDirectory, ServerState
 from server_app.strategy import PromptStrategy
 
@@ -20,7 +21,7 @@ def _strategy(tmp_path, **overrides):
 def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):
     arrays = {"global-grad": grad, **(extra_arrays or {})}
     content = RecordDict({"arrays": ArrayRecord(arrays),
-                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch})})
+                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t")})})
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_src_node_id"] = 0
     msg = Message(content=content, reply_to=request)
@@ -83,7 +84,7 @@ def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
 
 
 def _metrics_only_reply(server_round=1, node=1, arrays=None):
-    records = {"metrics": MetricRecord({"server-round": server_round, "batch-size": 8.0})}
+    records = {"metrics": MetricRecord({"server-round": server_round, "batch-size": 8.0, "run-tag": run_tag("t")})}
     if arrays is not None:
         records["arrays"] = ArrayRecord(arrays)
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
@@ -129,7 +130,8 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
 
 
 def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
-    """A hung node must not stall the federation: each send_and_receive carries the configured timeout."""
+    """A hung node must not stall the federation: each send_and_receive carries the configured timeout (the
+    setup phase, the nodes' first contact, its own)."""
     from client_app.app import app as client_app
     from common.inprocess import InProcessGrid, full_run_config
     from server_app.runner import run_federation
@@ -143,8 +145,9 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
 
     config = full_run_config({"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2,
                               "dp": False, "pretrained": "none", "n-ctx": 4, "batch-size": 8, "round-timeout": 42.0,
+                              "setup-timeout": 420.0,
                               "run-dir": str(tmp_path / "run"), "resume": False})
     grid = RecordingGrid(client_app, config, 2, {})
     with grid.identity():
         run_federation(grid, RunConfig.from_flower(config))
-    assert grid.timeouts and set(grid.timeouts) == {42.0}
+    assert grid.timeouts[0] == 420.0 and grid.timeouts[1:] and set(grid.timeouts[1:]) == {42.0}
