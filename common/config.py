@@ -163,7 +163,7 @@ class NodeConfig(BaseModel):
 
         if self.classnames:
             return parse_classnames(self.classnames), "node config 'classnames'"
-        source = "run config 'classnames'" if cfg.dataset == "silo" else "this node's demo data set"
+        source = "run config 'classnames'" if cfg.dataset == "silo" else f"this node's {cfg.dataset} data set"
         return cfg.class_list(), source
 
     def resolved_state_dir(self, run_dir: str) -> Path:

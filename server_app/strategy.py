@@ -65,16 +65,19 @@ def node_key(msg: Message, metrics: dict) -> str:
 
 
 def _server_class_list(cfg: RunConfig) -> list[str]:
-    """The class list the server holds every node against. For a registry data set the server reads the data
-    set's own list, so it needs the data set's index files (not the images) under its data-root."""
+    """The class list the server holds every node against. An explicit run-config ``classnames`` is used as is
+    (every node's loader checks its data set against it); otherwise the server reads the data set's own list,
+    which needs the data set's index files (not the images) under its data-root."""
+    if cfg.dataset not in ("demo", "silo") and cfg.explicit_classnames():
+        return cfg.explicit_classnames()
     try:
         return cfg.class_list()
     except (OSError, ValueError) as err:
         raise ValueError(
             f"the server checks every node's class list against the run's, and could not read the class list of "
-            f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Give the ServerApp's machine the data "
-            "set's index/split files under the same data-root, or run with dataset = 'silo' and explicit "
-            "classnames") from err
+            f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Either give the ServerApp's machine "
+            "the data set's index/split files under the same data-root, or put the ordered class list in the "
+            "run config's 'classnames'") from err
 
 
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:

@@ -151,3 +151,16 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
     with grid.identity():
         run_federation(grid, RunConfig.from_flower(config))
     assert grid.timeouts[0] == 420.0 and grid.timeouts[1:] and set(grid.timeouts[1:]) == {42.0}
+
+
+def test_server_class_list_needs_no_data_when_the_run_config_names_the_classes(tmp_path):
+    """A deployed ServerApp has no images; with ``classnames`` in the run config it still checks every node's
+    list, and without them it says how to fix the missing index files."""
+    from common.classlist import class_list_digest
+    from common.config import RunConfig
+    from server_app.strategy import _server_class_list
+
+    named = RunConfig(dataset="caltech101", data_root=str(tmp_path / "absent"), classnames="face,leopard,motorbike")
+    assert class_list_digest(_server_class_list(named)) == class_list_digest(["face", "leopard", "motorbike"])
+    with pytest.raises(ValueError, match="classnames"):
+        _server_class_list(RunConfig(dataset="caltech101", data_root=str(tmp_path / "absent")))
