@@ -8,12 +8,19 @@ is exact as long as |sum| <= (p - 1) / 2 ~ 1.15e18 (``check_fits`` enforces a pe
 Quantization (why and how the clipping bound absorbs it): a client's clipped, averaged global gradient
 x = sum_j clip(g_j) / B moves by at most C / B in L2 when one record is added or removed. It is scaled by
 gamma = 2^bits * B / C, so that bound becomes exactly 2^bits integer units, and rounded stochastically
-(unbiased: floor(a) + Bernoulli(frac(a))). Rounding moves each coordinate by less than 1, so the rounded
-vectors of two neighbouring inputs differ in L2 by less than ``quantized_sensitivity = 2^bits + 2 sqrt(d)``
-(the record's 2^bits, plus less than 2 per coordinate from the two roundings). The integer noise is calibrated to that bound, so the noise
-multiplier the accountant is told stays exact: the quantization costs noise (a factor 1 + 2 sqrt(d) / 2^bits,
-0.2% at d = 4096, bits = 16), never privacy. The rounding error itself is at most 1 / gamma per
-coordinate of one client's vector (zero-mean), far below the DP noise.
+(unbiased: R_w(a) = floor(a + w) with w ~ U[0, 1)^d drawn once per round, so P(round up) = frac(a)). For one
+draw w the rounded vectors of two neighbouring inputs a, a' differ per coordinate by less than |a_i - a'_i| + 1,
+so in L2 by less than ``quantized_sensitivity = 2^bits + sqrt(d)``; the mechanism R_w(a) + noise is a mixture
+over w (the same w-distribution for both neighbours) of Gaussian-type mechanisms of that sensitivity, and a
+mixture is at least as private as its worst component (joint convexity of the hockey-stick divergence). The
+integer noise is calibrated to that bound, so the noise multiplier the accountant is told stays exact: the
+quantization costs noise (a factor 1 + sqrt(d) / 2^bits, 0.1% at d = 4096, bits = 16), never privacy. The
+rounding error itself is below 1 / gamma = C / (2^bits B) per coordinate of one client's vector, zero-mean,
+far below the DP noise (std z C / B on the sum).
+
+Range: a coordinate of gamma x is at most 2^bits * (Poisson batch / B) in absolute value (|x_i| <= ||x|| <=
+C * batch / B), the noise share a few standard deviations; ``check_fits`` refuses (never wraps) a value beyond
+(p - 1) / (2 N), which 16 bits leave ~10^12-fold unused.
 """
 
 from __future__ import annotations
@@ -66,16 +73,15 @@ def scale_factor(bits: int, clip_norm: float, batch_size: int) -> float:
 
 
 def quantized_sensitivity(bits: int, dim: int) -> float:
-    """L2 bound between the stochastically rounded, scaled vectors of two neighbouring inputs: 2^bits from
-    the record, < 2 per coordinate from rounding both (each rounding moves a coordinate by less than 1)."""
-    return 2.0 ** bits + 2.0 * math.sqrt(dim)
+    """L2 bound between the stochastically rounded, scaled vectors of two neighbouring inputs under one
+    rounding draw: 2^bits from the record, < 1 per coordinate from the rounding (see the module docstring)."""
+    return 2.0 ** bits + math.sqrt(dim)
 
 
 def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Unbiased rounding to integers: E[round(a)] = a."""
+    """Unbiased rounding to integers, floor(a + w) with w ~ U[0, 1): E[round(a)] = a."""
     values = np.asarray(values, dtype=np.float64)
-    low = np.floor(values)
-    return (low + (rng.random(values.shape) < (values - low))).astype(np.int64)
+    return np.floor(values + rng.random(values.shape)).astype(np.int64)
 
 
 def check_fits(values: np.ndarray, num_clients: int) -> None:

@@ -18,9 +18,11 @@ One round, four stages (U1 >= U2 >= U3 >= U4 are the clients still answering at 
                      and the s_sk_v (recomputes and removes the pairwise masks the survivors shared with the
                      dropped), and obtains sum_{u in U3} x_u exactly.
 
-Threshold: t = |U1| - dropout_tolerance, and t > |U1| / 2 is required (so two disjoint groups of honest
-clients can never both be asked, each reaching t, for different secrets of the same client). A round with
-fewer than t clients at any stage fails: nothing is unmasked.
+Threshold: t = N - dropout_tolerance for the N clients the round was sent to, fixed before the round starts
+(the clients calibrate their noise shares for t survivors, so it must not shrink when a client is lost at
+stage 1). t >= 2 and t > |U1| / 2 are required (so two disjoint groups of honest clients can never both be
+asked, each reaching t, for different secrets of the same client). A round with fewer than t clients at any
+stage fails: nothing is unmasked.
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ class SecAggError(RuntimeError):
     """The protocol cannot go on safely; nothing secret was revealed by stopping."""
 
 
+def check_threshold(t: int, num_clients: int) -> None:
+    if t < 2 or 2 * t <= num_clients or t > num_clients:
+        raise SecAggError(f"threshold {t} for {num_clients} clients: secure aggregation needs 2 <= t <= N and "
+                          "t > N / 2 (too many clients were lost before the round could start, or the "
+                          "dropout tolerance is too high)")
+
+
 def threshold_for(num_clients: int, dropout_tolerance: int) -> int:
+    """t = N - dropout_tolerance, checked: at least 2 and more than half of the N clients."""
     t = num_clients - dropout_tolerance
     if t < 2 or 2 * t <= num_clients:
         raise SecAggError(
@@ -91,7 +101,7 @@ class ClientSession:
         return crypto.public_key(self.c_sk), crypto.public_key(self.s_sk)
 
     # ---- stage 2
-    def share_keys(self, roster: dict[int, tuple[bytes, bytes]], dropout_tolerance: int) -> dict[int, bytes]:
+    def share_keys(self, roster: dict[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
         if self.stage != "advertised":
             raise SecAggError(f"share-keys request in stage '{self.stage}'")
         mine = (crypto.public_key(self.c_sk), crypto.public_key(self.s_sk))
@@ -100,7 +110,10 @@ class ClientSession:
         keys = [k for pair in roster.values() for k in pair]
         if len(set(keys)) != len(keys) or any(len(k) != crypto.KEY_BYTES for k in keys):
             raise SecAggError("the roster's public keys are malformed or repeated")
-        self.threshold = threshold_for(len(roster), dropout_tolerance)
+        if self.threshold and threshold != self.threshold:
+            raise SecAggError(f"the server changed the threshold from {self.threshold} to {threshold} mid-round")
+        check_threshold(threshold, len(roster))
+        self.threshold = threshold
         self.roster = dict(roster)
         self.b_seed = crypto.generate_private_key()  # 32 random bytes from the OS
         order = sorted(roster)
@@ -197,17 +210,13 @@ class ServerSession:
     """The server's side of one round: it relays and sums, and learns only sum_{u in U3} x_u."""
 
     context: str
-    dropout_tolerance: int
+    threshold: int  # t, fixed when the round is sent (``threshold_for``)
     size: int  # number of coordinates of the aggregated vector
     roster: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     inbox: dict[int, dict[int, bytes]] = field(default_factory=dict)  # dst -> src -> ciphertext
     share_senders: list[int] = field(default_factory=list)
     masked: dict[int, np.ndarray] = field(default_factory=dict)
     unmask_replies: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = field(default_factory=dict)
-
-    @property
-    def threshold(self) -> int:
-        return threshold_for(len(self.roster), self.dropout_tolerance)
 
     def _need(self, count: int, stage: str) -> None:
         if count < self.threshold:
@@ -219,8 +228,9 @@ class ServerSession:
         flat = [k for pair in keys.values() for k in pair]
         if any(len(k) != crypto.KEY_BYTES for k in flat) or len(set(flat)) != len(flat):
             raise SecAggError("advertised public keys are malformed or repeated")
-        self.roster = dict(keys)
         self._need(len(keys), "advertise keys")
+        check_threshold(self.threshold, len(keys))
+        self.roster = dict(keys)
         return self.roster
 
     # ---- stage 2
