@@ -158,12 +158,15 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
     z = state.noise_multiplier_global if cfg.dp else 0.0
     z_eff = effective_noise_multiplier(z, m, threshold) if cfg.dp else 0.0
     gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
-    summary = {"num-replies": float(m), "secagg-threshold": float(threshold), "secagg-dropped": float(len(dropped)),
+    summary = {"num-replies": float(m), "secagg-threshold": float(threshold),
+               # clients the round was sent to that are not in the sum, and those of them whose masks had to be
+               # removed (they dropped after relaying their shares)
+               "secagg-dropped": float(len(train) - m), "secagg-masks-removed": float(len(dropped)),
                "secagg-messages": float(stats["messages"]), "noise-multiplier-global-effective": z_eff,
                # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
                "global-noise-std": z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)}
     summary.update(strategy._summarize_node_metrics([metrics[u] for u in survivors if u in metrics]))
-    log.info("round %d: secure aggregation of %d clients (t = %d, %d dropped), z_eff %.4g >= z_G %.4g",
-             server_round, m, threshold, len(dropped), z_eff, z if math.isfinite(z) else float("nan"))
+    log.info("round %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
+             server_round, m, len(train), threshold, z_eff, z if math.isfinite(z) else float("nan"))
     return strategy.current_arrays(), MetricRecord(summary)
 

@@ -77,7 +77,7 @@ def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survi
     summary, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
                               drop={(1, "train.secagg_masked"): {3}})
     assert [r["updated"] for r in rounds] == [True, True]
-    assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1
+    assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1 and rounds[0]["secagg-masks-removed"] == 1
     assert rounds[1]["num-replies"] == 4 and rounds[1]["secagg-dropped"] == 0
     # the noise the sum carries is never below what the accountant is told: z sqrt(m / t) >= z_G
     from server_app.checkpoint import RunDirectory
