@@ -236,3 +236,20 @@ def test_encoding_without_noise_is_the_rounded_update_and_errors_are_clear():
 def test_ddg_gap_is_negligible_at_working_noise():
     assert ddg_tau(client_sigma(0.5, 16, 8192, 9), 10) < 1e-300
     assert ddg_tau(0.3, 10) > 1e-3  # and it is not at tiny noise: the check has teeth
+
+
+def test_a_round_restarted_after_the_shares_is_refused_not_repeated():
+    """A server that restarts mid-round and asks again for keys would, with fresh masks over the same input and
+    another survivor set, learn the difference of two sums (one client's input with only its own noise share):
+    the client refuses to advertise again once it has sent shares."""
+    inputs = _inputs(3, 4, seed=8)
+    ids = sorted(inputs)
+    clients = {u: ClientSession(node_id=u, context="s", threshold=2) for u in ids}
+    server = ServerSession(context="s", threshold=2, size=4)
+    roster = server.set_roster({u: c.advertise() for u, c in clients.items()})
+    assert clients[ids[0]].advertise() == roster[ids[0]]  # before the shares: the same keys again
+    clients[ids[0]].share_keys(roster, 2)
+    with pytest.raises(SecAggError, match="again"):
+        clients[ids[0]].advertise()
+    with pytest.raises(SecAggError, match="threshold"):
+        clients[ids[1]].share_keys(roster, 3)  # the server may not change t mid-round
