@@ -41,10 +41,6 @@ log = logging.getLogger("dpfpl.server.secagg")
 SHARES, MASKED, UNMASK = (f"{MessageType.TRAIN}.secagg_{a}" for a in ("shares", "masked", "unmask"))
 
 
-class SecAggRoundFailed(RuntimeError):
-    pass
-
-
 def _ok(msg: Message, server_round: int) -> bool:
     if msg.has_error():
         log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
@@ -76,8 +72,8 @@ def secure_train_round(strategy: PromptStrategy, grid: Grid, server_round: int,
     """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
     try:
         return _round(strategy, grid, server_round, timeout)
-    except (SecAggError, SecAggRoundFailed) as err:
-        log.error("round %d: secure aggregation failed, global prompt not updated and no privacy charged: %s",
+    except SecAggError as err:
+        log.error("round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant not charged: %s",
                   server_round, err)
         return None, None
 
