@@ -17,6 +17,7 @@ from common.config import NodeConfig, RunConfig
 from common.data.silo import SiloError
 from common.runtag import RUN_TAG_KEY, run_tag
 
+from . import secagg
 from .node import PromptNode
 
 app = ClientApp()
@@ -62,8 +63,11 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"]),
-                                         RUN_TAG_KEY: run_tag(str(config["run-token"]))})}
+    metrics = {**outcome.metrics, RUN_TAG_KEY: run_tag(str(config["run-token"]))}
+    if node.cfg.secure_aggregation and outcome.global_grad is not None:
+        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py)
+        return secagg.advertise_reply(msg, context, outcome.global_grad, metrics)
+    records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
     return Message(content=RecordDict(records), reply_to=msg)
@@ -77,3 +81,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = node.evaluate(_global_prompt(msg), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot")
     content = RecordDict({"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})})
     return Message(content=content, reply_to=msg)
+
+
+secagg.register(app)  # train.secagg_shares / train.secagg_masked / train.secagg_unmask

@@ -69,6 +69,10 @@ class RunConfig(BaseModel):
     max_grad_norm_local: float = Field(10.0, gt=0)
     max_grad_norm_global: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # secure aggregation with distributed noise (README "Secure aggregation"): the server sees only the noised sum
+    secure_aggregation: bool = False
+    secagg_dropout_tolerance: int = Field(1, ge=0)  # clients that may drop mid-round; threshold t = N - this
+    secagg_quantization_bits: int = Field(16, ge=1, le=40)  # one record's contribution = 2^bits integer units
 
     seed: int = 0
     run_dir: str = "runs/latest"
@@ -90,6 +94,9 @@ class RunConfig(BaseModel):
         if self.dataset == "silo" and (self.partition != "pathological" or self.num_shots or self.augment_views):
             raise ValueError("dataset = 'silo' is each organization's own data: partition, num-shots and "
                              "augment-views do not apply")
+        if self.secure_aggregation and self.method in ("zeroshot", "coop"):
+            raise ValueError(f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
+                             "nothing to aggregate securely (use a method with a global prompt, or turn it off)")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self

@@ -19,6 +19,7 @@ from common.models import register_model_configs
 from common.prompt import random_context
 
 from .checkpoint import RunDirectory, ServerState
+from .secagg_round import secure_train_round
 from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
@@ -108,10 +109,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     last_round = cfg.num_server_rounds if strategy.method.trains else 0
     for server_round in range(state.server_round + 1, last_round + 1):
         started = time.time()
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
-            timeout=cfg.round_timeout or None)  # a node that hangs is dropped from the round, not waited for
-        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if cfg.secure_aggregation:  # the server sees only the noised sum (server_app/secagg_round.py)
+            arrays, train_metrics = secure_train_round(strategy, grid, server_round, cfg.round_timeout or None)
+        else:
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
+                timeout=cfg.round_timeout or None)  # a node that hangs is dropped from the round, not waited for
+            arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
         if cfg.dp:

@@ -34,7 +34,8 @@ def _write_silo(root: Path, classes: list[str], seed: int) -> None:
 
 
 @pytest.fixture()
-def federation(tmp_path):
+def federation(tmp_path, request):
+    registered = getattr(request, "param", 3)  # SuperNodes 0..registered-1 are registered, the rest are not
     tag = f"deploytest-{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
            "DPFPL_LAUNCH_TAG": tag}
@@ -54,9 +55,9 @@ def federation(tmp_path):
         link = start(["bash", str(DEPLOY / "start-superlink.sh"), str(certs), "127.0.0.1", str(port),
                       str(tmp_path / "superlink.db")], tmp_path / "superlink.log")
         wait_for_port(port, link, tmp_path / "superlink.log")
-        # write the connection and register keys 0..2; key 3 stays unregistered
+        # write the connection and register keys 0..2; key 3 stays unregistered (unless a test asks for 4)
         subprocess.run(["bash", str(DEPLOY / "connect.sh"), "org", f"127.0.0.1:{port}", str(certs / "ca.crt")]
-                       + [str(certs / f"supernode-{i}.pub") for i in range(3)],
+                       + [str(certs / f"supernode-{i}.pub") for i in range(registered)],
                        check=True, env=env, capture_output=True, cwd=tmp_path)
         nodes = []
         for i in range(4):

@@ -1,0 +1,120 @@
+"""The client side of secure aggregation (see ``server_app/secagg_round.py`` for the message flow).
+
+After the local step the node encodes its clipped global gradient (quantized, plus its discrete-Gaussian share
+of the global noise, ``common.secagg.encoding``) and keeps it on its own disk together with the protocol state
+(``ClientSession``): in deployment every message starts a fresh ClientApp process, so the state between the four
+messages of a round lives in one atomically written file in the node's state directory (mode 0600: it holds
+this round's private keys). The clear gradient never leaves the node; the masked vector does, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.atomic import write_json
+from common.config import NodeConfig, RunConfig
+from common.secagg.encoding import encode_update
+from common.secagg.protocol import ClientSession, SecAggError
+
+SESSION_FILE = "secagg_session.json"
+
+
+def _path(context: Context) -> tuple[RunConfig, Path]:
+    cfg = RunConfig.from_flower(dict(context.run_config))
+    return cfg, NodeConfig.from_flower(dict(context.node_config)).resolved_state_dir(cfg.run_dir) / SESSION_FILE
+
+
+def _round_context(config) -> str:
+    return f"{config['run-token']}/{int(config['server-round'])}"
+
+
+def _save(path: Path, session: ClientSession, values: np.ndarray) -> None:
+    write_json(path, {"session": session.to_dict(), "values": values.astype(np.int64).tolist()})
+    os.chmod(path, 0o600)
+
+
+def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
+    if not path.exists():
+        raise SecAggError(f"no secure-aggregation state for round '{round_context}' on this node (the train "
+                          "message of this round never reached it, or its state directory was wiped)")
+    saved = json.loads(path.read_text())
+    session = ClientSession.from_dict(saved["session"])
+    if session.context != round_context:
+        raise SecAggError(f"this node's secure-aggregation state is for round '{session.context}', "
+                          f"the request for '{round_context}'")
+    return session, np.asarray(saved["values"], dtype=np.int64)
+
+
+def advertise_reply(msg: Message, context: Context, global_grad, metrics: dict) -> Message:
+    """The train reply under secure aggregation: metrics and two public keys, never the gradient."""
+    cfg, path = _path(context)
+    config = msg.content["config"]
+    round_context = _round_context(config)
+    try:
+        session, values = _load(path, round_context)  # a re-sent train message: same keys, same input
+    except SecAggError:
+        threshold, num_clients = int(config["secagg-threshold"]), int(config["secagg-num-clients"])
+        values = encode_update(global_grad.numpy(), bits=cfg.secagg_quantization_bits,
+                               clip_norm=cfg.max_grad_norm_global, batch_size=cfg.batch_size,
+                               noise_multiplier=float(config["noise-multiplier-global"]) if cfg.dp else 0.0,
+                               threshold=threshold, num_clients=num_clients)
+        session = ClientSession(node_id=msg.metadata.dst_node_id, context=round_context, threshold=threshold)
+    c_pk, s_pk = session.advertise()
+    _save(path, session, values)
+    return Message(content=RecordDict({
+        "metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])}),
+        "secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})}), reply_to=msg)
+
+
+def _roster(config) -> dict[int, tuple[bytes, bytes]]:
+    nodes, c_pk, s_pk = list(config["nodes"]), list(config["c-pk"]), list(config["s-pk"])
+    if not len(nodes) == len(c_pk) == len(s_pk):
+        raise SecAggError("the roster's node and key lists differ in length")
+    return {int(u): (bytes(c), bytes(s)) for u, c, s in zip(nodes, c_pk, s_pk)}
+
+
+def share_keys(msg: Message, context: Context) -> Message:
+    _, path = _path(context)
+    config = msg.content["config"]
+    session, values = _load(path, _round_context(config))
+    ciphertexts = session.share_keys(_roster(config), int(config["secagg-threshold"]))
+    _save(path, session, values)
+    order = sorted(ciphertexts)
+    return Message(content=RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})}),
+                   reply_to=msg)
+
+
+def masked_input(msg: Message, context: Context) -> Message:
+    _, path = _path(context)
+    config = msg.content["config"]
+    session, values = _load(path, _round_context(config))
+    src, ct = list(config["src"]), list(config["ct"])
+    if len(src) != len(ct):
+        raise SecAggError("the relayed share lists differ in length")
+    y = session.masked_input({int(s): bytes(c) for s, c in zip(src, ct)}, [int(u) for u in config["senders"]], values)
+    _save(path, session, values)
+    return Message(content=RecordDict({"secagg": ArrayRecord({"masked": Array.from_numpy_ndarray(y)})}), reply_to=msg)
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    _, path = _path(context)
+    config = msg.content["config"]
+    session, values = _load(path, _round_context(config))
+    b_shares, s_shares = session.unmask([int(u) for u in config["survivors"]], [int(u) for u in config["dropped"]])
+    _save(path, session, values)
+    return Message(content=RecordDict({"secagg": ConfigRecord({
+        "b-owner": list(b_shares), "b-share": list(b_shares.values()),
+        "s-owner": list(s_shares), "s-share": list(s_shares.values())})}), reply_to=msg)
+
+
+def register(app: ClientApp) -> None:
+    """Route the three secure-aggregation actions of the train message type to their handlers."""
+    app.train("secagg_shares")(share_keys)
+    app.train("secagg_masked")(masked_input)
+    app.train("secagg_unmask")(unmask)

@@ -1,0 +1,187 @@
+"""One training round under secure aggregation: the server never sees a client's clear gradient.
+
+Drives ``common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
+``train`` type, routed to ``client_app/secagg.py``):
+
+  train                 p_G -> local step; reply: metrics + two X25519 public keys (no gradient)
+  train.secagg_shares   roster of public keys -> ciphertexts of Shamir shares, one per other client
+  train.secagg_masked   the ciphertexts addressed to the client -> its masked input y (uint64 field vector)
+  train.secagg_unmask   survivors / dropped -> shares of b_v (survivors) or s_sk_v (dropped)
+
+The unmasked integer sum already carries the global noise (each client added a discrete-Gaussian share), so
+the server adds none; it decodes the noisy mean, steps p_G and charges the accountant for the survivors only.
+A round that falls below the threshold at any stage ends with nothing aggregated and nobody charged.
+
+What the server validates instead of each reply's norm (which it cannot see): the round number, the exact
+record layout, key and ciphertext sizes, that every masked vector has the right shape, dtype uint64 and
+elements < p, and the protocol's own checks (authenticated shares, rebuilt keys matching their public keys).
+A malicious client can still send any field vector (poison the sum within the field's range); see README.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+
+from common.optim import sgd_update
+from common.secagg.encoding import decode_sum, effective_noise_multiplier
+from common.secagg.field import quantized_sensitivity, scale_factor
+from common.secagg.protocol import SecAggError, ServerSession, threshold_for
+
+from common.runtag import RUN_TAG_KEY, run_tag
+
+from .strategy import InvalidReply, PromptStrategy, node_key
+
+log = logging.getLogger("dpfpl.server.secagg")
+
+SHARES, MASKED, UNMASK = (f"{MessageType.TRAIN}.secagg_{a}" for a in ("shares", "masked", "unmask"))
+
+
+def _ok(msg: Message, server_round: int) -> bool:
+    if msg.has_error():
+        log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
+        return False
+    return True
+
+
+def _config(msg: Message) -> dict | None:
+    content = msg.content
+    return dict(content["secagg"]) if "secagg" in content.config_records else None
+
+
+def _request(grid: Grid, action: str, payloads: dict[int, dict], server_round: int, run_token: str,
+             timeout: float | None, stats: dict) -> dict[int, Message]:
+    """Send each node its payload (one ConfigRecord 'config'); the successful replies by node id."""
+    messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "server-round": server_round,
+                                                                     "run-token": run_token})}),
+                        message_type=action, dst_node_id=node) for node, p in payloads.items()]
+    stats["messages"] += 2 * len(messages)
+    replies = {}
+    for msg in grid.send_and_receive(messages, timeout=timeout):
+        if _ok(msg, server_round):
+            replies[msg.metadata.src_node_id] = msg
+    return replies
+
+
+def secure_train_round(strategy: PromptStrategy, grid: Grid, server_round: int,
+                       timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
+    try:
+        return _round(strategy, grid, server_round, timeout)
+    except SecAggError as err:
+        log.error("round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant not charged: %s",
+                  server_round, err)
+        return None, None
+
+
+def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
+           timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    cfg, state = strategy.cfg, strategy.state
+    shape = tuple(state.p_global.shape)
+    size = int(np.prod(shape))
+    stats = {"messages": 0}
+    train = list(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
+    threshold = threshold_for(len(train), cfg.secagg_dropout_tolerance)
+    for msg in train:  # the clients calibrate their noise shares for t survivors
+        msg.content["config"]["secagg-threshold"] = threshold
+        msg.content["config"]["secagg-num-clients"] = len(train)
+    stats["messages"] += 2 * len(train)
+    keys, metrics, book_key = {}, {}, {}
+    for msg in grid.send_and_receive(train, timeout=timeout):
+        node = msg.metadata.src_node_id
+        if not _ok(msg, server_round):
+            continue
+        record, m = _config(msg), dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+        if (record is None or int(m.get("server-round", -1)) != server_round or len(msg.content.array_records)
+                or set(record) != {"c-pk", "s-pk"}):
+            log.warning("round %d: node %s: malformed key advertisement rejected", server_round, node)
+            continue
+        if m.get(RUN_TAG_KEY) != run_tag(state.run_token):
+            log.warning("round %d: node %s: key advertisement for another run rejected", server_round, node)
+            continue
+        try:  # the accountant's books use the node's stable key, as in the clear rounds
+            book_key[node] = node_key(msg, m)
+        except InvalidReply as err:
+            log.warning("round %d: node %s: key advertisement rejected: %s", server_round, node, err)
+            continue
+        keys[node] = (bytes(record["c-pk"]), bytes(record["s-pk"]))
+        metrics[node] = m
+    shared = {k for k in book_key.values() if list(book_key.values()).count(k) > 1}
+    for node in [u for u, k in book_key.items() if k in shared]:  # one identity, one reply per round
+        log.warning("round %d: node %s shares its node key with another reply; rejected", server_round, node)
+        keys.pop(node), metrics.pop(node)
+    session = ServerSession(context=f"{state.run_token}/{server_round}", threshold=threshold, size=size)
+    roster = session.set_roster(keys)
+    order = sorted(roster)
+    roster_payload = {"nodes": order, "c-pk": [roster[u][0] for u in order], "s-pk": [roster[u][1] for u in order],
+                      "secagg-threshold": threshold}
+
+    replies = _request(grid, SHARES, {u: roster_payload for u in order}, server_round, state.run_token, timeout, stats)
+    shares = {}
+    for node, msg in replies.items():
+        record = _config(msg)
+        if record is None or set(record) != {"dst", "ct"} or len(record["dst"]) != len(record["ct"]):
+            log.warning("round %d: node %s: malformed shares rejected", server_round, node)
+            continue
+        shares[node] = {int(d): bytes(c) for d, c in zip(record["dst"], record["ct"])}
+    inbox = session.collect_shares(shares)
+    u2 = session.share_senders
+
+    payloads = {u: {"src": list(inbox[u]), "ct": list(inbox[u].values()), "senders": u2} for u in u2}
+    replies = _request(grid, MASKED, payloads, server_round, state.run_token, timeout, stats)
+    masked = {}
+    for node, msg in replies.items():
+        content = msg.content
+        if set(content.array_records.keys()) != {"secagg"} or set(content["secagg"].keys()) != {"masked"}:
+            log.warning("round %d: node %s: malformed masked input rejected", server_round, node)
+            continue
+        masked[node] = content["secagg"]["masked"].numpy()  # shape, dtype and range: ServerSession checks
+    survivors, dropped = session.collect_masked(masked)
+    if len(survivors) < cfg.min_clients:
+        raise SecAggError(f"only {len(survivors)} masked inputs (< min-clients {cfg.min_clients})")
+
+    payload = {"survivors": survivors, "dropped": dropped}
+    replies = _request(grid, UNMASK, {u: payload for u in survivors}, server_round, state.run_token, timeout, stats)
+    unmask = {}
+    for node, msg in replies.items():
+        r = _config(msg)
+        if r is None or set(r) != {"b-owner", "b-share", "s-owner", "s-share"}:
+            log.warning("round %d: node %s: malformed unmasking reply rejected", server_round, node)
+            continue
+        unmask[node] = ({int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
+                        {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])})
+    total = session.unmask(unmask)
+
+    m = len(survivors)
+    mean = decode_sum(total, bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
+                      batch_size=cfg.batch_size, num_summands=m)
+    noisy = torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype)
+    state.p_global, state.momentum = sgd_update(state.p_global, noisy, state.momentum, cfg.lr_global, cfg.momentum,
+                                                cfg.weight_decay)
+    if cfg.dp:  # only the survivors' data is in the release
+        for node in survivors:
+            key = book_key[node]
+            state.participation[key] = state.participation.get(key, 0) + 1
+            # a node that missed the setup phase (joined later) is booked with the rate it reports now
+            state.node_sample_rates.setdefault(key, strategy.sample_rate(key, metrics[node]))
+    z = state.noise_multiplier_global if cfg.dp else 0.0
+    z_eff = effective_noise_multiplier(z, m, threshold) if cfg.dp else 0.0
+    gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
+    summary = {"num-replies": float(m), "secagg-threshold": float(threshold),
+               # clients the round was sent to that are not in the sum, and those of them whose masks had to be
+               # removed (they dropped after relaying their shares)
+               "secagg-dropped": float(len(train) - m), "secagg-masks-removed": float(len(dropped)),
+               "secagg-messages": float(stats["messages"]), "noise-multiplier-global-effective": z_eff,
+               # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
+               "global-noise-std": z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)}
+    summary.update(strategy._summarize_node_metrics([metrics[u] for u in survivors if u in metrics]))
+    log.info("round %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
+             server_round, m, len(train), threshold, z_eff, z if math.isfinite(z) else float("nan"))
+    return strategy.current_arrays(), MetricRecord(summary)
+
