@@ -73,9 +73,9 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
 
 
 def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survivors(tmp_path, cache_dir):
-    # node 3 dies after sending its shares (before its masked input) in round 1
-    summary, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
-                              drop={(1, "train.secagg_masked"): {3}})
+    # node 3 dies after sending its shares (before its masked input) in round 1; min-clients 3 allows that
+    summary, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True,
+                                         "min-clients": 3}, drop={(1, "train.secagg_masked"): {3}})
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1 and rounds[0]["secagg-masks-removed"] == 1
     assert rounds[1]["num-replies"] == 4 and rounds[1]["secagg-dropped"] == 0
@@ -88,6 +88,16 @@ def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survi
     assert rounds[1]["noise-multiplier-global-effective"] == pytest.approx(z * (4 / 3) ** 0.5)
     assert sorted(state.participation.values()) == [1, 2, 2, 2]  # the dropped node was charged once
     assert np.isfinite(rounds[-1]["epsilon-global-max"])
+
+
+def test_fewer_masked_inputs_than_min_clients_update_nothing(tmp_path, cache_dir):
+    """The threshold lets the protocol unmask 3 of 4, but the run asked for 4: as in a clear round, nothing moves."""
+    _, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 4},
+                        drop={(1, "train.secagg_masked"): {3}})
+    assert [r["updated"] for r in rounds] == [False, True]
+    from server_app.checkpoint import RunDirectory
+
+    assert sorted(RunDirectory(tmp_path / "run").load().participation.values()) == [1, 1, 1, 1]
 
 
 def test_too_many_dropouts_fail_the_round_safely(tmp_path, cache_dir):
