@@ -169,8 +169,9 @@ def case_step(spec: dict) -> dict:
         full_enc = FullContextEncoder(model.model, model.tokenizer, names, n_ctx).to(device)
 
         def naive():
-            out = naive_dpfpl_step(model.model, full_enc, pixels, labels, p_global, local["p_local"], spec["rank"],
-                                   1.0, 10.0, 1e-3, torch.Generator().manual_seed(1), scale, spec.get("naive_samples"))
+            out = naive_dpfpl_step(model.model, full_enc, pixels, labels, batch, p_global, local["p_local"],
+                                   spec["rank"], 1.0, 10.0, 10.0, 1e-3, torch.Generator().manual_seed(1), scale,
+                                   spec.get("naive_samples"))
             naive_info.update({k: v for k, v in out.items() if not isinstance(v, torch.Tensor)})
             return out
         variants["naive-dp"] = naive
