@@ -7,6 +7,7 @@ global gradient); for every method, numeric metrics. Never p_L, its factors, fea
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -43,11 +44,15 @@ def _global_prompt(msg: Message) -> torch.Tensor | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.perf_counter()
     node = _node(context)
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"])})}
+    # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
+    # Flower's share of a round from the clients' (bench/step.py, docs/performance.md)
+    records = {"metrics": MetricRecord({**outcome.metrics, "server-round": int(config["server-round"]),
+                                        "client-seconds": time.perf_counter() - started})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
     return Message(content=RecordDict(records), reply_to=msg)
