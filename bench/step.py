@@ -1,6 +1,8 @@
 """Benchmark of a DP-FPL client step and of whole rounds: prints a table and writes JSON.
 
-    python -m bench.step                       # everything, CPU (about 30-40 min on 2 busy cores)
+    dpfpl bench                                # = python -m bench.step: everything, CPU (an hour or more on
+                                               # 2 shared cores: the ViT-B-16 step case alone took 19 min)
+    dpfpl bench --quick                        # fewer repeats/rounds, no ViT-B-16 ablation
     python -m bench.step --only step,scaling   # parts: step, scaling, client, flower
     python -m bench.step --device cuda         # the same on a GPU
 
