@@ -7,6 +7,7 @@ global gradient); for every method, numeric metrics. Never p_L, its factors, fea
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -21,6 +22,11 @@ from . import secagg
 from .node import PromptNode
 
 app = ClientApp()
+
+# Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
+# realized size, and the step's wall time (which grows with that size). In the central mode the server sees the
+# clear clipped gradient anyway and is trusted; under secure aggregation it is not, so they are left out there.
+CLEAR_ONLY_TO_A_TRUSTED_SERVER = ("train-loss", "batch-size", "client-seconds")
 log = logging.getLogger("dpfpl.client")
 
 
@@ -59,13 +65,19 @@ def _global_prompt(msg: Message) -> torch.Tensor | None:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     _check_classes(msg, context)
+    started = time.perf_counter()
     node = _node(context)
     config = msg.content["config"]
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
-    metrics = {**outcome.metrics, RUN_TAG_KEY: run_tag(str(config["run-token"]))}
+    # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
+    # Flower's share of a round from the clients' (bench/step.py, docs/performance.md)
+    metrics = {**outcome.metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])),
+               "client-seconds": time.perf_counter() - started}
     if node.cfg.secure_aggregation and outcome.global_grad is not None:
-        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py)
+        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py).
+        # The server is not trusted here, so nothing computed from the training data without noise goes in clear.
+        metrics = {k: v for k, v in metrics.items() if k not in CLEAR_ONLY_TO_A_TRUSTED_SERVER}
         return secagg.advertise_reply(msg, context, outcome.global_grad, metrics)
     records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
     if outcome.global_grad is not None:

@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark has its own options (python -m bench.step --help)
+        from bench.step import main as bench_main
+
+        bench_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     preset_help = "a named run-config preset (`dpfpl presets` lists them), applied under -c overrides"
@@ -271,6 +277,7 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", help=preset_help)
     p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
     sub.add_parser("presets", help="list the named presets (the papers' settings)")
+    sub.add_parser("bench", help="benchmark of the DP-FPL step and of rounds (table + JSON; `dpfpl bench --help`)")
     p = sub.add_parser("report")
     p.add_argument("run_dir")
     p = sub.add_parser("sweep", help="methods x epsilons x seeds (x ranks), resumable, tabulated as in the papers")

@@ -215,6 +215,9 @@ class PromptStrategy(Strategy):
             values = [m[key] for m in rows if key in m]
             if values:
                 out[key + "-max"] = float(max(values))
+        seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
+        if seconds:  # the clients' own compute this round, against the round's wall time
+            out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
         losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
         if losses:
             out["train-loss"] = float(np.mean(losses))

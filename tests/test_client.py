@@ -135,7 +135,9 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
     after_again = NodeState.load(state_dir)
     sent = lambda m: m.content["arrays"]["global-grad"].numpy()  # noqa: E731
     np.testing.assert_array_equal(sent(first), sent(again))
-    assert dict(first.content["metrics"]) == dict(again.content["metrics"])
+    # the same metrics, except the handler's own wall time (client-seconds, the benchmark's measure)
+    same = lambda m: {k: v for k, v in dict(m.content["metrics"]).items() if k != "client-seconds"}  # noqa: E731
+    assert same(first) == same(again)
     assert len(after_again.accountant.history) == 1
     assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
     client_module.train(_train_msg(p_global + 1.0, 1), ctx)  # same round, another p_G: a real step
