@@ -91,6 +91,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         # a checkpoint at round 0 means the setup phase runs again: drop its earlier line
         run_dir.truncate_metrics(state.server_round if state.server_round > 0 else -1)
     strategy = PromptStrategy(cfg, state)
+    run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
         zs = _evaluate(strategy, grid, 0, "zeroshot")
