@@ -91,8 +91,8 @@ class PublishedPrompt:
     def save(self, path: str | Path) -> Path:
         """Write atomically; the digest covers every tensor and the manifest."""
         path = Path(path)
-        tensors = {"prompt": self.prompt.detach().float().contiguous().cpu()}
-        tensors.update({k: v.detach().float().contiguous().cpu() for k, v in self.parts.items()})
+        tensors = {k: v.detach().float().cpu().clone().contiguous()  # clone: parts may alias the prompt
+                   for k, v in {"prompt": self.prompt, **self.parts}.items()}
         metadata = {MANIFEST_KEY: self.manifest.model_dump_json()}
         write_tensors(path, tensors, {**metadata, DIGEST_KEY: tensor_digest(tensors, metadata)})
         return path
@@ -140,7 +140,7 @@ def weights_sha256(model: LoadedModel) -> str:
     for name, t in sorted(model.model.state_dict().items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
