@@ -14,10 +14,10 @@ import torch
 
 from common.atomic import previous_path
 from common.config import NodeConfig, RunConfig
-from common.evaluation import accuracy, cross_entropy
+from common.evaluation import accuracy, cross_entropy, harmonic_mean
 from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
 from common.models import LoadedModel, cached_clip
-from common.node import NodeData, load_node_data
+from common.node import NOVEL, NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
 
@@ -27,17 +27,21 @@ log = logging.getLogger("dpfpl.client")
 
 
 @lru_cache(maxsize=4)
-def _encoder(model_name: str, pretrained: str, cache: str | None, n_ctx: int, classnames: tuple[str, ...],
-             device: torch.device):
+def _model(model_name: str, pretrained: str, cache: str | None, device: torch.device) -> LoadedModel:
     model = cached_clip(model_name, pretrained, cache)
     model.model.to(device)
-    return model, PromptTextEncoder(model.model, model.tokenizer, list(classnames), n_ctx).to(device)
+    return model
+
+
+@lru_cache(maxsize=8)
+def _encoder(model: LoadedModel, n_ctx: int, classnames: tuple[str, ...], device: torch.device) -> PromptTextEncoder:
+    """Token ids and frozen prefix/suffix embeddings of a class list: built once per process, not per round."""
+    return PromptTextEncoder(model.model, model.tokenizer, list(classnames), n_ctx).to(device)
 
 
 @lru_cache(maxsize=16)
 def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: torch.device) -> NodeData:
-    data = load_node_data(cfg, node, model, node.cache_dir)
-    return NodeData(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(data).items()})
+    return load_node_data(cfg, node, model, node.cache_dir).to(device)
 
 
 def _digest(p_global: torch.Tensor | None) -> str:
@@ -84,11 +88,10 @@ class PromptNode:
         self.cfg = cfg
         self.node = node
         self.state_dir = node.resolved_state_dir(cfg.run_dir)
-        classnames = tuple(cfg.class_list())
         self.device = node.resolved_device()
-        self.model, self.encoder = _encoder(cfg.model_name, cfg.pretrained, node.cache_dir, cfg.n_ctx,
-                                            classnames, self.device)
+        self.model = _model(cfg.model_name, cfg.pretrained, node.cache_dir, self.device)
         self.data = _node_data(cfg, node, self.model, self.device)
+        self.encoder = _encoder(self.model, cfg.n_ctx, tuple(self.data.classnames), self.device)
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         self.learner = PromptLearner(self.method, self.encoder, float(self.model.model.logit_scale.exp()))
 
@@ -177,21 +180,27 @@ class PromptNode:
     def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
         """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not
         trained yet (no local state of this run) is evaluated with the method's freshly initialized local part."""
+        d = self.data
+        encoders = {"task": self.encoder}
+        if d.novel_classnames:
+            encoders[NOVEL] = _encoder(self.model, self.cfg.n_ctx, tuple(d.novel_classnames), self.device)
         with torch.no_grad():
             if zeroshot or not self.method.trains:
-                text = self.encoder.handcrafted_features()
+                text = {k: enc.handcrafted_features() for k, enc in encoders.items()}
             else:
                 state = NodeState.load(self.state_dir)
                 if state is not None and state.run_key == run_token:
                     local = state.local
                 else:
                     local = self._fresh_local()
-                text = self.learner.text_features(None if p_global is None else p_global.to(self.device),
-                                                  {k: v.to(self.device) for k, v in local.items()})
-        d = self.data
-        return {
-            "local-acc": accuracy(text, d.local_features, d.local_labels),
-            "neighbor-acc": accuracy(text, d.neighbor_features, d.neighbor_labels),
-            "local-loss": cross_entropy(text, d.local_features, d.local_labels, self.learner.logit_scale),
-            "num-examples": float(d.num_train),
-        }
+                p_g = None if p_global is None else p_global.to(self.device)
+                local = {k: v.to(self.device) for k, v in local.items()}
+                text = {k: self.learner.text_features(p_g, local, enc) for k, enc in encoders.items()}
+        metrics = {f"{name}-acc": accuracy(text[e.classifier], e.features, e.labels) for name, e in d.evals.items()}
+        metrics["local-loss"] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
+        if d.protocol == "base-novel":
+            metrics["hm"] = harmonic_mean([metrics["local-acc"], metrics["base-acc"], metrics["novel-acc"]])
+        metrics["num-examples"] = float(d.num_train)
+        if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table
+            metrics["partition-id"] = float(self.node.partition_id)
+        return metrics

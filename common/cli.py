@@ -3,7 +3,9 @@
     dpfpl demo                 build the demo backbone (once), run DP-FPL with 10 simulated clients on the
                                embedded default, print zero-shot vs final accuracy and the privacy report
     dpfpl simulate -c k=v ...  the same engine with any run-config override (keys of [tool.flwr.app.config])
-    dpfpl prepare              only build/cache the demo backbone and image features
+    dpfpl prepare              only build/cache the backbone and the data set's image features
+    dpfpl partition -c k=v     print the data set and each simulated client's classes and counts
+    dpfpl presets              list the papers' settings (use with --preset NAME)
     dpfpl report RUN_DIR       print the table of a finished run
     dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
                                run every combination (resumable) and write results.csv, table.md and plots
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .launch import PROJECT_ROOT, run_simulation
+from .presets import describe_presets, preset_overrides
 
 
 def _default_run_config() -> dict:
@@ -46,12 +49,36 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def prepare(cfg: RunConfig) -> None:
-    from .features import demo_features
+def prepare(cfg: RunConfig, print_partition: bool = True) -> None:
+    """Load the backbone, check the data set and encode its images once (shared by every simulated node
+    through the feature cache), and print the partition the nodes will compute."""
+    import torch
+
     from .models import load_clip
 
     model = load_clip(cfg.model_name, cfg.pretrained)
-    demo_features(model, progress=True)
+    if torch.cuda.is_available():  # encoding a real data set is image-tower work: use the GPU when there is one
+        model.model.to("cuda")
+    if cfg.dataset == "silo":
+        return  # each node reads and checks its own silo
+    from .features import augmented_train_features, dataset_features
+    from .node import run_dataset, run_partition
+
+    data = run_dataset(cfg)
+    if print_partition:
+        print(data.summary())
+        print(run_partition(cfg).summary())
+    dataset_features(model, data, progress=True)
+    if cfg.augment_views:
+        augmented_train_features(model, data, cfg.augment_views, cfg.seed, progress=True)
+
+
+def show_partition(cfg: RunConfig) -> None:
+    """``dpfpl partition``: the data set and each client's classes and counts, without training."""
+    from .node import run_dataset, run_partition
+
+    print(run_dataset(cfg).summary())
+    print(run_partition(cfg).summary())
 
 
 def _fmt(x) -> str:
@@ -62,18 +89,33 @@ def _fmt(x) -> str:
     return str(x)
 
 
+REPORT_COLUMNS = {"local-acc": "local", "neighbor-acc": "neighbor", "base-acc": "base", "novel-acc": "novel",
+                  "hm-of-means": "HM"}
+
+
 def report(run_dir: Path) -> str:
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     zs, fin, priv = summary["zeroshot"], summary["final"], summary["privacy"]
+    last = summary.get("last-rounds-mean") or {}
+    protocol = summary.get("evaluation-protocol") or {"name": "pathological", "description": "pathological"}
+    # the columns this protocol reports (demo/pathological: local + neighbor; base-novel: + base, novel, HM)
+    columns = [k for k in REPORT_COLUMNS if any(k in row for row in (zs, fin, last))] or ["local-acc", "neighbor-acc"]
+
+    def row(title: str, values: dict) -> str:
+        return f"{title:<34}" + "".join(f"{_fmt(values.get(k)):>10}" for k in columns)
+
     lines = [
         f"method {summary['method']} | model {summary['model']} | {summary['num-clients']} clients | "
         f"{summary['rounds']} rounds",
+        f"evaluation: {protocol['description']}",
         "",
-        f"{'accuracy (mean over clients)':<34}{'local':>10}{'neighbor':>10}",
-        f"{'zero-shot (a photo of a {c}.)':<34}{_fmt(zs.get('local-acc')):>10}{_fmt(zs.get('neighbor-acc')):>10}",
-        f"{'final personalized prompt':<34}{_fmt(fin.get('local-acc')):>10}{_fmt(fin.get('neighbor-acc')):>10}",
-        "",
+        f"{'accuracy (mean over clients)':<34}" + "".join(f"{REPORT_COLUMNS[k]:>10}" for k in columns),
+        row("zero-shot (a photo of a {c}.)", zs),
+        row("final personalized prompt", fin),
     ]
+    if last.get("evaluations"):
+        lines.append(row(f"mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
+    lines.append("")
     if priv["dp"]:
         lines += [
             f"privacy ({priv['accountant']}; {priv['neighbouring-relation']}; delta = {priv['delta']:g})",
@@ -97,7 +139,7 @@ def plot(run_dir: Path) -> Path:
 
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("local-acc", "local"), ("neighbor-acc", "neighbor")):
+    for key, label in REPORT_COLUMNS.items():
         pts = [(r["round"], r[key]) for r in rows if key in r]
         if pts:
             ax_acc.plot(*zip(*pts), marker="o", label=label)
@@ -117,11 +159,34 @@ def plot(run_dir: Path) -> Path:
     return out
 
 
-def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool) -> Path:
+def _checked_config(overrides: dict) -> RunConfig:
+    """The run config a command would use, validated before anything starts (a bad key, value or data set
+    ends the command with the reason, not a traceback)."""
+    from pydantic import ValidationError
+
+    from .data.images import DatasetError
+
+    try:
+        return RunConfig.from_flower({**_default_run_config(), **overrides})
+    except ValidationError as err:
+        problems = [f"  {'-'.join(str(x) for x in e['loc']).replace('_', '-') or 'run config'}: "
+                    f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        raise SystemExit("dpfpl: invalid run config:\n" + "\n".join(problems)) from None
+    except DatasetError as err:
+        raise SystemExit(f"dpfpl: {err}") from None
+
+
+def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool,
+             gpus_per_client: float | None = None) -> Path:
+    import torch
+
     config = {**_default_run_config(), **overrides, "run-dir": str(run_dir.resolve())}
-    cfg = RunConfig.from_flower(config)  # fail fast on a bad key or value
+    cfg = _checked_config({**overrides, "run-dir": str(run_dir.resolve())})  # fail fast on a bad key or value
     prepare(cfg)
-    run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream)
+    if gpus_per_client is None:  # share the visible GPUs among at most 4 concurrent clients; none: CPU
+        gpus_per_client = min(1.0, torch.cuda.device_count() / min(4, cfg.num_clients)) if torch.cuda.is_available() else 0.0
+    run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream,
+                   num_gpus_per_client=gpus_per_client)
     return run_dir
 
 
@@ -146,7 +211,8 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         outputs = report(out)
         print("\n".join(f"{name}: {path}" for name, path in outputs.items()))
         return 0
-    base = {**DEMO_PRESET, "resume": True, **_parse_overrides(args.run_config)}
+    preset = preset_overrides(args.preset) if args.preset else DEMO_PRESET
+    base = {**preset, "resume": True, **_parse_overrides(args.run_config)}
     try:
         spec = SweepSpec(
             methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)],
@@ -170,19 +236,40 @@ def _terminate_cleanly(signum, frame):  # SIGTERM -> exception, so launch's fina
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .data.images import DatasetError
+
+    try:
+        _main(argv)
+    except DatasetError as err:  # a data set problem is the user's to fix: say what and where, no traceback
+        raise SystemExit(f"dpfpl: {err}") from None
+
+
+def _main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
     parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    preset_help = "a named run-config preset (`dpfpl presets` lists them), applied under -c overrides"
     for name in ("demo", "simulate"):
         p = sub.add_parser(name)
+        p.add_argument("--preset", help=preset_help)
         p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
         p.add_argument("--run-dir", default="runs/demo" if name == "demo" else "runs/latest")
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
+        p.add_argument("--gpus-per-client", type=float, default=None,
+                       help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is "
+                            "visible, else 0)")
     p = sub.add_parser("submit", help="submit to a SuperLink connection in $FLWR_HOME/config.toml and follow it")
     p.add_argument("connection")
+    p.add_argument("--preset", help=preset_help)
     p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
     p.add_argument("--timeout", type=float, default=24 * 3600)
-    sub.add_parser("prepare")
+    p = sub.add_parser("prepare", help="build/check the backbone and data set, encode image features (once)")
+    p.add_argument("--preset", help=preset_help)
+    p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
+    p = sub.add_parser("partition", help="print the data set and each client's classes and counts")
+    p.add_argument("--preset", help=preset_help)
+    p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
+    sub.add_parser("presets", help="list the named presets (the papers' settings)")
     p = sub.add_parser("report")
     p.add_argument("run_dir")
     p = sub.add_parser("sweep", help="methods x epsilons x seeds (x ranks), resumable, tabulated as in the papers")
@@ -191,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--ranks", default="8", help="ranks of the factorized methods (dpfpl, dpfpl-noresidual, fedpgp)")
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--preset", help=preset_help + " (instead of the demo preset)")
     p.add_argument("-c", "--run-config", action="append", default=[],
                    help="key=value (TOML value), applied to every run over the demo preset")
     p.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process")
@@ -200,15 +288,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    if args.command == "presets":
+        print(describe_presets())
+        return
     if args.command == "submit":
         from .launch import submit_run
 
-        overrides = _parse_overrides(args.run_config)
-        RunConfig.from_flower({**_default_run_config(), **overrides})  # fail fast
+        overrides = {**preset_overrides(args.preset), **_parse_overrides(args.run_config)}
+        _checked_config(overrides)  # fail fast
         run_id = submit_run(args.connection, overrides, timeout=args.timeout)
         print(f"run {run_id} completed")
-    elif args.command == "prepare":
-        prepare(RunConfig.from_flower(_default_run_config()))
+    elif args.command in ("prepare", "partition"):
+        cfg = _checked_config({**preset_overrides(args.preset), **_parse_overrides(args.run_config)})
+        prepare(cfg) if args.command == "prepare" else show_partition(cfg)
     elif args.command == "sweep":
         sys.exit(sweep(args, sys.argv[1:] if argv is None else argv))
     elif args.command == "report":
@@ -216,11 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"curves: {plot(Path(args.run_dir))}")
     else:
         started = time.time()
-        overrides = _parse_overrides(args.run_config)
+        overrides = {**preset_overrides(args.preset), **_parse_overrides(args.run_config)}
+        if args.preset:
+            print(f"preset {args.preset}:", ", ".join(f"{k}={v}" for k, v in preset_overrides(args.preset).items()))
         if args.command == "demo":
             overrides = {**DEMO_PRESET, **overrides}
             print("demo preset:", ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()))
-        run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet)
+        run_dir = simulate(overrides, Path(args.run_dir), None, stream=not args.quiet,
+                           gpus_per_client=args.gpus_per_client)
         print()
         print(report(run_dir))
         print(f"curves: {plot(run_dir)}")

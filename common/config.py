@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     import torch
 
+DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
+                      "cifar100", "folder", "csv"]
 Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl"]
 METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl")
 
@@ -28,9 +30,15 @@ class RunConfig(BaseModel):
     method: Method = "dpfpl"
     model_name: str = "dpfpl-demo-tiny"
     pretrained: str = "demo"
-    dataset: Literal["demo", "silo"] = "demo"
+    dataset: DatasetName = "demo"
+    data_root: str = ""  # the folder holding the data set (CoOp's $DATA, torchvision's CIFAR root, a folder/CSV)
     classnames: str = ""  # silo mode: the run's class list, comma-separated, identical on every node
     silo_root: str = ""  # silo mode in simulation: node I reads silo-root/I (deployment: node config data-dir)
+    partition: Literal["pathological", "dirichlet", "base-novel"] = "pathological"
+    dirichlet_alpha: float = Field(0.3, gt=0)
+    min_samples_per_client: int = Field(10, ge=1)  # dirichlet: redraw until every client has this many
+    num_shots: int = Field(0, ge=0)  # k > 0: k training records per class of each client (few-shot)
+    augment_views: int = Field(0, ge=0)  # > 0: random-resized-crop + flip views per training image, encoded once
     n_ctx: int = Field(16, ge=1, le=64)
     ctx_init: str = ""
     rank: int = Field(8, ge=1)
@@ -38,7 +46,7 @@ class RunConfig(BaseModel):
     contrastive_temperature: float = Field(0.5, gt=0)
 
     num_clients: int = Field(10, ge=1)
-    classes_per_client: int = Field(2, ge=1)
+    classes_per_client: int = Field(2, ge=0)  # pathological / base-novel; 0: round(C/N), remainder to the last
     num_server_rounds: int = Field(100, ge=1)
     min_clients: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -75,6 +83,11 @@ class RunConfig(BaseModel):
             )
         if self.dataset == "silo" and len(self.class_list()) < 2:
             raise ValueError("dataset = 'silo' needs classnames = \"name1,name2,...\" (at least two classes)")
+        if self.dataset not in ("demo", "silo") and not self.data_root:
+            raise ValueError(f"dataset = '{self.dataset}' needs data-root (the folder that holds it)")
+        if self.dataset == "silo" and (self.partition != "pathological" or self.num_shots or self.augment_views):
+            raise ValueError("dataset = 'silo' is each organization's own data: partition, num-shots and "
+                             "augment-views do not apply")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self
@@ -87,10 +100,18 @@ class RunConfig(BaseModel):
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
 
     def class_list(self) -> list[str]:
+        """All class names of the task (the data set's own list; silo: ``classnames``)."""
         if self.dataset == "demo":
             from .data.demo import DEMO_CLASSES
 
             return list(DEMO_CLASSES)
+        if self.dataset != "silo":
+            from .data.registry import load_dataset
+
+            return list(load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames)
+        return self.explicit_classnames()
+
+    def explicit_classnames(self) -> list[str]:
         names = [c.strip() for c in self.classnames.split(",") if c.strip()]
         if len(set(names)) != len(names):
             raise ValueError(f"classnames has duplicates: {names}")

@@ -8,7 +8,9 @@ and every round afterwards is text-tower work only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -16,6 +18,12 @@ from tqdm.auto import tqdm
 from .atomic import read_tensors, write_tensors
 from .config import cache_dir
 from .models import LoadedModel, demo_pixels
+
+if TYPE_CHECKING:
+    from .data.images import ImageDataset
+
+# The papers' training augmentation (CoOp/Dassl: random_resized_crop with scale 0.08-1, random_flip).
+AUGMENT_SCALE = (0.08, 1.0)
 
 
 @torch.no_grad()
@@ -55,3 +63,84 @@ def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.T
                           for i in range(0, len(silo.paths), 128)])
 
     return _cached(model, f"silo-{silo.fingerprint}", cache, compute)
+
+
+def _preprocess_cfg(model: LoadedModel) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    import open_clip
+
+    cfg = getattr(model.model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", getattr(model.model.visual, "image_size", 224))
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return (int(size), tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+            tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)))
+
+
+def augment_transform(model: LoadedModel):
+    """Random resized crop (scale 0.08-1, bicubic) + horizontal flip + the model's normalization."""
+    from torchvision import transforms as T
+
+    size, mean, std = _preprocess_cfg(model)
+    return T.Compose([T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.ndarray, transform, desc: str,
+                    progress: bool, batch_size: int = 128) -> torch.Tensor:
+    """Features of ``indices`` under ``transform`` (None: the model's evaluation preprocess). Every image that
+    cannot be decoded is collected and reported together, by file, before anything is cached."""
+    from .data.images import DatasetError
+
+    device = next(model.model.parameters()).device
+    bad: list[str] = []
+    chunks = []
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not progress, unit="batch"):
+        idx = indices[start:start + batch_size]
+        if transform is None and dataset.batch_pixels is not None:
+            pixels = dataset.batch_pixels(idx)
+        else:
+            tf = transform or model.preprocess
+            items = []
+            for i in idx.tolist():
+                try:
+                    items.append(tf(dataset.source.image(i)))
+                except DatasetError as err:
+                    bad.append(str(err).splitlines()[0])
+            if bad:  # keep scanning for every bad file, skip the compute
+                continue
+            pixels = torch.stack(items)
+        with torch.no_grad():
+            chunks.append(F.normalize(model.model.encode_image(pixels.to(device)), dim=-1).cpu())
+    if bad:
+        raise DatasetError(f"{len(bad)} images of {dataset.name} cannot be used:\n  - " + "\n  - ".join(bad[:20])
+                           + ("\n  ..." if len(bad) > 20 else ""))
+    return torch.cat(chunks) if chunks else torch.zeros(0)
+
+
+def dataset_features(model: LoadedModel, dataset: "ImageDataset", cache: str | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """Normalized features of every record (train and test) under the evaluation preprocess, cached per
+    (weights, data set content)."""
+    key = f"{dataset.name}-{dataset.fingerprint}"
+    return _cached(model, key, cache, lambda: _encode_records(
+        model, dataset, np.arange(len(dataset)), None, f"encoding {dataset.name} images (once)", progress))
+
+
+def augmented_train_features(model: LoadedModel, dataset: "ImageDataset", views: int, seed: int,
+                             cache: str | None = None, progress: bool = False) -> torch.Tensor:
+    """(views, number of training records, D): ``views`` augmented views of every training record (in
+    ``dataset.train_indices()`` order), each encoded once and cached, so training draws a view per sampled
+    record without running the image tower again. Views are seeded: the same views on every node and run."""
+    key = f"{dataset.name}-{dataset.fingerprint}-aug{views}-s{seed}-rrc{AUGMENT_SCALE[0]:g}"
+    train = dataset.train_indices()
+
+    def compute() -> torch.Tensor:
+        tf = augment_transform(model)
+        out = []
+        for v in range(views):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1009 + v)
+                out.append(_encode_records(model, dataset, train, tf, f"encoding view {v + 1}/{views} (once)",
+                                           progress))
+        return torch.stack(out)
+
+    return _cached(model, key, cache, compute)

@@ -47,7 +47,7 @@ def _toml_value(v) -> str:
 
 
 def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
-                   timeout: float = 3600, stream: bool = True) -> None:
+                   timeout: float = 3600, stream: bool = True, num_gpus_per_client: float = 0.0) -> None:
     """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink."""
     work_dir = Path(work_dir).resolve()
     flwr_home = work_dir / ".flwr"
@@ -57,7 +57,8 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     config = {"superlink": {"default": "dpfpl-sim", "dpfpl-sim": {
         "address": f"127.0.0.1:{port}", "insecure": True,
         "options": {"num-supernodes": num_supernodes,
-                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": 0.0}}},
+                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client,
+                                                "num-gpus": float(num_gpus_per_client)}}},
     }}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = uuid.uuid4().hex

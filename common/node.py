@@ -1,60 +1,145 @@
-"""What a node trains and evaluates on: its silo's cached image features, split into train, local test
-and neighbor test (DP-FPL's protocol), for the embedded demo data set."""
+"""What a node trains and evaluates on: cached image features of its share of a data set (simulation with a
+partitioner) or of its own silo (deployment), split into training records and the evaluation sets of the
+run's protocol (SPEC section 7):
+
+* pathological (DP-FPL): ``local`` (own classes) and ``neighbor`` (the other clients' classes), classifier over
+  all C classes;
+* dirichlet (CIFAR): ``local`` (own Dirichlet test shard), classifier over all C classes;
+* base-novel (FedPGP): ``local`` and ``base`` with the base-class classifier, ``novel`` with the novel-class
+  classifier (novel class names are never seen in training);
+* silo: ``local`` (the organization's own test images).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 import torch
 
 from .config import NodeConfig, RunConfig
-from .data.demo import load_demo_dataset
-from .data.partition import pathological_partition
-from .features import demo_features
+from .data.images import ImageDataset
+from .data.partition import Partition, partition_dataset
 from .models import LoadedModel
+
+log = logging.getLogger("dpfpl.node")
+
+NOVEL = "novel"  # an evaluation set scored with the novel-class classifier
+
+
+@dataclass
+class EvalSet:
+    features: torch.Tensor
+    labels: torch.Tensor  # indices into the classifier's class list
+    classifier: str = "task"  # "task": the training classifier; "novel": the novel classes' classifier
 
 
 @dataclass
 class NodeData:
-    classnames: list[str]
+    classnames: list[str]  # the training classifier (all classes; base-novel: the base classes)
     own_classes: list[int]
-    train_features: torch.Tensor
+    train_features: torch.Tensor  # (N, D), or (views, N, D) with augmentation
     train_labels: torch.Tensor
-    local_features: torch.Tensor
-    local_labels: torch.Tensor
-    neighbor_features: torch.Tensor
-    neighbor_labels: torch.Tensor
+    evals: dict[str, EvalSet]
+    protocol: str
+    novel_classnames: list[str] = field(default_factory=list)
 
     @property
     def num_train(self) -> int:
         return len(self.train_labels)
+
+    def to(self, device: torch.device) -> "NodeData":
+        return replace(self, train_features=self.train_features.to(device), train_labels=self.train_labels.to(device),
+                       evals={k: EvalSet(e.features.to(device), e.labels.to(device), e.classifier)
+                              for k, e in self.evals.items()})
+
+    def _eval(self, name: str) -> EvalSet:
+        if name in self.evals:
+            return self.evals[name]
+        d = self.train_features.shape[-1]
+        return EvalSet(self.train_features.new_zeros(0, d), self.train_labels[:0])
+
+    # the DP-FPL protocol's two sets, by name (empty when the protocol has none)
+    @property
+    def local_features(self) -> torch.Tensor:
+        return self._eval("local").features
+
+    @property
+    def local_labels(self) -> torch.Tensor:
+        return self._eval("local").labels
+
+    @property
+    def neighbor_features(self) -> torch.Tensor:
+        return self._eval("neighbor").features
+
+    @property
+    def neighbor_labels(self) -> torch.Tensor:
+        return self._eval("neighbor").labels
+
+
+def run_dataset(cfg: RunConfig) -> ImageDataset:
+    from .data.registry import load_dataset
+
+    return load_dataset(cfg.dataset, cfg.data_root, tuple(cfg.explicit_classnames()), cfg.seed)
+
+
+@lru_cache(maxsize=8)
+def run_partition(cfg: RunConfig) -> Partition:
+    """The run's partition: every node computes the same one from the seed (nothing about it is sent)."""
+    data = run_dataset(cfg)
+    return partition_dataset(data.labels, data.is_test, data.classnames, cfg.partition, cfg.num_clients, cfg.seed,
+                             cfg.classes_per_client, cfg.dirichlet_alpha, cfg.min_samples_per_client, cfg.num_shots)
 
 
 def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
     if cfg.dataset == "silo":
         return load_silo_data(cfg, node, model, cache)
     if node.partition_id is None:
-        raise ValueError("the demo data set is partitioned in simulation: the node config needs 'partition-id'")
-    data = load_demo_dataset()
-    parts = pathological_partition(len(data.classnames), cfg.num_clients, cfg.classes_per_client, cfg.seed)
-    if node.partition_id >= len(parts):
+        raise ValueError(f"dataset '{cfg.dataset}' is partitioned among simulated clients: the node config needs "
+                         "'partition-id' (an organization with its own data uses dataset = 'silo' and data-dir)")
+    from .features import augmented_train_features, dataset_features
+
+    data = run_dataset(cfg)
+    part = run_partition(cfg)
+    if node.partition_id >= len(part.clients):
         raise ValueError(f"partition-id {node.partition_id} >= num-clients {cfg.num_clients}")
-    own = parts[node.partition_id]
-    others = sorted({c for i, p in enumerate(parts) if i != node.partition_id for c in p})
-    feats = demo_features(model, cache)
+    me = part.clients[node.partition_id]
+    feats = dataset_features(model, data, cache)
     labels = torch.from_numpy(data.labels)
-    is_test = torch.from_numpy(data.is_test)
+    if cfg.augment_views:
+        views = augmented_train_features(model, data, cfg.augment_views, cfg.seed, cache)
+        train_feats = views[:, torch.from_numpy(np.searchsorted(data.train_indices(), me.train))]
+    else:
+        train_feats = feats[torch.from_numpy(me.train)]
+    test_idx = data.test_indices()
 
-    def select(classes: list[int], test: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = torch.from_numpy(np.isin(data.labels, classes)) & (is_test if test else ~is_test)
-        return feats[mask], labels[mask]
+    def records(idx: np.ndarray, offset: int = 0, classifier: str = "task") -> EvalSet:
+        t = torch.from_numpy(idx)
+        return EvalSet(feats[t], labels[t] - offset, classifier)
 
-    return NodeData(data.classnames, own, *select(own, False), *select(own, True), *select(others, True))
+    def test_of(classes: list[int]) -> np.ndarray:
+        return test_idx[np.isin(data.labels[test_idx], classes)]
+
+    classnames, novel_names = list(data.classnames), []
+    evals = {"local": records(me.test)}
+    if part.protocol == "pathological":
+        others = sorted({c for i, p in enumerate(part.clients) if i != node.partition_id for c in p.classes})
+        evals["neighbor"] = records(test_of(others))
+    elif part.protocol == "base-novel":
+        base, novel = part.base_classes or [], part.novel_classes or []
+        classnames, novel_names = [data.classnames[c] for c in base], [data.classnames[c] for c in novel]
+        evals["base"] = records(test_of(base))
+        evals["novel"] = records(test_of(novel), offset=len(base), classifier=NOVEL)  # novel labels start at 0
+    log.info("node %d: %d training records of %d classes (%s partition)", node.partition_id, len(me.train),
+             len(me.classes), part.protocol)
+    return NodeData(classnames, list(me.classes), train_feats, labels[torch.from_numpy(me.train)], evals,
+                    part.protocol, novel_names)
 
 
 def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
-    """Silo mode: the node's own images (checked against the run's class list), no neighbor test set."""
+    """Silo mode: the node's own images (checked against the run's class list), local test set only."""
     from .data.silo import SiloError, load_silo
     from .features import silo_features
 
@@ -70,5 +155,5 @@ def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
     labels = torch.from_numpy(silo.labels)
     test = torch.from_numpy(silo.is_test)
     own = sorted(set(silo.labels.tolist()))
-    empty_f, empty_l = feats[:0], labels[:0]
-    return NodeData(classnames, own, feats[~test], labels[~test], feats[test], labels[test], empty_f, empty_l)
+    return NodeData(classnames, own, feats[~test], labels[~test], {"local": EvalSet(feats[test], labels[test])},
+                    "silo")

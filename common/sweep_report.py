@@ -272,7 +272,7 @@ def write_results_csv(records: list[RunRecord], out: Path) -> Path:
     keys: list[str] = []
     for r in records:
         for row in r.metrics:
-            keys += [k for k in row if k not in fixed and k not in keys]
+            keys += [k for k in row if k not in fixed and k not in keys and not isinstance(row[k], (dict, list))]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fixed + keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -103,7 +103,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         state.calibrated_rounds = cfg.num_server_rounds if cfg.uses_calibration else 0
         log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
                  zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
-        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global})
+        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global,
+                                "per-client": strategy.client_evaluations})
         run_dir.save(state)
     strategy.summary()
 
@@ -122,6 +123,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         state.server_round = server_round
         if should_evaluate(cfg, server_round):
             record.update(_evaluate(strategy, grid, server_round, "personalized"))
+            record["per-client"] = strategy.client_evaluations
         record["round-seconds"] = round(time.time() - started, 3)
         run_dir.save(state)  # checkpoint first, then the metrics line: a crash in between re-runs the round
         run_dir.append_metrics(record)
@@ -133,7 +135,33 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     return summary
 
 
-ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm")
+ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "hm-of-means")
+
+PROTOCOL_DESCRIPTIONS = {
+    "pathological": "pathological (DP-FPL): disjoint classes per client; local = own classes' test images, "
+                    "neighbor = the other clients' classes; classifier over all classes",
+    "dirichlet": "dirichlet (CIFAR): label skew Dir(alpha) on train and test; local = the client's own test "
+                 "shard; classifier over all classes",
+    "base-novel": "base-novel (FedPGP): local = own base classes, base = all base classes (base classifier), "
+                  "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
+                  "hm-of-means = HM of the three means",
+    "silo": "silo: each organization's own test images (local only)",
+}
+
+
+def evaluation_protocol(cfg: RunConfig) -> dict:
+    protocol = "silo" if cfg.dataset == "silo" else cfg.partition
+    out = {"name": protocol, "description": PROTOCOL_DESCRIPTIONS[protocol], "dataset": cfg.dataset,
+           "mean-over": "clients, unweighted", "last-rounds": cfg.eval_last}
+    if protocol == "dirichlet":
+        out["dirichlet-alpha"] = cfg.dirichlet_alpha
+    if protocol in ("pathological", "base-novel"):
+        out["classes-per-client"] = cfg.classes_per_client or "round(C/N)"
+    if cfg.num_shots:
+        out["num-shots"] = cfg.num_shots
+    if cfg.augment_views:
+        out["augment-views"] = cfg.augment_views
+    return out
 
 
 def last_rounds_mean(evals: list[dict], count: int) -> dict:
@@ -162,9 +190,11 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "model": f"{cfg.model_name} ({cfg.pretrained})",
         "rounds": state.server_round,
         "num-clients": cfg.num_clients,
+        "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
         "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
+        "final-per-client": last.get("per-client", {}),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.config import RunConfig
+from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
 from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_noise_multiplier
@@ -30,6 +31,19 @@ from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_nois
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
+
+
+# per-client evaluation metrics averaged over clients (unweighted, as the papers report)
+EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
+
+
+def client_label(node_id: int | str, metrics: dict) -> str:
+    """How a client is named in the per-client table: its partition id where it has one (stable across runs and
+    resumes, and the name the partition summary uses), else its node id (a silo without a partition)."""
+    pid = metrics.get("partition-id")
+    if isinstance(pid, (int, float)) and math.isfinite(pid) and pid >= 0 and float(pid).is_integer():
+        return f"partition-{int(pid)}"
+    return f"node-{node_id}"
 
 
 class InvalidReply(ValueError):
@@ -71,6 +85,7 @@ class PromptStrategy(Strategy):
         self.cfg = cfg
         self.state = state
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
+        self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
 
@@ -180,6 +195,9 @@ class PromptStrategy(Strategy):
                             msg.metadata.src_node_id)
                 continue
             rows.append((msg.metadata.src_node_id, dict(msg.content["metrics"])))
+        # each client's own numbers (metrics.jsonl keeps them next to the means)
+        self.client_evaluations = {client_label(node_id, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
+                                   for node_id, m in rows}
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
@@ -187,10 +205,13 @@ class PromptStrategy(Strategy):
                 self.state.node_sample_rates[str(node_id)] = min(1.0, self.cfg.batch_size / max(1.0, m["num-examples"]))
         # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
         out = {"num-clients": float(len(rows))}
-        for k in ("local-acc", "neighbor-acc", "local-loss"):
+        for k in EVALUATION_KEYS:
             values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
             if values:
                 out[k] = float(np.mean(values))
+        if all(k in out for k in ("local-acc", "base-acc", "novel-acc")):
+            # FedPGP's HM: of the three means (``hm`` above is the mean of the clients' own HMs)
+            out["hm-of-means"] = harmonic_mean([out["local-acc"], out["base-acc"], out["novel-acc"]])
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .images import DatasetError, seeded_split
+
 if TYPE_CHECKING:
     import torch
 
@@ -31,7 +33,7 @@ SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
 
 
-class SiloError(ValueError):
+class SiloError(DatasetError):
     """The node's data silo does not match what the run expects."""
 
 
@@ -50,7 +52,7 @@ class Silo:
         return h.hexdigest()[:16]
 
 
-def _folder_entries(root: Path) -> list[tuple[Path, str, str | None]]:
+def folder_entries(root: Path) -> list[tuple[Path, str, str | None]]:
     entries = []
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     for base, split in ([(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]):
@@ -61,7 +63,7 @@ def _folder_entries(root: Path) -> list[tuple[Path, str, str | None]]:
     return entries
 
 
-def _manifest_entries(root: Path, manifest: Path) -> list[tuple[Path, str, str | None]]:
+def manifest_entries(root: Path, manifest: Path) -> list[tuple[Path, str, str | None]]:
     entries = []
     with open(manifest, newline="") as fh:
         reader = csv.DictReader(fh)
@@ -71,6 +73,8 @@ def _manifest_entries(root: Path, manifest: Path) -> list[tuple[Path, str, str |
             split = (row.get("split") or "").strip() or None
             if split is not None and split not in SPLITS:
                 raise SiloError(f"{manifest}:{line}: split must be 'train' or 'test', found '{split}'")
+            if not (row.get("path") or "").strip() or not (row.get("label") or "").strip():
+                raise SiloError(f"{manifest}:{line}: every row needs a path and a label, found {dict(row)}")
             entries.append((root / row["path"].strip(), row["label"].strip(), split))
     return entries
 
@@ -80,7 +84,7 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     if not root.is_dir():
         raise SiloError(f"data-dir '{root}' does not exist or is not a directory")
     manifest = root / "manifest.csv"
-    entries = _manifest_entries(root, manifest) if manifest.is_file() else _folder_entries(root)
+    entries = manifest_entries(root, manifest) if manifest.is_file() else folder_entries(root)
     if not entries:
         raise SiloError(
             f"the silo '{root}' holds no images: expected manifest.csv (path,label[,split]) or class folders "
@@ -112,12 +116,7 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     if all(split is not None for _, _, split in entries):
         is_test = np.array([split == "test" for _, _, split in entries])
     else:
-        rng = np.random.default_rng(seed)
-        is_test = np.zeros(len(entries), dtype=bool)
-        for c in np.unique(labels):
-            idx = np.flatnonzero(labels == c)
-            n_test = int(round(len(idx) * TEST_FRACTION)) if len(idx) > 1 else 0
-            is_test[rng.permutation(idx)[:n_test]] = True
+        is_test = seeded_split(labels, TEST_FRACTION, seed)
     if is_test.all():
         raise SiloError(f"data silo '{root}' has no training images")
     return Silo(paths=paths, labels=labels, is_test=is_test)

@@ -84,9 +84,13 @@ class PromptLearner:
         ctx = self.method.local.eval_context(local) if self.method.local is not None and local else None
         return self._compose(p_global, ctx)
 
-    def text_features(self, p_global: torch.Tensor | None, local: Tensors) -> torch.Tensor:
+    def text_features(self, p_global: torch.Tensor | None, local: Tensors,
+                      encoder: PromptTextEncoder | None = None) -> torch.Tensor:
+        """Text features of the personalized prompt for the training classes, or for another class list
+        (``encoder``: e.g. the novel classes of a base-to-novel evaluation; same context, other names)."""
+        encoder = encoder or self.encoder
         prompt = self.personalized_prompt(p_global, local)
-        return self.encoder.handcrafted_features() if prompt is None else self.encoder(prompt)
+        return encoder.handcrafted_features() if prompt is None else encoder(prompt)
 
     def _loss_fn(self, features: torch.Tensor, labels: torch.Tensor):
         def fn(prompt: torch.Tensor) -> torch.Tensor:
@@ -113,8 +117,14 @@ class PromptLearner:
             raise ValueError(f"method '{method.name}' does not train")
         if method.shares_global and p_global is None:
             raise ValueError(f"method '{method.name}' needs the global prompt")
-        idx = poisson_sample(len(features), min(1.0, expected_batch / len(features)), generator).to(features.device)
-        feats, labs = features[idx], labels[idx]
+        n = len(labels)
+        idx = poisson_sample(n, min(1.0, expected_batch / n), generator).to(labels.device)
+        if features.dim() == 3:  # (views, N, D): one augmented view per sampled record, drawn by the node
+            view = torch.randint(features.shape[0], (len(idx),), generator=generator).to(labels.device)
+            feats = features[view, idx]
+        else:
+            feats = features[idx]
+        labs = labels[idx]
         aux = method.local.prepare(local, generator) if method.local is not None else None
         local_ctx = method.local.context(local, aux) if method.local is not None else None
         prompt = self._compose(p_global, local_ctx).detach()
