@@ -81,5 +81,5 @@ class PromptClassifier:
                   for i in range(0, len(paths), batch)]
         return torch.cat(chunks) if chunks else torch.zeros(0, self.text_features.shape[1])
 
-    def predict_files(self, paths: list[Path], k: int = 1) -> list[Prediction]:
-        return self.top_k(self.probabilities(self.image_features(paths)), [str(p) for p in paths], k)
+    def predict_files(self, paths: list[Path], k: int = 1, batch: int = 128) -> list[Prediction]:
+        return self.top_k(self.probabilities(self.image_features(paths, batch)), [str(p) for p in paths], k)

@@ -209,6 +209,17 @@ def accountant_privacy(accountant, dp: bool, delta: float, z_local: float | None
         noise_multiplier_global=_finite(z_global), sample_rate=q)
 
 
+def training_classnames(cfg) -> list[str]:
+    """The class list the node's prompt was trained over (its logits): the task's classes, or the base classes
+    under the base-novel protocol (the prompt still runs on any class list, but this is the one it learned)."""
+    if cfg.dataset != "silo" and cfg.partition == "base-novel":
+        from .node import run_dataset, run_partition
+
+        names = run_dataset(cfg).classnames
+        return [names[c] for c in run_partition(cfg).base_classes or []]
+    return cfg.class_list()
+
+
 def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: str | Path | None = None,
                        cache: str | None = None) -> PublishedPrompt:
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
@@ -243,7 +254,7 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
         raise ValueError(f"the node state in '{state_dir}' belongs to another run (run token {state.run_key!r}, "
                          f"the run directory's is {server.run_token!r})")
     model = cached_clip(cfg.model_name, cfg.pretrained, cache)
-    classnames = cfg.class_list()
+    classnames = training_classnames(cfg)
     method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
     learner = PromptLearner(method, PromptTextEncoder(model.model, model.tokenizer, classnames, cfg.n_ctx),
                             float(model.model.logit_scale.exp()))

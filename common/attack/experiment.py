@@ -43,13 +43,15 @@ class AttackSpec(BaseModel):
 
     methods: list[Method] = Field(default_factory=lambda: ["dpfpl", "coop"], min_length=1)
     epsilons: list[float | Literal["none"]] = Field(default_factory=lambda: [NO_DP, 8.0, 1.0, 0.1], min_length=1)
-    classes: list[str] = Field(default_factory=lambda: ["cat", "dog"], min_length=1)
-    members: int = Field(200, ge=8)
-    shadows: int = Field(4, ge=1)
+    # ten animal classes, five records each: few records seen many times, where a prompt can memorize
+    classes: list[str] = Field(default_factory=lambda: ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
+                                                        "horse", "sheep", "zebra"], min_length=2)
+    members: int = Field(50, ge=8)
+    shadows: int = Field(2, ge=1)
     steps: int = Field(200, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.1, gt=0)
-    n_ctx: int = Field(4, ge=1)
+    lr: float = Field(0.5, gt=0)
+    n_ctx: int = Field(16, ge=1)
     rank: int = Field(2, ge=1)
     max_grad_norm: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -91,10 +93,15 @@ class Setting:
         if unknown:
             raise ValueError(f"classes {unknown} are not demo classes; choose from {data.classnames}")
         model = cached_clip(spec.model_name, spec.pretrained, cache)
-        classes = [data.classnames.index(c) for c in spec.classes]
-        encoder = PromptTextEncoder(model.model, model.tokenizer, data.classnames, spec.n_ctx)
-        return cls(model, encoder, demo_features(model, cache, progress=True), torch.from_numpy(data.labels),
-                   data.is_test, classes, membership_split(data.labels, data.is_test, classes, spec.members, spec.seed))
+        # The target node's task is the chosen classes: its prompt predicts over exactly these (label i is
+        # spec.classes[i]; records of other classes get -1 and are never used).
+        task = np.full(len(data.classnames), -1)
+        task[[data.classnames.index(c) for c in spec.classes]] = np.arange(len(spec.classes))
+        labels = task[data.labels]
+        classes = list(range(len(spec.classes)))
+        encoder = PromptTextEncoder(model.model, model.tokenizer, list(spec.classes), spec.n_ctx)
+        return cls(model, encoder, demo_features(model, cache, progress=True), torch.from_numpy(labels),
+                   data.is_test, classes, membership_split(labels, data.is_test, classes, spec.members, spec.seed))
 
 
 def _probabilities(setting: Setting, published: PublishedPrompt, idx) -> torch.Tensor:
