@@ -62,6 +62,7 @@ def test_overfit_non_private_prompt_is_attackable(setting):
     assert load_prompt(row["prompt"]).manifest.privacy.dp is False
     # the target did overfit: its members are classified better than held-out records of the same classes
     assert row["members-acc"] - row["non-members-acc"] > 0.1
+    print("non-private:", {k: row[k] for k in ("members-acc", "non-members-acc", "shadow-attack", "loss-attack")})
     for key in ("shadow-attack", "loss-attack"):
         m = row[key]
         assert m["members"] == m["non_members"] == spec.members
@@ -78,6 +79,7 @@ def test_strongly_private_prompt_is_not_attackable(setting):
     row = run_cell(private, s, "dpfpl", 0.1)
     manifest = load_prompt(row["prompt"]).manifest
     assert manifest.privacy.dp and manifest.privacy.epsilon <= 0.1 * 1.001 and manifest.privacy.noisy_steps == 100
+    print("epsilon 0.1:", {k: row[k] for k in ("members-acc", "non-members-acc", "shadow-attack", "loss-attack")})
     for key in ("shadow-attack", "loss-attack"):
         m = row[key]
         assert abs(m["auc"] - 0.5) < 0.1 and m["auc_ci"][0] < 0.5 < m["auc_ci"][1], (key, m)
