@@ -7,6 +7,12 @@
     dpfpl partition -c k=v     print the data set and each simulated client's classes and counts
     dpfpl presets              list the papers' settings (use with --preset NAME)
     dpfpl report RUN_DIR       print the table of a finished run
+    dpfpl export RUN_DIR --node I --out prompt.safetensors
+                               publish node I's personalized prompt with its manifest (model, classes, epsilon)
+    dpfpl predict prompt.safetensors IMAGES_OR_FOLDERS -k 3
+                               classify images with a published prompt and the OpenCLIP model it names
+    dpfpl attack --methods dpfpl,coop --epsilons none,8,1,0.1 --out runs/attack
+                               membership inference against published prompts, per epsilon (table + plot)
     dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
                                run every combination (resumable) and write results.csv, table.md and plots
 """
@@ -24,6 +30,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from . import prompt_commands
 from .config import RunConfig
 from .launch import PROJECT_ROOT, run_simulation
 from .presets import describe_presets, preset_overrides
@@ -293,8 +300,13 @@ def _main(argv: list[str] | None = None) -> None:
     p.add_argument("--runtime", choices=("inprocess", "flower"), default="inprocess",
                    help="inprocess (default): same apps, no SuperLink; flower: a Flower simulation per run")
     p.add_argument("--report-only", action="store_true", help="only rebuild csv, table and plots from --out")
+    prompt_commands.add_parsers(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+
+    if args.command in ("export", "predict", "attack"):
+        getattr(prompt_commands, args.command)(args)
+        return
 
     if args.command == "presets":
         print(describe_presets())

@@ -18,6 +18,7 @@ from common.atomic import read_state, write_bytes, write_json, write_state
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+RUN_CONFIG = "config.json"  # the validated run config: what `dpfpl export` needs (model, classes, method)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class RunDirectory:
     def truncate_metrics(self, last_round: int) -> None:
         kept = [r for r in self.read_metrics() if r["round"] <= last_round]
         write_bytes(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write_config(self, config_json: str) -> None:
+        write_bytes(self.path / RUN_CONFIG, config_json.encode())
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.path / SUMMARY, summary)

@@ -89,6 +89,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
         run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
     strategy = PromptStrategy(cfg, state)
+    run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
         zs = _evaluate(strategy, grid, 0, "zeroshot")

@@ -96,6 +96,20 @@ def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Meth
     return z * math.sqrt(2.0)
 
 
+def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor | None, grads: list[torch.Tensor],
+                  noise_multiplier: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """The server's step on p_G: equal-weight mean of the n replies' clipped gradients, global DP noise, SGD.
+    Returns (p_G, momentum buffer, noise std). Also used by the membership-inference experiment's targets."""
+    n = len(grads)
+    mean = torch.stack(grads).mean(0)
+    # One record of node i moves the average by at most C_G / (B n): noise std z_G C_G / (B n), with n the
+    # number of replies actually aggregated.
+    std = noise_multiplier * cfg.max_grad_norm_global / (cfg.batch_size * n) if cfg.dp else 0.0
+    noisy = add_gaussian_noise(mean, std, generator)
+    p_global, momentum = sgd_update(p_global, noisy, momentum, cfg.lr_global, cfg.momentum, cfg.weight_decay)
+    return p_global, momentum, std
+
+
 class PromptStrategy(Strategy):
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
         self.cfg = cfg
@@ -193,13 +207,9 @@ class PromptStrategy(Strategy):
         summary.update(self._summarize_node_metrics([m for _, m in per_node]))
         if not self.method.shares_global:
             return None, MetricRecord(summary)
-        mean = torch.stack(grads).mean(0)
-        # One record of node i moves the average by at most C_G / (B n): noise std z_G C_G / (B n), with n the
-        # number of replies actually aggregated.
-        std = self.state.noise_multiplier_global * self.cfg.max_grad_norm_global / (self.cfg.batch_size * n)
-        noisy = add_gaussian_noise(mean, std, self.noise_generator)
-        self.state.p_global, self.state.momentum = sgd_update(
-            self.state.p_global, noisy, self.state.momentum, self.cfg.lr_global, self.cfg.momentum, self.cfg.weight_decay)
+        self.state.p_global, self.state.momentum, std = global_update(
+            self.cfg, self.state.p_global, self.state.momentum, grads, self.state.noise_multiplier_global,
+            self.noise_generator)
         for key, metrics in per_node:
             if self.cfg.dp:
                 self.state.participation[key] = self.state.participation.get(key, 0) + 1
