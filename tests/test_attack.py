@@ -34,8 +34,12 @@ def test_membership_split_is_disjoint_and_balanced():
     ins, outs, pool = set(split.target_in), set(split.target_out), set(split.shadow_pool)
     assert len(ins) == len(outs) == 30 and not (ins & outs) and not (pool & (ins | outs))
     assert all(labels[i] in (0, 1, 2) and not is_test[i] for i in ins | outs | pool)
+    # the same records per class on both sides: the class mix cannot tell members from non-members
+    assert np.bincount(labels[split.target_in], minlength=4).tolist() == [10, 10, 10, 0]
+    assert np.bincount(labels[split.target_out], minlength=4).tolist() == [10, 10, 10, 0]
     for s_in, s_out in split.shadow_sets(3, 20, seed=2):
         assert len(s_in) == len(s_out) == 20 and not set(s_in) & set(s_out) and set(s_in) | set(s_out) <= pool
+        assert (np.bincount(labels[s_in], minlength=4) == np.bincount(labels[s_out], minlength=4)).all()
     with pytest.raises(ValueError, match="shadow pool"):
         split.shadow_sets(1, 40, seed=0)
 
