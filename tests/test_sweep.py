@@ -282,7 +282,7 @@ def _flat(rows: list[dict]) -> dict:
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}/{k}", v)
-        elif not prefix.endswith("round-seconds"):
+        elif "seconds" not in prefix.rsplit("/", 1)[-1]:  # wall-clock timings (round-, client-seconds-*) vary
             out[prefix] = value
 
     for i, row in enumerate(rows):

@@ -5,7 +5,7 @@ prompt achieves. ``dpfpl attack`` runs it; results go to ``OUT/results.json``, `
 
 Why a small member set and many steps: membership inference measures what a prompt memorizes about its
 training records. A node's prompt trained for 50 rounds of one Poisson batch on thousands of records sees
-each record about once and memorizes almost nothing, with or without DP; a few hundred records seen dozens
+each record about once and memorizes almost nothing, with or without DP; a few records per class seen hundreds
 of times is the setting where a non-private prompt overfits and the attack has something to find, so it is
 the setting that shows what epsilon buys.
 """
@@ -43,14 +43,15 @@ class AttackSpec(BaseModel):
 
     methods: list[Method] = Field(default_factory=lambda: ["dpfpl", "coop"], min_length=1)
     epsilons: list[float | Literal["none"]] = Field(default_factory=lambda: [NO_DP, 8.0, 1.0, 0.1], min_length=1)
-    # ten animal classes, five records each: few records seen many times, where a prompt can memorize
+    # ten animal classes, three records each, seen hundreds of times at a large learning rate: the regime where
+    # a non-private prompt memorizes (members classified perfectly, held-out records of the same classes not)
     classes: list[str] = Field(default_factory=lambda: ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
                                                         "horse", "sheep", "zebra"], min_length=2)
-    members: int = Field(50, ge=8)
-    shadows: int = Field(2, ge=1)
-    steps: int = Field(200, ge=1)
+    members: int = Field(30, ge=8)
+    shadows: int = Field(3, ge=1)
+    steps: int = Field(400, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.5, gt=0)
+    lr: float = Field(4.0, gt=0)
     n_ctx: int = Field(16, ge=1)
     rank: int = Field(2, ge=1)
     max_grad_norm: float = Field(10.0, gt=0)
