@@ -9,9 +9,12 @@ Adaptive number of clusters (this project's rule; the paper's is unknown): DP-me
  1. start from one cluster holding everybody (or a warm start: last phase's assignment);
  2. every user decides on its own row: a_i = argmin_s ||x_i - c_s||^2 (ties: lowest s) and
     far_i = [min_s ||x_i - c_s||^2 > lambda] with lambda the (public) squared-distance threshold;
- 3. if some user is far and C < C_max, the lowest-index far user opens a new cluster (it leaves its old one);
+ 3. if the nearest clusters change the assignment, that is the next assignment (a Lloyd step); only once
+    Lloyd has converged (nobody moves) and some user is far and C < C_max, the lowest-index far user opens a
+    new cluster (it leaves its old one). Opening at converged centres, not mid-Lloyd, is what keeps a stale
+    mixture centre from spawning a spurious cluster;
  4. clusters are relabelled by order of first appearance (empty ones vanish); stop when nothing changes or
-    after ``max_iter`` iterations.
+    after ``max_iter`` iterations (a Lloyd step or an opening each count as one).
 The inputs are unit vectors, so lambda is on a fixed scale: ||x - c||^2 in [0, 4]. Only (a_i, far_i) reach the
 server, never a distance.
 """
@@ -64,12 +67,14 @@ def decide(row: Sequence[int], sizes: Sequence[int], threshold: int) -> Decision
     return Decision(best, row[best] > threshold * sizes[best] ** 2)
 
 
-def next_assignment(decisions: Sequence[Decision], num_clusters: int, max_clusters: int) -> list[int]:
-    """The server's step: everybody to its nearest cluster; the lowest-index far user opens a new one."""
+def next_assignment(current: Sequence[int], decisions: Sequence[Decision], max_clusters: int) -> list[int]:
+    """The server's step: a Lloyd move if anybody moves; else the lowest-index far user opens a new cluster."""
     new = [d.cluster for d in decisions]
+    if canonical(new) != list(current):
+        return canonical(new)
     far = [i for i, d in enumerate(decisions) if d.far]
-    if far and num_clusters < max_clusters:
-        new[far[0]] = num_clusters
+    if far and max(current) + 1 < max_clusters:
+        new[far[0]] = max(current) + 1
     return canonical(new)
 
 
@@ -86,7 +91,7 @@ def adaptive_kmeans(num_users: int, rows: Callable[[list[int]], list[list[int]] 
         sizes = counts(assignment)
         out = rows(assignment)
         decisions = [o if isinstance(o, Decision) else decide(o, sizes, threshold) for o in out]
-        new = next_assignment(decisions, len(sizes), max_clusters)
+        new = next_assignment(assignment, decisions, max_clusters)
         history.append(new)
         if new == assignment:
             return ClusteringResult(new, max(new) + 1, it, history)
