@@ -67,3 +67,11 @@ def test_server_log_of_the_clustering_holds_no_plaintext_prompt_values(runs):
             assert values[:4].astype(np.float64).tobytes() not in blob
     decisions = [e["payload"] for e in relay.log if e["kind"] == "decision"]
     assert {type(d).__name__ for d in decisions} == {"Decision"}
+
+
+def test_the_flower_runner_refuses_secfpp_instead_of_training_one_global_prompt(tmp_path, cache_dir):
+    from common.inprocess import run_inprocess
+
+    with pytest.raises(RuntimeError, match="not built yet"):
+        run_inprocess({"method": "secfpp", "num-clients": 3, "min-clients": 3, "num-server-rounds": 1, "dp": False,
+                       "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
