@@ -82,8 +82,9 @@ class RunConfig(BaseModel):
     secfpp_slices: int = Field(1, ge=1)  # K: LCC data slices per share
     secfpp_privacy: int = Field(1, ge=1)  # T: colluding clients that learn nothing
     secfpp_quantization_bits: int = Field(16, ge=1, le=40)  # q: fixed-point bits of the unit clustering vector
-    secfpp_threshold: float = Field(1.5, gt=0, le=4)  # lambda: squared distance (unit vectors) that opens a cluster
+    secfpp_threshold: float = Field(0.7, gt=0, le=4)  # lambda: squared distance (unit vectors) that opens a cluster
     secfpp_max_clusters: int = Field(4, ge=1)
+    secfpp_min_cluster_size: int = Field(2, ge=1)  # a smaller cluster is dissolved (its aggregate = one prompt)
     secfpp_max_iter: int = Field(10, ge=1)
 
     seed: int = 0

@@ -34,16 +34,20 @@ def _ari(a, b) -> float:
     return adjusted_rand_score(a, b)
 
 
-@pytest.mark.parametrize("seed,sizes,k,t", [(0, [4, 3, 3], 2, 2), (1, [5, 4], 1, 3)])
-def test_secure_clustering_equals_plaintext_kmeans_on_quantized_data(seed, sizes, k, t):
+@pytest.mark.parametrize("seed,sizes,k,t,lam", [(0, [4, 3, 3], 2, 2, 0.5), (1, [5, 4], 1, 3, 0.5),
+                                                (2, [4, 4, 1], 1, 2, 0.3)])
+def test_secure_clustering_equals_plaintext_kmeans_on_quantized_data(seed, sizes, k, t, lam):
+    """The third case has a lone outlier: its cluster is opened, then dissolved (min size 2) on both sides."""
     points, labels = _groups(seed, sizes)
-    kwargs = dict(lam=0.5, max_clusters=5, max_iter=10)
+    kwargs = dict(lam=lam, max_clusters=5, max_iter=20)
     secure, clients, relay = secure_clustering(points, num_slices=k, privacy=t, bits=BITS, context="test/1", **kwargs)
     quantized = np.stack([quantize(p, BITS) for p in points])
     plain = plaintext_kmeans(quantized, threshold_units(kwargs["lam"], BITS), kwargs["max_clusters"], kwargs["max_iter"])
     assert secure.history == plain.history and secure.assignment == plain.assignment
-    assert secure.num_clusters == plain.num_clusters == len(sizes)
-    assert _ari(secure.assignment, labels) == 1.0
+    real = [g for g, n in enumerate(sizes) if n >= 2]
+    assert secure.num_clusters == plain.num_clusters == len(real)
+    kept = [i for i, g in enumerate(labels) if g in real]
+    assert _ari([secure.assignment[i] for i in kept], [labels[i] for i in kept]) == 1.0
     # each user's decoded row is exactly the plaintext scaled distance row of the last iteration's input
     last_input = plain.history[-2] if len(plain.history) > 1 else [0] * len(points)
     assert [c.last_row for c in clients] == plaintext_rows(quantized, last_input)
@@ -58,6 +62,16 @@ def test_threshold_and_cap_control_the_number_of_clusters():
     assert capped.num_clusters == 2
     warm = plaintext_kmeans(quantized, threshold_units(0.3, BITS), 5, 10, initial=capped.assignment)
     assert warm.num_clusters == 3 and canonical(warm.assignment) == warm.assignment
+
+
+def test_min_cluster_size_dissolves_a_lone_outlier():
+    points, labels = _groups(6, [4, 4, 1])
+    quantized = np.stack([quantize(p, BITS) for p in points])
+    strict = plaintext_kmeans(quantized, threshold_units(0.3, BITS), 5, 20, min_size=2)
+    loose = plaintext_kmeans(quantized, threshold_units(0.3, BITS), 5, 20, min_size=1)
+    assert (strict.num_clusters, loose.num_clusters) == (2, 3)
+    assert _ari(loose.assignment, labels) == 1.0
+    assert any(max(a) + 1 == 3 for a in strict.history)  # it was opened, then dissolved
 
 
 def test_relay_log_holds_no_plaintext():

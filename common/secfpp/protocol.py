@@ -105,7 +105,8 @@ class ClusteringClient:
         self._own_coded = own
         return out
 
-    def decide(self, ciphertexts: dict[int, bytes], assignment: list[int], round_id: int, threshold: int) -> Decision:
+    def decide(self, ciphertexts: dict[int, bytes], assignment: list[int], round_id: int, threshold: int,
+               exclude: frozenset[int] = frozenset()) -> Decision:
         """Decode this user's row from the holders' coded values (its own included); report only the decision."""
         results = {h: _unpack(crypto.decrypt(self._key(h, self.roster), ct, self._ad(f"dist{round_id}", h, self.index)))
                    for h, ct in ciphertexts.items()}
@@ -114,7 +115,7 @@ class ClusteringClient:
         decoded = self.lcc.decode(holders, np.stack([results[h] for h in holders]), degree=2)  # (K, C)
         row = [from_field(int(v), self.lcc.prime) for v in decoded.sum(0) % self.lcc.prime]
         self.last_row = row
-        return decide(row, counts(assignment), threshold)
+        return decide(row, counts(assignment), threshold, exclude)
 
 
 def validate(num_users: int, reduced_dim: int, num_slices: int, privacy: int, bits: int, prime: int) -> Lcc:
@@ -130,7 +131,7 @@ def validate(num_users: int, reduced_dim: int, num_slices: int, privacy: int, bi
 
 def secure_clustering(reduced: list[np.ndarray], *, num_slices: int, privacy: int, bits: int, lam: float,
                       max_clusters: int, max_iter: int, context: str, relay: Relay | None = None,
-                      prime: int = crypto.PRIME, initial: list[int] | None = None,
+                      prime: int = crypto.PRIME, initial: list[int] | None = None, min_size: int = 2,
                       rng: np.random.Generator | None = None) -> tuple[ClusteringResult, list[ClusteringClient], Relay]:
     """Run one phase in-process among ``len(reduced)`` users with ``relay`` as the server."""
     from .kmeans import threshold_units
@@ -147,16 +148,16 @@ def secure_clustering(reduced: list[np.ndarray], *, num_slices: int, privacy: in
     threshold = threshold_units(lam, bits)
     counter = iter(range(1, 10**9))
 
-    def decisions(assignment: list[int]) -> list[Decision]:
+    def decisions(assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
         round_id = next(counter)
         coded = {c.index: c.coded_distances(assignment, round_id) for c in clients}
         out = []
         for c in clients:
             received = {h: relay.relay(h, c.index, "coded-distances", cts[c.index])
                         for h, cts in coded.items() if h != c.index}
-            d = c.decide(received, assignment, round_id, threshold)
+            d = c.decide(received, assignment, round_id, threshold, exclude)
             out.append(relay.receive(c.index, "decision", d))
         return out
 
-    result = adaptive_kmeans(n, decisions, threshold, max_clusters, max_iter, initial)
+    result = adaptive_kmeans(n, decisions, threshold, max_clusters, max_iter, initial, min_size)
     return result, clients, relay

@@ -111,7 +111,8 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
             result, _, _ = secure_clustering(
                 reduced, num_slices=cfg.secfpp_slices, privacy=cfg.secfpp_privacy,
                 bits=cfg.secfpp_quantization_bits, lam=cfg.secfpp_threshold, max_clusters=cfg.secfpp_max_clusters,
-                max_iter=cfg.secfpp_max_iter, context=f"{token}/{r}", relay=relay, initial=assignment)
+                max_iter=cfg.secfpp_max_iter, context=f"{token}/{r}", relay=relay, initial=assignment,
+                min_size=cfg.secfpp_min_cluster_size)
             out.phase_seconds.append(time.perf_counter() - started)
             out.relay_bytes.append(sum(len(e["payload"]) for e in relay.log[before:] if isinstance(e["payload"], bytes)))
             new = result.assignment
