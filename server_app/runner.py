@@ -20,6 +20,7 @@ from common.prompt import random_context
 
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
+from .secfpp_round import SecfppStrategy, clustering_phase
 from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
@@ -67,11 +68,9 @@ def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    if cfg.method == "secfpp":
-        # Its client step is wired (FedOTP's), but not the clustering phase's messages and the per-cluster p_G:
-        # refuse rather than silently train one global prompt under the name secfpp.
-        raise RuntimeError("method 'secfpp' runs in the in-process simulation (python -m common.secfpp.simulate, "
-                           "docs/secfpp.md); its Flower message wiring is not built yet (README 'Not built yet')")
+    if cfg.method == "secfpp" and cfg.secure_aggregation:
+        raise RuntimeError("method 'secfpp' with secure-aggregation = true needs per-cluster secure aggregation, "
+                           "which is not built (docs/secfpp.md)")
     run_dir = RunDirectory(cfg.run_dir)
     fingerprint = config_fingerprint(cfg)
     state = run_dir.load() if cfg.resume else None
@@ -93,7 +92,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
         run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
-    strategy = PromptStrategy(cfg, state)
+    strategy = SecfppStrategy(cfg, state) if cfg.method == "secfpp" else PromptStrategy(cfg, state)
     run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
@@ -124,6 +123,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
+        if cfg.method == "secfpp" and server_round % cfg.secfpp_every == 0:  # server_app/secfpp_round.py
+            record.update(clustering_phase(strategy, grid, server_round, cfg.round_timeout or None) or
+                          {"secfpp-phase-failed": True})
         if cfg.dp:
             record["epsilon-global-max"] = strategy.epsilon_global()
         state.server_round = server_round

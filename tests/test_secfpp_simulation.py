@@ -69,9 +69,58 @@ def test_server_log_of_the_clustering_holds_no_plaintext_prompt_values(runs):
     assert {type(d).__name__ for d in decisions} == {"Decision"}
 
 
-def test_the_flower_runner_refuses_secfpp_instead_of_training_one_global_prompt(tmp_path, cache_dir):
-    from common.inprocess import run_inprocess
+def _blobs(content) -> list[bytes]:
+    """Every byte string and array a message carries (config values and arrays)."""
+    out = []
+    for _, record in content.config_records.items():
+        for value in record.values():
+            for v in (value if isinstance(value, list) else [value]):
+                out.append(v if isinstance(v, bytes) else str(v).encode())
+    for _, record in content.array_records.items():
+        out.extend(record[k].numpy().tobytes() for k in record.keys())
+    return out
 
-    with pytest.raises(RuntimeError, match="not built yet"):
-        run_inprocess({"method": "secfpp", "num-clients": 3, "min-clients": 3, "num-server-rounds": 1, "dp": False,
-                       "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
+
+def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_path, cache_dir, monkeypatch):
+    """The ServerApp round loop + ClientApps (in-process transport): the clustering phase over Flower messages."""
+    import json
+
+    from client_app.state import NodeState
+    from common.inprocess import InProcessGrid, node_id_for, run_inprocess
+    from common.secfpp.protocol import _pack
+
+    seen = []
+    deliver = InProcessGrid._deliver
+
+    def recording(self, message):
+        reply = deliver(self, message)
+        seen.append((message.metadata.message_type, message.content, reply.content))
+        return reply
+
+    monkeypatch.setattr(InProcessGrid, "_deliver", recording)
+    run_dir = tmp_path / "run"
+    overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "run-dir": str(run_dir), "resume": False},
+                  num_nodes=6)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    phases = [r for r in records if "secfpp-assignment" in r]
+    assert [r["round"] for r in phases] == [4, 8]
+    domains = run_partition(RunConfig(**SETTINGS, run_dir=str(run_dir))).domains
+    for r in phases:
+        by_node = r["secfpp-assignment"]
+        assert adjusted_rand_index([by_node[str(node_id_for(k))] for k in range(6)], domains) == 1.0
+    types = {t for t, _, _ in seen}
+    assert {"train.secfpp_keys", "train.secfpp_shares", "train.secfpp_distances", "train.secfpp_decide"} <= types
+    blob = b"".join(b for t, req, rep in seen for b in _blobs(req) + _blobs(rep))
+    for t, req, rep in seen:
+        if t.startswith("train.secfpp"):  # the phase carries no array at all, either way
+            assert not len(req.array_records) and not len(rep.array_records)
+    for k in range(6):
+        node_dir = run_dir / "nodes" / f"node-{k}"
+        state = NodeState.load(node_dir)
+        for tensor in state.local.values():  # the local prompt never travels, not even 4 of its values
+            assert tensor.detach().float().numpy().reshape(-1)[:4].tobytes() not in blob
+        session = json.loads((node_dir / "secfpp_session.json").read_text())
+        assert _pack(np.array(session["point"][:4], dtype=object) % (2**61 - 1)) not in blob  # the quantized vector
+        for shares in session["shares"].values():  # the decrypted shares a node holds
+            assert _pack(np.array(shares[:4], dtype=object)) not in blob

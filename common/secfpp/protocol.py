@@ -65,6 +65,32 @@ class ClusteringClient:
         self._shares: dict[int, np.ndarray] = {}  # the shares this user holds, by owner
         self.last_row: list[int] = []
 
+    def to_dict(self) -> dict:
+        """The state between the messages of a phase (a deployed node runs each message in a fresh process).
+        It holds this phase's private key and the shares of others: the node keeps it on its own disk only."""
+        lcc = self.lcc
+        return {"index": self.index, "bits": self.bits, "context": self.context,
+                "lcc": [lcc.num_holders, lcc.num_slices, lcc.privacy, lcc.degree, lcc.prime],
+                "point": [int(v) for v in self.point], "private": self._private.hex(),
+                "roster": {str(k): v.hex() for k, v in getattr(self, "roster", {}).items()},
+                "shares": {str(k): [int(x) for x in v] for k, v in self._shares.items()},
+                "own-coded": None if getattr(self, "_own_coded", None) is None else [int(x) for x in self._own_coded]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ClusteringClient":
+        self = cls.__new__(cls)
+        self.index, self.bits, self.context, self.rng = int(data["index"]), int(data["bits"]), data["context"], None
+        self.lcc = Lcc(*[int(v) for v in data["lcc"]])
+        self.point = np.asarray(data["point"], dtype=np.int64)
+        self._private = bytes.fromhex(data["private"])
+        self.public = crypto.public_key(self._private)
+        self._keys = {}
+        self.roster = {int(k): bytes.fromhex(v) for k, v in data["roster"].items()}
+        self._shares = {int(k): np.array(v, dtype=object) for k, v in data["shares"].items()}
+        self._own_coded = None if data["own-coded"] is None else np.array(data["own-coded"], dtype=object)
+        self.last_row = []
+        return self
+
     def _key(self, peer: int, roster: dict[int, bytes]) -> bytes:
         if peer not in self._keys:
             self._keys[peer] = crypto.agree(self._private, roster[peer],
