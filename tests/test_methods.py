@@ -169,8 +169,7 @@ def test_the_residual_makes_the_forward_context_exactly_p_local():
     assert torch.allclose(singular[:4], torch.ones(4), atol=1e-5) and float(singular[4:].abs().max()) < 1e-5
 
 
-# secfpp: its Flower wiring is not built (the runner refuses it; tests/test_secfpp_simulation.py runs it in-process)
-@pytest.mark.parametrize("name", [m for m in TRAINING if m not in ("dpfpl-noresidual", "secfpp")])
+@pytest.mark.parametrize("name", [m for m in TRAINING if m != "dpfpl-noresidual"])
 def test_a_few_rounds_without_dp_beat_zero_shot_on_local_classes(name, tmp_path, cache_dir):
     """The whole app (ServerApp round loop + ClientApps, in-process transport) on the embedded default."""
     from common.inprocess import run_inprocess

@@ -105,3 +105,16 @@ def test_parameters_are_validated_up_front():
     check_range(dim=8, num_clients=3, bits=8, prime=2**31 - 1)  # 8 * (6 * 2^8)^2 ~ 1.9e7 < 2^30: fits
     with pytest.raises(LccParameterError, match="wrap"):
         check_range(dim=8, num_clients=3, bits=14, prime=2**31 - 1)  # 8 * (6 * 2^14)^2 ~ 7.7e10: would wrap
+
+
+def test_run_config_refuses_an_infeasible_secfpp_configuration():
+    from pydantic import ValidationError
+
+    from common.config import RunConfig
+
+    RunConfig(method="secfpp", num_clients=5, secfpp_privacy=2)  # 2(1+2-1)+1 = 5 clients: feasible
+    with pytest.raises(ValidationError, match="needs"):
+        RunConfig(method="secfpp", num_clients=4, secfpp_privacy=2)
+    with pytest.raises(ValidationError, match="wrap"):
+        RunConfig(method="secfpp", num_clients=30, secfpp_reduced_dim=64, secfpp_quantization_bits=24)
+    RunConfig(method="dpfpl", num_clients=4, secfpp_privacy=2)  # other methods ignore the secfpp keys

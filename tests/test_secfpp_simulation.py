@@ -124,3 +124,11 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
         assert _pack(np.array(session["point"][:4], dtype=object) % (2**61 - 1)) not in blob  # the quantized vector
         for shares in session["shares"].values():  # the decrypted shares a node holds
             assert _pack(np.array(shares[:4], dtype=object)) not in blob
+
+
+def test_secfpp_with_secure_aggregation_is_refused(tmp_path, cache_dir):
+    from common.inprocess import run_inprocess
+
+    with pytest.raises(RuntimeError, match="per-cluster secure aggregation"):
+        run_inprocess({"method": "secfpp", "num-clients": 3, "min-clients": 3, "num-server-rounds": 1,
+                       "secure-aggregation": True, "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
