@@ -169,7 +169,11 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
             decided = _request(grid, DECIDE, {n: {**base, "src": coded[i][0], "ct": coded[i][1],
                                                   "exclude": sorted(exclude)} for i, n in enumerate(nodes)},
                                phase, timeout)
-            return [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) for n in nodes]
+            out = [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) for n in nodes]
+            allowed = set(range(max(assignment) + 1)) - set(exclude)
+            if any(d.cluster not in allowed for d in out):  # a decision is all the server can check
+                raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")
+            return out
 
         initial = [strategy.cluster_of(n) for n in nodes]
         result = adaptive_kmeans(len(nodes), decisions, threshold_units(cfg.secfpp_threshold,

@@ -132,3 +132,29 @@ def test_secfpp_with_secure_aggregation_is_refused(tmp_path, cache_dir):
     with pytest.raises(RuntimeError, match="per-cluster secure aggregation"):
         run_inprocess({"method": "secfpp", "num-clients": 3, "min-clients": 3, "num-server-rounds": 1,
                        "secure-aggregation": True, "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
+
+
+def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
+    from server_app.checkpoint import RunDirectory, ServerState
+
+    prompts = {0: torch.randn(4, 8), 1: torch.randn(4, 8)}
+    state = ServerState(p_global=prompts[0], momentum=None, server_round=3, run_token="t", noise_multiplier_global=0.0,
+                        config_fingerprint="f", cluster_prompts=prompts, assignment={"11": 0, "12": 1})
+    run_dir = RunDirectory(tmp_path)
+    run_dir.save(state)
+    loaded = run_dir.load()
+    assert loaded.assignment == {"11": 0, "12": 1}
+    assert set(loaded.cluster_prompts) == {0, 1}
+    assert all(torch.equal(loaded.cluster_prompts[s], prompts[s]) for s in prompts)
+
+
+def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
+    from server_app.secfpp_round import PhaseFailed, _route
+
+    nodes = [101, 102, 103]
+    good = {101: {"dst": [1, 2], "ct": [b"a", b"b"]}, 102: {"dst": [0, 2], "ct": [b"c", b"d"]},
+            103: {"dst": [0, 1], "ct": [b"e", b"f"]}}
+    inbox = _route(nodes, good)
+    assert inbox[0] == ([1, 2], [b"c", b"e"]) and inbox[2] == ([0, 1], [b"b", b"d"])
+    with pytest.raises(PhaseFailed):
+        _route(nodes, {**good, 102: {"dst": [0, 1], "ct": [b"c", b"d"]}})  # one to itself, none to node 2

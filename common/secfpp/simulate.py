@@ -2,10 +2,10 @@
 state, the shared training engine), one global prompt per cluster at the server, and the secure clustering
 phase (``protocol.secure_clustering``) every R rounds with the server as a logging relay.
 
-Why a Flower-free loop: the method's pieces (per-cluster server step, the clustering phase) are exercised here
-and in the tests without the Message-API wiring (not built yet, see README "Not built yet"). The same loop with
-``cluster = False`` is the single-global-prompt baseline (PromptFL, DP-FPL, ...), so the comparison in
-docs/secfpp.md runs every method on the same data, rounds and evaluation.
+Why a Flower-free loop next to the Flower wiring (``server_app/secfpp_round.py``, ``client_app/secfpp.py``):
+the server here is a ``protocol.Relay`` that logs every byte it relays, which the tests inspect, and it runs
+without serialization; the same loop with ``cluster = False`` is the single-global-prompt baseline. The
+numbers in docs/secfpp.md come from the Flower app (``dpfpl sweep``); this loop cross-checks them.
 
 Round r:
  1. node i trains one step on P_G,c(i) + its local part, and sends its clipped global gradient (as in the
