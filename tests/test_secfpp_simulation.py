@@ -27,6 +27,7 @@ def test_multi_domain_partition_gives_each_client_one_domain(cache_dir):
     for client, domain in zip(part.clients, part.domains):
         assert client.classes and all((c < len(ANIMAL_CLASSES)) == (domain == 0) for c in client.classes)
     assert len({tuple(c.classes) for c in part.clients}) > 2  # class skew within a domain
+    assert "[domain 1]" in part.summary()
 
 
 @pytest.fixture(scope="module")

@@ -173,8 +173,9 @@ class Partition:
             names = [self.classnames[c] for c in part.classes[:max_names]]
             more = f", ... (+{len(part.classes) - max_names})" if len(part.classes) > max_names else ""
             short = f"  [{len(part.short_classes)} classes below {self.num_shots} shots]" if part.short_classes else ""
+            domain = f"  [domain {self.domains[i]}]" if self.domains is not None else ""
             lines.append(f"  {i:>6} {len(part.classes):>7} {len(part.train):>7} {len(part.test):>6}  "
-                         f"{', '.join(names)}{more}{short}")
+                         f"{', '.join(names)}{more}{short}{domain}")
         return "\n".join(lines)
 
 
