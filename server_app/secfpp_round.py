@@ -16,8 +16,10 @@ actions of the ``train`` type routed to ``client_app/secfpp.py``:
 
 The last two repeat once per iteration of ``common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
 share of the computation. What the server sees: public keys, ciphertexts (and their sizes), the decisions,
-hence the assignment. A node that fails or drops during the phase aborts it: the assignment stays as it was
-(dropout-tolerant decoding is not wired).
+hence the assignment. Dropouts: a node that fails before its shares are out (keys, shares) aborts the phase
+(the assignment stays as it was); after that, a node that fails or does not answer leaves the phase: the
+others decode from the coded results that are left (LCC needs 2(K+T-1)+1 of them; fewer aborts the phase),
+its vector stays in the cluster sums (its shares are held by the others) and it keeps its cluster.
 """
 
 from __future__ import annotations
@@ -112,26 +114,35 @@ class SecfppStrategy(PromptStrategy):
         self.state.p_global = self.prompt_of(0)
 
 
-def _request(grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None) -> dict[int, dict]:
+def _request(grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None,
+             tolerate: bool = False) -> dict[int, dict]:
+    """Send each node its payload; the replies by node id. ``tolerate``: a node that fails or does not answer
+    is logged and left out (the caller decides whether enough are left); otherwise the phase fails."""
     messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "phase": phase})}), message_type=action,
                         dst_node_id=n) for n, p in payloads.items()]
-    replies = {}
+    replies, problems = {}, []
     for msg in grid.send_and_receive(messages, timeout=timeout):
         if msg.has_error():
-            raise PhaseFailed(f"node {msg.metadata.src_node_id} failed in {action}: {msg.error.reason}")
-        if "secfpp" not in msg.content.config_records:
-            raise PhaseFailed(f"node {msg.metadata.src_node_id} sent no 'secfpp' record in {action}")
-        replies[msg.metadata.src_node_id] = dict(msg.content["secfpp"])
+            problems.append(f"node {msg.metadata.src_node_id} failed in {action}: {msg.error.reason}")
+        elif "secfpp" not in msg.content.config_records:
+            problems.append(f"node {msg.metadata.src_node_id} sent no 'secfpp' record in {action}")
+        else:
+            replies[msg.metadata.src_node_id] = dict(msg.content["secfpp"])
     missing = set(payloads) - set(replies)
-    if missing:
-        raise PhaseFailed(f"{len(missing)} node(s) did not answer {action}")
+    if missing and not tolerate:
+        raise PhaseFailed("; ".join(problems) or f"{len(missing)} node(s) did not answer {action}")
+    for problem in problems:
+        log.warning("%s; it drops out of this phase", problem)
     return replies
 
 
 def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[int], list[bytes]]]:
-    """Relay: the ciphertexts each node sent, regrouped by destination (roster indices). Opaque bytes."""
+    """Relay: the ciphertexts each answering node sent, regrouped by destination (roster indices). Opaque
+    bytes; a sender must address exactly one ciphertext to every other node of the roster."""
     inbox: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in range(len(nodes))}
     for src, node in enumerate(nodes):
+        if node not in replies:
+            continue
         r = replies[node]
         if len(r["dst"]) != len(r["ct"]) or set(int(d) for d in r["dst"]) != set(range(len(nodes))) - {src}:
             raise PhaseFailed(f"node {node} did not address exactly one ciphertext to every other node")
@@ -159,17 +170,28 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
             raise PhaseFailed("a public key is not 32 bytes")
         shares = _route(nodes, _request(grid, SHARES, {n: {"pks": pks} for n in nodes}, phase, timeout))
         iteration = [0]
+        alive = set(nodes)  # every vector is shared by now: a node that drops later stays in the cluster sums
+        need = 2 * (cfg.secfpp_slices + cfg.secfpp_privacy - 1) + 1
 
         def decisions(assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
             iteration[0] += 1
             base = {"assignment": assignment, "iteration": iteration[0]}
             first = {i: {"src": shares[i][0], "ct": shares[i][1]} if iteration[0] == 1 else {} for i in range(len(nodes))}
-            coded = _route(nodes, _request(grid, DISTANCES, {n: {**base, **first[i]} for i, n in enumerate(nodes)},
-                                           phase, timeout))
+            replies = _request(grid, DISTANCES, {n: {**base, **first[i]} for i, n in enumerate(nodes) if n in alive},
+                               phase, timeout, tolerate=True)
+            alive.intersection_update(replies)
+            if len(alive) < need:  # fewer coded results than a distance needs: nobody could decode
+                raise PhaseFailed(f"{len(alive)} nodes left, a distance needs {need} coded results")
+            coded = _route(nodes, replies)
             decided = _request(grid, DECIDE, {n: {**base, "src": coded[i][0], "ct": coded[i][1],
-                                                  "exclude": sorted(exclude)} for i, n in enumerate(nodes)},
-                               phase, timeout)
-            out = [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) for n in nodes]
+                                                  "exclude": sorted(exclude)} for i, n in enumerate(nodes) if n in alive},
+                               phase, timeout, tolerate=True)
+            alive.intersection_update(decided)
+            # a node that dropped keeps its cluster (unless that cluster is being dissolved: then the first other)
+            keep = [a if a not in exclude else min(set(range(max(assignment) + 1)) - set(exclude))
+                    for a in assignment]
+            out = [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) if n in decided else
+                   Decision(keep[i], False) for i, n in enumerate(nodes)]
             allowed = set(range(max(assignment) + 1)) - set(exclude)
             if any(d.cluster not in allowed for d in out):  # a decision is all the server can check
                 raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")

@@ -159,3 +159,40 @@ def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
     assert inbox[0] == ([1, 2], [b"c", b"e"]) and inbox[2] == ([0, 1], [b"b", b"d"])
     with pytest.raises(PhaseFailed):
         _route(nodes, {**good, 102: {"dst": [0, 1], "ct": [b"c", b"d"]}})  # one to itself, none to node 2
+
+
+@pytest.mark.parametrize("dropped,completes", [((2,), True), ((2, 3), False)])
+def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropped, completes, tmp_path, cache_dir,
+                                                                           monkeypatch):
+    """N = 6, K = 1, T = 2: a distance decodes from 5 coded results. One node failing after the shares are out
+    leaves 5 (the phase completes, the others recover the domains); two leave 4 (the phase aborts, nothing
+    changes, training goes on)."""
+    import json
+
+    from common.inprocess import node_id_for, run_inprocess
+    from common.secfpp.protocol import ClusteringClient
+
+    original = ClusteringClient.coded_distances
+
+    def failing(self, assignment, round_id):
+        if self.index in dropped:
+            raise RuntimeError("node lost")
+        return original(self, assignment, round_id)
+
+    monkeypatch.setattr(ClusteringClient, "coded_distances", failing)
+    run_dir = tmp_path / "run"
+    overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    summary = run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 4,
+                             "run-dir": str(run_dir), "resume": False}, num_nodes=6)
+    assert summary["rounds"] == 4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    phase = [r for r in records if r["round"] == 4][0]
+    assert ("secfpp-assignment" in phase) == completes and phase.get("secfpp-phase-failed", False) == (not completes)
+    if completes:
+        domains = run_partition(RunConfig(**SETTINGS, run_dir=str(run_dir))).domains
+        roster = sorted(node_id_for(k) for k in range(6))  # the phase indexes nodes by sorted node id
+        lost = {k for k in range(6) if roster.index(node_id_for(k)) in dropped}
+        others = [k for k in range(6) if k not in lost]
+        assert len(others) == 5
+        by_node = phase["secfpp-assignment"]
+        assert adjusted_rand_index([by_node[str(node_id_for(k))] for k in others], [domains[k] for k in others]) == 1.0
