@@ -18,7 +18,7 @@ from common.config import NodeConfig, RunConfig
 from common.data.silo import SiloError
 from common.runtag import RUN_TAG_KEY, run_tag
 
-from . import secagg
+from . import secagg, secfpp
 from .node import PromptNode
 
 app = ClientApp()
@@ -96,3 +96,4 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 secagg.register(app)  # train.secagg_shares / train.secagg_masked / train.secagg_unmask
+secfpp.register(app)  # train.secfpp_keys / _shares / _distances / _decide (the clustering phase)

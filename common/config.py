@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
                       "cifar100", "folder", "csv"]
-Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl"]
-METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl")
+Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
+METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl",
+                                 "secfpp")
 
 
 class RunConfig(BaseModel):
@@ -34,7 +35,8 @@ class RunConfig(BaseModel):
     data_root: str = ""  # the folder holding the data set (CoOp's $DATA, torchvision's CIFAR root, a folder/CSV)
     classnames: str = ""  # silo mode: the run's class list, comma-separated, identical on every node
     silo_root: str = ""  # silo mode in simulation: node I reads silo-root/I (deployment: node config data-dir)
-    partition: Literal["pathological", "dirichlet", "base-novel"] = "pathological"
+    partition: Literal["pathological", "dirichlet", "base-novel", "multi-domain"] = "pathological"
+    num_domains: int = Field(2, ge=2)  # multi-domain: contiguous class blocks (demo: animals | digits)
     dirichlet_alpha: float = Field(0.3, gt=0)
     min_samples_per_client: int = Field(10, ge=1)  # dirichlet: redraw until every client has this many
     num_shots: int = Field(0, ge=0)  # k > 0: k training records per class of each client (few-shot)
@@ -74,6 +76,17 @@ class RunConfig(BaseModel):
     secagg_dropout_tolerance: int = Field(1, ge=0)  # clients that may drop mid-round; threshold t = N - this
     secagg_quantization_bits: int = Field(16, ge=1, le=40)  # one record's contribution = 2^bits integer units
 
+    # SecFPP (docs/secfpp.md): secret-shared adaptive clustering of the clients, one global prompt per cluster
+    secfpp_every: int = Field(1, ge=1)  # R: a clustering phase every R rounds
+    secfpp_reduced_dim: int = Field(32, ge=1)  # d': public-basis projection of the clustering vector
+    secfpp_slices: int = Field(1, ge=1)  # K: LCC data slices per share
+    secfpp_privacy: int = Field(1, ge=1)  # T: colluding clients that learn nothing
+    secfpp_quantization_bits: int = Field(16, ge=1, le=40)  # q: fixed-point bits of the unit clustering vector
+    secfpp_threshold: float = Field(0.7, gt=0, le=4)  # lambda: squared distance (unit vectors) that opens a cluster
+    secfpp_max_clusters: int = Field(4, ge=1)
+    secfpp_min_cluster_size: int = Field(2, ge=1)  # a smaller cluster is dissolved (its aggregate = one prompt)
+    secfpp_max_iter: int = Field(10, ge=1)
+
     seed: int = 0
     run_dir: str = "runs/latest"
     resume: bool = True
@@ -97,6 +110,12 @@ class RunConfig(BaseModel):
         if self.secure_aggregation and self.method in ("zeroshot", "coop"):
             raise ValueError(f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
                              "nothing to aggregate securely (use a method with a global prompt, or turn it off)")
+        if self.method == "secfpp":
+            from .secfpp.protocol import validate
+
+            # the phase must decode (2(K+T-1)+1 <= N) and must not wrap around with all N clients
+            validate(self.num_clients, self.secfpp_reduced_dim, self.secfpp_slices, self.secfpp_privacy,
+                     self.secfpp_quantization_bits, (1 << 61) - 1)
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self

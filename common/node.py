@@ -90,7 +90,8 @@ def run_partition(cfg: RunConfig) -> Partition:
     """The run's partition: every node computes the same one from the seed (nothing about it is sent)."""
     data = run_dataset(cfg)
     return partition_dataset(data.labels, data.is_test, data.classnames, cfg.partition, cfg.num_clients, cfg.seed,
-                             cfg.classes_per_client, cfg.dirichlet_alpha, cfg.min_samples_per_client, cfg.num_shots)
+                             cfg.classes_per_client, cfg.dirichlet_alpha, cfg.min_samples_per_client, cfg.num_shots,
+                             cfg.num_domains)
 
 
 def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:

@@ -34,6 +34,9 @@ class ServerState:
     zeroshot: dict[str, float] = field(default_factory=dict)
     calibrated_rounds: int = 0  # the number of rounds the noise was calibrated for (0: not calibrated)
     last_record: dict = field(default_factory=dict)  # the metrics line of server_round (see RunDirectory.resume)
+    # SecFPP: one global prompt per cluster, and each node's cluster (node id -> cluster); empty otherwise
+    cluster_prompts: dict[int, torch.Tensor] = field(default_factory=dict)
+    assignment: dict[str, int] = field(default_factory=dict)
 
 
 class RunDirectory:
@@ -45,9 +48,10 @@ class RunDirectory:
         tensors = {"p_global": state.p_global}
         if state.momentum is not None:
             tensors["momentum"] = state.momentum
+        tensors.update({f"cluster-{s}": p.clone() for s, p in state.cluster_prompts.items()})  # p_global may alias one
         meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
                                                 "config_fingerprint", "node_sample_rates", "participation",
-                                                "zeroshot", "calibrated_rounds", "last_record")}
+                                                "zeroshot", "calibrated_rounds", "last_record", "assignment")}
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:
@@ -55,7 +59,9 @@ class RunDirectory:
         if loaded is None:
             return None
         tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
-        return ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), **meta)
+        clusters = {int(k.split("-", 1)[1]): v for k, v in tensors.items() if k.startswith("cluster-")}
+        return ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters,
+                           **meta)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS, "a") as fh:

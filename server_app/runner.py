@@ -20,6 +20,7 @@ from common.prompt import random_context
 
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
+from .secfpp_round import SecfppStrategy, clustering_phase
 from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
@@ -67,6 +68,9 @@ def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+    if cfg.method == "secfpp" and cfg.secure_aggregation:
+        raise RuntimeError("method 'secfpp' with secure-aggregation = true needs per-cluster secure aggregation, "
+                           "which is not built (docs/secfpp.md)")
     run_dir = RunDirectory(cfg.run_dir)
     fingerprint = config_fingerprint(cfg)
     state = run_dir.load() if cfg.resume else None
@@ -88,7 +92,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
         run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
-    strategy = PromptStrategy(cfg, state)
+    strategy = SecfppStrategy(cfg, state) if cfg.method == "secfpp" else PromptStrategy(cfg, state)
     run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
@@ -119,6 +123,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
+        if cfg.method == "secfpp" and server_round % cfg.secfpp_every == 0:  # server_app/secfpp_round.py
+            record.update(clustering_phase(strategy, grid, server_round, cfg.round_timeout or None) or
+                          {"secfpp-phase-failed": True})
         if cfg.dp:
             record["epsilon-global-max"] = strategy.epsilon_global()
         state.server_round = server_round
@@ -147,6 +154,8 @@ PROTOCOL_DESCRIPTIONS = {
     "base-novel": "base-novel (FedPGP): local = own base classes, base = all base classes (base classifier), "
                   "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
                   "hm-of-means = HM of the three means",
+    "multi-domain": "multi-domain (SecFPP): client k draws from domain k mod D (contiguous class blocks), label skew "
+                    "Dir(alpha) within it; local = the client's own test shard; classifier over all classes",
     "silo": "silo: each organization's own test images (local only)",
 }
 
@@ -155,8 +164,10 @@ def evaluation_protocol(cfg: RunConfig) -> dict:
     protocol = "silo" if cfg.dataset == "silo" else cfg.partition
     out = {"name": protocol, "description": PROTOCOL_DESCRIPTIONS[protocol], "dataset": cfg.dataset,
            "mean-over": "clients, unweighted", "last-rounds": cfg.eval_last}
-    if protocol == "dirichlet":
+    if protocol in ("dirichlet", "multi-domain"):
         out["dirichlet-alpha"] = cfg.dirichlet_alpha
+    if protocol == "multi-domain":
+        out["num-domains"] = cfg.num_domains
     if protocol in ("pathological", "base-novel"):
         out["classes-per-client"] = cfg.classes_per_client or "round(C/N)"
     if cfg.num_shots:

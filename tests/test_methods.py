@@ -18,7 +18,7 @@ from common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon
 
 TRAINING = [m for m in METHOD_NAMES if m != "zeroshot"]
 LOCAL_KEYS = {"coop": {"p_local"}, "promptfl": set(), "fedotp": {"p_local"}, "fedpgp": {"u", "v"},
-              "dpfpl-noresidual": {"p_local"}, "dpfpl": {"p_local"}}
+              "dpfpl-noresidual": {"p_local"}, "dpfpl": {"p_local"}, "secfpp": {"p_local"}}
 
 
 def _step(learner, p_global, local, dp, gen, feats, labels):

@@ -15,6 +15,12 @@
   Evaluation: *local* (own base classes, base classifier), *base* (all base test images, base classifier),
   *novel* (all novel test images, novel classifier) and HM(local, base, novel).
 
+* ``multi-domain`` (SecFPP): the classes, in label order, are cut into ``num-domains`` contiguous blocks (the
+  embedded default: the 10 animal silhouettes and the 10 digits); client k draws only from domain k mod D, and
+  within its domain the records are split among that domain's clients with label skew Dir(alpha) (as
+  ``dirichlet``, train and test alike). Evaluation: *local* (the client's own test shard; classifier over all
+  classes). ``Partition.domains`` holds each client's domain, the ground truth a clustering is scored against.
+
 ``num-shots = k > 0`` keeps k training records per class of each client (few-shot; a class with fewer keeps
 all it has, and the summary says so).
 """
@@ -29,8 +35,8 @@ import numpy as np
 
 from .images import DatasetError
 
-Protocol = Literal["pathological", "dirichlet", "base-novel"]
-PROTOCOLS: tuple[str, ...] = ("pathological", "dirichlet", "base-novel")
+Protocol = Literal["pathological", "dirichlet", "base-novel", "multi-domain"]
+PROTOCOLS: tuple[str, ...] = ("pathological", "dirichlet", "base-novel", "multi-domain")
 MAX_DIRICHLET_DRAWS = 1000
 
 
@@ -97,6 +103,36 @@ def few_shot(indices: np.ndarray, labels: np.ndarray, shots: int, seed: int) -> 
     return (np.sort(np.concatenate(keep)) if keep else indices[:0]), short
 
 
+def domain_blocks(num_classes: int, num_domains: int) -> list[list[int]]:
+    """Classes 0..C-1 in label order cut into ``num_domains`` contiguous, nearly equal blocks."""
+    if not 2 <= num_domains <= num_classes:
+        raise DatasetError(f"multi-domain partition needs 2 <= num-domains <= {num_classes}, got {num_domains}")
+    return [b.tolist() for b in np.array_split(np.arange(num_classes), num_domains)]
+
+
+def multi_domain_partition(labels: np.ndarray, is_test: np.ndarray, num_classes: int, num_clients: int,
+                           num_domains: int, alpha: float, min_samples: int,
+                           seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
+    """(train, test) record indices per client and each client's domain (client k: domain k mod D)."""
+    if num_clients < num_domains:
+        raise DatasetError(f"multi-domain partition: {num_clients} clients cannot cover {num_domains} domains")
+    blocks = domain_blocks(num_classes, num_domains)
+    domains = [k % num_domains for k in range(num_clients)]
+    train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    out: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0, np.int64), np.empty(0, np.int64))] * num_clients
+    for d, classes in enumerate(blocks):
+        members = [k for k in range(num_clients) if domains[k] == d]
+        tr = train_idx[np.isin(labels[train_idx], classes)]
+        te = test_idx[np.isin(labels[test_idx], classes)]
+        if len(members) == 1:
+            out[members[0]] = (tr, te)
+            continue
+        positions = dirichlet_partition(labels[tr], labels[te], len(members), alpha, min_samples, seed * 31 + d)
+        for k, (ptr, pte) in zip(members, positions):
+            out[k] = (tr[ptr], te[pte])
+    return out, domains
+
+
 def base_novel_classes(num_classes: int) -> tuple[list[int], list[int]]:
     """CoOp's subsample_classes: labels sorted, base = the first ceil(C/2), novel = the rest."""
     n_base = math.ceil(num_classes / 2)
@@ -121,6 +157,7 @@ class Partition:
     novel_classes: list[int] | None = None
     num_shots: int = 0
     detail: str = ""
+    domains: list[int] | None = None  # multi-domain: each client's domain
 
     def summary(self, max_names: int = 6) -> str:
         """What each client holds: the printed check a user wants before hours of training."""
@@ -136,14 +173,15 @@ class Partition:
             names = [self.classnames[c] for c in part.classes[:max_names]]
             more = f", ... (+{len(part.classes) - max_names})" if len(part.classes) > max_names else ""
             short = f"  [{len(part.short_classes)} classes below {self.num_shots} shots]" if part.short_classes else ""
+            domain = f"  [domain {self.domains[i]}]" if self.domains is not None else ""
             lines.append(f"  {i:>6} {len(part.classes):>7} {len(part.train):>7} {len(part.test):>6}  "
-                         f"{', '.join(names)}{more}{short}")
+                         f"{', '.join(names)}{more}{short}{domain}")
         return "\n".join(lines)
 
 
 def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[str], protocol: str,
                       num_clients: int, seed: int, classes_per_client: int = 0, alpha: float = 0.3,
-                      min_samples: int = 10, num_shots: int = 0) -> Partition:
+                      min_samples: int = 10, num_shots: int = 0, num_domains: int = 2) -> Partition:
     """The partition of one data set (labels + test flags) for ``num_clients`` simulated clients."""
     train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     num_classes = len(classnames)
@@ -178,4 +216,13 @@ def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[
             train, short = shots(train_idx[tr], k)
             parts.append(ClientPart(sorted(set(labels[train].tolist())), train, test_idx[te], short))
         return Partition(protocol, classnames, parts, seed, num_shots=num_shots, detail=f" (alpha {alpha:g})")
+    if protocol == "multi-domain":
+        positions, domains = multi_domain_partition(labels, is_test, num_classes, num_clients, num_domains, alpha,
+                                                    min_samples, seed)
+        parts = []
+        for k, (tr, te) in enumerate(positions):
+            train, short = shots(np.sort(tr), k)
+            parts.append(ClientPart(sorted(set(labels[train].tolist())), train, np.sort(te), short))
+        return Partition(protocol, classnames, parts, seed, num_shots=num_shots,
+                         detail=f" ({num_domains} domains, alpha {alpha:g})", domains=domains)
     raise DatasetError(f"unknown partition '{protocol}'; choose one of {PROTOCOLS}")

@@ -9,6 +9,10 @@
 | fedpgp            | p_G + U V (persistent factors) | p_G's gradient    | GDP on p_G, LDP on (U, V)   |
 | dpfpl-noresidual  | p_G + U v (refactorized, no r) | p_G's gradient    | GDP on p_G, LDP on (U, v)   |
 | dpfpl             | p_G + U v + r                  | p_G's gradient    | GDP on p_G, LDP on (U, v)   |
+| secfpp            | p_G,c(i) + p_L (full rank)     | p_G's gradient to its cluster's p_G; LCC shares of a reduced vector | as fedotp |
+
+SecFPP's step is FedOTP's (a domain-level p_G plus a class-level full-rank p_L); what differs is around it: the
+server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``common.secfpp``.
 """
 
 from .contrastive import ContrastiveLoss
@@ -29,6 +33,7 @@ def build_method(name: str, rank: int = 8, contrastive_weight: float = 0.5,
                                  contrastive=ContrastiveLoss(contrastive_weight, contrastive_temperature)),
         "dpfpl-noresidual": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=False)),
         "dpfpl": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=True)),
+        "secfpp": lambda: Method(name, shares_global=True, local=FullRankLocal()),
     }
     if name not in builders:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(builders)}")

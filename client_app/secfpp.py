@@ -1,0 +1,118 @@
+"""The client side of SecFPP's clustering phase (see ``server_app/secfpp_round.py`` for the message flow).
+
+The node computes its clustering vector (its domain gradient at the public initial prompt, reduced on the
+public basis and normalized: ``common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
+and field elements; the vector leaves the node only as shares, each encrypted for one other node. The state
+between the messages of a phase (this phase's private key, the shares it holds) lives in one file in the
+node's state directory (mode 0600), as for secure aggregation: in deployment every message starts a fresh
+ClientApp process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.atomic import write_json
+from common.config import NodeConfig, RunConfig
+from common.secfpp.kmeans import threshold_units
+from common.secfpp.protocol import ClusteringClient, validate
+from common.secfpp.reduce import public_basis, reduce
+from common.secfpp.signal import domain_gradient
+
+SESSION_FILE = "secfpp_session.json"
+
+
+class SecfppError(RuntimeError):
+    pass
+
+
+def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Path]:
+    cfg = RunConfig.from_flower(dict(context.run_config))
+    node = NodeConfig.from_flower(dict(context.node_config))
+    return cfg, node, node.resolved_state_dir(cfg.run_dir) / SESSION_FILE
+
+
+def _save(path: Path, client: ClusteringClient) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, client.to_dict())
+    os.chmod(path, 0o600)
+
+
+def _load(path: Path, phase: str) -> ClusteringClient:
+    if not path.exists():
+        raise SecfppError(f"no clustering state for phase '{phase}' on this node")
+    client = ClusteringClient.from_dict(json.loads(path.read_text()))
+    if client.context != phase:
+        raise SecfppError(f"this node's clustering state is for phase '{client.context}', the request for '{phase}'")
+    return client
+
+
+def _reply(msg: Message, values: dict) -> Message:
+    return Message(content=RecordDict({"secfpp": ConfigRecord(values)}), reply_to=msg)
+
+
+def advertise(msg: Message, context: Context) -> Message:
+    """Compute and encode the clustering vector; reply with this phase's public key only."""
+    from server_app.runner import initial_global_prompt
+
+    from .node import PromptNode
+
+    cfg, node_cfg, path = _setup(context)
+    config = msg.content["config"]
+    node = PromptNode(cfg, node_cfg)
+    reference = initial_global_prompt(cfg)  # public: from the run seed, the same on every party
+    vector = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
+    basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
+    lcc = validate(int(config["num-users"]), cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy,
+                   cfg.secfpp_quantization_bits, (1 << 61) - 1)
+    client = ClusteringClient(int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits,
+                              str(config["phase"]))
+    _save(path, client)
+    return _reply(msg, {"pk": client.public})
+
+
+def share(msg: Message, context: Context) -> Message:
+    _, _, path = _setup(context)
+    config = msg.content["config"]
+    client = _load(path, str(config["phase"]))
+    cts = client.share({i: bytes(pk) for i, pk in enumerate(config["pks"])})
+    _save(path, client)
+    order = sorted(cts)
+    return _reply(msg, {"dst": order, "ct": [cts[d] for d in order]})
+
+
+def distances(msg: Message, context: Context) -> Message:
+    _, _, path = _setup(context)
+    config = msg.content["config"]
+    client = _load(path, str(config["phase"]))
+    if "src" in config:  # the first iteration carries the relayed shares
+        client.receive_shares({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])})
+    cts = client.coded_distances([int(a) for a in config["assignment"]], int(config["iteration"]))
+    _save(path, client)
+    order = sorted(cts)
+    return _reply(msg, {"dst": order, "ct": [cts[d] for d in order]})
+
+
+def decide(msg: Message, context: Context) -> Message:
+    cfg, _, path = _setup(context)
+    config = msg.content["config"]
+    client = _load(path, str(config["phase"]))
+    decision = client.decide({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
+                             [int(a) for a in config["assignment"]], int(config["iteration"]),
+                             threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
+                             frozenset(int(e) for e in config["exclude"]))
+    _save(path, client)
+    return _reply(msg, {"cluster": decision.cluster, "far": int(decision.far)})
+
+
+def register(app: ClientApp) -> None:
+    """Route the four actions of the clustering phase (train message type) to their handlers."""
+    app.train("secfpp_keys")(advertise)
+    app.train("secfpp_shares")(share)
+    app.train("secfpp_distances")(distances)
+    app.train("secfpp_decide")(decide)

@@ -1,0 +1,211 @@
+"""SecFPP at the server: one global prompt per cluster, and the clustering phase, in which it only relays.
+
+Per-cluster prompts (``SecfppStrategy``): each node receives its cluster's P_G (train and evaluate); the
+replies are validated as for every method and each cluster's P_G takes the server step
+(``strategy.global_update``) with the mean of its members' gradients (with DP: the global noise of a mean
+over that cluster's n_s replies).
+
+The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round, custom
+actions of the ``train`` type routed to ``client_app/secfpp.py``:
+
+  train.secfpp_keys       index in the roster, N -> the node computes/encodes its vector; reply: public key
+  train.secfpp_shares     the roster's public keys -> ciphertexts of LCC shares, one per other node
+  train.secfpp_distances  (first time: the shares addressed to the node) + the assignment -> ciphertexts of
+                          the node's coded distances, one per other node
+  train.secfpp_decide     the coded distances addressed to the node + the assignment -> (cluster, far bit)
+
+The last two repeat once per iteration of ``common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
+share of the computation. What the server sees: public keys, ciphertexts (and their sizes), the decisions,
+hence the assignment. Dropouts: a node that fails before its shares are out (keys, shares) aborts the phase
+(the assignment stays as it was); after that, a node that fails or does not answer leaves the phase: the
+others decode from the coded results that are left (LCC needs 2(K+T-1)+1 of them; fewer aborts the phase),
+its vector stays in the cluster sums (its shares are held by the others) and it keeps its cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+
+from common.classlist import DIGEST_KEY
+from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
+from common.secfpp.lcc import LccParameterError
+from common.secfpp.protocol import validate
+
+from .strategy import InvalidReply, PromptStrategy, global_update, node_key
+
+log = logging.getLogger("dpfpl.server.secfpp")
+
+KEYS, SHARES, DISTANCES, DECIDE = (f"{MessageType.TRAIN}.secfpp_{a}" for a in ("keys", "shares", "distances", "decide"))
+
+
+class PhaseFailed(RuntimeError):
+    pass
+
+
+class SecfppStrategy(PromptStrategy):
+    """PromptStrategy with one global prompt per cluster (state.cluster_prompts, state.assignment)."""
+
+    def cluster_of(self, node_id: int) -> int:
+        return int(self.state.assignment.get(str(node_id), 0))
+
+    def prompt_of(self, cluster: int) -> torch.Tensor:
+        return self.state.cluster_prompts.get(cluster, self.state.p_global)
+
+    def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
+                  message_type: str) -> list[Message]:
+        _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
+        record = {**config, "server-round": server_round, "run-token": self.state.run_token,
+                  DIGEST_KEY: self.classes_digest}
+        return [Message(content=RecordDict({
+            "config": ConfigRecord(record),
+            "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.cluster_of(n))})}),
+            message_type=message_type, dst_node_id=n) for n in node_ids]
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        by_cluster: dict[int, list[torch.Tensor]] = {}
+        rows, keys = [], []
+        for msg in replies:
+            try:
+                grad, metrics = self.validate_train_reply(msg, server_round)
+            except InvalidReply as err:
+                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
+                continue
+            key = node_key(msg, metrics)
+            if key in keys:
+                log.warning("round %d: two replies under node key %s; the second is ignored", server_round, key)
+                continue
+            keys.append(key)
+            rows.append((key, metrics))
+            by_cluster.setdefault(self.cluster_of(msg.metadata.src_node_id), []).append(grad)
+        if len(rows) < self.cfg.min_clients:
+            log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
+                      len(rows), self.cfg.min_clients)
+            return None, None
+        summary = {"num-replies": float(len(rows)), "secfpp-clusters": float(len(by_cluster))}
+        summary.update(self._summarize_node_metrics([m for _, m in rows]))
+        for cluster, grads in sorted(by_cluster.items()):
+            self.state.cluster_prompts[cluster], _, std = global_update(
+                self.cfg, self.prompt_of(cluster), None, grads, self.state.noise_multiplier_global,
+                self.noise_generator)
+            summary[f"global-noise-std-c{cluster}"] = std
+        self.state.p_global = self.prompt_of(0)
+        if self.cfg.dp:
+            for key, metrics in rows:
+                self.state.participation[key] = self.state.participation.get(key, 0) + 1
+                self.state.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
+        return None, MetricRecord(summary)
+
+    def apply_assignment(self, assignment: dict[int, int]) -> None:
+        """New clusters; each starts from the mean of its members' previous cluster prompts."""
+        fresh: dict[int, torch.Tensor] = {}
+        for cluster in sorted(set(assignment.values())):
+            members = [n for n, c in assignment.items() if c == cluster]
+            fresh[cluster] = torch.stack([self.prompt_of(self.cluster_of(n)) for n in members]).mean(0)
+        self.state.cluster_prompts = fresh
+        self.state.assignment = {str(n): int(c) for n, c in assignment.items()}
+        self.state.p_global = self.prompt_of(0)
+
+
+def _request(grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None,
+             tolerate: bool = False) -> dict[int, dict]:
+    """Send each node its payload; the replies by node id. ``tolerate``: a node that fails or does not answer
+    is logged and left out (the caller decides whether enough are left); otherwise the phase fails."""
+    messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "phase": phase})}), message_type=action,
+                        dst_node_id=n) for n, p in payloads.items()]
+    replies, problems = {}, []
+    for msg in grid.send_and_receive(messages, timeout=timeout):
+        if msg.has_error():
+            problems.append(f"node {msg.metadata.src_node_id} failed in {action}: {msg.error.reason}")
+        elif "secfpp" not in msg.content.config_records:
+            problems.append(f"node {msg.metadata.src_node_id} sent no 'secfpp' record in {action}")
+        else:
+            replies[msg.metadata.src_node_id] = dict(msg.content["secfpp"])
+    missing = set(payloads) - set(replies)
+    if missing and not tolerate:
+        raise PhaseFailed("; ".join(problems) or f"{len(missing)} node(s) did not answer {action}")
+    for problem in problems:
+        log.warning("%s; it drops out of this phase", problem)
+    return replies
+
+
+def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[int], list[bytes]]]:
+    """Relay: the ciphertexts each answering node sent, regrouped by destination (roster indices). Opaque
+    bytes; a sender must address exactly one ciphertext to every other node of the roster."""
+    inbox: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in range(len(nodes))}
+    for src, node in enumerate(nodes):
+        if node not in replies:
+            continue
+        r = replies[node]
+        if len(r["dst"]) != len(r["ct"]) or set(int(d) for d in r["dst"]) != set(range(len(nodes))) - {src}:
+            raise PhaseFailed(f"node {node} did not address exactly one ciphertext to every other node")
+        for dst, ct in zip(r["dst"], r["ct"]):
+            inbox[int(dst)][0].append(src)
+            inbox[int(dst)][1].append(bytes(ct))
+    return inbox
+
+
+def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
+                     timeout: float | None) -> dict | None:
+    """Run one phase; on success apply the new assignment and return what the metrics line records."""
+    cfg = strategy.cfg
+    started = time.time()
+    _, node_ids = sample_nodes(grid, cfg.min_clients, cfg.min_clients)
+    nodes = sorted(int(n) for n in node_ids)
+    phase = f"{strategy.state.run_token}/{server_round}"
+    try:
+        validate(len(nodes), cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy,
+                 cfg.secfpp_quantization_bits, (1 << 61) - 1)
+        keys = _request(grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase,
+                        timeout)
+        pks = [bytes(keys[n]["pk"]) for n in nodes]
+        if any(len(pk) != 32 for pk in pks):
+            raise PhaseFailed("a public key is not 32 bytes")
+        shares = _route(nodes, _request(grid, SHARES, {n: {"pks": pks} for n in nodes}, phase, timeout))
+        iteration = [0]
+        alive = set(nodes)  # every vector is shared by now: a node that drops later stays in the cluster sums
+        need = 2 * (cfg.secfpp_slices + cfg.secfpp_privacy - 1) + 1
+
+        def decisions(assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
+            iteration[0] += 1
+            base = {"assignment": assignment, "iteration": iteration[0]}
+            first = {i: {"src": shares[i][0], "ct": shares[i][1]} if iteration[0] == 1 else {} for i in range(len(nodes))}
+            replies = _request(grid, DISTANCES, {n: {**base, **first[i]} for i, n in enumerate(nodes) if n in alive},
+                               phase, timeout, tolerate=True)
+            alive.intersection_update(replies)
+            if len(alive) < need:  # fewer coded results than a distance needs: nobody could decode
+                raise PhaseFailed(f"{len(alive)} nodes left, a distance needs {need} coded results")
+            coded = _route(nodes, replies)
+            decided = _request(grid, DECIDE, {n: {**base, "src": coded[i][0], "ct": coded[i][1],
+                                                  "exclude": sorted(exclude)} for i, n in enumerate(nodes) if n in alive},
+                               phase, timeout, tolerate=True)
+            alive.intersection_update(decided)
+            # a node that dropped keeps its cluster (unless that cluster is being dissolved: then the first other)
+            keep = [a if a not in exclude else min(set(range(max(assignment) + 1)) - set(exclude))
+                    for a in assignment]
+            out = [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) if n in decided else
+                   Decision(keep[i], False) for i, n in enumerate(nodes)]
+            allowed = set(range(max(assignment) + 1)) - set(exclude)
+            if any(d.cluster not in allowed for d in out):  # a decision is all the server can check
+                raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")
+            return out
+
+        initial = [strategy.cluster_of(n) for n in nodes]
+        result = adaptive_kmeans(len(nodes), decisions, threshold_units(cfg.secfpp_threshold,
+                                                                        cfg.secfpp_quantization_bits),
+                                 cfg.secfpp_max_clusters, cfg.secfpp_max_iter, initial, cfg.secfpp_min_cluster_size)
+    except (PhaseFailed, LccParameterError, ValueError) as err:
+        log.error("round %d: clustering phase failed, the assignment stays as it was: %s", server_round, err)
+        return None
+    strategy.apply_assignment({n: result.assignment[i] for i, n in enumerate(nodes)})
+    log.info("round %d: %d clusters after %d iterations", server_round, result.num_clusters, result.iterations)
+    return {"secfpp-num-clusters": float(result.num_clusters), "secfpp-iterations": float(result.iterations),
+            "secfpp-phase-seconds": round(time.time() - started, 3),
+            "secfpp-assignment": {str(n): result.assignment[i] for i, n in enumerate(nodes)}}
