@@ -91,7 +91,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
     config = msg.content["config"]
     metrics = node.evaluate(_global_prompt(msg), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot")
-    content = RecordDict({"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})})
+    metrics = {**metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])), "server-round": int(config["server-round"])}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 

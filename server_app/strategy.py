@@ -143,16 +143,22 @@ class PromptStrategy(Strategy):
         return self._messages(server_round, arrays, dict(config), grid, MessageType.EVALUATE)
 
     # ---------------------------------------------------------------- validation
-    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
-        if msg.has_error():
-            raise InvalidReply(f"node reported an error: {msg.error.reason}")
-        content = msg.content
-        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+    def check_round_and_run(self, metrics: dict, server_round: int) -> None:
+        """A reply must answer this round of this run: a late reply from an earlier round, or one from a previous
+        run that reused the SuperLink, would otherwise be counted as current (for evaluation replies at round 0
+        that would feed a stale training-set size to the accountant's sample rates)."""
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
             raise InvalidReply(f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
                                f"{run_tag(self.state.run_token)})")
+
+    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
+        if msg.has_error():
+            raise InvalidReply(f"node reported an error: {msg.error.reason}")
+        content = msg.content
+        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        self.check_round_and_run(metrics, server_round)
         if len(content.config_records) or set(content.metric_records.keys()) != {"metrics"}:
             raise InvalidReply("a reply carries one metric record 'metrics' (and the method's arrays), nothing else")
         node_key(msg, metrics)  # a malformed key is rejected here
@@ -246,6 +252,7 @@ class PromptStrategy(Strategy):
                 continue
             metrics = dict(msg.content["metrics"])
             try:
+                self.check_round_and_run(metrics, server_round)
                 rows.append((node_key(msg, metrics), metrics))
             except InvalidReply as err:
                 log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,

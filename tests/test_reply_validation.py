@@ -100,3 +100,30 @@ def test_only_valid_replies_are_aggregated_and_the_prompt_stays_finite(specs):
     if valid:
         assert metrics["num-replies"] == len(valid)
     assert torch.isfinite(strategy.state.p_global).all()
+
+
+def _evaluation_reply(node: int, server_round: int | None, run: str | None, acc: float) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    request.metadata.__dict__["_src_node_id"] = 0
+    metrics = {"local-acc": acc, "num-examples": 32.0}
+    if server_round is not None:
+        metrics["server-round"] = server_round
+    if run is not None:
+        metrics["run-tag"] = run_tag(run)
+    msg = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=request)
+    msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
+def test_evaluation_replies_for_another_round_or_run_are_left_out_of_the_means():
+    strategy = _strategy()
+    replies = [_evaluation_reply(1, ROUND, "t", 80.0), _evaluation_reply(2, ROUND - 1, "t", 10.0),
+               _evaluation_reply(3, ROUND, "an-earlier-run", 10.0), _evaluation_reply(4, ROUND, None, 10.0),
+               _evaluation_reply(5, None, "t", 10.0), _evaluation_reply(6, ROUND, "t", 60.0)]
+    result = strategy.aggregate_evaluate(ROUND, replies)
+    assert result["num-clients"] == 2
+    assert result["local-acc"] == 70.0
+    # at setup (round 0) the replies' training-set sizes feed the sample rates: a stale one must not
+    strategy.state.node_sample_rates = {}
+    strategy.aggregate_evaluate(0, [_evaluation_reply(1, 0, "t", 50.0), _evaluation_reply(2, 0, "old", 50.0)])
+    assert set(strategy.state.node_sample_rates) == {"1"}
