@@ -24,6 +24,8 @@ from common.secfpp.protocol import ClusteringClient, validate
 from common.secfpp.reduce import public_basis, reduce
 from common.secfpp.signal import domain_gradient
 
+from .state import node_key
+
 SESSION_FILE = "secfpp_session.json"
 
 
@@ -73,7 +75,16 @@ def advertise(msg: Message, context: Context) -> Message:
     client = ClusteringClient(int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits,
                               str(config["phase"]))
     _save(path, client)
-    return _reply(msg, {"pk": client.public})
+    # the node key lets the server keep this node's cluster across a restart (server_app/secfpp_round.py)
+    return _reply(msg, {"pk": client.public, "node-key": node_key(path.parent)})
+
+
+def identify(msg: Message, context: Context) -> Message:
+    """This node's stable key, so that the server can route its cluster's prompt to a new Flower node id (after a
+    restart of the SuperNode or a resumed run). No model, no data: the key is all it reads."""
+    _, _, path = _setup(context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Message(content=RecordDict({"identity": ConfigRecord({"node-key": node_key(path.parent)})}), reply_to=msg)
 
 
 def share(msg: Message, context: Context) -> Message:
@@ -111,8 +122,9 @@ def decide(msg: Message, context: Context) -> Message:
 
 
 def register(app: ClientApp) -> None:
-    """Route the four actions of the clustering phase (train message type) to their handlers."""
+    """Route the four actions of the clustering phase (train message type) and the key query to their handlers."""
     app.train("secfpp_keys")(advertise)
     app.train("secfpp_shares")(share)
     app.train("secfpp_distances")(distances)
     app.train("secfpp_decide")(decide)
+    app.query("node_key")(identify)

@@ -3,7 +3,10 @@
 Per-cluster prompts (``SecfppStrategy``): each node receives its cluster's P_G (train and evaluate); the
 replies are validated as for every method and each cluster's P_G takes the server step
 (``strategy.global_update``) with the mean of its members' gradients (with DP: the global noise of a mean
-over that cluster's n_s replies).
+over that cluster's n_s replies). The assignment is kept under each node's stable ``node-key`` (the key the
+accountant's books use, ``client_app.state.node_key``), not under Flower's node id, which changes when a
+SuperNode restarts or a simulation resumes: before sending a prompt to a node id the server has not heard from
+in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
 The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round, custom
 actions of the ``train`` type routed to ``client_app/secfpp.py``:
@@ -39,11 +42,12 @@ from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
 from common.secfpp.lcc import LccParameterError
 from common.secfpp.protocol import validate
 
-from .strategy import InvalidReply, PromptStrategy, global_update, node_key
+from .strategy import InvalidReply, PromptStrategy, global_update, node_key, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
 KEYS, SHARES, DISTANCES, DECIDE = (f"{MessageType.TRAIN}.secfpp_{a}" for a in ("keys", "shares", "distances", "decide"))
+IDENTIFY = f"{MessageType.QUERY}.node_key"
 
 
 class PhaseFailed(RuntimeError):
@@ -51,22 +55,59 @@ class PhaseFailed(RuntimeError):
 
 
 class SecfppStrategy(PromptStrategy):
-    """PromptStrategy with one global prompt per cluster (state.cluster_prompts, state.assignment)."""
+    """PromptStrategy with one global prompt per cluster (state.cluster_prompts, state.assignment by node key)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.node_keys: dict[int, str] = {}  # Flower node id -> node key, as heard in this process
+        self.sent_cluster: dict[int, int] = {}  # node id -> the cluster whose prompt it was sent this round
+
+    def key_of(self, node_id: int) -> str:
+        return self.node_keys.get(int(node_id), str(node_id))
 
     def cluster_of(self, node_id: int) -> int:
-        return int(self.state.assignment.get(str(node_id), 0))
+        return int(self.state.assignment.get(self.key_of(node_id), 0))
 
     def prompt_of(self, cluster: int) -> torch.Tensor:
         return self.state.cluster_prompts.get(cluster, self.state.p_global)
 
+    def learn_key(self, node_id: int, key: str) -> None:
+        if self.node_keys.get(int(node_id), key) != key:
+            log.warning("node %s now reports node key %s (was %s)", node_id, key, self.node_keys[int(node_id)])
+        self.node_keys[int(node_id)] = key
+
+    def identify(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask every node id not heard from yet for its node key, so that it gets its own cluster's prompt.
+
+        Only needed once there is an assignment: a SuperNode that restarted, or every node of a resumed run. A
+        node that does not answer is logged and trains with cluster 0's prompt this round (its gradient then
+        goes to cluster 0's update: ``sent_cluster``)."""
+        unknown = [n for n in node_ids if int(n) not in self.node_keys]
+        if not unknown or not self.state.assignment:
+            return
+        messages = [Message(content=RecordDict({"config": ConfigRecord({"run-token": self.state.run_token})}),
+                            message_type=IDENTIFY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout or None):
+            node_id = reply.metadata.src_node_id
+            try:
+                if reply.has_error():
+                    raise InvalidReply(f"it reported an error: {reply.error.reason}")
+                if "identity" not in reply.content.config_records or "node-key" not in reply.content["identity"]:
+                    raise InvalidReply("its reply holds no 'identity' record with a 'node-key'")
+                self.learn_key(node_id, parse_node_key(reply.content["identity"]["node-key"]))
+            except InvalidReply as err:
+                log.warning("node %s could not be identified (%s); it gets cluster 0's prompt", node_id, err)
+
     def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
                   message_type: str) -> list[Message]:
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
+        self.identify(grid, list(node_ids))
         record = {**config, "server-round": server_round, "run-token": self.state.run_token,
                   DIGEST_KEY: self.classes_digest}
+        self.sent_cluster = {int(n): self.cluster_of(n) for n in node_ids}
         return [Message(content=RecordDict({
             "config": ConfigRecord(record),
-            "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.cluster_of(n))})}),
+            "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.sent_cluster[int(n)])})}),
             message_type=message_type, dst_node_id=n) for n in node_ids]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -84,7 +125,10 @@ class SecfppStrategy(PromptStrategy):
                 continue
             keys.append(key)
             rows.append((key, metrics))
-            by_cluster.setdefault(self.cluster_of(msg.metadata.src_node_id), []).append(grad)
+            self.learn_key(msg.metadata.src_node_id, key)
+            # the gradient was taken at the prompt this node was sent: it updates that cluster's prompt
+            sent = self.sent_cluster.get(int(msg.metadata.src_node_id), self.cluster_of(msg.metadata.src_node_id))
+            by_cluster.setdefault(sent, []).append(grad)
         if len(rows) < self.cfg.min_clients:
             log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
                       len(rows), self.cfg.min_clients)
@@ -104,13 +148,14 @@ class SecfppStrategy(PromptStrategy):
         return None, MetricRecord(summary)
 
     def apply_assignment(self, assignment: dict[int, int]) -> None:
-        """New clusters; each starts from the mean of its members' previous cluster prompts."""
+        """New clusters (``assignment`` by node id); each starts from the mean of its members' previous cluster
+        prompts. Kept by node key."""
         fresh: dict[int, torch.Tensor] = {}
         for cluster in sorted(set(assignment.values())):
             members = [n for n, c in assignment.items() if c == cluster]
             fresh[cluster] = torch.stack([self.prompt_of(self.cluster_of(n)) for n in members]).mean(0)
         self.state.cluster_prompts = fresh
-        self.state.assignment = {str(n): int(c) for n, c in assignment.items()}
+        self.state.assignment = {self.key_of(n): int(c) for n, c in assignment.items()}
         self.state.p_global = self.prompt_of(0)
 
 
@@ -165,6 +210,14 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
                  cfg.secfpp_quantization_bits, (1 << 61) - 1)
         keys = _request(grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase,
                         timeout)
+        for n in nodes:  # the phase's roster is also where the assignment learns each node's key
+            try:
+                strategy.learn_key(n, parse_node_key(keys[n].get("node-key")))
+            except InvalidReply as err:
+                raise PhaseFailed(f"node {n}: {err}") from None
+        if len({strategy.key_of(n) for n in nodes}) < len(nodes):
+            raise PhaseFailed("two nodes report the same node key (a copied state directory?); each node needs its "
+                              "own 'node-key' file")
         pks = [bytes(keys[n]["pk"]) for n in nodes]
         if any(len(pk) != 32 for pk in pks):
             raise PhaseFailed("a public key is not 32 bytes")

@@ -58,7 +58,11 @@ def node_key(msg: Message, metrics: dict) -> str:
     taken on trust from an admitted node; two replies under one key in a round are both rejected."""
     if "node-key" not in metrics:
         return str(msg.metadata.src_node_id)
-    key = metrics["node-key"]
+    return parse_node_key(metrics["node-key"])
+
+
+def parse_node_key(key: object) -> str:
+    """A reported ``node-key`` as the server books it, or InvalidReply."""
     if isinstance(key, bool) or not isinstance(key, int) or not 0 < key < 2**62:
         raise InvalidReply(f"node-key {key!r} is not a positive 62-bit integer")
     return str(key)

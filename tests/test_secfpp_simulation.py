@@ -196,3 +196,44 @@ def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropp
         assert len(others) == 5
         by_node = phase["secfpp-assignment"]
         assert adjusted_rand_index([by_node[str(node_id_for(k))] for k in others], [domains[k] for k in others]) == 1.0
+
+
+def test_nodes_with_new_flower_ids_keep_their_cluster_after_a_resume(tmp_path, cache_dir, monkeypatch):
+    """The assignment is kept by node key: when the run resumes and every node comes back under a new Flower node
+    id (restarted SuperNodes, a resumed simulation), the server asks each node for its key and sends it its own
+    cluster's prompt, not cluster 0's."""
+    import common.inprocess as inprocess
+    from client_app.state import node_key
+    from common.inprocess import InProcessGrid, run_inprocess
+    from server_app.checkpoint import RunDirectory
+
+    run_dir = tmp_path / "run"
+    overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    # the phase is at round 4; round 5 moves the two new cluster prompts apart
+    base = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 5, "run-dir": str(run_dir),
+            "resume": False}
+    run_inprocess(base, num_nodes=6)
+    state = RunDirectory(run_dir).load()
+    keys = {k: str(node_key(run_dir / "nodes" / f"node-{k}")) for k in range(6)}
+    assert set(state.assignment) == set(keys.values())  # by node key, not by Flower node id
+    assert len(set(state.assignment.values())) == 2
+    assert not torch.equal(state.cluster_prompts[0], state.cluster_prompts[1])
+
+    original_id = inprocess.node_id_for
+    monkeypatch.setattr(inprocess, "node_id_for", lambda pid: original_id(pid + 1000))
+    sent, types = {}, []
+    deliver = InProcessGrid._deliver
+
+    def recording(self, message):
+        types.append(message.metadata.message_type)
+        if message.metadata.message_type == "train":
+            pid = int(self.contexts[message.metadata.dst_node_id].node_config["partition-id"])
+            sent[pid] = torch.from_numpy(message.content["arrays"]["global-prompt"].numpy().copy())
+        return deliver(self, message)
+
+    monkeypatch.setattr(InProcessGrid, "_deliver", recording)
+    run_inprocess({**base, "num-server-rounds": 6, "resume": True}, num_nodes=6)
+    assert set(sent) == set(range(6))
+    for k in range(6):
+        assert torch.equal(sent[k], state.cluster_prompts[state.assignment[keys[k]]]), f"node {k} got another prompt"
+    assert types.count("query.node_key") == 6  # each new node id asked once, then known
