@@ -31,7 +31,9 @@ def _path(context: Context) -> tuple[RunConfig, Path]:
 
 
 def _round_context(config) -> str:
-    return f"{config['run-token']}/{int(config['server-round'])}"
+    """The session's context, bound into every share's authenticated data: run, round and group (SecFPP: the
+    node's cluster; server_app/secagg_round.py)."""
+    return f"{config['run-token']}/{int(config['server-round'])}/g{int(config['secagg-group'])}"
 
 
 def _save(path: Path, session: ClientSession, values: np.ndarray) -> None:

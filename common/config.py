@@ -116,6 +116,16 @@ class RunConfig(BaseModel):
             # the phase must decode (2(K+T-1)+1 <= N) and must not wrap around with all N clients
             validate(self.num_clients, self.secfpp_reduced_dim, self.secfpp_slices, self.secfpp_privacy,
                      self.secfpp_quantization_bits, (1 << 61) - 1)
+            if self.secure_aggregation:  # each cluster is its own secure-aggregation group
+                from .secagg.protocol import min_group_size
+
+                need = min_group_size(self.secagg_dropout_tolerance)
+                if self.secfpp_min_cluster_size < need:
+                    raise ValueError(
+                        f"method 'secfpp' with secure-aggregation = true sums each cluster on its own, and a sum that "
+                        f"tolerates {self.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
+                        f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
+                        "secagg-dropout-tolerance")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self

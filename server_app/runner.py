@@ -68,9 +68,6 @@ def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
-    if cfg.method == "secfpp" and cfg.secure_aggregation:
-        raise RuntimeError("method 'secfpp' with secure-aggregation = true needs per-cluster secure aggregation, "
-                           "which is not built (docs/secfpp.md)")
     run_dir = RunDirectory(cfg.run_dir)
     fingerprint = config_fingerprint(cfg)
     state = run_dir.load() if cfg.resume else None

@@ -8,6 +8,11 @@ Drives ``common.secagg.protocol.ServerSession`` over Flower messages (Message AP
   train.secagg_masked   the ciphertexts addressed to the client -> its masked input y (uint64 field vector)
   train.secagg_unmask   survivors / dropped -> shares of b_v (survivors) or s_sk_v (dropped)
 
+The nodes are split into groups by ``strategy.secagg_groups``: one group for the methods with one global prompt,
+one per cluster for SecFPP (the server learns each cluster's noised sum, never a member's input). Each group has
+its own roster, threshold and session (context ``<run token>/<round>/g<group>``); the groups' messages of one
+stage go out together. A group that fails fails alone: its prompt keeps its value and its members are not charged.
+
 The unmasked integer sum already carries the global noise (each client added a discrete-Gaussian share), so
 the server adds none; it decodes the noisy mean, steps p_G and charges the accountant for the survivors only.
 A round that falls below the threshold at any stage ends with nothing aggregated and nobody charged.
@@ -80,6 +85,37 @@ def secure_train_round(strategy: PromptStrategy, grid: Grid, server_round: int,
         return None, None
 
 
+class _Group:
+    """One secure-aggregation group: every node of a method with one global prompt, or one SecFPP cluster (whose
+    members share that cluster's prompt). Groups run side by side, one message per node and stage."""
+
+    def __init__(self, label: int, nodes: list[int], threshold: int, context: str, size: int) -> None:
+        self.label, self.nodes, self.threshold = label, nodes, threshold
+        self.session = ServerSession(context=context, threshold=threshold, size=size)
+        self.survivors: list[int] = []
+        self.dropped: list[int] = []
+        self.failed: str | None = None
+
+
+def _each(groups: list[_Group], server_round: int, step) -> None:
+    """Run ``step(group)`` for every live group; a SecAggError fails that group only (logged), never the others."""
+    for group in groups:
+        if group.failed is None:
+            try:
+                step(group)
+            except SecAggError as err:
+                group.failed = str(err)
+                log.error("round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
+                          server_round, group.label, err)
+
+
+def _require_live(groups: list[_Group]) -> list[_Group]:
+    live = [g for g in groups if g.failed is None]
+    if not live:
+        raise SecAggError("; ".join(f"group {g.label}: {g.failed}" for g in groups))
+    return live
+
+
 def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
            timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
     cfg, state = strategy.cfg, strategy.state
@@ -87,15 +123,29 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
     size = int(np.prod(shape))
     stats = {"messages": 0}
     train = list(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
-    threshold = threshold_for(len(train), cfg.secagg_dropout_tolerance)
-    for msg in train:  # the clients calibrate their noise shares for t survivors
-        msg.content["config"]["secagg-threshold"] = threshold
-        msg.content["config"]["secagg-num-clients"] = len(train)
+    groups: list[_Group] = []
+    for label, nodes in sorted(strategy.secagg_groups([m.metadata.dst_node_id for m in train]).items()):
+        try:
+            threshold = threshold_for(len(nodes), cfg.secagg_dropout_tolerance)
+        except SecAggError as err:  # e.g. a cluster with too few connected members this round: it sits out
+            log.error("round %d: group %d (%d nodes) cannot run secure aggregation and sits this round out: %s",
+                      server_round, label, len(nodes), err)
+            continue
+        groups.append(_Group(label, sorted(nodes), threshold, f"{state.run_token}/{server_round}/g{label}", size))
+    group_of = {n: g for g in groups for n in g.nodes}
+    train = [m for m in train if m.metadata.dst_node_id in group_of]
+    if not groups:
+        raise SecAggError("no group of nodes large enough for secure aggregation")
+    for msg in train:  # the clients calibrate their noise shares for t survivors of their group
+        group = group_of[msg.metadata.dst_node_id]
+        msg.content["config"]["secagg-threshold"] = group.threshold
+        msg.content["config"]["secagg-num-clients"] = len(group.nodes)
+        msg.content["config"]["secagg-group"] = group.label
     stats["messages"] += 2 * len(train)
     keys, metrics, book_key = {}, {}, {}
     for msg in grid.send_and_receive(train, timeout=timeout):
         node = msg.metadata.src_node_id
-        if not _ok(msg, server_round):
+        if not _ok(msg, server_round) or node not in group_of:
             continue
         record, m = _config(msg), dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
         if (record is None or int(m.get("server-round", -1)) != server_round or len(msg.content.array_records)
@@ -116,13 +166,19 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
     for node in [u for u, k in book_key.items() if k in shared]:  # one identity, one reply per round
         log.warning("round %d: node %s shares its node key with another reply; rejected", server_round, node)
         keys.pop(node), metrics.pop(node)
-    session = ServerSession(context=f"{state.run_token}/{server_round}", threshold=threshold, size=size)
-    roster = session.set_roster(keys)
-    order = sorted(roster)
-    roster_payload = {"nodes": order, "c-pk": [roster[u][0] for u in order], "s-pk": [roster[u][1] for u in order],
-                      "secagg-threshold": threshold}
 
-    replies = _request(grid, SHARES, {u: roster_payload for u in order}, server_round, state.run_token, timeout, stats)
+    payloads: dict[int, dict] = {}
+
+    def roster(group: _Group) -> None:
+        members = group.session.set_roster({u: keys[u] for u in group.nodes if u in keys})
+        order = sorted(members)
+        payload = {"nodes": order, "c-pk": [members[u][0] for u in order], "s-pk": [members[u][1] for u in order],
+                   "secagg-threshold": group.threshold, "secagg-group": group.label}
+        payloads.update({u: payload for u in order})
+
+    _each(groups, server_round, roster)
+    _require_live(groups)
+    replies = _request(grid, SHARES, payloads, server_round, state.run_token, timeout, stats)
     shares = {}
     for node, msg in replies.items():
         record = _config(msg)
@@ -130,10 +186,16 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
             log.warning("round %d: node %s: malformed shares rejected", server_round, node)
             continue
         shares[node] = {int(d): bytes(c) for d, c in zip(record["dst"], record["ct"])}
-    inbox = session.collect_shares(shares)
-    u2 = session.share_senders
+    payloads = {}
 
-    payloads = {u: {"src": list(inbox[u]), "ct": list(inbox[u].values()), "senders": u2} for u in u2}
+    def relay(group: _Group) -> None:
+        inbox = group.session.collect_shares({u: shares[u] for u in group.nodes if u in shares})
+        senders = group.session.share_senders
+        payloads.update({u: {"src": list(inbox[u]), "ct": list(inbox[u].values()), "senders": senders,
+                             "secagg-group": group.label} for u in senders})
+
+    _each(groups, server_round, relay)
+    _require_live(groups)
     replies = _request(grid, MASKED, payloads, server_round, state.run_token, timeout, stats)
     masked = {}
     for node, msg in replies.items():
@@ -142,12 +204,20 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
             log.warning("round %d: node %s: malformed masked input rejected", server_round, node)
             continue
         masked[node] = content["secagg"]["masked"].numpy()  # shape, dtype and range: ServerSession checks
-    survivors, dropped = session.collect_masked(masked)
-    if len(survivors) < cfg.min_clients:
-        raise SecAggError(f"only {len(survivors)} masked inputs (< min-clients {cfg.min_clients})")
 
-    payload = {"survivors": survivors, "dropped": dropped}
-    replies = _request(grid, UNMASK, {u: payload for u in survivors}, server_round, state.run_token, timeout, stats)
+    def collect(group: _Group) -> None:
+        group.survivors, group.dropped = group.session.collect_masked(
+            {u: y for u, y in masked.items() if u in group.nodes})
+
+    _each(groups, server_round, collect)
+    live = _require_live(groups)
+    if sum(len(g.survivors) for g in live) < cfg.min_clients:
+        raise SecAggError(f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
+                          f"(< min-clients {cfg.min_clients})")
+
+    payloads = {u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
+                for g in live for u in g.survivors}
+    replies = _request(grid, UNMASK, payloads, server_round, state.run_token, timeout, stats)
     unmask = {}
     for node, msg in replies.items():
         r = _config(msg)
@@ -156,32 +226,45 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
             continue
         unmask[node] = ({int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
                         {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])})
-    total = session.unmask(unmask)
+    totals: dict[int, np.ndarray] = {}
 
-    m = len(survivors)
-    mean = decode_sum(total, bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
-                      batch_size=cfg.batch_size, num_summands=m)
-    noisy = torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype)
-    state.p_global, state.momentum = sgd_update(state.p_global, noisy, state.momentum, cfg.lr_global, cfg.momentum,
-                                                cfg.weight_decay)
-    if cfg.dp:  # only the survivors' data is in the release
-        for node in survivors:
-            key = book_key[node]
-            state.participation[key] = state.participation.get(key, 0) + 1
-            # a node that missed the setup phase (joined later) is booked with the rate it reports now
-            state.node_sample_rates.setdefault(key, strategy.sample_rate(key, metrics[node]))
+    def unmask_sum(group: _Group) -> None:
+        totals[group.label] = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
+
+    _each(groups, server_round, unmask_sum)
+    done = _require_live(groups)
+    if sum(len(g.survivors) for g in done) < cfg.min_clients:
+        raise SecAggError(f"only {sum(len(g.survivors) for g in done)} inputs unmasked (< min-clients {cfg.min_clients})")
+
     z = state.noise_multiplier_global if cfg.dp else 0.0
-    z_eff = effective_noise_multiplier(z, m, threshold) if cfg.dp else 0.0
     gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
-    summary = {"num-replies": float(m), "secagg-threshold": float(threshold),
-               # clients the round was sent to that are not in the sum, and those of them whose masks had to be
-               # removed (they dropped after relaying their shares)
-               "secagg-dropped": float(len(train) - m), "secagg-masks-removed": float(len(dropped)),
-               "secagg-messages": float(stats["messages"]), "noise-multiplier-global-effective": z_eff,
-               # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
-               "global-noise-std": z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)}
+    summary: dict[str, float] = {}
+    for group in done:
+        m = len(group.survivors)
+        mean = decode_sum(totals[group.label], bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
+                          batch_size=cfg.batch_size, num_summands=m)
+        strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype))
+        if cfg.dp:  # only the survivors' data is in the release
+            for node in group.survivors:
+                key = book_key[node]
+                state.participation[key] = state.participation.get(key, 0) + 1
+                # a node that missed the setup phase (joined later) is booked with the rate it reports now
+                state.node_sample_rates.setdefault(key, strategy.sample_rate(key, metrics[node]))
+        z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
+        # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
+        std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)
+        summary.update(strategy.group_metrics(group.label, {"secagg-threshold": float(group.threshold),
+                                                            "noise-multiplier-global-effective": z_eff,
+                                                            "global-noise-std": std}))
+        log.info("round %d: group %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
+                 server_round, group.label, m, len(group.nodes), group.threshold, z_eff,
+                 z if math.isfinite(z) else float("nan"))
+    survivors = [u for g in done for u in g.survivors]
+    summary.update({"num-replies": float(len(survivors)),
+                    # clients the round was sent to that are not in a sum, and those of them whose masks had to be
+                    # removed (they dropped after relaying their shares)
+                    "secagg-dropped": float(len(train) - len(survivors)),
+                    "secagg-masks-removed": float(sum(len(g.dropped) for g in done)),
+                    "secagg-messages": float(stats["messages"]), "secagg-groups-failed": float(len(groups) - len(done))})
     summary.update(strategy._summarize_node_metrics([metrics[u] for u in survivors if u in metrics]))
-    log.info("round %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
-             server_round, m, len(train), threshold, z_eff, z if math.isfinite(z) else float("nan"))
     return strategy.current_arrays(), MetricRecord(summary)
-

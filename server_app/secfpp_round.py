@@ -38,6 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.classlist import DIGEST_KEY
+from common.optim import sgd_update
 from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
 from common.secfpp.lcc import LccParameterError
 from common.secfpp.protocol import validate
@@ -146,6 +147,21 @@ class SecfppStrategy(PromptStrategy):
                 self.state.participation[key] = self.state.participation.get(key, 0) + 1
                 self.state.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
         return None, MetricRecord(summary)
+
+    # secure aggregation (server_app/secagg_round.py): one group per cluster, each with its own sum
+    def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for n in node_ids:
+            groups.setdefault(self.sent_cluster.get(int(n), self.cluster_of(n)), []).append(n)
+        return groups
+
+    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor) -> None:
+        self.state.cluster_prompts[group], _ = sgd_update(self.prompt_of(group), noisy_mean, None, self.cfg.lr_global,
+                                                          self.cfg.momentum, self.cfg.weight_decay)
+        self.state.p_global = self.prompt_of(0)
+
+    def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
+        return {f"{k}-c{group}": v for k, v in values.items()}
 
     def apply_assignment(self, assignment: dict[int, int]) -> None:
         """New clusters (``assignment`` by node id); each starts from the mean of its members' previous cluster

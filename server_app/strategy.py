@@ -135,6 +135,21 @@ class PromptStrategy(Strategy):
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
 
+    # ---------------------------------------------------------------- secure aggregation (server_app/secagg_round.py)
+    def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:
+        """Which nodes are summed together: all of them, into the one p_G."""
+        return {0: list(node_ids)}
+
+    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor) -> None:
+        """The server step with a group's decoded mean (its noise was added by the clients)."""
+        self.state.p_global, self.state.momentum = sgd_update(self.state.p_global, noisy_mean, self.state.momentum,
+                                                              self.cfg.lr_global, self.cfg.momentum,
+                                                              self.cfg.weight_decay)
+
+    def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
+        """A group's numbers in the round's metrics line (one group: under their own names)."""
+        return values
+
     def current_arrays(self) -> ArrayRecord | None:
         """What the nodes receive: p_G, or nothing for methods without a global prompt."""
         return ArrayRecord({"global-prompt": self.state.p_global}) if self.method.shares_global else None

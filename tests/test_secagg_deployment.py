@@ -40,7 +40,7 @@ def _kill_when_round_two_keys_sent(tmp, nodes, stop: threading.Event, killed: li
                 log_text = (tmp / f"supernode-{i}.log").read_text(errors="replace")
             except (OSError, ValueError, KeyError):
                 continue
-            if session["context"].endswith("/2") and session["stage"] == "advertised" and _round_two_reply_sent(log_text):
+            if session["context"].split("/")[1] == "2" and session["stage"] == "advertised" and _round_two_reply_sent(log_text):
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed.append(i)
                 return

@@ -127,12 +127,64 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
             assert _pack(np.array(shares[:4], dtype=object)) not in blob
 
 
-def test_secfpp_with_secure_aggregation_is_refused(tmp_path, cache_dir):
-    from common.inprocess import run_inprocess
+def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clear_aggregation(tmp_path, cache_dir,
+                                                                                          monkeypatch):
+    """secure-aggregation = true: each cluster is its own secure-aggregation group (roster, threshold, masks), so
+    the server learns each cluster's sum and never a member's gradient; without noise the cluster prompts equal
+    those of the clear run up to the (unbiased) quantization rounding."""
+    import json
 
-    with pytest.raises(RuntimeError, match="per-cluster secure aggregation"):
-        run_inprocess({"method": "secfpp", "num-clients": 3, "min-clients": 3, "num-server-rounds": 1,
-                       "secure-aggregation": True, "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
+    from common.inprocess import InProcessGrid, run_inprocess
+    from common.secagg.field import scale_factor
+    from server_app.checkpoint import RunDirectory
+
+    replies = []
+    deliver = InProcessGrid._deliver
+
+    def recording(self, message):
+        reply = deliver(self, message)
+        replies.append((message.metadata.message_type, reply))
+        return reply
+
+    overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    run = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 6, "secfpp-min-cluster-size": 3,
+           "resume": False}
+    run_inprocess({**run, "run-dir": str(tmp_path / "clear")}, num_nodes=6)
+    monkeypatch.setattr(InProcessGrid, "_deliver", recording)
+    run_inprocess({**run, "run-dir": str(tmp_path / "sec"), "secure-aggregation": True}, num_nodes=6)
+
+    lines = [json.loads(x) for x in (tmp_path / "sec" / "metrics.jsonl").read_text().splitlines()]
+    rounds = {r["round"]: r for r in lines if r.get("phase") == "train"}
+    assert all(rounds[k]["updated"] and rounds[k]["num-replies"] == 6 for k in range(1, 7))
+    assert rounds[3]["secagg-threshold-c0"] == 5  # one cluster of 6 before the first phase (round 4)
+    assert rounds[5]["secagg-threshold-c0"] == rounds[5]["secagg-threshold-c1"] == 2  # then two of 3
+    trains = [r for t, r in replies if t == "train"]
+    assert trains and all("arrays" not in r.content.array_records for r in trains)  # no clear gradient, ever
+    assert sum(t == "train.secagg_masked" for t, _ in replies) == 36
+
+    clear, sec = RunDirectory(tmp_path / "clear").load(), RunDirectory(tmp_path / "sec").load()
+    from client_app.state import node_key
+
+    def by_partition(run: str, state) -> list[int]:  # node keys are drawn per run: compare by partition
+        return [state.assignment[str(node_key(tmp_path / run / "nodes" / f"node-{k}"))] for k in range(6)]
+
+    assert by_partition("sec", sec) == by_partition("clear", clear) and len(set(sec.assignment.values())) == 2
+    cfg = RunConfig(**SETTINGS)
+    step = cfg.lr_global / scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
+    for c in (0, 1):
+        delta = (sec.cluster_prompts[c] - clear.cluster_prompts[c]).abs().max().item()
+        assert delta < 6 * 2 * step + 1e-6, (c, delta)  # six steps, each mean off by < 1/gamma per coordinate
+
+
+def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
+    from common.inprocess import full_run_config
+
+    settings = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
+        RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
+                                               "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 1}))
+    RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
+                                           "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 0}))
 
 
 def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):

@@ -58,6 +58,11 @@ def threshold_for(num_clients: int, dropout_tolerance: int) -> int:
     return t
 
 
+def min_group_size(dropout_tolerance: int) -> int:
+    """The fewest clients for which ``threshold_for`` accepts ``dropout_tolerance``."""
+    return max(dropout_tolerance + 2, 2 * dropout_tolerance + 1)
+
+
 def _sign(u: int, v: int) -> int:
     return 1 if u < v else -1
 
