@@ -83,7 +83,6 @@ def identify(msg: Message, context: Context) -> Message:
     """This node's stable key, so that the server can route its cluster's prompt to a new Flower node id (after a
     restart of the SuperNode or a resumed run). No model, no data: the key is all it reads."""
     _, _, path = _setup(context)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return Message(content=RecordDict({"identity": ConfigRecord({"node-key": node_key(path.parent)})}), reply_to=msg)
 
 

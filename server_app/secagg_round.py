@@ -97,8 +97,9 @@ class _Group:
         self.failed: str | None = None
 
 
-def _each(groups: list[_Group], server_round: int, step) -> None:
-    """Run ``step(group)`` for every live group; a SecAggError fails that group only (logged), never the others."""
+def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -> list[_Group]:
+    """Run ``step(group)`` for every live group; a SecAggError fails that group only (logged), never the others.
+    Returns the groups still live; none left, or fewer survivors in them than ``min_clients``, fails the round."""
     for group in groups:
         if group.failed is None:
             try:
@@ -107,12 +108,12 @@ def _each(groups: list[_Group], server_round: int, step) -> None:
                 group.failed = str(err)
                 log.error("round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
                           server_round, group.label, err)
-
-
-def _require_live(groups: list[_Group]) -> list[_Group]:
     live = [g for g in groups if g.failed is None]
     if not live:
         raise SecAggError("; ".join(f"group {g.label}: {g.failed}" for g in groups))
+    if sum(len(g.survivors) for g in live) < min_clients:
+        raise SecAggError(f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
+                          f"(< min-clients {min_clients})")
     return live
 
 
@@ -177,7 +178,6 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
         payloads.update({u: payload for u in order})
 
     _each(groups, server_round, roster)
-    _require_live(groups)
     replies = _request(grid, SHARES, payloads, server_round, state.run_token, timeout, stats)
     shares = {}
     for node, msg in replies.items():
@@ -195,7 +195,6 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
                              "secagg-group": group.label} for u in senders})
 
     _each(groups, server_round, relay)
-    _require_live(groups)
     replies = _request(grid, MASKED, payloads, server_round, state.run_token, timeout, stats)
     masked = {}
     for node, msg in replies.items():
@@ -209,11 +208,7 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
         group.survivors, group.dropped = group.session.collect_masked(
             {u: y for u, y in masked.items() if u in group.nodes})
 
-    _each(groups, server_round, collect)
-    live = _require_live(groups)
-    if sum(len(g.survivors) for g in live) < cfg.min_clients:
-        raise SecAggError(f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
-                          f"(< min-clients {cfg.min_clients})")
+    live = _each(groups, server_round, collect, cfg.min_clients)
 
     payloads = {u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
                 for g in live for u in g.survivors}
@@ -231,10 +226,7 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
     def unmask_sum(group: _Group) -> None:
         totals[group.label] = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
 
-    _each(groups, server_round, unmask_sum)
-    done = _require_live(groups)
-    if sum(len(g.survivors) for g in done) < cfg.min_clients:
-        raise SecAggError(f"only {sum(len(g.survivors) for g in done)} inputs unmasked (< min-clients {cfg.min_clients})")
+    done = _each(groups, server_round, unmask_sum, cfg.min_clients)
 
     z = state.noise_multiplier_global if cfg.dp else 0.0
     gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)

@@ -72,6 +72,10 @@ class SecfppStrategy(PromptStrategy):
     def prompt_of(self, cluster: int) -> torch.Tensor:
         return self.state.cluster_prompts.get(cluster, self.state.p_global)
 
+    def cluster_sent_to(self, node_id: int) -> int:
+        """The cluster whose prompt this node was sent this round (its gradient was taken there)."""
+        return self.sent_cluster.get(int(node_id), self.cluster_of(node_id))
+
     def learn_key(self, node_id: int, key: str) -> None:
         if self.node_keys.get(int(node_id), key) != key:
             log.warning("node %s now reports node key %s (was %s)", node_id, key, self.node_keys[int(node_id)])
@@ -127,9 +131,7 @@ class SecfppStrategy(PromptStrategy):
             keys.append(key)
             rows.append((key, metrics))
             self.learn_key(msg.metadata.src_node_id, key)
-            # the gradient was taken at the prompt this node was sent: it updates that cluster's prompt
-            sent = self.sent_cluster.get(int(msg.metadata.src_node_id), self.cluster_of(msg.metadata.src_node_id))
-            by_cluster.setdefault(sent, []).append(grad)
+            by_cluster.setdefault(self.cluster_sent_to(msg.metadata.src_node_id), []).append(grad)
         if len(rows) < self.cfg.min_clients:
             log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
                       len(rows), self.cfg.min_clients)
@@ -152,7 +154,7 @@ class SecfppStrategy(PromptStrategy):
     def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:
         groups: dict[int, list[int]] = {}
         for n in node_ids:
-            groups.setdefault(self.sent_cluster.get(int(n), self.cluster_of(n)), []).append(n)
+            groups.setdefault(self.cluster_sent_to(n), []).append(n)
         return groups
 
     def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor) -> None:
