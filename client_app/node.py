@@ -17,6 +17,7 @@ from common.config import NodeConfig, RunConfig
 from common.evaluation import accuracy, cross_entropy, harmonic_mean
 from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
 from common.models import LoadedModel, cached_clip
+from common.optim import noise_bounded_lr
 from common.node import NOVEL, NodeData, load_node_data
 from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
 from common.prompt import PromptTextEncoder
@@ -104,7 +105,16 @@ class PromptNode:
         return self.cfg.seed * 100_003 + (self.node.partition_id or 0) + 1
 
     def _fresh_local(self) -> dict[str, torch.Tensor]:
-        return self.learner.init_local(torch.Generator().manual_seed(self._seed))
+        text = self.encoder.init_context(self.cfg.ctx_init) if self.cfg.ctx_init else None
+        return self.learner.init_local(torch.Generator().manual_seed(self._seed), self.cfg.local_init_std, text)
+
+    def local_learning_rate(self, noise_multiplier_local: float) -> float:
+        """lr-local, lowered under DP so that this node's accumulated noise stays within local-noise-radius."""
+        if not self.cfg.dp:
+            return self.cfg.lr_local
+        return noise_bounded_lr(self.cfg.lr_local, self.cfg.local_noise_radius, self.encoder.reference_context_norm(),
+                                noise_multiplier_local, self.cfg.max_grad_norm_local, self.cfg.batch_size,
+                                self.cfg.num_server_rounds, self.learner.noised_size())
 
     def _state(self, run_token: str, z_global: float) -> NodeState:
         state = NodeState.load(self.state_dir)
@@ -150,7 +160,8 @@ class PromptNode:
         result = self.learner.train_step(
             None if p_global is None else p_global.to(self.device), to_device(state.local), to_device(state.momentum),
             self.data.train_features, self.data.train_labels, self.cfg.batch_size, dp,
-            SgdSettings(self.cfg.lr_local, self.cfg.momentum, self.cfg.weight_decay), state.generator,
+            SgdSettings(self.local_learning_rate(state.noise_multiplier_local), self.cfg.momentum,
+                        self.cfg.weight_decay), state.generator,
         )
         cpu = lambda ts: {k: v.cpu() for k, v in ts.items()}  # noqa: E731
         state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round

@@ -43,9 +43,17 @@ class RunConfig(BaseModel):
     augment_views: int = Field(0, ge=0)  # > 0: random-resized-crop + flip views per training image, encoded once
     n_ctx: int = Field(16, ge=1, le=64)
     ctx_init: str = ""
+    # the random init's std of a full-rank local prompt (CoOp/DP-FPL: 0.02); with ctx-init, a small value makes
+    # the personalized prompt p_G + p_L start as the hand-written one
+    local_init_std: float = Field(0.02, gt=0)
     rank: int = Field(8, ge=1)
     contrastive_weight: float = Field(0.5, ge=0)
     contrastive_temperature: float = Field(0.5, gt=0)
+
+    # "validation": evaluate on a held-out part of each client's training records (test images unread); for
+    # choosing hyperparameters without looking at test data
+    evaluation: Literal["test", "validation"] = "test"
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
 
     num_clients: int = Field(10, ge=1)
     classes_per_client: int = Field(2, ge=0)  # pathological / base-novel; 0: round(C/N), remainder to the last
@@ -60,6 +68,9 @@ class RunConfig(BaseModel):
 
     lr_global: float = Field(1e-4, gt=0)
     lr_local: float = Field(1e-4, gt=0)
+    # > 0 (DP only): each node lowers its local step size so that its accumulated LDP noise stays within this
+    # multiple of a typical context's norm (common/optim.py noise_bounded_lr); 0: lr-local for every node
+    local_noise_radius: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
@@ -126,6 +137,10 @@ class RunConfig(BaseModel):
                         f"tolerates {self.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
                         f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
                         "secagg-dropout-tolerance")
+        if self.evaluation == "validation" and (self.dataset == "silo" or self.partition == "base-novel"):
+            raise ValueError("evaluation = 'validation' holds out part of the partitioned training split: it "
+                             "needs a partitioned data set and a partition other than base-novel (whose novel "
+                             "classes have no training records to hold out)")
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self

@@ -85,13 +85,46 @@ def run_dataset(cfg: RunConfig) -> ImageDataset:
     return load_dataset(cfg.dataset, cfg.data_root, tuple(cfg.explicit_classnames()), cfg.seed)
 
 
+def validation_flags(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Hold out ``fraction`` of each class's records (seeded): the validation split of a training set.
+
+    Hyperparameters are chosen on it, never on test images; the held-out records are not trained on."""
+    rng = np.random.default_rng(seed * 7_919 + 17)
+    flags = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        flags[idx[: int(round(fraction * len(idx)))]] = True
+    return flags
+
+
+def evaluation_indices(cfg: RunConfig, data: ImageDataset) -> np.ndarray:
+    """The records the run evaluates on: the test split, or (evaluation = "validation") the held-out part of
+    the training split. With validation, test images are never read by training or evaluation."""
+    if cfg.evaluation == "test":
+        return data.test_indices()
+    train = data.train_indices()
+    return train[validation_flags(data.labels[train], cfg.validation_fraction, cfg.seed)]
+
+
 @lru_cache(maxsize=8)
 def run_partition(cfg: RunConfig) -> Partition:
-    """The run's partition: every node computes the same one from the seed (nothing about it is sent)."""
+    """The run's partition: every node computes the same one from the seed (nothing about it is sent).
+
+    With ``evaluation = "validation"`` the partition is drawn over the training split alone, its held-out
+    records playing the test split's part; indices are mapped back to the data set's."""
     data = run_dataset(cfg)
-    return partition_dataset(data.labels, data.is_test, data.classnames, cfg.partition, cfg.num_clients, cfg.seed,
+    labels, is_test, back = data.labels, data.is_test, None
+    if cfg.evaluation == "validation":
+        back = data.train_indices()
+        labels = data.labels[back]
+        is_test = validation_flags(labels, cfg.validation_fraction, cfg.seed)
+    part = partition_dataset(labels, is_test, data.classnames, cfg.partition, cfg.num_clients, cfg.seed,
                              cfg.classes_per_client, cfg.dirichlet_alpha, cfg.min_samples_per_client, cfg.num_shots,
                              cfg.num_domains)
+    if back is None:
+        return part
+    clients = [replace(c, train=back[c.train], test=back[c.test]) for c in part.clients]
+    return replace(part, clients=clients, detail=part.detail + f", validation split {cfg.validation_fraction:g}")
 
 
 def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
@@ -114,7 +147,7 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
         train_feats = views[:, torch.from_numpy(np.searchsorted(data.train_indices(), me.train))]
     else:
         train_feats = feats[torch.from_numpy(me.train)]
-    test_idx = data.test_indices()
+    test_idx = evaluation_indices(cfg, data)
 
     def records(idx: np.ndarray, offset: int = 0, classifier: str = "task") -> EvalSet:
         t = torch.from_numpy(idx)

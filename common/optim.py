@@ -19,3 +19,20 @@ def sgd_update(
         momentum_buffer = d.clone() if momentum_buffer is None else momentum * momentum_buffer + d
         d = momentum_buffer
     return param - lr * d, momentum_buffer
+
+
+def noise_bounded_lr(lr: float, radius: float, reference_norm: float, noise_multiplier: float, max_grad_norm: float,
+                     expected_batch: int, steps: int, noised_size: int) -> float:
+    """The largest step size <= ``lr`` whose accumulated DP noise stays within ``radius`` x ``reference_norm``.
+
+    Why: a node's noisy step adds N(0, (lr z C / B)^2) to each of its ``noised_size`` coordinates; over
+    ``steps`` steps the noise is a random walk of expected norm lr z C sqrt(steps * noised_size) / B. A node
+    with a small data set has a large sample rate, so a large z, and at a fixed lr its noise outgrows the
+    prompt it is added to (its prompt then collapses). Bounding the walk's norm keeps every node within a
+    radius of its initialization. Only public quantities enter (z follows from epsilon, q and the planned
+    steps, which the node reports anyway), so choosing the step this way costs no privacy.
+    """
+    if radius <= 0 or noise_multiplier <= 0 or noise_multiplier == float("inf") or noised_size <= 0:
+        return lr
+    walk = noise_multiplier * max_grad_norm * (steps * noised_size) ** 0.5 / expected_batch
+    return min(lr, radius * reference_norm / walk)

@@ -183,13 +183,21 @@ class PromptTextEncoder(nn.Module):
     def init_context(self, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
         return _init_context(self.tower.token_embedding, self._tokenizer, self.n_ctx, init_text, generator)
 
+    @torch.no_grad()
+    def reference_context_norm(self) -> float:
+        """The norm of a typical n_ctx-token context: sqrt(n_ctx) x the RMS norm of the token embeddings.
+        A public scale (the frozen model's own) against which prompt perturbations are measured."""
+        rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
+        return float(rows) * self.n_ctx ** 0.5
+
 
 CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)
 
 
-def random_context(rows: int, width: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A (rows, width) tensor drawn from N(0, 0.02^2): the random init of every learnable prompt tensor."""
-    return torch.randn(rows, width, generator=generator) * CONTEXT_INIT_STD
+def random_context(rows: int, width: int, generator: torch.Generator | None = None,
+                   std: float = CONTEXT_INIT_STD) -> torch.Tensor:
+    """A (rows, width) tensor drawn from N(0, std^2): the random init of a learnable prompt tensor."""
+    return torch.randn(rows, width, generator=generator) * std
 
 
 @torch.no_grad()

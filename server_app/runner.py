@@ -188,6 +188,18 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
     return out
 
 
+def worst_client(zeroshot: dict, final: dict, key: str = "local-acc") -> dict:
+    """The client whose personalized prompt gained least over its own zero-shot accuracy (a mean can hide a
+    collapsed node). Empty when no client has both numbers."""
+    gains = {c: final[c][key] - zeroshot[c][key] for c in final
+             if key in final[c] and key in zeroshot.get(c, {})}
+    if not gains:
+        return {}
+    client = min(gains, key=gains.get)
+    return {"client": client, key: final[client][key], f"zeroshot-{key}": zeroshot[client][key],
+            "gain": gains[client], "clients-below-zeroshot": sum(g < 0 for g in gains.values())}
+
+
 def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
     evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
@@ -195,6 +207,8 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
     last = evals[-1] if evals else {}
     train = [m for m in metrics if m.get("phase") == "train"]
     final_train = train[-1] if train else {}
+    zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
+    final_per_client = last.get("per-client", {})
     return {
         "method": cfg.method,
         "model": f"{cfg.model_name} ({cfg.pretrained})",
@@ -204,7 +218,9 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "zeroshot": state.zeroshot,
         "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
-        "final-per-client": last.get("per-client", {}),
+        "final-per-client": final_per_client,
+        "zeroshot-per-client": zeroshot_per_client,
+        "worst-client": worst_client(zeroshot_per_client, final_per_client),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..privacy import add_gaussian_noise, clip_per_sample, clip_per_sample_jointly, per_sample_grads, poisson_sample
-from ..prompt import PromptTextEncoder
+from ..prompt import CONTEXT_INIT_STD, PromptTextEncoder
 from .contrastive import ContrastiveLoss
 from .local import LocalPrompt, SgdSettings, Tensors
 
@@ -97,10 +97,22 @@ class PromptLearner:
         self.chunk_size = chunk_size  # None: sized per step to the memory available (memory_chunk_size)
         self._handcrafted: torch.Tensor | None = None
 
-    def init_local(self, generator: torch.Generator) -> Tensors:
+    def init_local(self, generator: torch.Generator, std: float = CONTEXT_INIT_STD,
+                   text_context: torch.Tensor | None = None) -> Tensors:
+        """The node's fresh local part. A method whose whole prompt is local (CoOp) starts it at
+        ``text_context`` (the ``ctx-init`` text's embeddings) when given; otherwise the local part is drawn
+        at scale ``std`` and added to p_G (which carries the text init)."""
         if self.method.local is None:
             return {}
-        return self.method.local.init(self.encoder.n_ctx, self.encoder.width, generator)
+        local = self.method.local.init(self.encoder.n_ctx, self.encoder.width, generator, std)
+        if text_context is not None and not self.method.shares_global and "p_local" in local:
+            local["p_local"] = text_context.to(local["p_local"].dtype).clone()
+        return local
+
+    def noised_size(self) -> int:
+        """Coordinates of one local DP release (0: the method has no local part)."""
+        local = self.method.local
+        return 0 if local is None else local.noised_size(self.encoder.n_ctx, self.encoder.width)
 
     def _compose(self, p_global: torch.Tensor | None, local_context: torch.Tensor | None) -> torch.Tensor:
         parts = [p for p in ((p_global if self.method.shares_global else None), local_context) if p is not None]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..optim import sgd_update
-from ..prompt import random_context
+from ..prompt import CONTEXT_INIT_STD, random_context
 from .dpfpl import factorize, rgp_reconstruct
 
 Tensors = dict[str, torch.Tensor]
@@ -51,8 +51,14 @@ class LocalPrompt(ABC):
     prompt, how its parameters' gradients follow from the context gradient, and how it is updated."""
 
     @abstractmethod
-    def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
-        """Fresh persistent tensors (the node's private state)."""
+    def init(self, n_ctx: int, width: int, generator: torch.Generator, std: float = CONTEXT_INIT_STD) -> Tensors:
+        """Fresh persistent tensors (the node's private state). ``std``: the random init's scale of a full-rank
+        local prompt (a prompt initialized from text starts its local part near zero, so that the
+        personalized prompt starts as the hand-written one)."""
+
+    @abstractmethod
+    def noised_size(self, n_ctx: int, width: int) -> int:
+        """How many coordinates one local DP release noises (the trainable local parameters)."""
 
     def prepare(self, state: Tensors, generator: torch.Generator) -> Any:
         """Per-step auxiliaries (e.g. this step's factorization); ``None`` when there are none."""
@@ -83,8 +89,11 @@ class FullRankLocal(LocalPrompt):
     DP-FPL paper's port, ``fedotp`` is p_G + p_L on the CLS image feature, LDP on p_L's gradient.
     """
 
-    def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
-        return {"p_local": random_context(n_ctx, width, generator)}
+    def init(self, n_ctx: int, width: int, generator: torch.Generator, std: float = CONTEXT_INIT_STD) -> Tensors:
+        return {"p_local": random_context(n_ctx, width, generator, std)}
+
+    def noised_size(self, n_ctx: int, width: int) -> int:
+        return n_ctx * width
 
     def context(self, state: Tensors, aux: Any) -> torch.Tensor:
         return state["p_local"]
@@ -103,9 +112,14 @@ class LowRankFactors(LocalPrompt):
     def __init__(self, rank: int) -> None:
         self.rank = rank
 
-    def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
+    def init(self, n_ctx: int, width: int, generator: torch.Generator, std: float = CONTEXT_INIT_STD) -> Tensors:
+        # both factors keep FedPGP's N(0, 0.02^2) whatever ``std``: their product is already small, and
+        # smaller factors would starve each other's gradients (dU = g V^T, dV = U^T g)
         _check_rank(self.rank, n_ctx, width)
         return {"u": random_context(n_ctx, self.rank, generator), "v": random_context(self.rank, width, generator)}
+
+    def noised_size(self, n_ctx: int, width: int) -> int:
+        return self.rank * (n_ctx + width)
 
     def context(self, state: Tensors, aux: Any) -> torch.Tensor:
         return state["u"] @ state["v"]
@@ -126,9 +140,12 @@ class RefactorizedLocal(LocalPrompt):
         self.rank = rank
         self.residual = residual
 
-    def init(self, n_ctx: int, width: int, generator: torch.Generator) -> Tensors:
+    def init(self, n_ctx: int, width: int, generator: torch.Generator, std: float = CONTEXT_INIT_STD) -> Tensors:
         _check_rank(self.rank, n_ctx, width)
-        return {"p_local": random_context(n_ctx, width, generator)}
+        return {"p_local": random_context(n_ctx, width, generator, std)}
+
+    def noised_size(self, n_ctx: int, width: int) -> int:
+        return self.rank * (n_ctx + width)  # the factor gradients (gU, gv) carry the noise
 
     def prepare(self, state: Tensors, generator: torch.Generator):
         return factorize(state["p_local"], self.rank, generator)
