@@ -145,7 +145,7 @@ class PromptNode:
                 f"its noise was calibrated for (target epsilon {self.cfg.target_epsilon}); it trains no further "
                 "in this run")
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
-                        self.cfg.max_grad_norm_global)
+                        self.cfg.max_grad_norm_global, self.cfg.secure_noise)
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
         result = self.learner.train_step(
             None if p_global is None else p_global.to(self.device), to_device(state.local), to_device(state.momentum),
@@ -165,6 +165,9 @@ class PromptNode:
             "noise-multiplier-local": state.noise_multiplier_local,
         }
         if self.cfg.dp:
+            # the server's books: every step this node took counts for p_G too (it moved p_L, which the next
+            # replies read), even one whose reply the server never aggregated
+            metrics["noisy-steps"] = float(len(state.accountant.history))
             if self.method.local is not None:
                 metrics["epsilon-local"] = state.accountant.epsilon_local()
             metrics["epsilon-published"] = state.accountant.epsilon_published()
