@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -18,7 +17,7 @@ from common.evaluation import accuracy, cross_entropy, harmonic_mean
 from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
 from common.models import LoadedModel, cached_clip
 from common.node import NOVEL, NodeData, load_node_data
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
+from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
 from common.prompt import PromptTextEncoder
 
 from .state import STATE_FILE, NodeState, node_key
@@ -115,11 +114,9 @@ class PromptNode:
             (self.state_dir / STATE_FILE).replace(backup)
             previous_path(self.state_dir / STATE_FILE).unlink(missing_ok=True)  # the old run's, too
             log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
-        # The local init may follow the seed. Under DP the noise and the Poisson sample must not be predictable
-        # (amplification by subsampling needs a secret sample): OS entropy. Without DP there is nothing to
-        # hide and a seeded generator makes runs reproducible.
+        # The local init may follow the seed; the noise and the Poisson sample may not under DP (dp_generator).
         local = self._fresh_local()
-        gen = torch.Generator().manual_seed(secrets.randbits(63) if self.cfg.dp else self._seed + 7919)
+        gen = dp_generator(self.cfg.dp, self._seed + 7919)
         return NodeState(local=local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
                          noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global,
                                                                        self.method),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,7 +27,7 @@ from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
-from common.privacy import add_gaussian_noise, calibrate_noise_multiplier
+from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 
 from .books import privacy_maxima
 from .checkpoint import ServerState
@@ -122,7 +121,7 @@ class PromptStrategy(Strategy):
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
-        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.noise_generator = dp_generator(cfg.dp, cfg.seed)
         self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages

@@ -69,6 +69,15 @@ def clip_per_sample_jointly(grads: list[torch.Tensor], max_norm: float) -> list[
     return [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
+def dp_generator(dp: bool, seed: int) -> torch.Generator:
+    """The generator of a party's noise and Poisson samples.
+
+    Under DP it is seeded from the OS, never from the (public) run config: noise an adversary can predict
+    protects nothing, and amplification by subsampling needs a secret sample. Without DP there is nothing to
+    hide, and following ``seed`` makes runs reproducible."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if dp else seed)
+
+
 SECURE_DRAWS = 4  # Holohan & Braghin (2021): the sum of 4 draws / 2, as Opacus' secure_mode
 
 
