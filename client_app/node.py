@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import secrets
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,7 +18,7 @@ from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build
 from common.models import LoadedModel, cached_clip
 from common.optim import noise_bounded_lr
 from common.node import NOVEL, NodeData, load_node_data
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier
+from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
 from common.prompt import PromptTextEncoder
 
 from .state import STATE_FILE, NodeState, node_key
@@ -125,11 +124,9 @@ class PromptNode:
             (self.state_dir / STATE_FILE).replace(backup)
             previous_path(self.state_dir / STATE_FILE).unlink(missing_ok=True)  # the old run's, too
             log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
-        # The local init may follow the seed. Under DP the noise and the Poisson sample must not be predictable
-        # (amplification by subsampling needs a secret sample): OS entropy. Without DP there is nothing to
-        # hide and a seeded generator makes runs reproducible.
+        # The local init may follow the seed; the noise and the Poisson sample may not under DP (dp_generator).
         local = self._fresh_local()
-        gen = torch.Generator().manual_seed(secrets.randbits(63) if self.cfg.dp else self._seed + 7919)
+        gen = dp_generator(self.cfg.dp, self._seed + 7919)
         return NodeState(local=local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
                          noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global,
                                                                        self.method),
@@ -155,7 +152,7 @@ class PromptNode:
                 f"its noise was calibrated for (target epsilon {self.cfg.target_epsilon}); it trains no further "
                 "in this run")
         dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
-                        self.cfg.max_grad_norm_global)
+                        self.cfg.max_grad_norm_global, self.cfg.secure_noise)
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
         result = self.learner.train_step(
             None if p_global is None else p_global.to(self.device), to_device(state.local), to_device(state.momentum),
@@ -176,6 +173,9 @@ class PromptNode:
             "noise-multiplier-local": state.noise_multiplier_local,
         }
         if self.cfg.dp:
+            # the server's books: every step this node took counts for p_G too (it moved p_L, which the next
+            # replies read), even one whose reply the server never aggregated
+            metrics["noisy-steps"] = float(len(state.accountant.history))
             if self.method.local is not None:
                 metrics["epsilon-local"] = state.accountant.epsilon_local()
             metrics["epsilon-published"] = state.accountant.epsilon_published()

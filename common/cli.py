@@ -133,11 +133,16 @@ def report(run_dir: Path) -> str:
         lines += [
             f"privacy ({priv['accountant']}; {priv['neighbouring-relation']}; delta = {priv['delta']:g})",
             f"  target epsilon {_fmt(priv['target-epsilon'])} (calibrated for: {priv['calibrate-for']})",
-            f"  epsilon, local prompt (LDP, worst client)        {_fmt(priv['epsilon-local-max'])}",
-            f"  epsilon, global prompt (GDP, worst client)       {_fmt(priv['epsilon-global-max'])}",
-            f"  epsilon, published p_G + p_L (composed, worst)   {_fmt(priv['epsilon-published-max'])}",
+            f"  epsilon, LDP mechanism alone (worst client)          {_fmt(priv['epsilon-local-max'])}",
+            f"  epsilon, GDP mechanism alone (worst client)          {_fmt(priv.get('epsilon-gdp-mechanism-max'))}",
+            f"  epsilon, global prompt p_G (worst client)            {_fmt(priv['epsilon-global-max'])}",
+            f"  epsilon, published p_G + p_L (composed, worst)       {_fmt(priv['epsilon-published-max'])}",
             f"  global noise multiplier z_G = {_fmt(priv['noise-multiplier-global'])}",
         ]
+        lines += [f"  {key}: {text}" for key, text in priv.get("epsilon-covers", {}).items()]
+        if "sample-rate" in priv:
+            lines.append(f"  sample rate: {priv['sample-rate']}")
+        lines += [f"  NOT COVERED: {text}" for text in priv.get("excludes", [])]
     else:
         lines.append("privacy: DP disabled (no guarantee)")
     return "\n".join(lines)
@@ -158,7 +163,7 @@ def plot(run_dir: Path) -> Path:
             ax_acc.plot(*zip(*pts), marker="o", label=label)
     ax_acc.set(xlabel="round", ylabel="accuracy (mean over clients)", title="personalized prompt (round 0: zero-shot)")
     ax_acc.legend()
-    for key, label in (("epsilon-local-max", "local (LDP)"), ("epsilon-global-max", "global (GDP)"),
+    for key, label in (("epsilon-local-max", "LDP mechanism alone"), ("epsilon-global-max", "global prompt p_G"),
                        ("epsilon-published-max", "published p_G + p_L")):
         pts = [(r["round"], r[key]) for r in rows if key in r]
         if pts:

@@ -82,6 +82,9 @@ class RunConfig(BaseModel):
     max_grad_norm_local: float = Field(10.0, gt=0)
     max_grad_norm_global: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
+    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, bench/secure_noise.py)
+    secure_noise: bool = False
     # secure aggregation with distributed noise (README "Secure aggregation"): the server sees only the noised sum
     secure_aggregation: bool = False
     secagg_dropout_tolerance: int = Field(1, ge=0)  # clients that may drop mid-round; threshold t = N - this

@@ -69,10 +69,11 @@ def privacy_line(published) -> str:
     if not pr.dp:
         return "privacy: trained WITHOUT differential privacy: the prompt carries no guarantee for its records"
     fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
-    return (f"privacy ({pr.accountant}; {pr.neighbouring_relation}; delta = {pr.delta:g}): epsilon of the published "
-            f"prompt {fmt(pr.epsilon)} for this node's records (local {fmt(pr.epsilon_local)}, global "
-            f"{fmt(pr.epsilon_global)}), {fmt(pr.epsilon_other_clients)} for other clients' records; "
-            f"{pr.noisy_steps} noisy steps")
+    line = (f"privacy ({pr.accountant}; {pr.neighbouring_relation}; delta = {pr.delta:g}): epsilon of the published "
+            f"prompt {fmt(pr.epsilon)} for this node's records (LDP mechanism alone {fmt(pr.epsilon_local)}; p_G "
+            f"{fmt(pr.epsilon_global)}, GDP mechanism alone {fmt(pr.epsilon_gdp_mechanism)}), p_G "
+            f"{fmt(pr.epsilon_other_clients)} for other clients' records; {pr.noisy_steps} noisy steps")
+    return line + "".join(f"\n  not covered: {text}" for text in pr.excludes)
 
 
 def predict(args: argparse.Namespace) -> None:

@@ -7,11 +7,14 @@ weights, the ordered class list, method, n_ctx and rank, and what the accountant
 prompt. A SHA-256 digest over tensors and manifest detects a damaged or edited file. safetensors carries
 no code (no pickle), so loading a prompt from someone else cannot run anything.
 
-Privacy of the published prompt (what the manifest's ``privacy`` says, all from the accountant): for the
-exporting node's own records, p_G + p_L is the composition of the node's local (LDP) and global (GDP)
-releases of the same Poisson batches (``epsilon``); for records of any other client, p_G is their GDP
-release and p_L only post-processes it (``epsilon_other_clients``). Everything else (p_L's factors,
-optimizer state, data, features) is not in the file.
+Privacy of the published prompt (what the manifest's ``privacy`` says, all from the accountant; ``covers``
+says it in words): for the exporting node's own records, p_G + p_L is the composition of the node's local
+(LDP) and global (GDP) releases of the same Poisson batches (``epsilon``). p_G alone is bounded by that
+same composed epsilon whenever the method's reply reads local state (every method with a local prompt:
+the reply is a gradient at p_G + p_L, and p_L is updated from the same records); the GDP mechanism's own
+epsilon (``epsilon_gdp_mechanism``) bounds p_G only for PromptFL. For records of any other client, the
+file holds p_G, bounded the same way from the server's books (``epsilon_other_clients``); p_L only
+post-processes it. Everything else (p_L's factors, optimizer state, data, features) is not in the file.
 """
 
 from __future__ import annotations
@@ -53,8 +56,14 @@ class PrivacyManifest(BaseModel):
     dp: bool
     epsilon: float | None = Field(None, ge=0, description="published prompt, the exporting node's records")
     epsilon_local: float | None = Field(None, ge=0, description="the node's LDP release (its local prompt)")
-    epsilon_global: float | None = Field(None, ge=0, description="the node's records in p_G (GDP)")
-    epsilon_other_clients: float | None = Field(None, ge=0, description="worst client's records in p_G (GDP, server books)")
+    epsilon_global: float | None = Field(None, ge=0, description="the node's records in p_G (composed where the "
+                                         "reply reads local state; GDP alone only without a local prompt)")
+    epsilon_gdp_mechanism: float | None = Field(None, ge=0, description="the GDP releases alone (not p_G's bound "
+                                                "where the reply reads local state)")
+    epsilon_other_clients: float | None = Field(None, ge=0, description="worst other client's records in p_G "
+                                                "(server books, as epsilon_global)")
+    covers: dict[str, str] = Field(default_factory=dict)  # each epsilon above, in words
+    excludes: list[str] = Field(default_factory=list)  # releases the epsilons do not cover (SecFPP's clustering)
     delta: float = Field(gt=0, lt=1)
     noisy_steps: int = Field(0, ge=0)
     noise_multiplier_local: float | None = None
@@ -196,17 +205,35 @@ def build_published_prompt(learner, model: LoadedModel, classnames: list[str], p
     return PublishedPrompt(manifest, prompt, parts)
 
 
+MANIFEST_COVERS = {
+    "epsilon": "the published prompt p_G + p_L, the exporting node's records (LDP and GDP composed)",
+    "epsilon_local": "the LDP mechanism alone (the node's local prompt updates)",
+    "epsilon_global": "p_G, the exporting node's records: the composed epsilon where the reply reads local state "
+                      "(every method with a local prompt), the GDP epsilon only without a local prompt",
+    "epsilon_gdp_mechanism": "the GDP releases alone; not a bound on p_G where the reply reads local state",
+    "epsilon_other_clients": "p_G, worst other client's records, from the server's books (as epsilon_global)",
+}
+
+
 def accountant_privacy(accountant, dp: bool, delta: float, z_local: float | None = None,
-                       z_global: float | None = None, epsilon_other_clients: float | None = None) -> PrivacyManifest:
-    """The manifest's privacy section from a node's ``PrivacyAccountant`` (every number is the accountant's)."""
+                       z_global: float | None = None, epsilon_other_clients: float | None = None,
+                       excludes: list[str] | None = None) -> PrivacyManifest:
+    """The manifest's privacy section from a node's ``PrivacyAccountant`` (every number is the accountant's).
+
+    ``z_local`` None or inf: the method has no local prompt, so the reply reads no local state and p_G is
+    bounded by the GDP epsilon alone; otherwise p_G's epsilon is the composed one."""
     if not dp:
         return PrivacyManifest(dp=False, delta=delta)
     q = max((h[2] for h in accountant.history), default=None)
+    reads_local_state = z_local is not None and not math.isinf(z_local)
+    gdp = accountant.epsilon_global()
     return PrivacyManifest(
         dp=True, epsilon=_finite(accountant.epsilon_published()), epsilon_local=_finite(accountant.epsilon_local()),
-        epsilon_global=_finite(accountant.epsilon_global()), epsilon_other_clients=_finite(epsilon_other_clients),
+        epsilon_global=_finite(accountant.epsilon_published() if reads_local_state else gdp),
+        epsilon_gdp_mechanism=_finite(gdp), epsilon_other_clients=_finite(epsilon_other_clients),
         delta=delta, noisy_steps=len(accountant.history), noise_multiplier_local=_finite(z_local),
-        noise_multiplier_global=_finite(z_global), sample_rate=q)
+        noise_multiplier_global=_finite(z_global), sample_rate=q, covers=MANIFEST_COVERS,
+        excludes=list(excludes or []))
 
 
 def training_classnames(cfg) -> list[str]:
@@ -230,7 +257,8 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
     from .config import RunConfig
     from .methods import PromptLearner, build_method
     from .models import cached_clip
-    from .privacy import accounted_epsilon
+    from server_app.books import SECFPP_EXCLUSION, privacy_maxima
+
     from .prompt import PromptTextEncoder
 
     run_dir = Path(run_dir)
@@ -261,10 +289,10 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
     others = None
     if cfg.dp and method.shares_global:
         # the server's books (as in its summary): worst case over all nodes, an upper bound for the others
-        others = max((accounted_epsilon(server.noise_multiplier_global, server.node_sample_rates.get(n, 1.0), r,
-                                        cfg.delta) for n, r in server.participation.items()), default=0.0)
+        others = privacy_maxima(server, cfg.delta, method.local is not None, True)["epsilon-global-max"]
     privacy = accountant_privacy(state.accountant, cfg.dp, cfg.delta, state.noise_multiplier_local,
-                                 server.noise_multiplier_global if method.shares_global else None, others)
+                                 server.noise_multiplier_global if method.shares_global else None, others,
+                                 [SECFPP_EXCLUSION] if cfg.method == "secfpp" else None)
     source = {"run-dir": str(run_dir.resolve()), "node-state": str(state_dir.resolve()),
               "server-round": server.server_round, "node-round": state.last_round}
     p_global = server.p_global if method.shares_global else None

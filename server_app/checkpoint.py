@@ -31,12 +31,26 @@ class ServerState:
     config_fingerprint: str
     node_sample_rates: dict[str, float] = field(default_factory=dict)  # node_id -> q_i
     participation: dict[str, int] = field(default_factory=dict)  # node_id -> noisy rounds
+    node_noise_local: dict[str, float] = field(default_factory=dict)  # node_id -> z_L (as the node reports it)
+    node_steps: dict[str, int] = field(default_factory=dict)  # node_id -> noisy steps (as the node reports them)
+    # the last round whose evaluation ran: a crash may come between a round's checkpoint and its evaluation
+    # (None: a checkpoint written before this was kept, whose rounds were saved after their evaluation)
+    evaluated_round: int | None = None
     zeroshot: dict[str, float] = field(default_factory=dict)
     calibrated_rounds: int = 0  # the number of rounds the noise was calibrated for (0: not calibrated)
     last_record: dict = field(default_factory=dict)  # the metrics line of server_round (see RunDirectory.resume)
     # SecFPP: one global prompt per cluster, and each node's cluster (node id -> cluster); empty otherwise
     cluster_prompts: dict[int, torch.Tensor] = field(default_factory=dict)
     assignment: dict[str, int] = field(default_factory=dict)
+
+
+def charge_lost_round(state: ServerState) -> None:
+    """The checkpoint fell back to the copy before the last write: the lost round's p_G may already have
+    left the server, and the resumed run releases that round again with fresh noise. Charge every booked
+    node one more round (as a node charges its lost step again), so the books can only over-count."""
+    for books in (state.participation, state.node_steps):
+        for key in books:
+            books[key] += 1
 
 
 class RunDirectory:
@@ -51,7 +65,8 @@ class RunDirectory:
         tensors.update({f"cluster-{s}": p.clone() for s, p in state.cluster_prompts.items()})  # p_global may alias one
         meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
                                                 "config_fingerprint", "node_sample_rates", "participation",
-                                                "zeroshot", "calibrated_rounds", "last_record", "assignment")}
+                                                "node_noise_local", "node_steps", "evaluated_round", "zeroshot",
+                                                "calibrated_rounds", "last_record", "assignment")}
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:
@@ -60,8 +75,13 @@ class RunDirectory:
             return None
         tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
         clusters = {int(k.split("-", 1)[1]): v for k, v in tensors.items() if k.startswith("cluster-")}
-        return ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters,
-                           **meta)
+        state = ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters,
+                            **meta)
+        if loaded.from_previous and (state.evaluated_round is None or state.evaluated_round >= state.server_round):
+            # the lost write was the next round's first checkpoint, after which that round's p_G may have left
+            # (a lost write of this round's second checkpoint loses no p_G: this one is already the round's)
+            charge_lost_round(state)
+        return state
 
     def append_metrics(self, record: dict) -> None:
         with open(self.path / METRICS, "a") as fh:

@@ -18,6 +18,7 @@ from common.config import RunConfig
 from common.models import register_model_configs
 from common.prompt import random_context
 
+from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
@@ -25,7 +26,8 @@ from .strategy import PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
-RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients", "round_timeout", "setup_timeout"}
+RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients", "round_timeout", "setup_timeout",
+                      "secure_noise"}  # how the noise is drawn, not how much: a resumed run may switch it
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -84,12 +86,18 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     if state is None:
         state = ServerState(p_global=initial_global_prompt(cfg), momentum=None, server_round=0,
                             run_token=secrets.token_hex(8), noise_multiplier_global=0.0,
-                            config_fingerprint=fingerprint)
+                            config_fingerprint=fingerprint, evaluated_round=0)
         (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
-        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
     strategy = SecfppStrategy(cfg, state) if cfg.method == "secfpp" else PromptStrategy(cfg, state)
+    if state.evaluated_round is not None and state.evaluated_round < state.server_round:
+        # the crash came after the round's checkpoint, before its evaluation and metrics line: finish that round
+        # with the checkpointed p_G (nothing is trained or noised again)
+        run_dir.truncate_metrics(state.server_round - 1)
+        _finish_round(strategy, grid, run_dir, dict(state.last_record))
+    elif cfg.resume:
+        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
     run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
@@ -124,21 +132,36 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             record.update(clustering_phase(strategy, grid, server_round, cfg.round_timeout or None) or
                           {"secfpp-phase-failed": True})
         if cfg.dp:
-            record["epsilon-global-max"] = strategy.epsilon_global()
-        state.server_round = server_round
-        if should_evaluate(cfg, server_round):
-            record.update(_evaluate(strategy, grid, server_round, "personalized"))
-            record["per-client"] = strategy.client_evaluations
+            record.update(strategy.privacy_maxima())
         record["round-seconds"] = round(time.time() - started, 3)
-        state.last_record = record
-        run_dir.save(state)  # checkpoint (with its metrics line) first: a crash before the append is repaired
-        run_dir.append_metrics(record)  # on resume by RunDirectory.resume_metrics
-        log.info("round %d/%d %s", server_round, cfg.num_server_rounds,
-                 " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+        state.server_round, state.last_record = server_round, record
+        # The new p_G leaves the server first in the evaluation messages: checkpoint it before. A crash after this
+        # line resumes with this very p_G (re-sent as is); without it, the resumed run would redo the round and
+        # release a second, independently noised p_G of the same replies.
+        run_dir.save(state)
+        _finish_round(strategy, grid, run_dir, record)
 
     summary = summarize(cfg, state, run_dir.read_metrics(), strategy)
     run_dir.write_summary(summary)
     return summary
+
+
+def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, record: dict) -> None:
+    """Evaluate the checkpointed round if due, then checkpoint again with its full metrics line and log it.
+
+    The checkpoint comes before the metrics line: a crash before the append is repaired on resume by
+    ``RunDirectory.resume_metrics``."""
+    state, cfg = strategy.state, strategy.cfg
+    if should_evaluate(cfg, state.server_round):
+        started = time.time()
+        record.update(_evaluate(strategy, grid, state.server_round, "personalized"))
+        record["per-client"] = strategy.client_evaluations
+        record["round-seconds"] = round(record.get("round-seconds", 0.0) + time.time() - started, 3)
+    state.last_record, state.evaluated_round = record, state.server_round
+    run_dir.save(state)
+    run_dir.append_metrics(record)
+    log.info("round %d/%d %s", state.server_round, cfg.num_server_rounds,
+             " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
 
 ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "hm-of-means")
@@ -205,8 +228,6 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
         evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
-    train = [m for m in metrics if m.get("phase") == "train"]
-    final_train = train[-1] if train else {}
     zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
     final_per_client = last.get("per-client", {})
     return {
@@ -230,8 +251,15 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
             "target-epsilon": cfg.target_epsilon if cfg.uses_calibration else None,
             "calibrate-for": cfg.calibrate_for,
             "noise-multiplier-global": state.noise_multiplier_global,
-            "epsilon-local-max": final_train.get("epsilon-local-max"),
-            "epsilon-global-max": strategy.epsilon_global() if cfg.dp else None,
-            "epsilon-published-max": final_train.get("epsilon-published-max"),
+            **privacy_block(cfg, strategy),
         },
     }
+
+
+def privacy_block(cfg: RunConfig, strategy: PromptStrategy) -> dict:
+    """Each epsilon (worst case over every node in the server's books), what it covers, and what it does not."""
+    if not cfg.dp:
+        return {key: None for key in COVERS}
+    excludes = [SECFPP_EXCLUSION] if cfg.method == "secfpp" else []
+    return {**strategy.privacy_maxima(), "epsilon-covers": dict(COVERS), "sample-rate": SAMPLE_RATE_NOTE,
+            "excludes": excludes, "secure-noise": cfg.secure_noise}

@@ -236,12 +236,8 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
         mean = decode_sum(totals[group.label], bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
                           batch_size=cfg.batch_size, num_summands=m)
         strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype))
-        if cfg.dp:  # only the survivors' data is in the release
-            for node in group.survivors:
-                key = book_key[node]
-                state.participation[key] = state.participation.get(key, 0) + 1
-                # a node that missed the setup phase (joined later) is booked with the rate it reports now
-                state.node_sample_rates.setdefault(key, strategy.sample_rate(key, metrics[node]))
+        for node in group.survivors:  # only the survivors' data is in the release
+            strategy.book(book_key[node], metrics[node])
         z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
         # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
         std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)

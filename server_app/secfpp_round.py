@@ -144,10 +144,8 @@ class SecfppStrategy(PromptStrategy):
                 self.noise_generator)
             summary[f"global-noise-std-c{cluster}"] = std
         self.state.p_global = self.prompt_of(0)
-        if self.cfg.dp:
-            for key, metrics in rows:
-                self.state.participation[key] = self.state.participation.get(key, 0) + 1
-                self.state.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
+        for key, metrics in rows:
+            self.book(key, metrics)
         return None, MetricRecord(summary)
 
     # secure aggregation (server_app/secagg_round.py): one group per cluster, each with its own sum

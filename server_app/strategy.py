@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,8 +27,9 @@ from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
 from common.optim import sgd_update
-from common.privacy import accounted_epsilon, add_gaussian_noise, calibrate_noise_multiplier
+from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 
+from .books import privacy_maxima
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
@@ -109,7 +109,7 @@ def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor
     # One record of node i moves the average by at most C_G / (B n): noise std z_G C_G / (B n), with n the
     # number of replies actually aggregated.
     std = noise_multiplier * cfg.max_grad_norm_global / (cfg.batch_size * n) if cfg.dp else 0.0
-    noisy = add_gaussian_noise(mean, std, generator)
+    noisy = add_gaussian_noise(mean, std, generator, cfg.secure_noise)
     p_global, momentum = sgd_update(p_global, noisy, momentum, cfg.lr_global, cfg.momentum, cfg.weight_decay)
     return p_global, momentum, std
 
@@ -121,7 +121,7 @@ class PromptStrategy(Strategy):
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
-        self.noise_generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.noise_generator = dp_generator(cfg.dp, cfg.seed)
         self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages
@@ -231,25 +231,20 @@ class PromptStrategy(Strategy):
         summary = {"num-replies": float(n)}
         summary.update(self._summarize_node_metrics([m for _, m in per_node]))
         if not self.method.shares_global:
+            for key, metrics in per_node:
+                self.book(key, metrics, released_global=False)
             return None, MetricRecord(summary)
         self.state.p_global, self.state.momentum, std = global_update(
             self.cfg, self.state.p_global, self.state.momentum, grads, self.state.noise_multiplier_global,
             self.noise_generator)
         for key, metrics in per_node:
-            if self.cfg.dp:
-                self.state.participation[key] = self.state.participation.get(key, 0) + 1
-                # a node that missed the setup phase (joined later) is booked with the rate it reports now
-                self.state.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
+            self.book(key, metrics)
         summary["global-noise-std"] = std
         return self.current_arrays(), MetricRecord(summary)
 
     @staticmethod
     def _summarize_node_metrics(rows: list[dict]) -> dict:
-        out = {}
-        for key in ("epsilon-local", "epsilon-published"):
-            values = [m[key] for m in rows if key in m]
-            if values:
-                out[key + "-max"] = float(max(values))
+        out = {}  # the epsilons come from the server's books over every node (privacy_maxima), not this round's
         seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
         if seconds:  # the clients' own compute this round, against the round's wall time
             out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
@@ -307,15 +302,30 @@ class PromptStrategy(Strategy):
             return min(1.0, self.cfg.batch_size / float(n))
         return 1.0
 
-    def epsilon_global(self) -> float:
-        """Worst case over nodes of the GDP mechanism's epsilon for the noisy rounds that really happened."""
+    def book(self, key: str, metrics: dict, released_global: bool = True) -> None:
+        """Enter one aggregated reply in the accountant's books (under DP): one more round whose release holds
+        the node's data, its sample rate (a node that missed the setup phase is booked with the rate it reports
+        now), its z_L and the noisy steps it says it took (both taken on trust, like its training-set size)."""
         if not self.cfg.dp:
-            return math.inf
-        if not self.method.shares_global:
-            return 0.0  # nothing global is released
-        eps = [accounted_epsilon(self.state.noise_multiplier_global, self.state.node_sample_rates.get(node, 1.0),
-                                 rounds, self.cfg.delta) for node, rounds in self.state.participation.items()]
-        return max(eps, default=0.0)
+            return
+        books = self.state
+        if released_global:
+            books.participation[key] = books.participation.get(key, 0) + 1
+        books.node_sample_rates.setdefault(key, self.sample_rate(key, metrics))
+        z_local = metrics.get("noise-multiplier-local")
+        if isinstance(z_local, (int, float)) and not isinstance(z_local, bool):
+            books.node_noise_local[key] = float(z_local)
+        steps = metrics.get("noisy-steps")
+        steps = int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else 0
+        books.node_steps[key] = max(books.node_steps.get(key, 0), steps, books.participation.get(key, 0))
+
+    def privacy_maxima(self) -> dict[str, float]:
+        """Worst case over every booked node of each epsilon (``server_app.books.COVERS`` says what each covers)."""
+        return privacy_maxima(self.state, self.cfg.delta, self.method.local is not None, self.method.shares_global)
+
+    def epsilon_global(self) -> float:
+        """p_G's guarantee, worst client (see ``server_app.books``); inf without DP."""
+        return self.privacy_maxima()["epsilon-global-max"] if self.cfg.dp else math.inf
 
     def summary(self) -> None:
         log.info("%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.method.name, self.state.noise_multiplier_global,

@@ -85,7 +85,15 @@ def test_a_node_that_dies_mid_run_is_left_out_and_rejoins_with_its_local_prompt(
         "local_state.safetensors", "local_state.safetensors.prev"]
     # the privacy report is the accountant's, for each node's own rounds
     expected = max(accounted_epsilon(1.5, state.node_sample_rates[k], n, 1e-5) for k, n in state.participation.items())
-    assert summary["privacy"]["epsilon-global-max"] == pytest.approx(expected)
+    assert summary["privacy"]["epsilon-gdp-mechanism-max"] == pytest.approx(expected)
+    # p_G's guarantee: the reply reads p_L, so both releases compose, z = (1^-2 + 1.5^-2)^-1/2, over every
+    # step each node's own accountant took
+    z = 1.0 / math.sqrt(1.0 + 1.5**-2)
+    steps = {str(node_key(_node_dir(tmp_path, p))): len(NodeState.load(_node_dir(tmp_path, p)).accountant.history)
+             for p in range(3)}
+    composed = max(accounted_epsilon(z, state.node_sample_rates[k], n, 1e-5) for k, n in steps.items())
+    assert summary["privacy"]["epsilon-global-max"] == pytest.approx(composed) and composed > expected
+    assert summary["privacy"]["epsilon-published-max"] == pytest.approx(composed)
 
 
 def test_a_resumed_run_keeps_per_node_books_when_node_ids_change(tmp_path, cache_dir):
@@ -140,7 +148,8 @@ def _strategy(tmp_path) -> PromptStrategy:
 
 
 def _reply(node: int, key, num_examples: float = 80.0, batch: float = 8.0) -> Message:
-    metrics = {"server-round": 1, "batch-size": batch, "num-examples": num_examples, "run-tag": run_tag("t")}
+    metrics = {"server-round": 1, "batch-size": batch, "num-examples": num_examples, "run-tag": run_tag("t"),
+               "noise-multiplier-local": 1.0}
     if key is not None:
         metrics["node-key"] = key
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
@@ -173,7 +182,10 @@ def test_a_node_that_missed_the_setup_phase_is_booked_with_its_own_sample_rate(t
     strategy.aggregate_train(1, [_reply(1, 111), _reply(2, 222, num_examples=20.0, batch=12.0)])
     assert strategy.state.participation == {"111": 1, "222": 1}
     assert strategy.state.node_sample_rates == {"111": 0.1, "222": pytest.approx(0.4)}
-    assert strategy.epsilon_global() == pytest.approx(accounted_epsilon(2.0, 0.4, 1, 1e-5))
+    books = strategy.privacy_maxima()
+    assert books["epsilon-gdp-mechanism-max"] == pytest.approx(accounted_epsilon(2.0, 0.4, 1, 1e-5))
+    z = 1.0 / math.sqrt(1.0 + 2.0**-2)  # DP-FPL's reply reads p_L: p_G's epsilon composes both releases
+    assert strategy.epsilon_global() == pytest.approx(accounted_epsilon(z, 0.4, 1, 1e-5))
     assert not math.isinf(strategy.epsilon_global())
 
 

@@ -39,7 +39,7 @@ def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, fea
     momentum_global = None
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + 7919)
     accountant = PrivacyAccountant(cfg.delta)
-    dp = DpSettings(cfg.dp, z_local, cfg.max_grad_norm_local, cfg.max_grad_norm_global)
+    dp = DpSettings(cfg.dp, z_local, cfg.max_grad_norm_local, cfg.max_grad_norm_global, cfg.secure_noise)
     opt = SgdSettings(cfg.lr_local, cfg.momentum, cfg.weight_decay)
     for _ in range(cfg.num_server_rounds):
         step = learner.train_step(p_global, local, momentum_local, features, labels, cfg.batch_size, dp, opt,
@@ -55,7 +55,8 @@ def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, fea
     # one node: its records are the only ones in p_G, so "other clients" is itself
     privacy = accountant_privacy(accountant, cfg.dp, cfg.delta, z_local if method.local else None,
                                  z_global if method.shares_global else None,
-                                 accountant.epsilon_global() if cfg.dp and method.shares_global else None)
+                                 (accountant.epsilon_published() if method.local else accountant.epsilon_global())
+                                 if cfg.dp and method.shares_global else None)
     return build_published_prompt(learner, model, learner.encoder.classnames, p_global, local, privacy, cfg.rank,
                                   source={"trained-by": "membership-inference experiment", "records": len(labels),
                                           "steps": cfg.num_server_rounds, "seed": cfg.seed})

@@ -62,6 +62,7 @@ class DpSettings:
     noise_multiplier_local: float
     max_grad_norm_local: float
     max_grad_norm_global: float
+    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``common.privacy.standard_normal``)
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class PromptLearner:
             if method.local is not None:
                 per_sample = method.local.param_grads(g + extra_local, aux, local)
                 noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local
-                local_sums = [add_gaussian_noise(c.sum(0), noise_std, generator)
+                local_sums = [add_gaussian_noise(c.sum(0), noise_std, generator, dp.secure_noise)
                               for c in clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)]
         else:
             leaf = prompt.requires_grad_(True)

@@ -13,6 +13,7 @@ from .mechanisms import (
     add_gaussian_noise,
     clip_per_sample,
     clip_per_sample_jointly,
+    dp_generator,
     per_sample_grads,
     poisson_sample,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "clip_per_sample",
     "clip_per_sample_jointly",
     "combined_noise_multiplier",
+    "dp_generator",
     "epsilon_for",
     "per_sample_grads",
     "poisson_sample",

@@ -13,6 +13,8 @@ silently falls back to a per-sample loop). The batch is processed in chunks so m
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Callable
 
 import torch
@@ -67,13 +69,52 @@ def clip_per_sample_jointly(grads: list[torch.Tensor], max_norm: float) -> list[
     return [g * scale.view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
 
+def dp_generator(dp: bool, seed: int) -> torch.Generator:
+    """The generator of a party's noise and Poisson samples.
+
+    Under DP it is seeded from the OS, never from the (public) run config: noise an adversary can predict
+    protects nothing, and amplification by subsampling needs a secret sample. Without DP there is nothing to
+    hide, and following ``seed`` makes runs reproducible."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if dp else seed)
+
+
+SECURE_DRAWS = 4  # Holohan & Braghin (2021): the sum of 4 draws / 2, as Opacus' secure_mode
+
+
+def secure_generator() -> torch.Generator:
+    """A generator for one release, seeded with 63 bits from the OS CSPRNG (``secrets``)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def standard_normal(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
+                    secure: bool = False) -> torch.Tensor:
+    """N(0, 1) noise of ``shape`` on the CPU.
+
+    Default: torch's Mersenne Twister (``generator``, OS-seeded under DP) and its floating-point Gaussian.
+    ``secure``: why and what -- floating-point Gaussian samplers leak through the gaps of their output
+    grid (Mironov 2012; Jin et al. 2022), and a Mersenne Twister's state can be recovered from enough of its
+    outputs. Each release then draws from its own generator, seeded from the OS CSPRNG (so no stream spans
+    two releases), and returns the sum of four draws divided by two (still exactly N(0, 1)); summing
+    independent samples fills the gaps a single floating-point sample leaves (Holohan & Braghin 2021, the
+    defence Opacus' ``secure_mode`` uses). The caller's generator is not advanced.
+    """
+    if not secure:
+        return torch.randn(shape, generator=generator, dtype=dtype, device="cpu")
+    gen = secure_generator()
+    total = torch.randn(shape, generator=gen, dtype=dtype, device="cpu")
+    for _ in range(SECURE_DRAWS - 1):
+        total += torch.randn(shape, generator=gen, dtype=dtype, device="cpu")
+    return total / math.sqrt(SECURE_DRAWS)
+
+
 def add_gaussian_noise(
-    tensor: torch.Tensor, std: float, generator: torch.Generator | None = None
+    tensor: torch.Tensor, std: float, generator: torch.Generator | None = None, secure: bool = False
 ) -> torch.Tensor:
-    """tensor + N(0, std^2) per coordinate (std = noise_multiplier * sensitivity / divisor)."""
+    """tensor + N(0, std^2) per coordinate (std = noise_multiplier * sensitivity / divisor); ``secure``: see
+    ``standard_normal``."""
     if std == 0.0:
         return tensor
-    noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype, device="cpu")
+    noise = standard_normal(tensor.shape, generator, tensor.dtype, secure)
     return tensor + std * noise.to(tensor.device)
 
 

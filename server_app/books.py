@@ -1,0 +1,71 @@
+"""The server's privacy books and the worst case over every node in them.
+
+Why p_G is not bounded by the GDP mechanism alone: in every method with a local prompt (FedOTP, FedPGP,
+DP-FPL, SecFPP) a node's reply is a gradient taken at p_G + p_L, and p_L is hidden state updated from the
+same records through the LDP releases. The transcript of global releases is then not a composition of
+z_G-Gaussians in the records, and the GDP-only epsilon does not bound p_G. What does bound everything the
+server publishes, for one client's records, is the composition of both releases of each step (the
+published-prompt mechanism: one subsampled Gaussian with z = (z_L^-2 + z_G^-2)^-1/2). Only where the reply
+reads no local state (PromptFL) is the GDP-only epsilon p_G's guarantee.
+
+The books hold, per node key: the sample rate q_i = B / n_i (n_i as the node reports it: q is treated as
+public), the rounds whose p_G contains the node's reply (``participation``), the node's z_L and the number
+of noisy steps it says it took (a step whose reply the server never aggregated still moved p_L). Every
+epsilon is the PLD accountant's for those books; maxima run over every node ever booked, so a node absent
+from the last round, or a last round that failed, cannot lower them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from common.privacy import accounted_epsilon, combined_noise_multiplier
+
+from .checkpoint import ServerState
+
+# What each printed epsilon covers (the summary, `dpfpl report` and the export manifest use these words).
+COVERS = {
+    "epsilon-local-max": "the LDP mechanism alone (p_L's noisy updates), worst client",
+    "epsilon-gdp-mechanism-max": "the server's GDP releases alone, worst client; NOT a bound on p_G when replies "
+                                 "read local state (every method with a local prompt)",
+    "epsilon-global-max": "p_G (anything the server publishes), worst client: the composed LDP+GDP epsilon where "
+                          "replies read local state, the GDP epsilon only for methods without a local prompt",
+    "epsilon-published-max": "the published personalized prompt p_G + p_L (LDP and GDP composed), worst client",
+}
+SAMPLE_RATE_NOTE = ("q_i = B/n_i is treated as public: each node sends its training-set size n_i in clear, so "
+                    "the guarantee protects the records, not how many a client has; epsilon is computed at q "
+                    "rounded up to two significant digits (an upper bound on the epsilon at the true rate)")
+SECFPP_EXCLUSION = ("SecFPP's clustering is not covered: the clustering vector is computed from the training "
+                    "features without noise and decides which p_G a node receives; the printed epsilon covers "
+                    "the gradient releases only")
+
+
+def node_epsilons(z_local: float, z_global: float, sample_rate: float, local_steps: int, global_rounds: int,
+                  delta: float) -> dict[str, float]:
+    """One node's epsilons from its books. The composed mechanism is charged for every step the node took
+    (its reply may have been dropped, but the step still moved p_L), the GDP one for the rounds aggregated."""
+    steps = max(local_steps, global_rounds)
+    return {
+        "epsilon-local-max": accounted_epsilon(z_local, sample_rate, steps, delta),
+        "epsilon-gdp-mechanism-max": accounted_epsilon(z_global, sample_rate, global_rounds, delta),
+        "epsilon-published-max": accounted_epsilon(combined_noise_multiplier(z_local, z_global), sample_rate,
+                                                   steps, delta),
+    }
+
+
+def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_global: bool) -> dict[str, float]:
+    """Worst case over every booked node of each epsilon in ``COVERS`` (0 before any noisy step)."""
+    z_global = state.noise_multiplier_global if shares_global else math.inf
+    out = {key: 0.0 for key in COVERS}
+    for key in set(state.participation) | set(state.node_steps):
+        z_local = state.node_noise_local.get(key, 0.0) if has_local else math.inf  # unknown: no guarantee
+        eps = node_epsilons(z_local, z_global, state.node_sample_rates.get(key, 1.0), state.node_steps.get(key, 0),
+                            state.participation.get(key, 0), delta)
+        for name, value in eps.items():
+            out[name] = max(out[name], value)
+    # p_G's guarantee: the composed epsilon whenever the reply reads local state
+    out["epsilon-global-max"] = out["epsilon-published-max"] if has_local else out["epsilon-gdp-mechanism-max"]
+    if not shares_global:
+        out["epsilon-global-max"] = 0.0  # nothing global is released
+    return out
+
