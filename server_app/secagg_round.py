@@ -235,7 +235,7 @@ def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
         m = len(group.survivors)
         mean = decode_sum(totals[group.label], bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
                           batch_size=cfg.batch_size, num_summands=m)
-        strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype))
+        strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype), m)
         for node in group.survivors:  # only the survivors' data is in the release
             strategy.book(book_key[node], metrics[node])
         z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
