@@ -81,20 +81,16 @@ class RunOutcome(BaseModel):
         return cls.model_validate_json(path.read_text())
 
 
-# Flower wraps a ClientApp's exception as "<class 'X'>:<'message'>", and the simulation engine wraps that once
-# more in its ClientAppException ("\nException ClientAppException occurred. Message: ...").
-_WRAPPED = re.compile(r"^<class '[^']+'>:<'(.*)'>$", re.DOTALL)
-_SIMULATION_PREFIX = re.compile(r"^\s*Exception \w+ occurred\. Message:\s*", re.DOTALL)
+# Flower reports a ClientApp's exception as "<class 'X'>:<'message'>". The simulation engine re-raises it as
+# "Exception ClientAppException occurred. Message: message" inside a Ray error whose text carries the traceback,
+# and wraps that once more. The node's own message is what follows the last marker, less the wrappers.
+_SIMULATION_MARKER = re.compile(r"Exception \w+ occurred\. Message:\s*")
+_CLASS_PREFIX = re.compile(r"<class '[^']+'>:<'")
+_CLASS_SUFFIX = re.compile(r"(?:'>\s*)+$")
 
 
 def client_error_text(reason: str) -> str:
-    """The message a node's exception carried, without Flower's wrapping, on one line."""
-    text = reason.strip()
-    while True:
-        unwrapped = _SIMULATION_PREFIX.sub("", text)
-        match = _WRAPPED.match(unwrapped.strip())
-        if match is None:
-            text = unwrapped
-            break
-        text = match.group(1)
+    """The message a node's exception carried, without Flower's (and Ray's) wrapping, on one line."""
+    text = _SIMULATION_MARKER.split(reason)[-1]
+    text = _CLASS_SUFFIX.sub("", _CLASS_PREFIX.sub("", text).strip())
     return " ".join(text.split()) or "no reason given"

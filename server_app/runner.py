@@ -186,8 +186,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     if outcome.status != "completed":
         log.error("%s", outcome.paragraph())
         raise RunFailed(outcome.paragraph())  # Flower then marks the run failed: it has no result
-    if outcome.failed_rounds:
-        log.warning("%s", outcome.paragraph())
+    log.log(logging.WARNING if outcome.failed_rounds else logging.INFO, "%s", outcome.paragraph())
     return summary
 
 

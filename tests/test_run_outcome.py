@@ -112,7 +112,13 @@ def test_flowers_wrapping_of_a_node_exception_is_removed():
     inner = "<class 'client_app.app.NodeUnfit'>:<'partition-1: the silo\nfailed'>"
     wrapped = "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. " \
               f"Message: {inner}'>"
-    assert client_error_text(inner) == client_error_text(wrapped) == "partition-1: the silo failed"
+    # the simulation engine's: a Ray error whose text carries the traceback, the message after its last marker
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() File \"app.py\", "
+           "line 72, in _node raise _unfit(node_cfg, \"the silo\") client_app.app.NodeUnfit: partition-1: the silo "
+           "failed The above exception was the direct cause of the following exception: ClientAppException: "
+           "Exception ClientAppException occurred. Message: partition-1: the silo\nfailed'>")
+    assert client_error_text(inner) == client_error_text(wrapped) == client_error_text(ray) == \
+        "partition-1: the silo failed"
     assert client_error_text("plain words") == "plain words"
 
 
