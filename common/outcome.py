@@ -55,7 +55,10 @@ class RunOutcome(BaseModel):
     def paragraph(self) -> str:
         """One paragraph: what happened, what it means, what to do."""
         if self.status == "setup-failed":
-            named = "; ".join(f"{f.node}: {f.reason}" for f in self.failed_nodes) or "none reported"
+            by_reason: dict[str, list[str]] = {}  # one line per reason (a mis-sized simulation fails every node)
+            for failure in self.failed_nodes:
+                by_reason.setdefault(failure.reason, []).append(failure.node)
+            named = "; ".join(f"{', '.join(nodes)}: {reason}" for reason, nodes in by_reason.items()) or "none reported"
             return (f"the run stopped before round 1: {self.healthy_nodes} node(s) passed the setup check (model "
                     f"loaded, data checked), fewer than min-clients = {self.min_clients}. Failed nodes: {named}. "
                     "Fix these nodes (each node's own log has the details) or lower min-clients.")

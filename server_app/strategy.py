@@ -175,7 +175,7 @@ class PromptStrategy(Strategy):
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
-            raise InvalidReply(f"node reported an error: {msg.error.reason}")
+            raise InvalidReply(f"node reported an error: {client_error_text(msg.error.reason)}")
         content = msg.content
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         self.check_round_and_run(metrics, server_round)

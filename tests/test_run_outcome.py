@@ -105,7 +105,8 @@ def test_a_simulation_with_fewer_supernodes_than_clients_names_the_command_that_
     with grid.identity(), pytest.raises(RunFailed) as err:
         run_federation(grid, RunConfig.from_flower(config))
     assert "0 node(s) passed" in str(err.value)
-    assert "--federation-config 'num-supernodes=3'" in str(err.value)
+    assert str(err.value).count("--federation-config 'num-supernodes=3'") == 1  # one reason, both nodes named
+    assert "(partition-0), node " in str(err.value) and "(partition-1): the simulation runs 2 SuperNodes" in str(err.value)
 
 
 def test_flowers_wrapping_of_a_node_exception_is_removed():
