@@ -147,3 +147,14 @@ def test_user_errors_are_one_paragraph_and_debug_shows_the_traceback(overrides, 
         with pytest.raises(Exception) as raised:
             main(argv + ["--debug"])
         assert not isinstance(raised.value, SystemExit)
+
+
+def test_a_sweep_run_without_an_updated_round_is_not_done(tmp_path):
+    """The sweep re-runs (and again reports as failed) a run that has a summary but no result."""
+    from common.sweep import is_done
+
+    for updated, done in ((0, False), (1, True)):
+        (tmp_path / "summary.json").write_text(json.dumps({"rounds": 2, "rounds-run": 2, "rounds-updated": updated}))
+        assert is_done(tmp_path, 2) is done
+    (tmp_path / "summary.json").write_text(json.dumps({"rounds": 0, "rounds-run": 0, "rounds-updated": 0}))
+    assert is_done(tmp_path, 0)  # zero-shot trains no round: its summary is its result
