@@ -27,6 +27,7 @@ from common.config import RunConfig
 from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
 from common.methods import Method, build_method
+from common.outcome import client_error_text
 from common.optim import noise_bounded_lr, sgd_update
 from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 
@@ -198,7 +199,7 @@ class PromptStrategy(Strategy):
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
-            raise InvalidReply(f"node reported an error: {msg.error.reason}")
+            raise InvalidReply(f"node reported an error: {client_error_text(msg.error.reason)}")
         content = msg.content
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         self.check_round_and_run(metrics, server_round)
@@ -277,21 +278,22 @@ class PromptStrategy(Strategy):
             out["train-loss"] = float(np.mean(losses))
         return out
 
+    def validate_evaluate_reply(self, msg: Message, server_round: int) -> tuple[str, dict]:
+        """(node key, metrics) of a usable evaluation reply, or InvalidReply saying why it is not. At round 0
+        this is the setup check: a node whose reply passes has loaded the model and checked its data."""
+        if msg.has_error():
+            raise InvalidReply(client_error_text(msg.error.reason))
+        if "metrics" not in msg.content.metric_records:
+            raise InvalidReply("the evaluation reply has no metrics")
+        metrics = dict(msg.content["metrics"])
+        self.check_round_and_run(metrics, server_round)
+        return node_key(msg, metrics), metrics
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = []
         for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: node %s failed to evaluate: %s", server_round, msg.metadata.src_node_id,
-                            msg.error.reason)
-                continue
-            if "metrics" not in msg.content.metric_records:
-                log.warning("round %d: evaluation reply from node %s has no metrics", server_round,
-                            msg.metadata.src_node_id)
-                continue
-            metrics = dict(msg.content["metrics"])
             try:
-                self.check_round_and_run(metrics, server_round)
-                rows.append((node_key(msg, metrics), metrics))
+                rows.append(self.validate_evaluate_reply(msg, server_round))
             except InvalidReply as err:
                 log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,
                             msg.metadata.src_node_id, err)

@@ -19,6 +19,7 @@ from client_app.state import NODE_KEY_FILE, NodeState, node_key
 from common.classlist import ClassListMismatch, check_class_list, class_list_digest
 from common.config import RunConfig
 from common.inprocess import InProcessGrid, full_run_config
+from common.outcome import RunFailed
 from common.privacy import accounted_epsilon
 from common.runtag import run_tag
 from server_app.checkpoint import RunDirectory, ServerState
@@ -121,7 +122,7 @@ def test_the_node_key_is_stable_and_a_damaged_key_file_is_refused(tmp_path):
 def test_a_class_list_that_differs_from_the_servers_fails_before_any_work(tmp_path, cache_dir, caplog):
     config = full_run_config({**TINY, "num-server-rounds": 1, "run-dir": str(tmp_path / "run2")})
     grid = InProcessGrid(client_app, config, 3, {"num-threads": 1, "classnames": "cat,dog,cow"})
-    with caplog.at_level(logging.ERROR), grid.identity(), pytest.raises(RuntimeError, match="no node answered"):
+    with caplog.at_level(logging.ERROR), grid.identity(), pytest.raises(RunFailed, match="before round 1"):
         run_federation(grid, RunConfig.from_flower(config))
     server = class_list_digest(RunConfig().class_list())
     mine = class_list_digest(["cat", "dog", "cow"])
