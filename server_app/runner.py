@@ -285,6 +285,7 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
         evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
+    train = [m for m in metrics if m.get("phase") == "train"]
     zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
     final_per_client = last.get("per-client", {})
     return {
