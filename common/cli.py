@@ -132,12 +132,16 @@ def report(run_dir: Path) -> str:
         lines.append(row(f"mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
     if reference.get("final"):  # the cost of privacy: the same recipe without DP
         lines.append(row("same recipe without DP (reference)", reference["final"]))
-    worst = summary.get("worst-client") or {}
-    if worst:
-        lines.append(f"worst client ({worst['client']}): local {_fmt(worst['local-acc'])}, its zero-shot "
-                     f"{_fmt(worst['zeroshot-local-acc'])} (gain {worst['gain'] * 100:+.1f} points); "
-                     f"{worst['clients-below-zeroshot']} of {len(summary.get('final-per-client', {}))} clients "
-                     "below their zero-shot")
+    clients = len(summary.get("final-per-client", {}))
+    window = f"rounds {last['rounds'][0]}-{last['rounds'][1]}" if last.get("rounds") else "final round"
+    worst_rows = [(window, summary.get("worst-client"))]
+    if summary.get("worst-client-final-round") != summary.get("worst-client"):
+        worst_rows.append(("final round", summary.get("worst-client-final-round")))
+    for title, worst in worst_rows:
+        if worst:
+            lines.append(f"worst client, {title} ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
+                         f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
+                         f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot")
     if "rounds-updated" in summary:
         updated, run = summary["rounds-updated"], summary["rounds-run"]
         note = "" if updated == run else "  (the other rounds had fewer than min-clients valid replies)"

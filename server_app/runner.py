@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.evaluation import last_rounds_per_client, worst_client
 from common.models import register_model_configs
 from common.outcome import NodeFailure, RunFailed, RunOutcome
 from common.prompt import random_context
@@ -268,18 +269,6 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
     return out
 
 
-def worst_client(zeroshot: dict, final: dict, key: str = "local-acc") -> dict:
-    """The client whose personalized prompt gained least over its own zero-shot accuracy (a mean can hide a
-    collapsed node). Empty when no client has both numbers."""
-    gains = {c: final[c][key] - zeroshot[c][key] for c in final
-             if key in final[c] and key in zeroshot.get(c, {})}
-    if not gains:
-        return {}
-    client = min(gains, key=gains.get)
-    return {"client": client, key: final[client][key], f"zeroshot-{key}": zeroshot[client][key],
-            "gain": gains[client], "clients-below-zeroshot": sum(g < 0 for g in gains.values())}
-
-
 def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
     evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
@@ -302,7 +291,10 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
         "zeroshot-per-client": zeroshot_per_client,
-        "worst-client": worst_client(zeroshot_per_client, final_per_client),
+        # the worst client by the table's own measure (the mean of the last rounds), and in the final round alone
+        "worst-client": worst_client(zeroshot_per_client, last_rounds_per_client(evals, cfg.eval_last, ACCURACY_KEYS)
+                                     if cfg.eval_last and strategy.method.trains else final_per_client),
+        "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,
