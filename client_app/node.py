@@ -14,6 +14,7 @@ import torch
 from common.atomic import previous_path
 from common.config import NodeConfig, RunConfig
 from common.evaluation import accuracy, cross_entropy, harmonic_mean
+from common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
 from common.models import LoadedModel, cached_clip
 from common.optim import noise_bounded_lr
@@ -209,9 +210,9 @@ class PromptNode:
                 local = {k: v.to(self.device) for k, v in local.items()}
                 text = {k: self.learner.text_features(p_g, local, enc) for k, enc in encoders.items()}
         metrics = {f"{name}-acc": accuracy(text[e.classifier], e.features, e.labels) for name, e in d.evals.items()}
-        metrics["local-loss"] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
+        metrics[LOCAL_LOSS] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
         if d.protocol == "base-novel":
-            metrics["hm"] = harmonic_mean([metrics["local-acc"], metrics["base-acc"], metrics["novel-acc"]])
+            metrics[HM] = harmonic_mean([metrics[LOCAL_ACC], metrics[BASE_ACC], metrics[NOVEL_ACC]])
         metrics["num-examples"] = float(d.num_train)
         metrics["node-key"] = node_key(self.state_dir)  # the key the server books this node under
         if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table

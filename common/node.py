@@ -1,6 +1,6 @@
 """What a node trains and evaluates on: cached image features of its share of a data set (simulation with a
 partitioner) or of its own silo (deployment), split into training records and the evaluation sets of the
-run's protocol (SPEC section 7):
+run's protocol:
 
 * pathological (DP-FPL): ``local`` (own classes) and ``neighbor`` (the other clients' classes), classifier over
   all C classes;

@@ -2,7 +2,7 @@
 command (``dpfpl simulate --preset dpfpl-caltech101 -c data-root=/data -c target-epsilon=0.1``).
 
 A preset is a set of run-config overrides applied over pyproject's defaults and under the user's ``-c``
-overrides. Where the paper and its code differ, the preset follows the paper and says so (SPEC section 3).
+overrides. Where the paper and its code differ, the preset follows the paper and says so.
 """
 
 from __future__ import annotations

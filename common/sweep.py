@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .atomic import write_bytes, write_json
 from .config import Method
+from .metrics import ACCURACY_KEYS
 
 log = logging.getLogger("dpfpl.sweep")
 
@@ -39,7 +40,6 @@ log = logging.getLogger("dpfpl.sweep")
 RANKED_METHODS = ("dpfpl", "dpfpl-noresidual", "fedpgp")
 # Run-config keys the sweep sets for each run; the base overrides may not set them.
 SWEEP_KEYS = ("method", "dp", "target-epsilon", "seed", "rank", "run-dir")
-ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm")
 ACCURACY_TITLES = {"local-acc": "Local accuracy", "neighbor-acc": "Neighbor accuracy",
                    "base-acc": "Base accuracy", "novel-acc": "Novel accuracy", "hm": "HM (local, base, novel)"}
 RUN_LABEL = "sweep-run.json"

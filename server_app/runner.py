@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
 from common.models import register_model_configs
 from common.prompt import random_context
 
@@ -164,7 +165,6 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
              " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
 
-ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "hm-of-means")
 
 PROTOCOL_DESCRIPTIONS = {
     "pathological": "pathological (DP-FPL): disjoint classes per client; local = own classes' test images, "
@@ -204,14 +204,14 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
     last_round = evals[-1]["round"]
     window = [m for m in evals if m["round"] > last_round - count]
     out: dict = {"rounds": [window[0]["round"], last_round], "evaluations": len(window)}
-    for key in ACCURACY_KEYS:
+    for key in SUMMARY_ACCURACY_KEYS:
         values = [m[key] for m in window if key in m]
         if values:
             out[key] = sum(values) / len(values)
     return out
 
 
-def worst_client(zeroshot: dict, final: dict, key: str = "local-acc") -> dict:
+def worst_client(zeroshot: dict, final: dict, key: str = LOCAL_ACC) -> dict:
     """The client whose personalized prompt gained least over its own zero-shot accuracy (a mean can hide a
     collapsed node). Empty when no client has both numbers."""
     gains = {c: final[c][key] - zeroshot[c][key] for c in final
@@ -224,7 +224,7 @@ def worst_client(zeroshot: dict, final: dict, key: str = "local-acc") -> dict:
 
 
 def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
-    evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
+    evals = [m for m in metrics if m.get("phase") == "train" and LOCAL_ACC in m]
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
         evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
@@ -237,7 +237,7 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "num-clients": cfg.num_clients,
         "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
-        "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
+        "final": {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
         "zeroshot-per-client": zeroshot_per_client,

@@ -38,12 +38,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common.classlist import DIGEST_KEY
+from common.metrics import GLOBAL_NOISE_STD
 from common.optim import sgd_update
 from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
 from common.secfpp.lcc import LccParameterError
 from common.secfpp.protocol import validate
 
-from .strategy import InvalidReply, PromptStrategy, global_update, node_key, parse_node_key
+from .strategy import InvalidReply, PromptStrategy, global_update, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
@@ -116,37 +117,21 @@ class SecfppStrategy(PromptStrategy):
             message_type=message_type, dst_node_id=n) for n in node_ids]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept_replies(server_round, replies)
         by_cluster: dict[int, list[torch.Tensor]] = {}
-        rows, keys = [], []
-        for msg in replies:
-            try:
-                grad, metrics = self.validate_train_reply(msg, server_round)
-            except InvalidReply as err:
-                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
-                continue
-            key = node_key(msg, metrics)
-            if key in keys:
-                log.warning("round %d: two replies under node key %s; the second is ignored", server_round, key)
-                continue
-            keys.append(key)
-            rows.append((key, metrics))
-            self.learn_key(msg.metadata.src_node_id, key)
-            by_cluster.setdefault(self.cluster_sent_to(msg.metadata.src_node_id), []).append(grad)
-        if len(rows) < self.cfg.min_clients:
-            log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
-                      len(rows), self.cfg.min_clients)
+        for reply in accepted:
+            self.learn_key(reply.node_id, reply.key)
+            by_cluster.setdefault(self.cluster_sent_to(reply.node_id), []).append(reply.payload)
+        if not self.enough_replies(server_round, accepted):
             return None, None
-        summary = {"num-replies": float(len(rows)), "secfpp-clusters": float(len(by_cluster))}
-        summary.update(self._summarize_node_metrics([m for _, m in rows]))
+        summary = {"secfpp-clusters": float(len(by_cluster))}
         for cluster, grads in sorted(by_cluster.items()):
             self.state.cluster_prompts[cluster], _, std = global_update(
                 self.cfg, self.prompt_of(cluster), None, grads, self.state.noise_multiplier_global,
                 self.noise_generator)
-            summary[f"global-noise-std-c{cluster}"] = std
+            summary[f"{GLOBAL_NOISE_STD}-c{cluster}"] = std
         self.state.p_global = self.prompt_of(0)
-        for key, metrics in rows:
-            self.book(key, metrics)
-        return None, MetricRecord(summary)
+        return None, MetricRecord({**self.close_round(accepted), **summary})
 
     # secure aggregation (server_app/secagg_round.py): one group per cluster, each with its own sum
     def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:

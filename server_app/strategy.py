@@ -2,8 +2,8 @@
 weights, add the global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
 Methods without a global prompt (CoOp) only drive the rounds: their replies must carry no array at all.
 
-Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). Its own ``run`` replaces
-``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
+Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). ``server_app.runner.run_federation``
+drives the rounds instead of ``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
 calibrate the global noise), evaluation every ``eval-every`` rounds, and resume from a checkpoint.
 """
 
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from common.classlist import DIGEST_KEY, class_list_digest
 from common.config import RunConfig
 from common.runtag import RUN_TAG_KEY, run_tag
 from common.evaluation import harmonic_mean
+from common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
 from common.methods import Method, build_method
 from common.optim import sgd_update
 from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
@@ -33,10 +37,6 @@ from .books import privacy_maxima
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
-
-
-# per-client evaluation metrics averaged over clients (unweighted, as the papers report)
-EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
 
 
 def client_label(node_id: int | str, metrics: dict) -> str:
@@ -52,10 +52,26 @@ class InvalidReply(ValueError):
     pass
 
 
+@dataclass
+class Reply:
+    """One accepted reply: the Flower node it came from, the key the books use for it, its metrics, and what the
+    round's validation took from it (a clipped gradient, a secure-aggregation key pair, or nothing)."""
+
+    node_id: int
+    key: str
+    metrics: dict
+    payload: Any = None
+
+
+# validate(msg, server_round) -> (payload, metrics), or InvalidReply
+Validator = Callable[[Message, int], tuple[Any, dict]]
+
+
 def node_key(msg: Message, metrics: dict) -> str:
     """The key the server books a node under: the stable ``node-key`` the node reports (see
     ``client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
-    taken on trust from an admitted node; two replies under one key in a round are both rejected."""
+    taken on trust from an admitted node; two replies under one key in a round are both rejected
+    (``PromptStrategy.accept_replies``)."""
     if "node-key" not in metrics:
         return str(msg.metadata.src_node_id)
     return parse_node_key(metrics["node-key"])
@@ -112,6 +128,19 @@ def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor
     noisy = add_gaussian_noise(mean, std, generator, cfg.secure_noise)
     p_global, momentum = sgd_update(p_global, noisy, momentum, cfg.lr_global, cfg.momentum, cfg.weight_decay)
     return p_global, momentum, std
+
+
+def summarize_node_metrics(rows: list[dict]) -> dict[str, float]:
+    """The round's summary of the nodes' own metrics. The epsilons come from the server's books over every node
+    (``privacy_maxima``), not from this round's replies."""
+    out = {}
+    seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
+    if seconds:  # the clients' own compute this round, against the round's wall time
+        out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
+    losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
+    if losses:
+        out["train-loss"] = float(np.mean(losses))
+    return out
 
 
 class PromptStrategy(Strategy):
@@ -203,74 +232,70 @@ class PromptStrategy(Strategy):
                 raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")
         return grad, metrics
 
+    def validate_evaluate_reply(self, msg: Message, server_round: int) -> tuple[None, dict]:
+        if msg.has_error():
+            raise InvalidReply(f"node failed to evaluate: {msg.error.reason}")
+        if "metrics" not in msg.content.metric_records:
+            raise InvalidReply("evaluation reply has no metrics")
+        metrics = dict(msg.content["metrics"])
+        self.check_round_and_run(metrics, server_round)
+        return None, metrics
+
+    # ---------------------------------------------------------------- the one reply path
+    def accept_replies(self, server_round: int, replies: Iterable[Message], validate: Validator | None = None,
+                       what: str = "reply") -> list[Reply]:
+        """The replies of one round that pass ``validate`` (by default ``validate_train_reply``), each under its
+        node key. The clear, secure-aggregation and SecFPP rounds all take their replies through here.
+
+        One identity, one reply per round: two replies under one key (a node cloned with its state directory,
+        or one claiming another's key) would be counted twice in the mean and once in the books, and the server
+        cannot tell which is genuine, so all replies that share a key are rejected."""
+        validate = validate or self.validate_train_reply
+        accepted = []
+        for msg in replies:
+            try:
+                payload, metrics = validate(msg, server_round)
+                accepted.append(Reply(msg.metadata.src_node_id, node_key(msg, metrics), metrics, payload))
+            except InvalidReply as err:
+                log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id,
+                            err)
+        count = Counter(r.key for r in accepted)
+        shared = sorted(k for k, c in count.items() if c > 1)
+        if shared:
+            log.warning("round %d: %d replies share a node key (%s); all of them rejected", server_round,
+                        sum(count[k] for k in shared), ", ".join(shared))
+        return [r for r in accepted if count[r.key] == 1]
+
+    def enough_replies(self, server_round: int, replies: list[Reply]) -> bool:
+        if len(replies) >= self.cfg.min_clients:
+            return True
+        log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
+                  len(replies), self.cfg.min_clients)
+        return False
+
+    def close_round(self, replies: list[Reply], released_global: bool = True) -> dict[str, float]:
+        """Book the nodes whose data is in this round's release, and summarize their metrics."""
+        for reply in replies:
+            self.book(reply.key, reply.metrics, released_global)
+        return {"num-replies": float(len(replies)), **summarize_node_metrics([r.metrics for r in replies])}
+
     # ---------------------------------------------------------------- aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        grads, per_node, keys = [], [], []
-        for msg in replies:
-            try:
-                grad, metrics = self.validate_train_reply(msg, server_round)
-            except InvalidReply as err:
-                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
-                continue
-            grads.append(grad)
-            keys.append(node_key(msg, metrics))
-            per_node.append((keys[-1], metrics))
-        # One identity, one reply per round: two replies under one key (a node cloned with its state directory,
-        # or one claiming another's key) would be counted twice in the mean and once in the books.
-        duplicated = {k for k in keys if keys.count(k) > 1}
-        if duplicated:
-            log.warning("round %d: %d replies share a node key (%s); all of them rejected", server_round,
-                        sum(k in duplicated for k in keys), ", ".join(sorted(duplicated)))
-            kept = [i for i, k in enumerate(keys) if k not in duplicated]
-            grads, per_node = [grads[i] for i in kept], [per_node[i] for i in kept]
-        if len(per_node) < self.cfg.min_clients:
-            log.error("round %d: only %d valid replies (< min-clients %d); global prompt not updated",
-                      server_round, len(per_node), self.cfg.min_clients)
+        accepted = self.accept_replies(server_round, replies)
+        if not self.enough_replies(server_round, accepted):
             return None, None
-        n = len(per_node)
-        summary = {"num-replies": float(n)}
-        summary.update(self._summarize_node_metrics([m for _, m in per_node]))
         if not self.method.shares_global:
-            for key, metrics in per_node:
-                self.book(key, metrics, released_global=False)
-            return None, MetricRecord(summary)
+            return None, MetricRecord(self.close_round(accepted, released_global=False))
         self.state.p_global, self.state.momentum, std = global_update(
-            self.cfg, self.state.p_global, self.state.momentum, grads, self.state.noise_multiplier_global,
-            self.noise_generator)
-        for key, metrics in per_node:
-            self.book(key, metrics)
-        summary["global-noise-std"] = std
+            self.cfg, self.state.p_global, self.state.momentum, [r.payload for r in accepted],
+            self.state.noise_multiplier_global, self.noise_generator)
+        summary = self.close_round(accepted)
+        summary[GLOBAL_NOISE_STD] = std
         return self.current_arrays(), MetricRecord(summary)
 
-    @staticmethod
-    def _summarize_node_metrics(rows: list[dict]) -> dict:
-        out = {}  # the epsilons come from the server's books over every node (privacy_maxima), not this round's
-        seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
-        if seconds:  # the clients' own compute this round, against the round's wall time
-            out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
-        losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
-        if losses:
-            out["train-loss"] = float(np.mean(losses))
-        return out
-
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
-        for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: node %s failed to evaluate: %s", server_round, msg.metadata.src_node_id,
-                            msg.error.reason)
-                continue
-            if "metrics" not in msg.content.metric_records:
-                log.warning("round %d: evaluation reply from node %s has no metrics", server_round,
-                            msg.metadata.src_node_id)
-                continue
-            metrics = dict(msg.content["metrics"])
-            try:
-                self.check_round_and_run(metrics, server_round)
-                rows.append((node_key(msg, metrics), metrics))
-            except InvalidReply as err:
-                log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,
-                            msg.metadata.src_node_id, err)
+        rows = [(r.key, r.metrics) for r in self.accept_replies(server_round, replies, self.validate_evaluate_reply,
+                                                                "evaluation reply")]
         # each client's own numbers (metrics.jsonl keeps them next to the means), named by partition id where
         # there is one, else by the stable node key the books use
         self.client_evaluations = {client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
@@ -286,9 +311,9 @@ class PromptStrategy(Strategy):
             values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
             if values:
                 out[k] = float(np.mean(values))
-        if all(k in out for k in ("local-acc", "base-acc", "novel-acc")):
+        if all(k in out for k in (LOCAL_ACC, BASE_ACC, NOVEL_ACC)):
             # FedPGP's HM: of the three means (``hm`` above is the mean of the clients' own HMs)
-            out["hm-of-means"] = harmonic_mean([out["local-acc"], out["base-acc"], out["novel-acc"]])
+            out[HM_OF_MEANS] = harmonic_mean([out[LOCAL_ACC], out[BASE_ACC], out[NOVEL_ACC]])
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting

@@ -17,7 +17,7 @@ def test_calibration_round_trip_over_the_paper_grid(target):
 
 @pytest.mark.parametrize("target,expected", [(0.4, 3.68), (0.01, 98.1)])
 def test_calibration_agrees_with_independent_pld_numbers(target, expected):
-    # SPEC section 4: dp-accounting's PLD gives z ~ 3.68 / 98.1 for q = 0.04, 100 steps
+    # dp-accounting's PLD gives z ~ 3.68 / 98.1 for q = 0.04, 100 steps
     assert calibrate_noise_multiplier(target, 0.04, 100, 1e-5) == pytest.approx(expected, rel=0.02)
 
 

@@ -1,4 +1,4 @@
-"""Prompt-learning methods on one engine; each differs in small, named pieces (SPEC section 5).
+"""Prompt-learning methods on one engine; each differs in small, named pieces.
 
 | method            | prompt                         | shared            | DP                          |
 |-------------------|--------------------------------|-------------------|-----------------------------|

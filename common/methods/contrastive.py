@@ -1,4 +1,4 @@
-"""FedPGP's prompt-wise contrastive loss (Cui et al., ICML 2024, eq. 12-13; SPEC section 5).
+"""FedPGP's prompt-wise contrastive loss (Cui et al., ICML 2024, eq. 12-13).
 
     L_con = -log( e^{sim(z_G, z_C)/tau} / (e^{sim(z_G, z_C)/tau} + e^{sim(z_G, z_i)/tau}) ), per class, averaged
 

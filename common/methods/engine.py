@@ -1,4 +1,4 @@
-"""One training engine for every method; a method is a few named pieces (SPEC section 5):
+"""One training engine for every method; a method is a few named pieces:
 
 - ``shares_global``: is there a global prompt p_G whose clipped gradient goes to the server (GDP there)?
 - ``local``: the node's private part (``LocalPrompt``) and so where LDP noise goes, or ``None``;

@@ -1,4 +1,4 @@
-"""What a node keeps to itself: the local part of each method's prompt (SPEC section 5).
+"""What a node keeps to itself: the local part of each method's prompt.
 
 Every method's forward prompt is ``p_G + local context`` (or one of the two). The loss depends on the local
 parameters only through that context, so their gradients are linear maps of the context gradient g

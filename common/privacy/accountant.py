@@ -2,7 +2,7 @@
 
 Why PLD: the paper's epsilon grid goes down to 0.01. RDP with default orders cannot certify epsilon below
 about 0.19 at delta = 1e-5, and Opacus' PRV accountant over-noises 13x at epsilon = 0.01 (a discretisation
-artefact); the PLD accountant is tight across the whole grid (SPEC section 4).
+artefact); the PLD accountant is tight across the whole grid.
 
 Neighbouring relation: add/remove one record. Every mechanism here is a Poisson-subsampled Gaussian:
 each record of a client is in a step's batch with probability q = B / n_i, and the sum of its clipped
