@@ -232,7 +232,7 @@ def case_client(spec: dict) -> dict:
     from client_app.node import PromptNode
     from common.config import NodeConfig, RunConfig
     from common.inprocess import full_run_config
-    from server_app.runner import initial_global_prompt
+    from common.prompt import initial_global_prompt
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-"))
     overrides = dict(spec["config"])

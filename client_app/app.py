@@ -43,8 +43,8 @@ def _check_classes(msg: Message, context: Context) -> None:
 
 
 def _node(context: Context) -> PromptNode:
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
+    torch.set_num_threads(node_cfg.num_threads)
     try:
         return PromptNode(cfg, node_cfg)
     except SiloError as err:

@@ -19,11 +19,13 @@ from flwr.clientapp import ClientApp
 
 from common.atomic import write_json
 from common.config import NodeConfig, RunConfig
+from common.prompt import initial_global_prompt
 from common.secfpp.kmeans import threshold_units
 from common.secfpp.protocol import ClusteringClient, validate
 from common.secfpp.reduce import public_basis, reduce
 from common.secfpp.signal import domain_gradient
 
+from .node import PromptNode
 from .state import node_key
 
 SESSION_FILE = "secfpp_session.json"
@@ -60,10 +62,6 @@ def _reply(msg: Message, values: dict) -> Message:
 
 def advertise(msg: Message, context: Context) -> Message:
     """Compute and encode the clustering vector; reply with this phase's public key only."""
-    from server_app.runner import initial_global_prompt
-
-    from .node import PromptNode
-
     cfg, node_cfg, path = _setup(context)
     config = msg.content["config"]
     node = PromptNode(cfg, node_cfg)

@@ -32,13 +32,8 @@ from pathlib import Path
 
 from . import prompt_commands
 from .config import RunConfig
-from .launch import PROJECT_ROOT, run_simulation
+from .launch import run_simulation
 from .presets import describe_presets, preset_overrides
-
-
-def _default_run_config() -> dict:
-    with open(PROJECT_ROOT / "pyproject.toml", "rb") as fh:
-        return tomllib.load(fh)["tool"]["flwr"]["app"]["config"]
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -185,7 +180,7 @@ def _checked_config(overrides: dict) -> RunConfig:
     from .data.images import DatasetError
 
     try:
-        return RunConfig.from_flower({**_default_run_config(), **overrides})
+        return RunConfig.from_flower({**RunConfig.defaults(), **overrides})
     except ValidationError as err:
         problems = [f"  {'-'.join(str(x) for x in e['loc']).replace('_', '-') or 'run config'}: "
                     f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
@@ -198,7 +193,7 @@ def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream:
              gpus_per_client: float | None = None) -> Path:
     import torch
 
-    config = {**_default_run_config(), **overrides, "run-dir": str(run_dir.resolve())}
+    config = {**RunConfig.defaults(), **overrides, "run-dir": str(run_dir.resolve())}
     cfg = _checked_config({**overrides, "run-dir": str(run_dir.resolve())})  # fail fast on a bad key or value
     prepare(cfg)
     if gpus_per_client is None:  # share the visible GPUs among at most 4 concurrent clients; none: CPU

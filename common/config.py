@@ -7,11 +7,9 @@ with the key's name, instead of deep inside round 37.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,15 +18,17 @@ if TYPE_CHECKING:
 
 DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
                       "cifar100", "folder", "csv"]
-Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
-METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl",
-                                 "secfpp")
+# the run config's ``method``: the one list of method names (``common.methods.build_method`` builds each)
+MethodName = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+# the methods whose local prompt has a rank (the run config's ``rank``)
+RANKED_METHODS: tuple[str, ...] = ("dpfpl", "dpfpl-noresidual", "fedpgp")
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Method = "dpfpl"
+    method: MethodName = "dpfpl"
     model_name: str = "dpfpl-demo-tiny"
     pretrained: str = "demo"
     dataset: DatasetName = "demo"
@@ -152,6 +152,12 @@ class RunConfig(BaseModel):
     def from_flower(cls, run_config: dict) -> "RunConfig":
         return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
 
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every key's default, hyphenated as in ``[tool.flwr.app.config]`` (which must repeat them for ``flwr
+        run``; a test holds the two equal)."""
+        return cls().to_flower()
+
     def to_flower(self) -> dict:
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
 
@@ -192,6 +198,7 @@ class NodeConfig(BaseModel):
     # differs is refused before any work (see common/classlist.py)
     classnames: str | None = None
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
+    num_threads: int = Field(1, ge=1)  # torch's intra-op threads for this node's work
 
     def resolved_device(self) -> "torch.device":
         import torch

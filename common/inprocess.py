@@ -181,10 +181,10 @@ class InProcessGrid(Grid):
 
 
 def full_run_config(overrides: dict) -> dict:
-    """pyproject's ``[tool.flwr.app.config]`` with ``overrides`` applied, as Flower builds a run's config."""
-    from .cli import _default_run_config
+    """The run config's defaults with ``overrides`` applied, as Flower builds a run's config."""
+    from .config import RunConfig
 
-    return {**_default_run_config(), **overrides}
+    return {**RunConfig.defaults(), **overrides}
 
 
 def run_inprocess(run_config: dict, num_nodes: int, node_config: dict | None = None) -> dict:

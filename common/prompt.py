@@ -12,12 +12,18 @@ backward pass proportionally cheaper (77 -> ~25 tokens for short class names).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import open_clip
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from . import prefix_sharing
+from .models import cached_clip, register_model_configs
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 CONTEXT_PLACEHOLDER = "X"
 HANDCRAFTED_TEMPLATE = "a photo of a {}."
@@ -221,3 +227,18 @@ def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_tex
 def context_from_text(model, n_ctx: int, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """``model`` is a ``LoadedModel``; used by the server to initialize the global prompt."""
     return _init_context(TextTower.of(model.model).token_embedding, model.tokenizer, n_ctx, init_text, generator)
+
+
+def initial_global_prompt(cfg: "RunConfig") -> torch.Tensor:
+    """The run's first global prompt, public (every party derives it from the run seed): a random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
+    token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.ctx_init:
+        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx,
+                                 cfg.ctx_init, gen)
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
+    width = model_cfg["text_cfg"]["width"]
+    return random_context(cfg.n_ctx, width, gen)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
 from .atomic import DIGEST_KEY, tensor_digest, write_tensors
-from .config import Method
+from .config import RANKED_METHODS, MethodName
 from .models import LoadedModel
 
 FORMAT = "dpfpl-prompt"
@@ -83,7 +83,7 @@ class PromptManifest(BaseModel):
     weights_id: str
     weights_sha256: str  # what predict checks: a renamed file passes, other weights do not
     classnames: list[str] = Field(min_length=1)
-    method: Method
+    method: MethodName
     n_ctx: int = Field(ge=1)
     rank: int | None = None  # factorized methods only
     width: int = Field(ge=1)
@@ -200,7 +200,7 @@ def build_published_prompt(learner, model: LoadedModel, classnames: list[str], p
     manifest = PromptManifest(
         model_name=model.name, pretrained=pretrained or model.weights_id, weights_id=model.weights_id,
         weights_sha256=weights_sha256(model), classnames=list(classnames), method=method.name,
-        n_ctx=int(prompt.shape[0]), rank=rank if method.name in ("dpfpl", "dpfpl-noresidual", "fedpgp") else None,
+        n_ctx=int(prompt.shape[0]), rank=rank if method.name in RANKED_METHODS else None,
         width=int(prompt.shape[1]), privacy=privacy, source=source or {})
     return PublishedPrompt(manifest, prompt, parts)
 

@@ -31,13 +31,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .atomic import write_bytes, write_json
-from .config import Method
+from .config import RANKED_METHODS, MethodName
 from .metrics import ACCURACY_KEYS
 
 log = logging.getLogger("dpfpl.sweep")
 
 # Methods whose local part is factorized: only they are run once per rank.
-RANKED_METHODS = ("dpfpl", "dpfpl-noresidual", "fedpgp")
 # Run-config keys the sweep sets for each run; the base overrides may not set them.
 SWEEP_KEYS = ("method", "dp", "target-epsilon", "seed", "rank", "run-dir")
 ACCURACY_TITLES = {"local-acc": "Local accuracy", "neighbor-acc": "Neighbor accuracy",
@@ -54,7 +53,7 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    methods: list[Method] = Field(min_length=1)
+    methods: list[MethodName] = Field(min_length=1)
     epsilons: list[Epsilon] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     ranks: list[int] = Field(default_factory=lambda: [8], min_length=1)

@@ -9,15 +9,13 @@ import math
 import secrets
 import time
 
-import open_clip
 import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
 from common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
-from common.models import register_model_configs
-from common.prompt import random_context
+from common.prompt import initial_global_prompt
 
 from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
 from .checkpoint import RunDirectory, ServerState
@@ -34,24 +32,6 @@ RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "mi
 def config_fingerprint(cfg: RunConfig) -> str:
     relevant = {k: v for k, v in cfg.model_dump().items() if k not in RESUME_IRRELEVANT}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
-    """Random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
-    token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.ctx_init:
-        from common.models import cached_clip
-        from common.prompt import context_from_text
-
-        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx,
-                                 cfg.ctx_init, gen)
-    register_model_configs()
-    model_cfg = open_clip.get_model_config(cfg.model_name)
-    if model_cfg is None:
-        raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
-    width = model_cfg["text_cfg"]["width"]
-    return random_context(cfg.n_ctx, width, gen)
 
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:

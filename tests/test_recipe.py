@@ -19,9 +19,9 @@ SMALL_NODE_RECORDS, SMALL_NODE_Z = 291, 6.95
 
 
 def _demo_config(**overrides) -> RunConfig:
-    from common.cli import DEMO_PRESET, _default_run_config
+    from common.cli import DEMO_PRESET
 
-    return RunConfig.from_flower({**_default_run_config(), **DEMO_PRESET, **overrides})
+    return RunConfig.from_flower({**RunConfig.defaults(), **DEMO_PRESET, **overrides})
 
 
 def test_noise_bounded_lr_bounds_the_expected_noise_walk():

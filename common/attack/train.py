@@ -26,7 +26,7 @@ def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, fea
                  labels: torch.Tensor, progress=None) -> PublishedPrompt:
     """``cfg.num_server_rounds`` engine steps (one per round, as in the paper) on (features, labels)."""
     from client_app.node import local_noise_multiplier
-    from server_app.runner import initial_global_prompt
+    from common.prompt import initial_global_prompt
     from server_app.strategy import global_noise_multiplier, global_update
 
     method = learner.method

@@ -70,7 +70,7 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
     method == secfpp. ``relay`` (optional) collects everything the server saw in the clustering phases."""
     from client_app.node import PromptNode
     from common.node import run_partition
-    from server_app.runner import initial_global_prompt
+    from common.prompt import initial_global_prompt
     from server_app.strategy import global_noise_multiplier, global_update
 
     cluster = cfg.method == "secfpp" if cluster is None else cluster
