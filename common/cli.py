@@ -95,8 +95,15 @@ REPORT_COLUMNS = {"local-acc": "local", "neighbor-acc": "neighbor", "base-acc": 
                   "hm-of-means": "HM"}
 
 
+def reference_dir(run_dir: Path) -> Path:
+    """Where ``dpfpl demo`` runs its non-private reference: the same recipe with dp = false."""
+    return Path(f"{run_dir}-no-dp")
+
+
 def report(run_dir: Path) -> str:
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    reference_path = reference_dir(run_dir) / "summary.json"
+    reference = json.loads(reference_path.read_text()) if summary["privacy"]["dp"] and reference_path.is_file() else {}
     zs, fin, priv = summary["zeroshot"], summary["final"], summary["privacy"]
     last = summary.get("last-rounds-mean") or {}
     protocol = summary.get("evaluation-protocol") or {"name": "pathological", "description": "pathological"}
@@ -117,6 +124,8 @@ def report(run_dir: Path) -> str:
     ]
     if last.get("evaluations"):
         lines.append(row(f"mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
+    if reference.get("final"):  # the cost of privacy: the same recipe without DP
+        lines.append(row("same recipe without DP (reference)", reference["final"]))
     worst = summary.get("worst-client") or {}
     if worst:
         lines.append(f"worst client ({worst['client']}): local {_fmt(worst['local-acc'])}, its zero-shot "
@@ -230,8 +239,12 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
         outputs = report(out)
         print("\n".join(f"{name}: {path}" for name, path in outputs.items()))
         return 0
+    from .sweep import SWEEP_KEYS
+
     preset = preset_overrides(args.preset) if args.preset else DEMO_PRESET
-    base = {**preset, "resume": True, **_parse_overrides(args.run_config)}
+    # the grid's own axes (method, epsilon, rank, seed, ...) come from the sweep, not from the preset
+    base = {**{k: v for k, v in preset.items() if k not in SWEEP_KEYS}, "resume": True,
+            **_parse_overrides(args.run_config)}
     try:
         spec = SweepSpec(
             methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)],
@@ -281,6 +294,9 @@ def _main(argv: list[str] | None = None) -> None:
         p.add_argument("--run-dir", default=None,
                        help=f"where the run writes (default: -c run-dir=..., else runs/{'demo' if name == 'demo' else 'latest'})")
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
+        if name == "demo":
+            p.add_argument("--no-reference", action="store_true",
+                           help="skip the non-private reference run (the same recipe with dp = false)")
         p.add_argument("--gpus-per-client", type=float, default=None,
                        help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is "
                             "visible, else 0)")
@@ -352,6 +368,10 @@ def _main(argv: list[str] | None = None) -> None:
         run_dir = Path(args.run_dir or overrides.get("run-dir") or default_dir)
         run_dir = simulate(overrides, run_dir, None, stream=not args.quiet,
                            gpus_per_client=args.gpus_per_client)
+        if args.command == "demo" and not args.no_reference and overrides.get("dp", True):
+            print("\nthe same recipe without DP (the reference that shows what privacy costs):")
+            simulate({**overrides, "dp": False}, reference_dir(run_dir), None,
+                     stream=False, gpus_per_client=args.gpus_per_client)
         print()
         print(report(run_dir))
         print(f"curves: {plot(run_dir)}")

@@ -185,24 +185,68 @@ def _bold_row(cells: list[list[float]]) -> list[bool]:
     return [m == max(present) for m in means]
 
 
-def accuracy_table(records: list[RunRecord], key: str, columns: list[tuple[str, int | None]],
-                   epsilons: list[str], expected_seeds: int) -> str:
-    """One markdown table: rows = epsilon, columns = methods, plus the zero-shot row."""
+def _grid_rows(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str],
+               value_of: Callable[[RunRecord, str], float | None], key: str,
+               cell: Callable[[list[float], bool], str], bold_best: bool) -> list[str]:
+    """Markdown rows, one per epsilon: each method's per-seed values of ``value_of``, formatted by ``cell``."""
     done = [r for r in records if r.summary is not None]
-    titles = [_column_title(c, columns) for c in columns]
-    lines = ["| ε | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+    lines = []
     for eps in epsilons:
         cells = []
         for column in columns:
             runs = [r for r in done if r.column == column and (r.method == "zeroshot" or r.epsilon_label == eps)]
-            cells.append(_per_seed(runs, run_value, key))
-        bold = _bold_row(cells)
+            cells.append(_per_seed(runs, value_of, key))
+        bold = _bold_row(cells) if bold_best else [False] * len(cells)
         label = "none (no DP)" if eps == NO_DP else eps
-        lines.append(f"| {label} | " + " | ".join(format_cell(v, expected_seeds, b) for v, b in zip(cells, bold)) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell(v, b) for v, b in zip(cells, bold)) + " |")
+    return lines
+
+
+def _table_head(columns: list[tuple[str, int | None]]) -> list[str]:
+    titles = [_column_title(c, columns) for c in columns]
+    return ["| ε | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+
+
+def accuracy_table(records: list[RunRecord], key: str, columns: list[tuple[str, int | None]],
+                   epsilons: list[str], expected_seeds: int) -> str:
+    """One markdown table: rows = epsilon, columns = methods, plus the zero-shot row."""
+    done = [r for r in records if r.summary is not None]
+    lines = _table_head(columns) + _grid_rows(records, columns, epsilons, run_value, key,
+                                              lambda v, b: format_cell(v, expected_seeds, b), bold_best=True)
     zeroshot = [format_cell(_per_seed([r for r in done if r.column == c], zeroshot_value, key), expected_seeds)
                 for c in columns]
     lines.append("| zero-shot | " + " | ".join(zeroshot) + " |")
     return "\n".join(lines)
+
+
+def worst_client_gain(record: RunRecord, key: str) -> float | None:
+    """The smallest gain of any client's final personalized accuracy over its own zero-shot accuracy."""
+    worst = (record.summary or {}).get("worst-client") or {}
+    return worst.get("gain") if record.method != "zeroshot" else None
+
+
+def published_epsilon(record: RunRecord, key: str) -> float | None:
+    """The epsilon of the published prompt p_G + p_L, worst client, as the run's accountant reported it."""
+    return ((record.summary or {}).get("privacy") or {}).get("epsilon-published-max")
+
+
+def worst_client_table(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str]) -> str:
+    """Per cell, over seeds: the worst client's gain over its own zero-shot accuracy (worst seed, points)."""
+    def cell(values: list[float], _bold: bool) -> str:
+        return f"{100 * min(values):+.1f}" if values else "–"
+    trained = [c for c in columns if c[0] != "zeroshot"]
+    return "\n".join(_table_head(trained) + _grid_rows(records, trained, epsilons, worst_client_gain, "local-acc",
+                                                       cell, bold_best=False))
+
+
+def epsilon_table(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str]) -> str:
+    """Per cell: the published prompt's epsilon each run's accountant reported (max over seeds)."""
+    def cell(values: list[float], _bold: bool) -> str:
+        return f"{max(values):.3g}" if values else "–"
+    trained = [c for c in columns if c[0] != "zeroshot"]
+    rows = [e for e in epsilons if e != NO_DP]
+    return "\n".join(_table_head(trained) + _grid_rows(records, trained, rows, published_epsilon, "", cell,
+                                                       bold_best=False))
 
 
 def _header(records: list[RunRecord], spec: SweepSpec | None, out: Path, seeds: list[int]) -> list[str]:
@@ -260,6 +304,12 @@ def write_table(records: list[RunRecord], never_started: list[str], spec: SweepS
     lines = _header(records, spec, out, seeds)
     for key in keys:
         lines += [f"## {ACCURACY_TITLES[key]} (%)", "", accuracy_table(records, key, columns, epsilons, len(seeds)), ""]
+    if any(worst_client_gain(r, "local-acc") is not None for r in done):
+        lines += ["## Worst client: local accuracy gain over its own zero-shot (points, worst seed)", "",
+                  worst_client_table(records, columns, epsilons), ""]
+    if any(published_epsilon(r, "") is not None for r in done):
+        lines += ["## Published prompt p_G + p_L: epsilon reported by the accountant (worst client, max over seeds)",
+                  "", epsilon_table(records, columns, epsilons), ""]
     lines += _problems(records, never_started)
     path = Path(out) / "table.md"
     write_bytes(path, "\n".join(lines).encode())
