@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..atomic import write_bytes, write_json
-from ..config import Method, RunConfig
+from ..config import MethodName, RunConfig
 from ..evaluation import accuracy
 from ..methods import PromptLearner, build_method
 from ..models import LoadedModel, cached_clip
@@ -41,7 +41,7 @@ class AttackSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    methods: list[Method] = Field(default_factory=lambda: ["dpfpl", "coop"], min_length=1)
+    methods: list[MethodName] = Field(default_factory=lambda: ["dpfpl", "coop"], min_length=1)
     epsilons: list[float | Literal["none"]] = Field(default_factory=lambda: [NO_DP, 8.0, 1.0, 0.1], min_length=1)
     # ten animal classes, three records each, seen hundreds of times at a large learning rate: the regime where
     # a non-private prompt memorizes (members classified perfectly, held-out records of the same classes not)
