@@ -13,10 +13,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
-from common.config import NodeConfig, RunConfig
-from common.data.silo import SiloError
-from common.runtag import RUN_TAG_KEY, run_tag
+from dpfpl.common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.data.silo import SiloError
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg, secfpp
 from .node import PromptNode
@@ -71,7 +71,7 @@ def train(msg: Message, context: Context) -> Message:
     outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
                          float(config["noise-multiplier-global"]))
     # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
-    # Flower's share of a round from the clients' (bench/step.py, docs/performance.md)
+    # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)
     metrics = {**outcome.metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])),
                "client-seconds": time.perf_counter() - started}
     if node.cfg.secure_aggregation and outcome.global_grad is not None:

@@ -1,7 +1,7 @@
 """The client side of secure aggregation (see ``server_app/secagg_round.py`` for the message flow).
 
 After the local step the node encodes its clipped global gradient (quantized, plus its discrete-Gaussian share
-of the global noise, ``common.secagg.encoding``) and keeps it on its own disk together with the protocol state
+of the global noise, ``dpfpl.common.secagg.encoding``) and keeps it on its own disk together with the protocol state
 (``ClientSession``): in deployment every message starts a fresh ClientApp process, so the state between the four
 messages of a round lives in one atomically written file in the node's state directory (mode 0600: it holds
 this round's private keys). The clear gradient never leaves the node; the masked vector does, once.
@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.atomic import write_json
-from common.config import NodeConfig, RunConfig
-from common.secagg.encoding import encode_update
-from common.secagg.protocol import ClientSession, SecAggError
+from dpfpl.common.atomic import write_json
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.secagg.encoding import encode_update
+from dpfpl.common.secagg.protocol import ClientSession, SecAggError
 
 SESSION_FILE = "secagg_session.json"
 

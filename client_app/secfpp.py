@@ -1,7 +1,7 @@
 """The client side of SecFPP's clustering phase (see ``server_app/secfpp_round.py`` for the message flow).
 
 The node computes its clustering vector (its domain gradient at the public initial prompt, reduced on the
-public basis and normalized: ``common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
+public basis and normalized: ``dpfpl.common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
 and field elements; the vector leaves the node only as shares, each encrypted for one other node. The state
 between the messages of a phase (this phase's private key, the shares it holds) lives in one file in the
 node's state directory (mode 0600), as for secure aggregation: in deployment every message starts a fresh
@@ -17,13 +17,13 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.atomic import write_json
-from common.config import NodeConfig, RunConfig
-from common.prompt import initial_global_prompt
-from common.secfpp.kmeans import threshold_units
-from common.secfpp.protocol import ClusteringClient, validate
-from common.secfpp.reduce import public_basis, reduce
-from common.secfpp.signal import domain_gradient
+from dpfpl.common.atomic import write_json
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.prompt import initial_global_prompt
+from dpfpl.common.secfpp.kmeans import threshold_units
+from dpfpl.common.secfpp.protocol import ClusteringClient, validate
+from dpfpl.common.secfpp.reduce import public_basis, reduce
+from dpfpl.common.secfpp.signal import domain_gradient
 
 from .node import PromptNode
 from .state import node_key

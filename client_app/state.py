@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import read_state, write_bytes, write_state
-from common.privacy import PrivacyAccountant
+from dpfpl.common.atomic import read_state, write_bytes, write_state
+from dpfpl.common.privacy import PrivacyAccountant
 
 STATE_FILE = "local_state.safetensors"
 NODE_KEY_FILE = "node-key"

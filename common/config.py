@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
                       "cifar100", "folder", "csv"]
-# the run config's ``method``: the one list of method names (``common.methods.build_method`` builds each)
+# the run config's ``method``: the one list of method names (``dpfpl.common.methods.build_method`` builds each)
 MethodName = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
 METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
 # the methods whose local prompt has a rank (the run config's ``rank``)
@@ -83,7 +83,7 @@ class RunConfig(BaseModel):
     max_grad_norm_global: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
-    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, bench/secure_noise.py)
+    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, dpfpl/bench/secure_noise.py)
     secure_noise: bool = False
     # secure aggregation with distributed noise (README "Secure aggregation"): the server sees only the noised sum
     secure_aggregation: bool = False
@@ -234,10 +234,3 @@ class NodeConfig(BaseModel):
         if self.partition_id is None:
             raise ValueError("node config needs 'state-dir' (or 'partition-id' in simulation)")
         return Path(run_dir) / "nodes" / f"node-{self.partition_id}"
-
-
-def cache_dir(override: str | None = None) -> Path:
-    """Where built backbones and feature caches live: node config, $DPFPL_CACHE, or ~/.cache/dpfpl."""
-    path = Path(override or os.environ.get("DPFPL_CACHE") or Path.home() / ".cache" / "dpfpl")
-    path.mkdir(parents=True, exist_ok=True)
-    return path

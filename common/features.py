@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import read_tensors, write_tensors
-from .config import cache_dir
-from .models import LoadedModel, demo_pixels
+from .models import LoadedModel, cache_dir, demo_pixels
 
 if TYPE_CHECKING:
     from .data.images import ImageDataset

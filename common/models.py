@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json, write_tensors
-from .config import cache_dir
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where built backbones and feature caches live: node config, $DPFPL_CACHE, or ~/.cache/dpfpl."""
+    path = Path(override or os.environ.get("DPFPL_CACHE") or Path.home() / ".cache" / "dpfpl")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class WeightsMismatchError(ValueError):
 
 
 def register_model_configs() -> None:
-    open_clip.add_model_config(Path(str(resources.files("common") / "model_configs")))
+    open_clip.add_model_config(Path(str(resources.files("dpfpl.common") / "model_configs")))
 
 
 @dataclass(eq=False)  # hashable by identity: one loaded model per process

@@ -108,7 +108,7 @@ def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
 
 def check_imports_from(tree: Path) -> None:
     """Guard against testing the working tree instead of the copy (e.g. an editable install winning)."""
-    code = "import common, server_app, client_app; print(common.__file__, server_app.__file__, client_app.__file__)"
+    code = "import dpfpl.common, dpfpl.server_app, dpfpl.client_app; print(dpfpl.common.__file__, dpfpl.server_app.__file__, dpfpl.client_app.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                          check=True, capture_output=True, text=True).stdout
     if any(not Path(p).resolve().is_relative_to(tree.resolve()) for p in out.split()):

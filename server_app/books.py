@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from common.privacy import accounted_epsilon, combined_noise_multiplier
+from dpfpl.common.privacy import accounted_epsilon, combined_noise_multiplier
 
 from .checkpoint import ServerState
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common.atomic import read_state, write_bytes, write_json, write_state
+from dpfpl.common.atomic import read_state, write_bytes, write_json, write_state
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"

@@ -13,9 +13,9 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
-from common.prompt import initial_global_prompt
+from dpfpl.common.config import RunConfig
+from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
+from dpfpl.common.prompt import initial_global_prompt
 
 from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
 from .checkpoint import RunDirectory, ServerState

@@ -1,6 +1,6 @@
 """One training round under secure aggregation: the server never sees a client's clear gradient.
 
-Drives ``common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
+Drives ``dpfpl.common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
 ``train`` type, routed to ``client_app/secagg.py``):
 
   train                 p_G -> local step; reply: metrics + two X25519 public keys (no gradient)
@@ -35,10 +35,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 
-from common.metrics import GLOBAL_NOISE_STD
-from common.secagg.encoding import decode_sum, effective_noise_multiplier
-from common.secagg.field import quantized_sensitivity, scale_factor
-from common.secagg.protocol import SecAggError, ServerSession, threshold_for
+from dpfpl.common.metrics import GLOBAL_NOISE_STD
+from dpfpl.common.secagg.encoding import decode_sum, effective_noise_multiplier
+from dpfpl.common.secagg.field import quantized_sensitivity, scale_factor
+from dpfpl.common.secagg.protocol import SecAggError, ServerSession, threshold_for
 
 from .strategy import InvalidReply, PromptStrategy, Reply
 

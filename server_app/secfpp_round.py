@@ -4,7 +4,7 @@ Per-cluster prompts (``SecfppStrategy``): each node receives its cluster's P_G (
 replies are validated as for every method and each cluster's P_G takes the server step
 (``strategy.global_update``) with the mean of its members' gradients (with DP: the global noise of a mean
 over that cluster's n_s replies). The assignment is kept under each node's stable ``node-key`` (the key the
-accountant's books use, ``client_app.state.node_key``), not under Flower's node id, which changes when a
+accountant's books use, ``dpfpl.client_app.state.node_key``), not under Flower's node id, which changes when a
 SuperNode restarts or a simulation resumes: before sending a prompt to a node id the server has not heard from
 in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
@@ -17,7 +17,7 @@ actions of the ``train`` type routed to ``client_app/secfpp.py``:
                           the node's coded distances, one per other node
   train.secfpp_decide     the coded distances addressed to the node + the assignment -> (cluster, far bit)
 
-The last two repeat once per iteration of ``common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
+The last two repeat once per iteration of ``dpfpl.common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
 share of the computation. What the server sees: public keys, ciphertexts (and their sizes), the decisions,
 hence the assignment. Dropouts: a node that fails before its shares are out (keys, shares) aborts the phase
 (the assignment stays as it was); after that, a node that fails or does not answer leaves the phase: the
@@ -37,12 +37,12 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.classlist import DIGEST_KEY
-from common.metrics import GLOBAL_NOISE_STD
-from common.optim import sgd_update
-from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
-from common.secfpp.lcc import LccParameterError
-from common.secfpp.protocol import validate
+from dpfpl.common.classlist import DIGEST_KEY
+from dpfpl.common.metrics import GLOBAL_NOISE_STD
+from dpfpl.common.optim import sgd_update
+from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
+from dpfpl.common.secfpp.lcc import LccParameterError
+from dpfpl.common.secfpp.protocol import validate
 
 from .strategy import InvalidReply, PromptStrategy, global_update, parse_node_key
 

@@ -2,7 +2,7 @@
 weights, add the global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
 Methods without a global prompt (CoOp) only drive the rounds: their replies must carry no array at all.
 
-Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). ``server_app.runner.run_federation``
+Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). ``dpfpl.server_app.runner.run_federation``
 drives the rounds instead of ``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
 calibrate the global noise), evaluation every ``eval-every`` rounds, and resume from a checkpoint.
 """
@@ -24,14 +24,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import RunConfig
-from common.runtag import RUN_TAG_KEY, run_tag
-from common.evaluation import harmonic_mean
-from common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
-from common.methods import Method, build_method
-from common.optim import sgd_update
-from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
+from dpfpl.common.evaluation import harmonic_mean
+from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
+from dpfpl.common.methods import Method, build_method
+from dpfpl.common.optim import sgd_update
+from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 
 from .books import privacy_maxima
 from .checkpoint import ServerState
@@ -69,7 +69,7 @@ Validator = Callable[[Message, int], tuple[Any, dict]]
 
 def node_key(msg: Message, metrics: dict) -> str:
     """The key the server books a node under: the stable ``node-key`` the node reports (see
-    ``client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
+    ``dpfpl.client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
     taken on trust from an admitted node; two replies under one key in a round are both rejected
     (``PromptStrategy.accept_replies``)."""
     if "node-key" not in metrics:
@@ -345,11 +345,11 @@ class PromptStrategy(Strategy):
         books.node_steps[key] = max(books.node_steps.get(key, 0), steps, books.participation.get(key, 0))
 
     def privacy_maxima(self) -> dict[str, float]:
-        """Worst case over every booked node of each epsilon (``server_app.books.COVERS`` says what each covers)."""
+        """Worst case over every booked node of each epsilon (``dpfpl.server_app.books.COVERS`` says what each covers)."""
         return privacy_maxima(self.state, self.cfg.delta, self.method.local is not None, self.method.shares_global)
 
     def epsilon_global(self) -> float:
-        """p_G's guarantee, worst client (see ``server_app.books``); inf without DP."""
+        """p_G's guarantee, worst client (see ``dpfpl.server_app.books``); inf without DP."""
         return self.privacy_maxima()["epsilon-global-max"] if self.cfg.dp else math.inf
 
     def summary(self) -> None:

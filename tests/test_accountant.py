@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
+from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05, 0.1, 0.2, 0.4])
@@ -44,7 +44,7 @@ def test_published_prompt_composes_both_mechanisms():
 @pytest.mark.parametrize("q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0),
                                         (0.00101, 0.0011)])
 def test_calibration_rate_is_rounded_up_so_the_true_rate_stays_within_budget(q, rounded):
-    from common.privacy.accountant import accounting_sample_rate
+    from dpfpl.common.privacy.accountant import accounting_sample_rate
 
     assert accounting_sample_rate(q) == pytest.approx(rounded) and accounting_sample_rate(q) >= q
     z = calibrate_noise_multiplier(0.4, q, 20, 1e-5)

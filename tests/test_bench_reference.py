@@ -1,4 +1,4 @@
-"""The fast DP-FPL step computes the same update as the naive reference step kept in ``bench/``.
+"""The fast DP-FPL step computes the same update as the naive reference step kept in ``dpfpl/bench/``.
 
 The benchmark's speed-up is only meaningful if both compute the same thing: the fast path (cached image
 features, sequences truncated after the EOT, the shared [SOS]+ctx prefix run once, batched per-sample
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.reference import FullContextEncoder, naive_dpfpl_step
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
-from common.prompt import PromptTextEncoder, random_context
+from dpfpl.bench.reference import FullContextEncoder, naive_dpfpl_step
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.prompt import PromptTextEncoder, random_context
 
 torch.set_num_threads(1)
 

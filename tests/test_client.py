@@ -6,12 +6,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
-import client_app.app as client_module
-from client_app.state import NodeState
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import RunConfig
-from common.methods.dpfpl import factorize
-from common.privacy import clip_per_sample, per_sample_grads
+import dpfpl.client_app.app as client_module
+from dpfpl.client_app.state import NodeState
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods.dpfpl import factorize
+from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
 DEMO_DIGEST = class_list_digest(RunConfig().class_list())  # what the server sends with every instruction
 RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, target_epsilon=1.0)
@@ -147,7 +147,7 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
 
 
 def test_a_node_refuses_steps_beyond_its_calibrated_budget(tmp_path, cache_dir, p_global):
-    from client_app.node import PrivacyBudgetSpent
+    from dpfpl.client_app.node import PrivacyBudgetSpent
 
     ctx = _context(tmp_path, 6, num_server_rounds=2)
     for r in (1, 2):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data.cifar import load_cifar
-from common.data.coop import load_coop_dataset
-from common.data.folder import load_folder_dataset, load_manifest_dataset
-from common.data.images import DatasetError
-from common.data.registry import load_dataset
+from dpfpl.common.data.cifar import load_cifar
+from dpfpl.common.data.coop import load_coop_dataset
+from dpfpl.common.data.folder import load_folder_dataset, load_manifest_dataset
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.registry import load_dataset
 
 
 def _jpeg(path, seed, size=(20, 16)):
@@ -176,7 +176,7 @@ def test_folder_tree_and_csv_manifest(tmp_path):
 
 
 def test_corrupt_images_are_all_named_before_any_feature_is_cached(tmp_path, tiny_model, cache_dir):
-    from common.features import dataset_features
+    from dpfpl.common.features import dataset_features
 
     for split, n in (("train", 3), ("test", 1)):
         for k, cls in enumerate(("a", "b")):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
+from dpfpl.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
 
 pytestmark = pytest.mark.deployment
 DEPLOY = PROJECT_ROOT / "deploy"

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize, rgp_reconstruct
-from common.privacy import clip_per_sample, per_sample_grads
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize, rgp_reconstruct
+from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
 
 def test_factorization_is_orthonormal_and_exact():
@@ -96,8 +96,8 @@ def test_local_noise_std_is_z_times_clip_bound(encoder, batch):
 
 def test_one_dpfpl_step_on_real_vit_b_16_architecture():
     """ViT-B-16 with random weights: the real model's compute and shapes, no download."""
-    from common.models import load_clip
-    from common.prompt import PromptTextEncoder
+    from dpfpl.common.models import load_clip
+    from dpfpl.common.prompt import PromptTextEncoder
 
     model = load_clip("ViT-B-16", "none")
     enc = PromptTextEncoder(model.model, model.tokenizer, ["cat", "dog", "airplane"], n_ctx=16)

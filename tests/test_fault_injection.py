@@ -27,11 +27,11 @@ import pytest
 import tomli_w
 from PIL import Image
 
-from client_app.state import NodeState, node_key
-from common.launch import (free_port, kill_tagged_processes, launch_env, start_run, start_superlink,
+from dpfpl.client_app.state import NodeState, node_key
+from dpfpl.launch import (free_port, kill_tagged_processes, launch_env, start_run, start_superlink,
                            start_supernode, stop_tagged_processes, wait_run)
-from common.privacy import accounted_epsilon
-from server_app.checkpoint import RunDirectory
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment
 CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]

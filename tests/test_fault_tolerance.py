@@ -14,16 +14,16 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from client_app.app import app as client_app
-from client_app.state import NODE_KEY_FILE, NodeState, node_key
-from common.classlist import ClassListMismatch, check_class_list, class_list_digest
-from common.config import RunConfig
-from common.inprocess import InProcessGrid, full_run_config
-from common.privacy import accounted_epsilon
-from common.runtag import run_tag
-from server_app.checkpoint import RunDirectory, ServerState
-from server_app.runner import run_federation
-from server_app.strategy import PromptStrategy
+from dpfpl.client_app.app import app as client_app
+from dpfpl.client_app.state import NODE_KEY_FILE, NodeState, node_key
+from dpfpl.common.classlist import ClassListMismatch, check_class_list, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.inprocess import InProcessGrid, full_run_config
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.common.runtag import run_tag
+from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.runner import run_federation
+from dpfpl.server_app.strategy import PromptStrategy
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import pytest
 
 @pytest.mark.parametrize("command", [["bench", "--help"], ["presets"], ["partition", "--help"]])
 def test_commands_import_from_the_install_outside_the_checkout(tmp_path, command):
-    result = subprocess.run([sys.executable, "-m", "common.cli", *command], cwd=tmp_path, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "dpfpl.cli", *command], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "FLWR_TELEMETRY_ENABLED": "0",
                                                          "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
-import client_app.app as client_module
-from client_app.state import NodeState
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import METHOD_NAMES, RunConfig
-from common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
-from common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
+import dpfpl.client_app.app as client_module
+from dpfpl.client_app.state import NodeState
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import METHOD_NAMES, RunConfig
+from dpfpl.common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
 
 TRAINING = [m for m in METHOD_NAMES if m != "zeroshot"]
 LOCAL_KEYS = {"coop": {"p_local"}, "promptfl": set(), "fedotp": {"p_local"}, "fedpgp": {"u", "v"},
@@ -159,7 +159,7 @@ def test_the_residual_makes_the_forward_context_exactly_p_local():
     orthonormalized, so the context U v has k unit singular values whatever the scale of p_L: a random
     rank-k partial isometry drawn afresh every step. On the demo backbone (token embeddings of norm ~0.2)
     it swamps the prompt and the ablation does not learn; docs/results explains it."""
-    from common.methods import RefactorizedLocal
+    from dpfpl.common.methods import RefactorizedLocal
 
     gen = torch.Generator().manual_seed(0)
     state = {"p_local": torch.randn(16, 64, generator=gen) * 0.02}
@@ -172,7 +172,7 @@ def test_the_residual_makes_the_forward_context_exactly_p_local():
 @pytest.mark.parametrize("name", [m for m in TRAINING if m != "dpfpl-noresidual"])
 def test_a_few_rounds_without_dp_beat_zero_shot_on_local_classes(name, tmp_path, cache_dir):
     """The whole app (ServerApp round loop + ClientApps, in-process transport) on the embedded default."""
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
     summary = run_inprocess({
         "method": name, "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 3,
@@ -185,7 +185,7 @@ def test_a_few_rounds_without_dp_beat_zero_shot_on_local_classes(name, tmp_path,
 
 
 def test_zeroshot_run_reports_the_handcrafted_prompts(tmp_path, cache_dir):
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
     summary = run_inprocess({"method": "zeroshot", "num-clients": 3, "classes-per-client": 2, "min-clients": 3,
                              "num-server-rounds": 5, "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)

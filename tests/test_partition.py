@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from common.data.images import DatasetError
-from common.data.partition import (base_novel_classes, dirichlet_partition, few_shot, partition_dataset,
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.partition import (base_novel_classes, dirichlet_partition, few_shot, partition_dataset,
                                    pathological_partition)
 
 

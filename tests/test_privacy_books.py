@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.privacy import accounted_epsilon
-from server_app.books import COVERS, SECFPP_EXCLUSION, privacy_maxima
-from server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
-from server_app.runner import summarize
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.server_app.books import COVERS, SECFPP_EXCLUSION, privacy_maxima
+from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
+from dpfpl.server_app.runner import summarize
+from dpfpl.server_app.strategy import PromptStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 Q_SMALL, Q_LARGE = 0.05, 0.2
@@ -89,7 +89,7 @@ def test_summary_maxima_are_over_every_node_even_when_the_last_round_failed(tmp_
 
 
 def test_secfpp_says_its_epsilon_does_not_cover_the_clustering(tmp_path):
-    from common.cli import report
+    from dpfpl.cli import report
 
     strategy = _strategy(tmp_path, "secfpp")
     summary = summarize(strategy.cfg, strategy.state, [], strategy)
@@ -149,9 +149,9 @@ def _digest(array) -> str:
 def run_logged(run_dir: str, kill_at_evaluation: int | None = None) -> dict:
     """Run the federation in process, logging every p_G that leaves (round it follows, digest); with
     ``kill_at_evaluation`` the process SIGKILLs itself right after that round's first evaluation message left."""
-    from client_app.app import app as client_app
-    from common.inprocess import InProcessGrid, full_run_config
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app.runner import run_federation
 
     log = Path(run_dir).parent / "released.jsonl"
 

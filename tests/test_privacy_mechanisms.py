@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from dp_accounting.pld import privacy_loss_distribution
 
-from common.config import RunConfig
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize
-from common.privacy import (PrivacyAccountant, add_gaussian_noise, combined_noise_multiplier, dp_generator,
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize
+from dpfpl.common.privacy import (PrivacyAccountant, add_gaussian_noise, combined_noise_multiplier, dp_generator,
                             epsilon_for, poisson_sample)
-from common.privacy.mechanisms import standard_normal
+from dpfpl.common.privacy.mechanisms import standard_normal
 
 EXPECTED_BATCH = 8
 C_LOCAL, C_GLOBAL = 0.05, 0.03  # small enough that every sample of the batch is clipped
@@ -63,7 +63,7 @@ def test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_ba
 
 
 def test_server_noise_std_is_z_times_clip_over_b_times_n():
-    from server_app.strategy import global_update
+    from dpfpl.server_app.strategy import global_update
 
     cfg = RunConfig(lr_global=1.0, batch_size=4, max_grad_norm_global=3.0, target_epsilon=0,
                     noise_multiplier_local=1.0, noise_multiplier_global=2.0)
@@ -75,8 +75,8 @@ def test_server_noise_std_is_z_times_clip_over_b_times_n():
 
 
 def test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_dp(tmp_path):
-    from server_app.checkpoint import ServerState
-    from server_app.strategy import PromptStrategy
+    from dpfpl.server_app.checkpoint import ServerState
+    from dpfpl.server_app.strategy import PromptStrategy
 
     draw = lambda gen: torch.randn(8, generator=gen)  # noqa: E731
     assert not torch.equal(draw(dp_generator(True, 7)), draw(dp_generator(True, 7)))

@@ -8,8 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from common.config import METHOD_NAMES, RunConfig
-from common.methods import build_method
+from dpfpl.common.config import METHOD_NAMES, RunConfig
+from dpfpl.common.methods import build_method
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

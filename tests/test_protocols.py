@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import NodeConfig, RunConfig
-from common.evaluation import harmonic_mean
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.evaluation import harmonic_mean
 
 
 def _cfg(**overrides) -> RunConfig:
-    from common.inprocess import full_run_config
+    from dpfpl.inprocess import full_run_config
 
     return RunConfig.from_flower(full_run_config(overrides))
 
@@ -28,7 +28,7 @@ def test_harmonic_mean():
 
 
 def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_dir):
-    from common.node import NOVEL, load_node_data, run_partition
+    from dpfpl.common.node import NOVEL, load_node_data, run_partition
 
     cfg = _cfg(partition="base-novel", **{"num-clients": 5, "classes-per-client": 2, "num-shots": 8})
     data = load_node_data(cfg, NodeConfig(partition_id=1), tiny_model, str(cache_dir))
@@ -44,7 +44,7 @@ def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_
 
 
 def test_dirichlet_node_data_has_only_a_local_test_shard(tiny_model, cache_dir):
-    from common.node import load_node_data, run_partition
+    from dpfpl.common.node import load_node_data, run_partition
 
     cfg = _cfg(partition="dirichlet", **{"num-clients": 4, "dirichlet-alpha": 0.5})
     data = load_node_data(cfg, NodeConfig(partition_id=2), tiny_model, str(cache_dir))
@@ -56,7 +56,7 @@ def test_dirichlet_node_data_has_only_a_local_test_shard(tiny_model, cache_dir):
 
 def test_a_node_reports_the_protocols_metrics(tmp_path, cache_dir):
     """PromptNode.evaluate on a base-novel run: local/base/novel accuracy and the per-client HM."""
-    from client_app.node import PromptNode
+    from dpfpl.client_app.node import PromptNode
 
     cfg = _cfg(partition="base-novel", method="dpfpl", **{
         "model-name": "dpfpl-demo-tiny", "pretrained": "none", "num-clients": 5, "classes-per-client": 2,
@@ -81,8 +81,8 @@ def _write_dataset(root, classes, n_train, n_test, size=40):
 
 
 def test_augmented_views_are_encoded_once_per_view_and_seeded(tmp_path, tiny_model, cache_dir, monkeypatch):
-    from common import features
-    from common.data.folder import load_folder_dataset
+    from dpfpl.common import features
+    from dpfpl.common.data.folder import load_folder_dataset
 
     _write_dataset(tmp_path, ["red", "green"], n_train=3, n_test=1)
     data = load_folder_dataset(tmp_path)
@@ -96,7 +96,7 @@ def test_augmented_views_are_encoded_once_per_view_and_seeded(tmp_path, tiny_mod
 
 
 def test_the_engine_draws_one_view_per_sampled_record(encoder, tiny_model):
-    from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+    from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
 
     learner = PromptLearner(build_method("coop", 2, 0.5, 0.5), encoder, 10.0)
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +112,7 @@ def test_the_engine_draws_one_view_per_sampled_record(encoder, tiny_model):
 def test_a_run_on_an_on_disk_data_set_with_the_base_to_novel_protocol(tmp_path, cache_dir):
     """The whole app (ServerApp round loop + ClientApps, in-process transport) on a class-folder data set:
     the summary states the protocol and reports local/base/novel/HM; novel classes never enter training."""
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
     classes = ["red", "green", "blue", "yellow", "purple", "orange", "teal", "pink"]
     _write_dataset(tmp_path / "data", classes, n_train=6, n_test=3)

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from common.cli import main
-from common.features import encode_images
-from common.data.silo import load_images
-from common.methods import PromptLearner, build_method
-from common.predict import PromptClassifier, image_paths
-from common.privacy import PrivacyAccountant
-from common.prompt import PromptTextEncoder
-from common.publish import (PromptMismatchError, PublishedPromptError, accountant_privacy, build_published_prompt,
+from dpfpl.cli import main
+from dpfpl.common.features import encode_images
+from dpfpl.common.data.silo import load_images
+from dpfpl.common.methods import PromptLearner, build_method
+from dpfpl.predict import PromptClassifier, image_paths
+from dpfpl.common.privacy import PrivacyAccountant
+from dpfpl.common.prompt import PromptTextEncoder
+from dpfpl.publish import (PromptMismatchError, PublishedPromptError, accountant_privacy, build_published_prompt,
                             load_prompt)
 
 CLASSES = ["bear", "cat", "dog", "zebra", "horse"]
@@ -176,9 +176,9 @@ TINY_RUN = {"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-se
 def test_export_of_a_federated_run_predicts_as_the_node(cache_dir, tmp_path, images, tiny_model):
     """A real (in-process) federation: node 1's exported prompt is p_G of the checkpoint plus its own local
     prompt, its epsilon is the node's accountant's, and its predictions are the node's."""
-    from client_app.state import NodeState
-    from common.inprocess import run_inprocess
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.inprocess import run_inprocess
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     run_dir = tmp_path / "run"
     run_inprocess({**TINY_RUN, "run-dir": str(run_dir)}, 2, {"cache-dir": str(cache_dir)})

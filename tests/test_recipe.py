@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
-from common.optim import noise_bounded_lr
-from common.prompt import PromptTextEncoder
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.optim import noise_bounded_lr
+from dpfpl.common.prompt import PromptTextEncoder
 
 # the issue that motivated the mechanism: a digit client with 291 records at B = 32 (q = 0.11) over 50
 # steps gets z_L = 6.95 at the demo's epsilon
@@ -19,7 +19,7 @@ SMALL_NODE_RECORDS, SMALL_NODE_Z = 291, 6.95
 
 
 def _demo_config(**overrides) -> RunConfig:
-    from common.cli import DEMO_PRESET
+    from dpfpl.cli import DEMO_PRESET
 
     return RunConfig.from_flower({**RunConfig.defaults(), **DEMO_PRESET, **overrides})
 
@@ -96,7 +96,7 @@ def test_text_init_starts_from_the_hand_written_prompt(recipe_encoder):
 
 
 def test_validation_split_never_reads_test_images():
-    from common.node import evaluation_indices, run_dataset, run_partition
+    from dpfpl.common.node import evaluation_indices, run_dataset, run_partition
 
     cfg = RunConfig(evaluation="validation", validation_fraction=0.25)
     data = run_dataset(cfg)

@@ -10,10 +10,10 @@ from flwr.common import MessageType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import RunConfig
-from common.runtag import run_tag
-from server_app.checkpoint import ServerState
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.runtag import run_tag
+from dpfpl.server_app.checkpoint import ServerState
+from dpfpl.server_app.strategy import PromptStrategy
 
 SHAPE, ROUND, CLIP, BATCH = (4, 16), 3, 10.0, 8
 

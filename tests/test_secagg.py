@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.secagg import crypto, shamir
-from common.secagg.encoding import (EncodingError, client_sigma, ddg_tau, decode_sum, discrete_gaussian,
+from dpfpl.common.secagg import crypto, shamir
+from dpfpl.common.secagg.encoding import (EncodingError, client_sigma, ddg_tau, decode_sum, discrete_gaussian,
                                     encode_update, effective_noise_multiplier)
-from common.secagg.field import HALF, PRIME, from_field, quantized_sensitivity, scale_factor, stochastic_round, to_field
-from common.secagg.protocol import ClientSession, SecAggError, ServerSession, threshold_for
-from common.secagg.simulate import run_round
+from dpfpl.common.secagg.field import HALF, PRIME, from_field, quantized_sensitivity, scale_factor, stochastic_round, to_field
+from dpfpl.common.secagg.protocol import ClientSession, SecAggError, ServerSession, threshold_for
+from dpfpl.secagg_simulate import run_round
 
 
 def _inputs(n: int, size: int, seed: int = 0, scale: int = 10**9) -> dict[int, np.ndarray]:

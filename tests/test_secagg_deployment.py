@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from common.launch import submit_run
+from dpfpl.launch import submit_run
 from tests.test_deployment import CLASSES, federation  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.deployment

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.secfpp.kmeans import Decision, canonical, plaintext_kmeans, plaintext_rows, threshold_units
-from common.secfpp.lcc import LccParameterError
-from common.secfpp.protocol import _pack, secure_clustering
-from common.secfpp.quantize import quantize, to_field
-from common.secagg.field import PRIME
+from dpfpl.common.secfpp.kmeans import Decision, canonical, plaintext_kmeans, plaintext_rows, threshold_units
+from dpfpl.common.secfpp.lcc import LccParameterError
+from dpfpl.common.secfpp.protocol import _pack, secure_clustering
+from dpfpl.common.secfpp.quantize import quantize, to_field
+from dpfpl.common.secagg.field import PRIME
 
 BITS = 12
 

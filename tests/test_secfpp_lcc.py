@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from common.secagg.field import PRIME
-from common.secfpp.lcc import Lcc, LccParameterError, interpolate
-from common.secfpp.quantize import check_range, from_field, to_field
+from dpfpl.common.secagg.field import PRIME
+from dpfpl.common.secfpp.lcc import Lcc, LccParameterError, interpolate
+from dpfpl.common.secfpp.quantize import check_range, from_field, to_field
 
 SMALL_P = 13
 
@@ -110,7 +110,7 @@ def test_parameters_are_validated_up_front():
 def test_run_config_refuses_an_infeasible_secfpp_configuration():
     from pydantic import ValidationError
 
-    from common.config import RunConfig
+    from dpfpl.common.config import RunConfig
 
     RunConfig(method="secfpp", num_clients=5, secfpp_privacy=2)  # 2(1+2-1)+1 = 5 clients: feasible
     with pytest.raises(ValidationError, match="needs"):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.data.demo import ANIMAL_CLASSES
-from common.node import run_partition
-from common.secfpp.protocol import Relay
-from common.secfpp.simulate import adjusted_rand_index, run_secfpp
+from dpfpl.common.config import RunConfig
+from dpfpl.common.data.demo import ANIMAL_CLASSES
+from dpfpl.common.node import run_partition
+from dpfpl.common.secfpp.protocol import Relay
+from dpfpl.secfpp_simulate import adjusted_rand_index, run_secfpp
 
 # The tests' backbone is pretrained for 60 steps only (conftest): its domains are closer together than the
 # demo backbone's, hence lambda 0.3 here (the default 1.5 is set for the demo backbone, docs/secfpp.md).
@@ -50,7 +50,7 @@ def test_two_domain_simulation_recovers_the_domains_and_beats_one_global_prompt(
 
 
 def test_server_log_of_the_clustering_holds_no_plaintext_prompt_values(runs):
-    from client_app.state import NodeState
+    from dpfpl.client_app.state import NodeState
 
     sec, _, relay, root = runs
     kinds = {e["kind"] for e in relay.log}
@@ -86,9 +86,9 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
     """The ServerApp round loop + ClientApps (in-process transport): the clustering phase over Flower messages."""
     import json
 
-    from client_app.state import NodeState
-    from common.inprocess import InProcessGrid, node_id_for, run_inprocess
-    from common.secfpp.protocol import _pack
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.inprocess import InProcessGrid, node_id_for, run_inprocess
+    from dpfpl.common.secfpp.protocol import _pack
 
     seen = []
     deliver = InProcessGrid._deliver
@@ -134,9 +134,9 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
     those of the clear run up to the (unbiased) quantization rounding."""
     import json
 
-    from common.inprocess import InProcessGrid, run_inprocess
-    from common.secagg.field import scale_factor
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.inprocess import InProcessGrid, run_inprocess
+    from dpfpl.common.secagg.field import scale_factor
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     replies = []
     deliver = InProcessGrid._deliver
@@ -163,7 +163,7 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
     assert sum(t == "train.secagg_masked" for t, _ in replies) == 36
 
     clear, sec = RunDirectory(tmp_path / "clear").load(), RunDirectory(tmp_path / "sec").load()
-    from client_app.state import node_key
+    from dpfpl.client_app.state import node_key
 
     def by_partition(run: str, state) -> list[int]:  # node keys are drawn per run: compare by partition
         return [state.assignment[str(node_key(tmp_path / run / "nodes" / f"node-{k}"))] for k in range(6)]
@@ -177,7 +177,7 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
 
 
 def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
-    from common.inprocess import full_run_config
+    from dpfpl.inprocess import full_run_config
 
     settings = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
     with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
@@ -188,7 +188,7 @@ def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
 
 
 def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
-    from server_app.checkpoint import RunDirectory, ServerState
+    from dpfpl.server_app.checkpoint import RunDirectory, ServerState
 
     prompts = {0: torch.randn(4, 8), 1: torch.randn(4, 8)}
     state = ServerState(p_global=prompts[0], momentum=None, server_round=3, run_token="t", noise_multiplier_global=0.0,
@@ -202,7 +202,7 @@ def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
 
 
 def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
-    from server_app.secfpp_round import PhaseFailed, _route
+    from dpfpl.server_app.secfpp_round import PhaseFailed, _route
 
     nodes = [101, 102, 103]
     good = {101: {"dst": [1, 2], "ct": [b"a", b"b"]}, 102: {"dst": [0, 2], "ct": [b"c", b"d"]},
@@ -221,8 +221,8 @@ def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropp
     changes, training goes on)."""
     import json
 
-    from common.inprocess import node_id_for, run_inprocess
-    from common.secfpp.protocol import ClusteringClient
+    from dpfpl.inprocess import node_id_for, run_inprocess
+    from dpfpl.common.secfpp.protocol import ClusteringClient
 
     original = ClusteringClient.coded_distances
 
@@ -254,10 +254,10 @@ def test_nodes_with_new_flower_ids_keep_their_cluster_after_a_resume(tmp_path, c
     """The assignment is kept by node key: when the run resumes and every node comes back under a new Flower node
     id (restarted SuperNodes, a resumed simulation), the server asks each node for its key and sends it its own
     cluster's prompt, not cluster 0's."""
-    import common.inprocess as inprocess
-    from client_app.state import node_key
-    from common.inprocess import InProcessGrid, run_inprocess
-    from server_app.checkpoint import RunDirectory
+    import dpfpl.inprocess as inprocess
+    from dpfpl.client_app.state import node_key
+    from dpfpl.inprocess import InProcessGrid, run_inprocess
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}

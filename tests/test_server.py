@@ -4,10 +4,10 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from common.config import RunConfig
-from common.runtag import run_tag
-from server_app.checkpoint import RunDirectory, ServerState
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.runtag import run_tag
+from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.strategy import PromptStrategy
 
 
 def _strategy(tmp_path, **overrides):
@@ -118,7 +118,7 @@ def test_global_noise_goes_on_the_global_prompt_of_every_sharing_method(tmp_path
 
 
 def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(tmp_path):
-    from server_app.runner import config_fingerprint, run_federation
+    from dpfpl.server_app.runner import config_fingerprint, run_federation
 
     cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=5, target_epsilon=0.4)
     RunDirectory(tmp_path).save(ServerState(
@@ -132,9 +132,9 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
 def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
     """A hung node must not stall the federation: each send_and_receive carries the configured timeout (the
     setup phase, the nodes' first contact, its own)."""
-    from client_app.app import app as client_app
-    from common.inprocess import InProcessGrid, full_run_config
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app.runner import run_federation
 
     class RecordingGrid(InProcessGrid):
         timeouts: list = []
@@ -156,9 +156,9 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
 def test_server_class_list_needs_no_data_when_the_run_config_names_the_classes(tmp_path):
     """A deployed ServerApp has no images; with ``classnames`` in the run config it still checks every node's
     list, and without them it says how to fix the missing index files."""
-    from common.classlist import class_list_digest
-    from common.config import RunConfig
-    from server_app.strategy import _server_class_list
+    from dpfpl.common.classlist import class_list_digest
+    from dpfpl.common.config import RunConfig
+    from dpfpl.server_app.strategy import _server_class_list
 
     named = RunConfig(dataset="caltech101", data_root=str(tmp_path / "absent"), classnames="face,leopard,motorbike")
     assert class_list_digest(_server_class_list(named)) == class_list_digest(["face", "leopard", "motorbike"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.launch import run_simulation
+from dpfpl.launch import run_simulation
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def test_no_flower_process_is_left_running(finished_run):
 
 def test_resume_continues_from_the_checkpoint_without_repeating_rounds(finished_run):
     """A second launch on the same run directory with one more round runs only that round."""
-    from client_app.state import NodeState
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     before = RunDirectory(finished_run).load()
     config = {

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from client_app.state import STATE_FILE, NodeState
-from common.atomic import CorruptStateError, previous_path
-from common.privacy import PrivacyAccountant
-from server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
+from dpfpl.client_app.state import STATE_FILE, NodeState
+from dpfpl.common.atomic import CorruptStateError, previous_path
+from dpfpl.common.privacy import PrivacyAccountant
+from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
 
 
 def _node_state(round_: int) -> NodeState:

@@ -1,4 +1,4 @@
-"""The in-process Grid (common.inprocess) and the experiment sweep (common.sweep): delivery and reply metadata,
+"""The in-process Grid (dpfpl.inprocess) and the experiment sweep (dpfpl.sweep): delivery and reply metadata,
 error replies, a tiny real sweep (2 methods x 2 epsilons x 2 seeds), resumability, and the table's numbers."""
 
 import csv
@@ -16,10 +16,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from common.inprocess import InProcessGrid, node_id_for
-from common.sweep import SweepSpec, expand, run_dir_of, run_sweep
-from common.sweep_report import format_cell, report
-from server_app.checkpoint import RunDirectory
+from dpfpl.inprocess import InProcessGrid, node_id_for
+from dpfpl.sweep import SweepSpec, expand, run_dir_of, run_sweep
+from dpfpl.sweep_report import format_cell, report
+from dpfpl.server_app.checkpoint import RunDirectory
 
 # ------------------------------------------------------------------------------------------------ (a) the grid
 

@@ -12,7 +12,7 @@
 | secfpp            | p_G,c(i) + p_L (full rank)     | p_G's gradient to its cluster's p_G; LCC shares of a reduced vector | as fedotp |
 
 SecFPP's step is FedOTP's (a domain-level p_G plus a class-level full-rank p_L); what differs is around it: the
-server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``common.secfpp``.
+server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``dpfpl.common.secfpp``.
 """
 
 from .contrastive import ContrastiveLoss

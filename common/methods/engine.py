@@ -62,7 +62,7 @@ class DpSettings:
     noise_multiplier_local: float
     max_grad_norm_local: float
     max_grad_norm_global: float
-    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``common.privacy.standard_normal``)
+    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``dpfpl.common.privacy.standard_normal``)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ gives f(X_k). Linear functions (sums) need K+T results, squared distances 2(K+T-
 interpolation is of the wrong polynomial and the value is garbage (``decode`` refuses).
 
 Arithmetic: elements are Python ints in numpy object arrays, so any prime works (the default is the
-project's Mersenne prime 2^61 - 1 from ``common.secagg.field``) and a product never overflows; the vectors
+project's Mersenne prime 2^61 - 1 from ``dpfpl.common.secagg.field``) and a product never overflows; the vectors
 here are small (a reduced prompt of a few dozen coordinates), so the speed of object arithmetic is no issue.
 """
 

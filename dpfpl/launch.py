@@ -51,7 +51,7 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
                    tag: str | None = None) -> None:
     """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink. Every process
     started carries ``tag`` (default: a fresh one) in ``DPFPL_LAUNCH_TAG``, so a caller can find them
-    (bench/soak.py samples their memory)."""
+    (dpfpl/bench/soak.py samples their memory)."""
     work_dir = Path(work_dir).resolve()
     flwr_home = work_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""SecFPP end to end in one process: real nodes (``client_app.node.PromptNode``: their data, their on-disk
+"""SecFPP end to end in one process: real nodes (``dpfpl.client_app.node.PromptNode``: their data, their on-disk
 state, the shared training engine), one global prompt per cluster at the server, and the secure clustering
 phase (``protocol.secure_clustering``) every R rounds with the server as a logging relay.
 
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import NodeConfig, RunConfig
-from .protocol import Relay, secure_clustering
-from .reduce import public_basis, reduce
-from .signal import domain_gradient
+from .common.config import NodeConfig, RunConfig
+from .common.secfpp.protocol import Relay, secure_clustering
+from .common.secfpp.reduce import public_basis, reduce
+from .common.secfpp.signal import domain_gradient
 
 log = logging.getLogger("dpfpl.secfpp")
 
@@ -68,10 +68,10 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
                relay: Relay | None = None) -> SecfppRun:
     """Run ``cfg.num_server_rounds`` rounds among ``cfg.num_clients`` nodes; ``cluster`` defaults to
     method == secfpp. ``relay`` (optional) collects everything the server saw in the clustering phases."""
-    from client_app.node import PromptNode
-    from common.node import run_partition
-    from common.prompt import initial_global_prompt
-    from server_app.strategy import global_noise_multiplier, global_update
+    from dpfpl.client_app.node import PromptNode
+    from dpfpl.common.node import run_partition
+    from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.server_app.strategy import global_noise_multiplier, global_update
 
     cluster = cfg.method == "secfpp" if cluster is None else cluster
     n = cfg.num_clients
@@ -132,7 +132,7 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m common.secfpp.simulate --out docs/results/secfpp.json key=value ... (run-config keys)."""
+    """python -m dpfpl.secfpp_simulate --out docs/results/secfpp.json key=value ... (run-config keys)."""
     import argparse
 
     torch.set_num_threads(1)

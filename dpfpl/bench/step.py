@@ -1,10 +1,10 @@
 """Benchmark of a DP-FPL client step and of whole rounds: prints a table and writes JSON.
 
-    dpfpl bench                                # = python -m bench.step: everything, CPU (an hour or more on
+    dpfpl bench                                # = python -m dpfpl.bench.step: everything, CPU (an hour or more on
                                                # 2 shared cores: the ViT-B-16 step case alone took 19 min)
     dpfpl bench --quick                        # fewer repeats/rounds, no ViT-B-16 ablation
-    python -m bench.step --only step,scaling   # parts: step, scaling, client, flower
-    python -m bench.step --device cuda         # the same on a GPU
+    python -m dpfpl.bench.step --only step,scaling   # parts: step, scaling, client, flower
+    python -m dpfpl.bench.step --device cuda         # the same on a GPU
 
 Every case runs in a fresh subprocess (``--case``), so its peak resident memory is its own; inside a case,
 variants are timed interleaved (ours, plain, naive, ...) in the same process, and peak memory is reset
@@ -12,7 +12,7 @@ before each variant (Linux ``/proc/self/clear_refs``; on CUDA ``reset_peak_memor
 has its own peak next to it. Ratios within a case are what to read when the machine is shared.
 
 Sections:
-  step     our DP step vs our non-private step vs the naive reference (``bench/reference.py``), embedded
+  step     our DP step vs our non-private step vs the naive reference (``dpfpl/bench/reference.py``), embedded
            default model (C = 20) and ViT-B-16 (random weights) at C = 100, B = 32, n_ctx = 16, rank 8;
            ablation: our DP step without the shared prefix (truncation + batched per-sample grads only).
   scaling  step time over C (10, 100, 1000 at B = 32) and B (8, 32, 128 at C = 100).
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = "dpfpl-demo-tiny"
 
 
@@ -123,11 +123,11 @@ def case_step(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from bench.reference import FullContextEncoder, naive_dpfpl_step
-    from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
-    from common.methods.engine import memory_chunk_size
-    from common.models import load_clip
-    from common.prompt import PromptTextEncoder, random_context
+    from dpfpl.bench.reference import FullContextEncoder, naive_dpfpl_step
+    from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+    from dpfpl.common.methods.engine import memory_chunk_size
+    from dpfpl.common.models import load_clip
+    from dpfpl.common.prompt import PromptTextEncoder, random_context
 
     device = torch.device(spec["device"])
     model = load_clip(spec["model"], "none")
@@ -229,10 +229,10 @@ def case_client(spec: dict) -> dict:
     """One client's rounds (PromptNode.train, as the ClientApp runs it): cold first round, warm rounds."""
     import torch
 
-    from client_app.node import PromptNode
-    from common.config import NodeConfig, RunConfig
-    from common.inprocess import full_run_config
-    from common.prompt import initial_global_prompt
+    from dpfpl.client_app.node import PromptNode
+    from dpfpl.common.config import NodeConfig, RunConfig
+    from dpfpl.inprocess import full_run_config
+    from dpfpl.common.prompt import initial_global_prompt
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-"))
     overrides = dict(spec["config"])
@@ -272,7 +272,7 @@ def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
 
 
 def case_simulation(spec: dict) -> dict:
-    from common.launch import run_simulation
+    from dpfpl.launch import run_simulation
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-sim-"))
     config = {**spec["config"], "run-dir": str(tmp / "run"), "resume": False}
@@ -290,7 +290,7 @@ def case_deployment(spec: dict) -> dict:
     """SuperLink + N SuperNodes (insecure, loopback) started with deploy/'s scripts; silo data per node."""
     import signal
 
-    from common.launch import free_port, stop_tagged_processes, submit_run, wait_for_port
+    from dpfpl.launch import free_port, stop_tagged_processes, submit_run, wait_for_port
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-dep-"))
     tag = f"bench-{os.getpid()}-{time.time_ns()}"
@@ -345,7 +345,7 @@ def run_case(kind: str, spec: dict, threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.time()
-    out = subprocess.run([sys.executable, "-m", "bench.step", "--case", json.dumps({"kind": kind, **spec}),
+    out = subprocess.run([sys.executable, "-m", "dpfpl.bench.step", "--case", json.dumps({"kind": kind, **spec}),
                           "--threads", str(threads)], env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                          "linearly to B (0: all B, slow)")
     ap.add_argument("--scaling-model", default="demo", choices=("demo", "vit"))
     ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds")
-    ap.add_argument("--out", default=None, help="JSON file (default bench/results/step-<device>.json)")
+    ap.add_argument("--out", default=None, help="JSON file (default dpfpl/bench/results/step-<device>.json)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

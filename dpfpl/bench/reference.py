@@ -1,6 +1,6 @@
 """The naive reference step of DP-FPL, kept only to measure the fast path against.
 
-Same algorithm as ``common.methods.engine.PromptLearner.train_step`` for ``dpfpl`` (factorize p_L, forward
+Same algorithm as ``dpfpl.common.methods.engine.PromptLearner.train_step`` for ``dpfpl`` (factorize p_L, forward
 with p_G + U v + r, per-sample gradients, per-sample clipping of g_j and jointly of (gU_j, gv_j), Gaussian
 noise on the local factors' sum, RGP, SGD), written the way a first implementation would be:
 
@@ -21,11 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.methods import SgdSettings, rgp_reconstruct
-from common.methods.dpfpl import factorize
-from common.methods.local import sgd_step
-from common.privacy import add_gaussian_noise, clip_per_sample, clip_per_sample_jointly, poisson_sample
-from common.prompt import CONTEXT_PLACEHOLDER, TextTower
+from dpfpl.common.methods import SgdSettings, rgp_reconstruct
+from dpfpl.common.methods.dpfpl import factorize
+from dpfpl.common.methods.local import sgd_step
+from dpfpl.common.privacy import add_gaussian_noise, clip_per_sample, clip_per_sample_jointly, poisson_sample
+from dpfpl.common.prompt import CONTEXT_PLACEHOLDER, TextTower
 
 
 class FullContextEncoder:

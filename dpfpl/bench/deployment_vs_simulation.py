@@ -1,7 +1,7 @@
 """Seconds per round of the same silo-mode DP-FPL run in Flower's simulation engine, for comparison with
 the deployment test (``pytest -s -m deployment`` prints its rounds). Writes the silos like the test does.
 
-    python bench/deployment_vs_simulation.py
+    python dpfpl/bench/deployment_vs_simulation.py
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.launch import run_simulation  # noqa: E402
+from dpfpl.launch import run_simulation  # noqa: E402
 from tests.test_deployment import CLASSES, _write_silo  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from .atomic import write_bytes
+from .common.atomic import write_bytes
 
 
 def add_parsers(sub) -> None:

@@ -11,8 +11,8 @@ For N simulated clients sharing a d-coordinate global gradient, prints per round
 with no dropout and with ~10% of the clients dropping before their masked input (the server then rebuilds
 their mask keys and removes their pairwise masks). Wire overhead of Flower's own framing is not included.
 
-    python bench/secagg.py                      # N = 3, 10, 50; d = 16 x 512 (a ViT-B-16 prompt)
-    python bench/secagg.py --clients 3 10 --dim 2048
+    python dpfpl/bench/secagg.py                      # N = 3, 10, 50; d = 16 x 512 (a ViT-B-16 prompt)
+    python dpfpl/bench/secagg.py --clients 3 10 --dim 2048
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from common.secagg.encoding import encode_update
-from common.secagg.protocol import threshold_for
-from common.secagg.simulate import run_round
+from dpfpl.common.secagg.encoding import encode_update
+from dpfpl.common.secagg.protocol import threshold_for
+from dpfpl.secagg_simulate import run_round
 
 
 def clear_round(updates: list[np.ndarray]) -> tuple[int, int, float]:
@@ -58,7 +58,7 @@ def main() -> None:
         ids = [int(i) for i in rng.choice(2**62, size=n, replace=False)]
         inputs = dict(zip(ids, encoded))
         for dropped in (0, tolerance):
-            _, stats, _ = run_round(inputs, t, context=f"bench/{n}/{dropped}",
+            _, stats, _ = run_round(inputs, t, context=f"dpfpl/bench/{n}/{dropped}",
                                     drop_before_masked=frozenset(ids[:dropped]))
             client_s = encode_s + stats.seconds_client / n
             # the train request/reply pair is in both modes: the extra messages are the three added stages

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .data.silo import IMAGE_SUFFIXES, load_images
-from .features import encode_images
-from .models import LoadedModel, cached_clip
-from .prompt import PromptTextEncoder
+from .common.data.silo import IMAGE_SUFFIXES, load_images
+from .common.features import encode_images
+from .common.models import LoadedModel, cached_clip
+from .common.prompt import PromptTextEncoder
 from .publish import PublishedPrompt, check_classnames, check_model
 
 

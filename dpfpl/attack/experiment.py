@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..atomic import write_bytes, write_json
-from ..config import MethodName, RunConfig
-from ..evaluation import accuracy
-from ..methods import PromptLearner, build_method
-from ..models import LoadedModel, cached_clip
-from ..prompt import PromptTextEncoder
+from ..common.atomic import write_bytes, write_json
+from ..common.config import MethodName, RunConfig
+from ..common.evaluation import accuracy
+from ..common.methods import PromptLearner, build_method
+from ..common.models import LoadedModel, cached_clip
+from ..common.prompt import PromptTextEncoder
 from ..publish import PublishedPrompt, load_prompt
 from .data import MembershipSplit, membership_split
 from .mia import AttackMetrics, attack_metrics, loss_threshold_attack, record_signals, shadow_model_attack
@@ -86,8 +86,8 @@ class Setting:
 
     @classmethod
     def demo(cls, spec: AttackSpec, cache: str | None = None) -> "Setting":
-        from ..data.demo import load_demo_dataset
-        from ..features import demo_features
+        from ..common.data.demo import load_demo_dataset
+        from ..common.features import demo_features
 
         data = load_demo_dataset()
         unknown = [c for c in spec.classes if c not in data.classnames]

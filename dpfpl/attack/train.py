@@ -4,30 +4,30 @@ It is a federation of one node run without transport: every step is the node's `
 (Poisson sample, per-sample gradients, clipping, local noise, local update) followed by the server's
 ``global_update`` (global noise, SGD on p_G); the noise multipliers are calibrated by the same functions the
 node and the server use, and every step is recorded in a ``PrivacyAccountant``. One node is the worst case
-for the target: its records alone move p_G. The result is exported through ``common.publish``, so the
+for the target: its records alone move p_G. The result is exported through ``dpfpl.publish``, so the
 attacker gets exactly what a node would publish.
 
 Generators are seeded (``seed``) so that the experiment is reproducible; in a deployment the noise comes
-from the OS (``client_app.node``), which does not change the mechanism.
+from the OS (``dpfpl.client_app.node``), which does not change the mechanism.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..config import RunConfig
-from ..methods import DpSettings, PromptLearner, SgdSettings
-from ..models import LoadedModel
-from ..privacy import PrivacyAccountant
+from ..common.config import RunConfig
+from ..common.methods import DpSettings, PromptLearner, SgdSettings
+from ..common.models import LoadedModel
+from ..common.privacy import PrivacyAccountant
 from ..publish import PublishedPrompt, accountant_privacy, build_published_prompt
 
 
 def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, features: torch.Tensor,
                  labels: torch.Tensor, progress=None) -> PublishedPrompt:
     """``cfg.num_server_rounds`` engine steps (one per round, as in the paper) on (features, labels)."""
-    from client_app.node import local_noise_multiplier
-    from common.prompt import initial_global_prompt
-    from server_app.strategy import global_noise_multiplier, global_update
+    from dpfpl.client_app.node import local_noise_multiplier
+    from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.server_app.strategy import global_noise_multiplier, global_update
 
     method = learner.method
     q = min(1.0, cfg.batch_size / len(labels))

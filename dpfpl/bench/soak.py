@@ -1,8 +1,8 @@
 """Soak benchmark: one long DP-FPL run on the embedded default (demo data, demo backbone), with the memory of
 every process involved sampled while it runs, and its failures counted.
 
-    python bench/soak.py                              # 200 rounds x 10 clients, real Flower simulation
-    python bench/soak.py --rounds 50 --runtime inprocess
+    python dpfpl/bench/soak.py                              # 200 rounds x 10 clients, real Flower simulation
+    python dpfpl/bench/soak.py --rounds 50 --runtime inprocess
 
 What "involved" means: with ``--runtime flower`` (default) every process that inherited the launch's tag
 (the SuperLink, the ServerApp process, the simulation process and Ray's workers: the ClientApps run there);
@@ -26,9 +26,9 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from common.launch import tagged_processes  # noqa: E402
+from dpfpl.launch import tagged_processes  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -139,11 +139,11 @@ def main() -> None:
     started = time.time()
     try:
         if args.runtime == "flower":
-            from common.launch import run_simulation
+            from dpfpl.launch import run_simulation
 
             run_simulation(config, args.clients, work, stream=False, timeout=24 * 3600, tag=tag)
         else:
-            from common.inprocess import run_inprocess
+            from dpfpl.inprocess import run_inprocess
 
             run_inprocess(config, args.clients)
     except Exception as err:  # noqa: BLE001 - a failed run is a result of the soak, reported below

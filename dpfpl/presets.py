@@ -53,7 +53,7 @@ PRESETS: dict[str, Preset] = {
                                 {**_DPFPL_CIFAR100, "num-clients": 50, "min-clients": 50}),
     **{f"fedpgp-base-novel-{name}": Preset(
         f"FedPGP's base-to-novel protocol on {title}: 10 clients with disjoint base classes, 16 shots, "
-        "local/base/novel/HM (one DP step per round, see common/presets.py)", {**_FEDPGP_BASE_NOVEL, "dataset": name})
+        "local/base/novel/HM (one DP step per round, see dpfpl/presets.py)", {**_FEDPGP_BASE_NOVEL, "dataset": name})
        for name, title in (("caltech101", "Caltech101"), ("oxford_pets", "OxfordPets"),
                            ("oxford_flowers", "Flowers102"), ("food101", "Food101"), ("dtd", "DTD"))},
 }

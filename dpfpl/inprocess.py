@@ -4,7 +4,7 @@ Why it exists: an experiment sweep runs ~100 federations on 2 CPU cores. Through
 every run pays the SuperLink and Ray start-up (~15 s) and every round the gRPC/HTTP round trips of each
 message; that overhead is larger than the tiny-backbone rounds themselves. ``InProcessGrid`` implements
 Flower's ``Grid`` interface by handing each message to the ClientApp object in this process, so
-``server_app.runner.run_federation`` and ``client_app.app.app`` run unchanged: only the transport differs.
+``dpfpl.server_app.runner.run_federation`` and ``dpfpl.client_app.app.app`` run unchanged: only the transport differs.
 
 What is kept from Flower so that a run behaves as it does there:
 
@@ -182,7 +182,7 @@ class InProcessGrid(Grid):
 
 def full_run_config(overrides: dict) -> dict:
     """The run config's defaults with ``overrides`` applied, as Flower builds a run's config."""
-    from .config import RunConfig
+    from .common.config import RunConfig
 
     return {**RunConfig.defaults(), **overrides}
 
@@ -197,9 +197,9 @@ def run_inprocess(run_config: dict, num_nodes: int, node_config: dict | None = N
     """
     import torch
 
-    from client_app.app import app as client_app
-    from common.config import RunConfig
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.common.config import RunConfig
+    from dpfpl.server_app.runner import run_federation
 
     config = full_run_config(run_config)
     cfg = RunConfig.from_flower(config)  # fail fast, with the key's name

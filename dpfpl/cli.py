@@ -31,7 +31,7 @@ import tomllib
 from pathlib import Path
 
 from . import prompt_commands
-from .config import RunConfig
+from .common.config import RunConfig
 from .launch import run_simulation
 from .presets import describe_presets, preset_overrides
 
@@ -56,15 +56,15 @@ def prepare(cfg: RunConfig, print_partition: bool = True) -> None:
     through the feature cache), and print the partition the nodes will compute."""
     import torch
 
-    from .models import load_clip
+    from .common.models import load_clip
 
     model = load_clip(cfg.model_name, cfg.pretrained)
     if torch.cuda.is_available():  # encoding a real data set is image-tower work: use the GPU when there is one
         model.model.to("cuda")
     if cfg.dataset == "silo":
         return  # each node reads and checks its own silo
-    from .features import augmented_train_features, dataset_features
-    from .node import run_dataset, run_partition
+    from .common.features import augmented_train_features, dataset_features
+    from .common.node import run_dataset, run_partition
 
     data = run_dataset(cfg)
     if print_partition:
@@ -77,7 +77,7 @@ def prepare(cfg: RunConfig, print_partition: bool = True) -> None:
 
 def show_partition(cfg: RunConfig) -> None:
     """``dpfpl partition``: the data set and each client's classes and counts, without training."""
-    from .node import run_dataset, run_partition
+    from .common.node import run_dataset, run_partition
 
     print(run_dataset(cfg).summary())
     print(run_partition(cfg).summary())
@@ -186,7 +186,7 @@ def _checked_config(overrides: dict) -> RunConfig:
     ends the command with the reason, not a traceback)."""
     from pydantic import ValidationError
 
-    from .data.images import DatasetError
+    from .common.data.images import DatasetError
 
     try:
         return RunConfig.from_flower({**RunConfig.defaults(), **overrides})
@@ -268,7 +268,7 @@ def _terminate_cleanly(signum, frame):  # SIGTERM -> exception, so launch's fina
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .data.images import DatasetError
+    from .common.data.images import DatasetError
 
     try:
         _main(argv)
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> None:
 def _main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark has its own options (python -m bench.step --help)
-        from bench.step import main as bench_main
+    if argv[:1] == ["bench"]:  # the benchmark has its own options (python -m dpfpl.bench.step --help)
+        from dpfpl.bench.step import main as bench_main
 
         bench_main(argv[1:])
         return

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_bytes
-from .config import METHOD_NAMES
-from .sweep import (
+from .common.atomic import write_bytes
+from .common.config import METHOD_NAMES
+from .sweep_grid import (
     ACCURACY_KEYS,
     ACCURACY_TITLES,
     ERROR_FILE,

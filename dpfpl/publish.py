@@ -31,9 +31,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
-from .atomic import DIGEST_KEY, tensor_digest, write_tensors
-from .config import RANKED_METHODS, MethodName
-from .models import LoadedModel
+from .common.atomic import DIGEST_KEY, tensor_digest, write_tensors
+from .common.config import RANKED_METHODS, MethodName
+from .common.models import LoadedModel
 
 FORMAT = "dpfpl-prompt"
 FORMAT_VERSION = 1
@@ -240,7 +240,7 @@ def training_classnames(cfg) -> list[str]:
     """The class list the node's prompt was trained over (its logits): the task's classes, or the base classes
     under the base-novel protocol (the prompt still runs on any class list, but this is the one it learned)."""
     if cfg.dataset != "silo" and cfg.partition == "base-novel":
-        from .node import run_dataset, run_partition
+        from .common.node import run_dataset, run_partition
 
         names = run_dataset(cfg).classnames
         return [names[c] for c in run_partition(cfg).base_classes or []]
@@ -251,15 +251,15 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
                        cache: str | None = None) -> PublishedPrompt:
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
     node's private state (``RUN_DIR/nodes/node-I`` in simulation, ``state_dir`` on a deployed node)."""
-    from client_app.state import STATE_FILE, NodeState
-    from server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory
+    from dpfpl.client_app.state import STATE_FILE, NodeState
+    from dpfpl.server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory
 
-    from .config import RunConfig
-    from .methods import PromptLearner, build_method
-    from .models import cached_clip
-    from server_app.books import SECFPP_EXCLUSION, privacy_maxima
+    from .common.config import RunConfig
+    from .common.methods import PromptLearner, build_method
+    from .common.models import cached_clip
+    from dpfpl.server_app.books import SECFPP_EXCLUSION, privacy_maxima
 
-    from .prompt import PromptTextEncoder
+    from .common.prompt import PromptTextEncoder
 
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():

@@ -1,6 +1,6 @@
 """Benchmark: the cost of one SecFPP clustering phase vs the number of clients N and the privacy T.
 
-The phase is run in memory (``common.secfpp.protocol.secure_clustering``) on synthetic unit vectors in d'
+The phase is run in memory (``dpfpl.common.secfpp.protocol.secure_clustering``) on synthetic unit vectors in d'
 dimensions drawn around two domain centres (so the adaptive rule opens a second cluster, as on the demo),
 with the real crypto (X25519, AES-GCM) and LCC arithmetic. Prints per phase:
   iters      Lloyd iterations + openings (each is one coded-distance exchange)
@@ -8,11 +8,11 @@ with the real crypto (X25519, AES-GCM) and LCC arithmetic. Prints per phase:
   relayed    ciphertext bytes the server relays, in total and per client (shares + coded distances)
   s/client   one client's compute (all N clients run sequentially in this process: total / N)
   s total    wall time of the whole phase in this process
-Flower's own framing and the local training step are not included (the step is measured in bench/step.py;
+Flower's own framing and the local training step are not included (the step is measured in dpfpl/bench/step.py;
 on the embedded default a phase for N = 10 costs about as much as one training round, see docs/secfpp.md).
 
-    python bench/secfpp.py                       # N = 3, 10, 30; T = 1, 2, 4, 8 where feasible; K = 1
-    python bench/secfpp.py --clients 10 --privacy 1 2 --slices 2 --json bench/results/secfpp.json
+    python dpfpl/bench/secfpp.py                       # N = 3, 10, 30; T = 1, 2, 4, 8 where feasible; K = 1
+    python dpfpl/bench/secfpp.py --clients 10 --privacy 1 2 --slices 2 --json dpfpl/bench/results/secfpp.json
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.secfpp.lcc import required_results
-from common.secfpp.protocol import secure_clustering
+from dpfpl.common.secfpp.lcc import required_results
+from dpfpl.common.secfpp.protocol import secure_clustering
 
 
 def points(n: int, dim: int, seed: int) -> list[np.ndarray]:
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=1)
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--bits", type=int, default=16)
-    ap.add_argument("--json", default="bench/results/secfpp.json")
+    ap.add_argument("--json", default="dpfpl/bench/results/secfpp.json")
     args = ap.parse_args()
     rows = []
     print(f"d' = {args.dim}, K = {args.slices}, q = {args.bits} bits, lambda = 0.3")
@@ -59,7 +59,7 @@ def main() -> None:
             started = time.perf_counter()
             result, _, relay = secure_clustering(points(n, args.dim, n), num_slices=args.slices, privacy=t,
                                                  bits=args.bits, lam=0.3, max_clusters=4, max_iter=10,
-                                                 context=f"bench/{n}/{t}")
+                                                 context=f"dpfpl/bench/{n}/{t}")
             seconds = time.perf_counter() - started
             relayed = sum(len(e["payload"]) for e in relay.log if isinstance(e["payload"], bytes) and e["dst"] is not None)
             row = {"clients": n, "privacy": t, "slices": args.slices, "reduced-dim": args.dim, "needed": need,

@@ -8,8 +8,8 @@ Prints, for one model / C / B, seconds per call of
 and the (1 + 2B)/3 bound: B backward passes (~2 forward-equivalents each) plus one forward, over the
 3 forward-equivalents of the plain step.
 
-    python bench/per_sample_grads.py --model dpfpl-demo-tiny --classes 20 --batch 32
-    python bench/per_sample_grads.py --model ViT-B-16 --classes 20 --batch 8
+    python dpfpl/bench/per_sample_grads.py --model dpfpl-demo-tiny --classes 20 --batch 32
+    python dpfpl/bench/per_sample_grads.py --model ViT-B-16 --classes 20 --batch 8
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common.models import load_clip
-from common.privacy import per_sample_grads
-from common.prompt import PromptTextEncoder
+from dpfpl.common.models import load_clip
+from dpfpl.common.privacy import per_sample_grads
+from dpfpl.common.prompt import PromptTextEncoder
 
 
 def main() -> None:

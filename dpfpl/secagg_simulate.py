@@ -1,6 +1,6 @@
 """One secure-aggregation round in memory, message by message, counting what crosses the wire.
 
-Used by the tests (exactness, dropouts, failure) and by ``bench/secagg.py`` (cost vs clear aggregation).
+Used by the tests (exactness, dropouts, failure) and by ``dpfpl/bench/secagg.py`` (cost vs clear aggregation).
 The Flower driver (``server_app/secagg_round.py``) runs the same state machines over real messages.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .protocol import ClientSession, ServerSession
+from .common.secagg.protocol import ClientSession, ServerSession
 
 KEY_ADVERT_BYTES = 64  # two X25519 public keys
 

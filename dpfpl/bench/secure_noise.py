@@ -1,11 +1,11 @@
 """Cost of the secure noise mode (``secure-noise = true``) against the default, per noise release.
 
 Why measure it: secure mode draws from a fresh CSPRNG-seeded generator for every release and sums four
-Gaussian draws (the floating-point defence of ``common.privacy.mechanisms.standard_normal``), so a release
+Gaussian draws (the floating-point defence of ``dpfpl.common.privacy.mechanisms.standard_normal``), so a release
 costs a seeding plus 4x the sampling. The releases of this project are small (a node's factor gradients, the
 server's p_G noise), so what matters is that cost next to a DP step (~0.45 s for the demo model, B = 32).
 
-Run: python bench/secure_noise.py [--repeats N]
+Run: python dpfpl/bench/secure_noise.py [--repeats N]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from common.privacy import add_gaussian_noise, dp_generator
+from dpfpl.common.privacy import add_gaussian_noise, dp_generator
 
 # (name, shape): DP-FPL's releases at the paper's sizes, n_ctx 16, rank 8, ViT-B-16 text width 512
 RELEASES = (("local factor gU (16 x 8)", (16, 8)), ("local factor gv (8 x 512)", (8, 512)),

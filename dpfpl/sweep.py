@@ -10,7 +10,7 @@ Runs go seed-major (every method and epsilon for seed 0, then seed 1, ...), so a
 has a complete table over fewer seeds. One failing run is logged (``run.log`` and ``error.txt`` in its
 directory) and reported; the sweep goes on.
 
-The default runtime is in-process (``common.inprocess``): the same ServerApp and ClientApp code without the
+The default runtime is in-process (``dpfpl.inprocess``): the same ServerApp and ClientApp code without the
 SuperLink start-up and per-message transport, which on 2 CPU cores cost more than the rounds of a small run.
 ``runtime="flower"`` runs each run through a real Flower simulation instead.
 """
@@ -28,123 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from .atomic import write_bytes, write_json
-from .config import RANKED_METHODS, MethodName
-from .metrics import ACCURACY_KEYS
+from .common.atomic import write_bytes, write_json
+from .sweep_grid import (  # noqa: F401 (the grid's names, for the sweep's users)
+    ACCURACY_KEYS,
+    ACCURACY_TITLES,
+    ERROR_FILE,
+    NO_DP,
+    RUN_LABEL,
+    SWEEP_KEYS,
+    SweepRun,
+    SweepSpec,
+    expand,
+    run_dir_of,
+)
+from .sweep_report import report
 
 log = logging.getLogger("dpfpl.sweep")
-
-# Methods whose local part is factorized: only they are run once per rank.
-# Run-config keys the sweep sets for each run; the base overrides may not set them.
-SWEEP_KEYS = ("method", "dp", "target-epsilon", "seed", "rank", "run-dir")
-ACCURACY_TITLES = {"local-acc": "Local accuracy", "neighbor-acc": "Neighbor accuracy",
-                   "base-acc": "Base accuracy", "novel-acc": "Novel accuracy", "hm": "HM (local, base, novel)"}
-RUN_LABEL = "sweep-run.json"
-ERROR_FILE = "error.txt"
-NO_DP = "none"
-
-Epsilon = float | Literal["none"]
-
-
-class SweepSpec(BaseModel):
-    """What to run. ``base`` holds run-config overrides (hyphenated keys) shared by every run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    methods: list[MethodName] = Field(min_length=1)
-    epsilons: list[Epsilon] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1)
-    ranks: list[int] = Field(default_factory=lambda: [8], min_length=1)
-    base: dict[str, Any] = Field(default_factory=dict)
-    out: str = "runs/sweep"
-    runtime: Literal["inprocess", "flower"] = "inprocess"
-    num_nodes: int | None = Field(None, ge=1)  # default: num-clients of the run config
-    node_config: dict[str, Any] = Field(default_factory=dict)  # in-process: added to every node's config
-    workers: int = Field(1, ge=1)  # runs at a time, each in its own process with cores/workers threads
-    command: str = ""  # how the sweep was started, for the table's header
-
-    @field_validator("epsilons", mode="before")
-    @classmethod
-    def _none_spellings(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [NO_DP if v is None or (isinstance(v, str) and v.strip().lower() == NO_DP) else v for v in value]
-        return value
-
-    @model_validator(mode="after")
-    def _check(self) -> SweepSpec:
-        for name in ("methods", "epsilons", "seeds", "ranks"):
-            values = getattr(self, name)
-            if len(set(values)) != len(values):
-                raise ValueError(f"{name} has duplicates: {values}")
-        if any(e != NO_DP and not (0 < e < math.inf) for e in self.epsilons):
-            raise ValueError(f"epsilons must be '{NO_DP}' or positive finite numbers: {self.epsilons}")
-        if any(r < 1 for r in self.ranks):
-            raise ValueError(f"ranks must be >= 1: {self.ranks}")
-        taken = sorted(set(self.base) & set(SWEEP_KEYS))
-        if taken:
-            raise ValueError(f"the sweep sets {taken} for each run; remove them from the base overrides")
-        if self.base.get("resume", True) is not True:
-            raise ValueError("a sweep resumes its runs (resume = true); remove resume = false from the overrides")
-        return self
-
-
-@dataclass(frozen=True)
-class SweepRun:
-    """One cell of the grid: a method at one epsilon (None: no DP), rank (None: no factors) and seed."""
-
-    method: str
-    epsilon: float | None
-    rank: int | None
-    seed: int
-
-    @property
-    def epsilon_label(self) -> str:
-        return NO_DP if self.epsilon is None else f"{self.epsilon:g}"
-
-    @property
-    def name(self) -> str:
-        rank = "na" if self.rank is None else str(self.rank)
-        return f"{self.method}_eps-{self.epsilon_label}_rank-{rank}_seed-{self.seed}"
-
-    def overrides(self, spec: SweepSpec, run_dir: Path) -> dict:
-        """The run's config overrides: the spec's base plus this cell's coordinates."""
-        config = {**spec.base, "method": self.method, "dp": self.epsilon is not None, "seed": self.seed,
-                  "run-dir": str(run_dir.resolve()), "resume": True}
-        if self.epsilon is not None:
-            config["target-epsilon"] = self.epsilon
-        if self.rank is not None:
-            config["rank"] = self.rank
-        if self.method == "zeroshot":
-            # its numbers are round 0's (the hand-crafted prompt); one round keeps the run valid and cheap
-            config["num-server-rounds"] = 1
-        return config
-
-    def label(self) -> dict:
-        return {"name": self.name, "method": self.method, "epsilon": self.epsilon_label, "rank": self.rank,
-                "seed": self.seed}
-
-
-def expand(spec: SweepSpec) -> list[SweepRun]:
-    """The runs of a sweep, seed-major. ``zeroshot`` is one run per seed (it neither trains nor spends
-    privacy budget, so epsilon and rank do not apply); rank multiplies only the factorized methods."""
-    runs = []
-    for seed in spec.seeds:
-        for method in spec.methods:
-            if method == "zeroshot":
-                runs.append(SweepRun(method, None, None, seed))
-                continue
-            ranks = spec.ranks if method in RANKED_METHODS else [None]
-            for eps in spec.epsilons:
-                for rank in ranks:
-                    runs.append(SweepRun(method, None if eps == NO_DP else float(eps), rank, seed))
-    return runs
-
-
-def run_dir_of(out: Path, run: SweepRun) -> Path:
-    return Path(out) / "runs" / run.name
-
 
 # ---------------------------------------------------------------------------------------------------- running
 
@@ -192,9 +91,9 @@ def _run_log(run_dir: Path) -> Iterator[None]:
 def _prepare(configs: list[dict], node_config: dict) -> None:
     """Build the demo backbone and image features once, before the progress bar starts (the
     first node would otherwise do it inside the first run, under the sweep's progress bar)."""
-    from .config import RunConfig
-    from .features import demo_features
-    from .models import cached_clip
+    from .common.config import RunConfig
+    from .common.features import demo_features
+    from .common.models import cached_clip
 
     seen = set()
     for config in configs:
@@ -209,7 +108,7 @@ def _prepare(configs: list[dict], node_config: dict) -> None:
 
 def run_one(spec: SweepSpec, run: SweepRun, run_dir: Path) -> None:
     """Run (or continue) one run of the sweep in ``run_dir``."""
-    from .config import RunConfig
+    from .common.config import RunConfig
 
     overrides = run.overrides(spec, run_dir)
     config = _full_config(overrides)
@@ -243,7 +142,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
     """Run every missing run of ``spec`` (see the module docstring), then write the report."""
     from tqdm.auto import tqdm
 
-    from .config import RunConfig
+    from .common.config import RunConfig
 
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,8 +194,6 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
                 bar.set_postfix_str(futures[future].name)
                 finished(futures[future], future.result())
     bar.close()
-    from .sweep_report import report  # the report reads what the runs wrote
-
     outcome.outputs = report(out)
     return outcome
 
