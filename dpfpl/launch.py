@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tomli_w
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the repository, for a checkout or an editable install
 LAUNCH_TAG = "DPFPL_LAUNCH_TAG"
 
 
@@ -233,12 +233,36 @@ def _stop(proc: subprocess.Popen) -> None:
             pass
 
 
+def app_dir() -> Path:
+    """The folder ``flwr run`` bundles as the app: the repository (a checkout or an editable install), else, for
+    an installed wheel, a generated folder whose pyproject.toml names the installed components and the run
+    config's defaults (the code then comes from the installed package)."""
+    if (PROJECT_ROOT / "pyproject.toml").is_file():
+        return PROJECT_ROOT
+    from importlib.metadata import version
+
+    from .common.config import RunConfig
+    from .common.models import cache_dir
+
+    folder = cache_dir() / "app" / version("dpfpl")
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "project": {"name": "dpfpl", "version": version("dpfpl")},
+        "tool": {"flwr": {"app": {"publisher": "dpfpl",
+                                  "components": {"serverapp": "dpfpl.server_app.app:app",
+                                                 "clientapp": "dpfpl.client_app.app:app"},
+                                  "config": RunConfig.defaults()}}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return folder
+
+
 def start_run(connection: str, run_config: dict, env: dict | None = None, cwd: Path | None = None) -> int:
     """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``) and return its run id
     without waiting for it."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), connection, "--format", "json"]
+    cmd = [_bin("flwr"), "run", str(app_dir()), connection, "--format", "json"]
     if overrides:
         cmd += ["--run-config", overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)

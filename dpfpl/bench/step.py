@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} with {threads} threads, "
           f"device {args.device}, load average at start {info['loadavg_at_start']}")
     print(table)
-    out = Path(args.out or ROOT / "bench" / "results" / f"step-{args.device}.json")
+    out = Path(args.out or ROOT / "dpfpl" / "bench" / "results" / f"step-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "command": " ".join(["dpfpl bench"] + (argv or sys.argv[1:])),
                                "table": table, "results": results}, indent=1, default=float))
