@@ -85,7 +85,7 @@ class RunConfig(BaseModel):
     # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
     # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, dpfpl/bench/secure_noise.py)
     secure_noise: bool = False
-    # secure aggregation with distributed noise (README "Secure aggregation"): the server sees only the noised sum
+    # secure aggregation with distributed noise (docs/secure-aggregation.md): the server sees only the noised sum
     secure_aggregation: bool = False
     secagg_dropout_tolerance: int = Field(1, ge=0)  # clients that may drop mid-round; threshold t = N - this
     secagg_quantization_bits: int = Field(16, ge=1, le=40)  # one record's contribution = 2^bits integer units
