@@ -14,11 +14,11 @@ import torch
 from dpfpl.common.atomic import previous_path
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
-from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
+from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.models import LoadedModel, cached_clip
-from dpfpl.common.optim import noise_bounded_lr
 from dpfpl.common.node import NOVEL, NodeData, load_node_data
+from dpfpl.common.optim import noise_bounded_lr
 from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
 from dpfpl.common.prompt import PromptTextEncoder
 

@@ -71,7 +71,7 @@ class NodeState:
         write_state(Path(directory) / STATE_FILE, tensors, {"state": json.dumps(meta)})
 
     @classmethod
-    def load(cls, directory: Path) -> "NodeState | None":
+    def load(cls, directory: Path) -> NodeState | None:
         loaded = read_state(Path(directory) / STATE_FILE)  # falls back to the previous file if damaged
         if loaded is None:
             return None

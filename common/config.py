@@ -7,7 +7,6 @@ with the key's name, instead of deep inside round 37.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -106,7 +105,7 @@ class RunConfig(BaseModel):
     resume: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
+    def _check(self) -> RunConfig:
         if self.dp and self.target_epsilon == 0 and (
             self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0
         ):
@@ -149,7 +148,7 @@ class RunConfig(BaseModel):
         return self
 
     @classmethod
-    def from_flower(cls, run_config: dict) -> "RunConfig":
+    def from_flower(cls, run_config: dict) -> RunConfig:
         return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
 
     @classmethod
@@ -200,7 +199,7 @@ class NodeConfig(BaseModel):
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
     num_threads: int = Field(1, ge=1)  # torch's intra-op threads for this node's work
 
-    def resolved_device(self) -> "torch.device":
+    def resolved_device(self) -> torch.device:
         import torch
 
         if self.device == "auto":
@@ -215,7 +214,7 @@ class NodeConfig(BaseModel):
         return device
 
     @classmethod
-    def from_flower(cls, node_config: dict) -> "NodeConfig":
+    def from_flower(cls, node_config: dict) -> NodeConfig:
         return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
 
     def own_class_list(self, cfg: RunConfig) -> tuple[list[str], str]:

@@ -83,7 +83,7 @@ def augment_transform(model: LoadedModel):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.ndarray, transform, desc: str,
+def _encode_records(model: LoadedModel, dataset: ImageDataset, indices: np.ndarray, transform, desc: str,
                     progress: bool, batch_size: int = 128) -> torch.Tensor:
     """Features of ``indices`` under ``transform`` (None: the model's evaluation preprocess). Every image that
     cannot be decoded is collected and reported together, by file, before anything is cached."""
@@ -115,7 +115,7 @@ def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.nda
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
-def dataset_features(model: LoadedModel, dataset: "ImageDataset", cache: str | None = None,
+def dataset_features(model: LoadedModel, dataset: ImageDataset, cache: str | None = None,
                      progress: bool = False) -> torch.Tensor:
     """Normalized features of every record (train and test) under the evaluation preprocess, cached per
     (weights, data set content)."""
@@ -124,7 +124,7 @@ def dataset_features(model: LoadedModel, dataset: "ImageDataset", cache: str | N
         model, dataset, np.arange(len(dataset)), None, f"encoding {dataset.name} images (once)", progress))
 
 
-def augmented_train_features(model: LoadedModel, dataset: "ImageDataset", views: int, seed: int,
+def augmented_train_features(model: LoadedModel, dataset: ImageDataset, views: int, seed: int,
                              cache: str | None = None, progress: bool = False) -> torch.Tensor:
     """(views, number of training records, D): ``views`` augmented views of every training record (in
     ``dataset.train_indices()`` order), each encoded once and cached, so training draws a view per sampled

@@ -50,7 +50,7 @@ class NodeData:
     def num_train(self) -> int:
         return len(self.train_labels)
 
-    def to(self, device: torch.device) -> "NodeData":
+    def to(self, device: torch.device) -> NodeData:
         return replace(self, train_features=self.train_features.to(device), train_labels=self.train_labels.to(device),
                        evals={k: EvalSet(e.features.to(device), e.labels.to(device), e.classifier)
                               for k, e in self.evals.items()})

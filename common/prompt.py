@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import open_clip
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import prefix_sharing
 from .models import cached_clip, register_model_configs
@@ -42,7 +42,7 @@ class TextTower:
     attn_mask: torch.Tensor | None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "TextTower":
+    def of(cls, model: nn.Module) -> TextTower:
         owner = model.text if hasattr(model, "text") else model
         if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
             raise TypeError(
@@ -229,7 +229,7 @@ def context_from_text(model, n_ctx: int, init_text: str, generator: torch.Genera
     return _init_context(TextTower.of(model.model).token_embedding, model.tokenizer, n_ctx, init_text, generator)
 
 
-def initial_global_prompt(cfg: "RunConfig") -> torch.Tensor:
+def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
     """The run's first global prompt, public (every party derives it from the run seed): a random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
     token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -27,8 +27,9 @@ import shlex
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from . import prompt_commands
 from .common.config import RunConfig

@@ -20,7 +20,6 @@ post-processes it. Everything else (p_L's factors, optimizer state, data, featur
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -252,13 +251,12 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
     node's private state (``RUN_DIR/nodes/node-I`` in simulation, ``state_dir`` on a deployed node)."""
     from dpfpl.client_app.state import STATE_FILE, NodeState
+    from dpfpl.server_app.books import SECFPP_EXCLUSION, privacy_maxima
     from dpfpl.server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory
 
     from .common.config import RunConfig
     from .common.methods import PromptLearner, build_method
     from .common.models import cached_clip
-    from dpfpl.server_app.books import SECFPP_EXCLUSION, privacy_maxima
-
     from .common.prompt import PromptTextEncoder
 
     run_dir = Path(run_dir)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 from dataclasses import asdict, dataclass, field

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 from .common.atomic import write_bytes, write_json
 from .sweep_grid import (  # noqa: F401 (the grid's names, for the sweep's users)

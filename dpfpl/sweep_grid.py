@@ -4,7 +4,7 @@ the sweep that runs them (``dpfpl.sweep``) and the report that reads what they w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 

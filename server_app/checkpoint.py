@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from dpfpl.common.atomic import read_state, write_bytes, write_json, write_state
 
 CHECKPOINT = "checkpoint.safetensors"

@@ -9,7 +9,6 @@ import math
 import secrets
 import time
 
-import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType

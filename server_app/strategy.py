@@ -26,12 +26,12 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import RunConfig
-from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 from dpfpl.common.evaluation import harmonic_mean
-from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
 from dpfpl.common.methods import Method, build_method
+from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
 from dpfpl.common.optim import sgd_update
 from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
 from .checkpoint import ServerState

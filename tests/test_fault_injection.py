@@ -17,7 +17,6 @@ waiting up to ``round-timeout`` (generous, so that a slow but live node is never
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -28,9 +27,17 @@ import tomli_w
 from PIL import Image
 
 from dpfpl.client_app.state import NodeState, node_key
-from dpfpl.launch import (free_port, kill_tagged_processes, launch_env, start_run, start_superlink,
-                           start_supernode, stop_tagged_processes, wait_run)
 from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.launch import (
+    free_port,
+    kill_tagged_processes,
+    launch_env,
+    start_run,
+    start_superlink,
+    start_supernode,
+    stop_tagged_processes,
+    wait_run,
+)
 from dpfpl.server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment

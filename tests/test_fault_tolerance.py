@@ -18,9 +18,9 @@ from dpfpl.client_app.app import app as client_app
 from dpfpl.client_app.state import NODE_KEY_FILE, NodeState, node_key
 from dpfpl.common.classlist import ClassListMismatch, check_class_list, class_list_digest
 from dpfpl.common.config import RunConfig
-from dpfpl.inprocess import InProcessGrid, full_run_config
 from dpfpl.common.privacy import accounted_epsilon
 from dpfpl.common.runtag import run_tag
+from dpfpl.inprocess import InProcessGrid, full_run_config
 from dpfpl.server_app.checkpoint import RunDirectory, ServerState
 from dpfpl.server_app.runner import run_federation
 from dpfpl.server_app.strategy import PromptStrategy

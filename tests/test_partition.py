@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from dpfpl.common.data.images import DatasetError
-from dpfpl.common.data.partition import (base_novel_classes, dirichlet_partition, few_shot, partition_dataset,
-                                   pathological_partition)
+from dpfpl.common.data.partition import (
+    base_novel_classes,
+    dirichlet_partition,
+    few_shot,
+    partition_dataset,
+    pathological_partition,
+)
 
 
 def toy_labels(num_classes=20, per_class_train=30, per_class_test=10, seed=0):

@@ -17,8 +17,14 @@ from dp_accounting.pld import privacy_loss_distribution
 
 from dpfpl.common.config import RunConfig
 from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize
-from dpfpl.common.privacy import (PrivacyAccountant, add_gaussian_noise, combined_noise_multiplier, dp_generator,
-                            epsilon_for, poisson_sample)
+from dpfpl.common.privacy import (
+    PrivacyAccountant,
+    add_gaussian_noise,
+    combined_noise_multiplier,
+    dp_generator,
+    epsilon_for,
+    poisson_sample,
+)
 from dpfpl.common.privacy.mechanisms import standard_normal
 
 EXPECTED_BATCH = 8

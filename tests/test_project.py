@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ast
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from dpfpl.common.config import METHOD_NAMES, RunConfig
 from dpfpl.common.methods import build_method

@@ -17,14 +17,19 @@ from PIL import Image
 from safetensors import safe_open
 
 from dpfpl.cli import main
-from dpfpl.common.features import encode_images
 from dpfpl.common.data.silo import load_images
+from dpfpl.common.features import encode_images
 from dpfpl.common.methods import PromptLearner, build_method
-from dpfpl.predict import PromptClassifier, image_paths
 from dpfpl.common.privacy import PrivacyAccountant
 from dpfpl.common.prompt import PromptTextEncoder
-from dpfpl.publish import (PromptMismatchError, PublishedPromptError, accountant_privacy, build_published_prompt,
-                            load_prompt)
+from dpfpl.predict import PromptClassifier, image_paths
+from dpfpl.publish import (
+    PromptMismatchError,
+    PublishedPromptError,
+    accountant_privacy,
+    build_published_prompt,
+    load_prompt,
+)
 
 CLASSES = ["bear", "cat", "dog", "zebra", "horse"]
 

@@ -9,9 +9,24 @@ import pytest
 from scipy import stats
 
 from dpfpl.common.secagg import crypto, shamir
-from dpfpl.common.secagg.encoding import (EncodingError, client_sigma, ddg_tau, decode_sum, discrete_gaussian,
-                                    encode_update, effective_noise_multiplier)
-from dpfpl.common.secagg.field import HALF, PRIME, from_field, quantized_sensitivity, scale_factor, stochastic_round, to_field
+from dpfpl.common.secagg.encoding import (
+    EncodingError,
+    client_sigma,
+    ddg_tau,
+    decode_sum,
+    discrete_gaussian,
+    effective_noise_multiplier,
+    encode_update,
+)
+from dpfpl.common.secagg.field import (
+    HALF,
+    PRIME,
+    from_field,
+    quantized_sensitivity,
+    scale_factor,
+    stochastic_round,
+    to_field,
+)
 from dpfpl.common.secagg.protocol import ClientSession, SecAggError, ServerSession, threshold_for
 from dpfpl.secagg_simulate import run_round
 

@@ -34,7 +34,7 @@ def test_any_t_shares_are_uniform_whatever_the_secret():
     draws = 5000
     for secret in (np.array([0, 0], dtype=object), np.array([7, 3], dtype=object)):
         for holders in itertools.combinations(range(5), lcc.privacy):
-            counts = _pair_histogram(lambda: lcc.encode(secret, rng), holders, draws)
+            counts = _pair_histogram(lambda secret=secret: lcc.encode(secret, rng), holders, draws)
             assert chisquare(counts).pvalue > 1e-4, (secret, holders)
     # the same T shares with zero padding are a deterministic function of the secret: far from uniform
     secret = np.array([7, 3], dtype=object)

@@ -87,8 +87,8 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
     import json
 
     from dpfpl.client_app.state import NodeState
-    from dpfpl.inprocess import InProcessGrid, node_id_for, run_inprocess
     from dpfpl.common.secfpp.protocol import _pack
+    from dpfpl.inprocess import InProcessGrid, node_id_for, run_inprocess
 
     seen = []
     deliver = InProcessGrid._deliver
@@ -134,8 +134,8 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
     those of the clear run up to the (unbiased) quantization rounding."""
     import json
 
-    from dpfpl.inprocess import InProcessGrid, run_inprocess
     from dpfpl.common.secagg.field import scale_factor
+    from dpfpl.inprocess import InProcessGrid, run_inprocess
     from dpfpl.server_app.checkpoint import RunDirectory
 
     replies = []
@@ -221,8 +221,8 @@ def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropp
     changes, training goes on)."""
     import json
 
-    from dpfpl.inprocess import node_id_for, run_inprocess
     from dpfpl.common.secfpp.protocol import ClusteringClient
+    from dpfpl.inprocess import node_id_for, run_inprocess
 
     original = ClusteringClient.coded_distances
 

@@ -17,9 +17,9 @@ from flwr.common import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from dpfpl.inprocess import InProcessGrid, node_id_for
+from dpfpl.server_app.checkpoint import RunDirectory
 from dpfpl.sweep import SweepSpec, expand, run_dir_of, run_sweep
 from dpfpl.sweep_report import format_cell, report
-from dpfpl.server_app.checkpoint import RunDirectory
 
 # ------------------------------------------------------------------------------------------------ (a) the grid
 

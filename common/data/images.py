@@ -10,9 +10,10 @@ Images are only decoded when their features are computed (once per image and vie
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -99,7 +100,7 @@ class ImageDataset:
     source: ImageSource
     # A faster exact path from records to model input for in-memory data (the demo), else the model's
     # own preprocess is applied to each PIL image.
-    batch_pixels: Callable[[np.ndarray], "object"] | None = field(default=None, repr=False)
+    batch_pixels: Callable[[np.ndarray], object] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.source)

@@ -13,12 +13,11 @@ collected and reported together with the files or labels involved, before any tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -122,7 +121,7 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     return Silo(paths=paths, labels=labels, is_test=is_test)
 
 
-def load_images(paths: list[Path], preprocess) -> "torch.Tensor":
+def load_images(paths: list[Path], preprocess) -> torch.Tensor:
     import torch
 
     batch = []

@@ -26,7 +26,6 @@ from ..prompt import CONTEXT_INIT_STD, PromptTextEncoder
 from .contrastive import ContrastiveLoss
 from .local import LocalPrompt, SgdSettings, Tensors
 
-
 MEMORY_FRACTION = 0.25  # of the memory available at the step, for the per-sample backward's working set
 
 

@@ -172,7 +172,7 @@ class PrivacyAccountant:
         return {"delta": self.delta, "history": [list(h) for h in self.history]}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "PrivacyAccountant":
+    def from_state_dict(cls, state: dict) -> PrivacyAccountant:
         acc = cls(float(state["delta"]))
         acc.history = [tuple(h) for h in state["history"]]
         return acc

@@ -199,7 +199,7 @@ class ClientSession:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClientSession":
+    def from_dict(cls, d: dict) -> ClientSession:
         session = cls(
             node_id=int(d["node_id"]), context=d["context"], stage=d["stage"], c_sk=bytes.fromhex(d["c_sk"]),
             s_sk=bytes.fromhex(d["s_sk"]), b_seed=bytes.fromhex(d["b_seed"]), threshold=int(d["threshold"]),

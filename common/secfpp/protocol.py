@@ -77,7 +77,7 @@ class ClusteringClient:
                 "own-coded": None if getattr(self, "_own_coded", None) is None else [int(x) for x in self._own_coded]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ClusteringClient":
+    def from_dict(cls, data: dict) -> ClusteringClient:
         self = cls.__new__(cls)
         self.index, self.bits, self.context, self.rng = int(data["index"]), int(data["bits"]), data["context"], None
         self.lcc = Lcc(*[int(v) for v in data["lcc"]])

@@ -12,7 +12,6 @@ the setting that shows what epsilon buys.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -85,7 +84,7 @@ class Setting:
     split: MembershipSplit
 
     @classmethod
-    def demo(cls, spec: AttackSpec, cache: str | None = None) -> "Setting":
+    def demo(cls, spec: AttackSpec, cache: str | None = None) -> Setting:
         from ..common.data.demo import load_demo_dataset
         from ..common.features import demo_features
 

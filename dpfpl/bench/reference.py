@@ -38,7 +38,7 @@ class FullContextEncoder:
         self.tokens = tokenizer([f"{placeholder} {c.replace('_', ' ')}." for c in classnames])
         self.eot = self.tokens.argmax(dim=-1)
 
-    def to(self, device: torch.device) -> "FullContextEncoder":
+    def to(self, device: torch.device) -> FullContextEncoder:
         self.tokens, self.eot = self.tokens.to(device), self.eot.to(device)
         return self
 

@@ -56,7 +56,7 @@ class Peak:
     def __init__(self, device) -> None:
         self.device = device
 
-    def __enter__(self) -> "Peak":
+    def __enter__(self) -> Peak:
         import torch
 
         if self.device.type == "cuda":
@@ -231,8 +231,8 @@ def case_client(spec: dict) -> dict:
 
     from dpfpl.client_app.node import PromptNode
     from dpfpl.common.config import NodeConfig, RunConfig
-    from dpfpl.inprocess import full_run_config
     from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.inprocess import full_run_config
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-"))
     overrides = dict(spec["config"])
