@@ -7,6 +7,8 @@ import pytest
 
 from dpfpl.launch import run_simulation
 
+pytestmark = pytest.mark.flower
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir):
