@@ -70,6 +70,8 @@ class RunConfig(BaseModel):
     # > 0 (DP only): each node lowers its local step size so that its accumulated LDP noise stays within this
     # multiple of a typical context's norm (common/optim.py noise_bounded_lr); 0: lr-local for every node
     local_noise_radius: float = Field(0.0, ge=0)
+    # > 0 (DP only): the server lowers its step on p_G by the same rule, for the global noise z_G C_G / (B n)
+    global_noise_radius: float = Field(0.0, ge=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 

@@ -221,7 +221,7 @@ def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream:
 DEMO_PRESET = {
     "n-ctx": 4, "ctx-init": "a photo of a", "local-init-std": 0.0002, "rank": 2,
     "max-grad-norm-local": 1.0, "max-grad-norm-global": 1.0, "calibrate-for": "published", "target-epsilon": 1.0,
-    "lr-global": 0.03, "lr-local": 0.1, "local-noise-radius": 0.1,
+    "lr-global": 0.1, "lr-local": 0.1, "local-noise-radius": 0.1, "global-noise-radius": 0.6,
     "num-server-rounds": 50, "eval-every": 5, "resume": False,
 }
 

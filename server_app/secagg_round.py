@@ -266,7 +266,7 @@ class _SecureRound:
             m = len(group.survivors)
             mean = decode_sum(group.total, bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
                               batch_size=cfg.batch_size, num_summands=m)
-            strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype))
+            strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m)
             z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
             # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
             std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, int(np.prod(self.shape))) / (gamma * m)

@@ -43,7 +43,7 @@ from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_unit
 from dpfpl.common.secfpp.lcc import LccParameterError
 from dpfpl.common.secfpp.protocol import validate
 
-from .strategy import InvalidReply, PromptStrategy, global_update, parse_node_key
+from .strategy import InvalidReply, PromptStrategy, global_learning_rate, global_update, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
@@ -139,8 +139,10 @@ class SecfppStrategy(PromptStrategy):
             groups.setdefault(self.cluster_sent_to(n), []).append(n)
         return groups
 
-    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor) -> None:
-        self.state.cluster_prompts[group], _ = sgd_update(self.prompt_of(group), noisy_mean, None, self.cfg.lr_global,
+    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
+        lr = global_learning_rate(self.cfg, self.state.noise_multiplier_global, num_members,
+                                  tuple(self.prompt_of(group).shape))
+        self.state.cluster_prompts[group], _ = sgd_update(self.prompt_of(group), noisy_mean, None, lr,
                                                           self.cfg.momentum, self.cfg.weight_decay)
         self.state.p_global = self.prompt_of(0)
 

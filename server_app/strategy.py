@@ -14,6 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from dpfpl.common.config import RunConfig
 from dpfpl.common.evaluation import harmonic_mean
 from dpfpl.common.methods import Method, build_method
 from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
-from dpfpl.common.optim import sgd_update
+from dpfpl.common.optim import noise_bounded_lr, sgd_update
 from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
@@ -116,6 +117,27 @@ def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Meth
     return z * math.sqrt(2.0)
 
 
+@lru_cache(maxsize=4)
+def _reference_context_norm(model_name: str, pretrained: str, n_ctx: int) -> float:
+    from dpfpl.common.models import cached_clip
+    from dpfpl.common.prompt import PromptTextEncoder
+
+    model = cached_clip(model_name, pretrained, None)
+    return PromptTextEncoder(model.model, model.tokenizer, ["x"], n_ctx).reference_context_norm()
+
+
+def global_learning_rate(cfg: RunConfig, noise_multiplier: float, num_replies: int, shape: tuple[int, ...]) -> float:
+    """lr-global, lowered under DP so that p_G's accumulated global noise stays within global-noise-radius
+    (the same rule the nodes apply to their local step; only public quantities enter). The noise of one
+    step on the mean of n replies has std z_G C_G / (B n) per coordinate."""
+    if not cfg.dp or cfg.global_noise_radius <= 0:
+        return cfg.lr_global
+    reference = _reference_context_norm(cfg.model_name, cfg.pretrained, cfg.n_ctx)
+    return noise_bounded_lr(cfg.lr_global, cfg.global_noise_radius, reference, noise_multiplier,
+                            cfg.max_grad_norm_global, cfg.batch_size * num_replies, cfg.num_server_rounds,
+                            math.prod(shape))
+
+
 def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor | None, grads: list[torch.Tensor],
                   noise_multiplier: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's step on p_G: equal-weight mean of the n replies' clipped gradients, global DP noise, SGD.
@@ -126,7 +148,8 @@ def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor
     # number of replies actually aggregated.
     std = noise_multiplier * cfg.max_grad_norm_global / (cfg.batch_size * n) if cfg.dp else 0.0
     noisy = add_gaussian_noise(mean, std, generator, cfg.secure_noise)
-    p_global, momentum = sgd_update(p_global, noisy, momentum, cfg.lr_global, cfg.momentum, cfg.weight_decay)
+    lr = global_learning_rate(cfg, noise_multiplier, n, tuple(p_global.shape))
+    p_global, momentum = sgd_update(p_global, noisy, momentum, lr, cfg.momentum, cfg.weight_decay)
     return p_global, momentum, std
 
 
@@ -169,11 +192,12 @@ class PromptStrategy(Strategy):
         """Which nodes are summed together: all of them, into the one p_G."""
         return {0: list(node_ids)}
 
-    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor) -> None:
+    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
         """The server step with a group's decoded mean (its noise was added by the clients)."""
+        lr = global_learning_rate(self.cfg, self.state.noise_multiplier_global, num_members,
+                                  tuple(self.state.p_global.shape))
         self.state.p_global, self.state.momentum = sgd_update(self.state.p_global, noisy_mean, self.state.momentum,
-                                                              self.cfg.lr_global, self.cfg.momentum,
-                                                              self.cfg.weight_decay)
+                                                              lr, self.cfg.momentum, self.cfg.weight_decay)
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
         """A group's numbers in the round's metrics line (one group: under their own names)."""

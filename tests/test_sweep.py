@@ -299,3 +299,34 @@ def test_zeroshot_runs_once_and_is_not_repeated_by_a_second_sweep(cache_dir, tmp
     assert [r["round"] for r in rows] == [0]
     table = (tmp_path / "table.md").read_text()
     assert "| none (no DP) |" in table
+
+
+def test_worst_client_and_published_epsilon_tables(tmp_path):
+    """A mean can hide a collapsed node: the table shows each cell's worst client (worst seed) and the
+    published prompt's epsilon the accountant reported."""
+    from server_app.runner import worst_client
+
+    zeroshot = {"partition-0": {"local-acc": 0.80}, "partition-1": {"local-acc": 0.90}}
+    final = {"partition-0": {"local-acc": 0.95}, "partition-1": {"local-acc": 0.70}}
+    worst = worst_client(zeroshot, final)
+    assert worst["client"] == "partition-1" and worst["gain"] == pytest.approx(-0.20)
+    assert worst["clients-below-zeroshot"] == 1 and worst_client({}, final) == {}
+
+    spec = SweepSpec(methods=["zeroshot", "dpfpl"], epsilons=["none", 1.0], seeds=[0, 1], ranks=[2], base={},
+                     out=str(tmp_path))
+    (tmp_path / "sweep.json").write_text(spec.model_dump_json())
+    for run in expand(spec):
+        _write_run(tmp_path, run, 0.9, 0.8, 0.85)
+        if run.method == "dpfpl":
+            path = run_dir_of(tmp_path, run) / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["worst-client"] = {"client": "partition-1", "gain": -0.01 - 0.02 * run.seed}
+            if run.epsilon is not None:
+                summary["privacy"]["epsilon-published-max"] = 0.9 + 0.05 * run.seed
+            path.write_text(json.dumps(summary))
+    report(tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    worst_section = table.split("## Worst client")[1].split("##")[0]
+    assert "| none (no DP) | -3.0 |" in worst_section and "| 1 | -3.0 |" in worst_section
+    eps_section = table.split("## Published prompt")[1]
+    assert "| 1 | 0.95 |" in eps_section and "none" not in eps_section.split("|---")[1]
