@@ -16,6 +16,8 @@ from dpfpl.attack.data import membership_split
 from dpfpl.attack.experiment import AttackSpec, Setting, run_cell, table
 from dpfpl.publish import load_prompt
 
+pytestmark = pytest.mark.slow  # trains and attacks many prompts: minutes
+
 # three records per class seen ~270 times each at a large learning rate: members are classified perfectly,
 # held-out records of the same classes ~80%, and the per-record confidence gap is what the attack finds
 OVERFIT = dict(members=30, steps=800, lr=4.0, n_ctx=16, shadows=6, bootstrap=300, seed=0)

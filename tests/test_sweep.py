@@ -255,6 +255,7 @@ def test_table_cells_are_mean_and_std_over_seeds_with_the_best_in_bold(tmp_path)
         assert len(list(csv.DictReader(fh))) == 2 * (3 + 17)
 
 
+@pytest.mark.slow
 def test_parallel_workers_reproduce_the_sequential_non_dp_results(sweep, tmp_path):
     """Without DP a run is deterministic (seeded sampling), so two worker processes must give exactly the
     per-round accuracies of the sequential sweep."""
