@@ -15,7 +15,9 @@ from flwr.clientapp import ClientApp
 
 from dpfpl.common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
 from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.data.images import DatasetError
 from dpfpl.common.data.silo import SiloError
+from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg, secfpp
@@ -42,17 +44,36 @@ def _check_classes(msg: Message, context: Context) -> None:
         raise
 
 
+class NodeUnfit(RuntimeError):
+    """This node cannot take part in the run (its model, data or simulation setup is wrong). The message is
+    what the server's setup summary shows for the node: it names the node's partition in simulation (where
+    Flower's node ids are random) and says what to fix, without the node's private details."""
+
+
+def _unfit(node_cfg: NodeConfig, reason: str) -> NodeUnfit:
+    where = f"partition-{node_cfg.partition_id}: " if node_cfg.partition_id is not None else ""
+    return NodeUnfit(where + reason)
+
+
 def _node(context: Context) -> PromptNode:
     cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
     torch.set_num_threads(node_cfg.num_threads)
+    if node_cfg.num_partitions is not None and node_cfg.num_partitions != cfg.num_clients:
+        # a simulation with fewer SuperNodes than clients would silently train only some of the partitions
+        raise _unfit(node_cfg, f"the simulation runs {node_cfg.num_partitions} SuperNodes but num-clients is "
+                               f"{cfg.num_clients}; give each client its own SuperNode: flwr run . --federation-config "
+                               f"'num-supernodes={cfg.num_clients}' (dpfpl simulate matches them itself)")
     try:
         return PromptNode(cfg, node_cfg)
     except SiloError as err:
         # The details name this organization's files and labels: they stay in the node's own log. The
         # server (which receives the exception text as the error reply) only learns that the check failed.
         log.error("%s", err)
-        raise RuntimeError("this node's data silo failed its checks against the run's class list; "
-                           "the node's own log lists the files and labels involved") from None
+        raise _unfit(node_cfg, "this node's data silo failed its checks against the run's class list; "
+                               "the node's own log lists the files and labels involved") from None
+    except (WeightsUnavailableError, WeightsMismatchError, DatasetError) as err:
+        log.error("%s", err)
+        raise _unfit(node_cfg, " ".join(str(err).split())) from err
 
 
 def _global_prompt(msg: Message) -> torch.Tensor | None:

@@ -33,6 +33,7 @@ import tomllib
 
 from . import prompt_commands
 from .common.config import RunConfig
+from .common.outcome import OUTCOME_FILE, RunFailed, RunOutcome
 from .launch import run_simulation
 from .presets import describe_presets, preset_overrides
 
@@ -127,12 +128,20 @@ def report(run_dir: Path) -> str:
         lines.append(row(f"mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
     if reference.get("final"):  # the cost of privacy: the same recipe without DP
         lines.append(row("same recipe without DP (reference)", reference["final"]))
-    worst = summary.get("worst-client") or {}
-    if worst:
-        lines.append(f"worst client ({worst['client']}): local {_fmt(worst['local-acc'])}, its zero-shot "
-                     f"{_fmt(worst['zeroshot-local-acc'])} (gain {worst['gain'] * 100:+.1f} points); "
-                     f"{worst['clients-below-zeroshot']} of {len(summary.get('final-per-client', {}))} clients "
-                     "below their zero-shot")
+    clients = len(summary.get("final-per-client", {}))
+    window = f"rounds {last['rounds'][0]}-{last['rounds'][1]}" if last.get("rounds") else "final round"
+    worst_rows = [(window, summary.get("worst-client"))]
+    if summary.get("worst-client-final-round") != summary.get("worst-client"):
+        worst_rows.append(("final round", summary.get("worst-client-final-round")))
+    for title, worst in worst_rows:
+        if worst:
+            lines.append(f"worst client, {title} ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
+                         f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
+                         f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot")
+    if "rounds-updated" in summary:
+        updated, run = summary["rounds-updated"], summary["rounds-run"]
+        note = "" if updated == run else "  (the other rounds had fewer than min-clients valid replies)"
+        lines.append(f"global prompt updated in {updated} of {run} rounds{note}")
     lines.append("")
     if priv["dp"]:
         lines += [
@@ -208,9 +217,39 @@ def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream:
     prepare(cfg)
     if gpus_per_client is None:  # share the visible GPUs among at most 4 concurrent clients; none: CPU
         gpus_per_client = min(1.0, torch.cuda.device_count() / min(4, cfg.num_clients)) if torch.cuda.is_available() else 0.0
-    run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream,
-                   num_gpus_per_client=gpus_per_client)
+    started = time.time()
+    try:
+        run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream,
+                       num_gpus_per_client=gpus_per_client)
+    except RunFailed as err:
+        raise _explained(err, run_dir, started) from err
     return run_dir
+
+
+def _fresh_outcome(run_dir: Path, since: float) -> RunOutcome | None:
+    """The outcome the ServerApp wrote for this launch (not one left by an earlier run in the directory)."""
+    path = Path(run_dir) / OUTCOME_FILE
+    if not path.is_file() or path.stat().st_mtime < since - 1:
+        return None
+    return RunOutcome.read(run_dir)
+
+
+def _explained(err: RunFailed, run_dir: Path, since: float) -> RunFailed:
+    """A failed run, explained by what its ServerApp wrote (the setup summary, or the table of a run in which
+    no round updated the global prompt) when the run directory is readable from here."""
+    outcome = _fresh_outcome(run_dir, since)
+    if outcome is None or outcome.status == "completed":
+        return err
+    if outcome.status == "no-round-updated" and (Path(run_dir) / "summary.json").is_file():
+        print(report(run_dir))
+    return RunFailed(outcome.paragraph())
+
+
+def _warn_failed_rounds(run_dir: Path, since: float) -> None:
+    """Last words of a run in which some rounds left the global prompt untouched: count them."""
+    outcome = _fresh_outcome(run_dir, since)
+    if outcome is not None and outcome.failed_rounds:
+        print(f"\ndpfpl {outcome.paragraph()}", file=sys.stderr)
 
 
 # The demo preset: the recipe of docs/results/README.md (how it was chosen, on a validation split, is there).
@@ -260,6 +299,8 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"\n{len(outcome.ran)} runs done now, {len(outcome.skipped)} already done, {len(outcome.failed)} failed")
     for name, reason in outcome.failed.items():
         print(f"  FAILED {name}: {reason}")
+    for name, warning in outcome.warnings.items():
+        print(f"  {name}: {warning}", file=sys.stderr)
     print("\n".join(f"{name}: {path}" for name, path in outcome.outputs.items()))
     return 1 if outcome.failed else 0
 
@@ -268,24 +309,44 @@ def _terminate_cleanly(signum, frame):  # SIGTERM -> exception, so launch's fina
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message tells the user what to fix (a weights file, a data root, a silo, a run that could
+    not succeed): the message is the whole story, a traceback would only bury it."""
+    from .common.classlist import ClassListMismatch
     from .common.data.images import DatasetError
+    from .common.models import WeightsMismatchError, WeightsUnavailableError
+    from .publish import PromptMismatchError, PublishedPromptError
 
+    return (DatasetError, WeightsUnavailableError, WeightsMismatchError, ClassListMismatch, PublishedPromptError,
+            PromptMismatchError, RunFailed)
+
+
+def one_paragraph(text: str) -> str:
+    """A message as one paragraph: its lines kept, blank lines (which would split it) dropped."""
+    return "\n".join(line for line in str(text).splitlines() if line.strip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # anywhere on the line, like a global option
+    argv = [a for a in argv if a != "--debug"]
     try:
         _main(argv)
-    except DatasetError as err:  # a data set problem is the user's to fix: say what and where, no traceback
-        raise SystemExit(f"dpfpl: {err}") from None
+    except _user_errors() as err:
+        if debug:
+            raise
+        raise SystemExit(f"dpfpl: {one_paragraph(err)}\n(--debug shows the traceback)") from None
 
 
-def _main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, _terminate_cleanly)
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the benchmark has its own options (python -m dpfpl.bench.step --help)
-        from dpfpl.bench.step import main as bench_main
+        from .bench.step import main as bench_main
 
         bench_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     preset_help = "a named run-config preset (`dpfpl presets` lists them), applied under -c overrides"
     for name in ("demo", "simulate"):
@@ -344,14 +405,22 @@ def _main(argv: list[str] | None = None) -> None:
         from .launch import submit_run
 
         overrides = {**preset_overrides(args.preset), **_parse_overrides(args.run_config)}
-        _checked_config(overrides)  # fail fast
-        run_id = submit_run(args.connection, overrides, timeout=args.timeout)
+        cfg = _checked_config(overrides)  # fail fast
+        started = time.time()
+        # the run directory is the ServerApp's; where it is readable from here, the outcome is read from it
+        try:
+            run_id = submit_run(args.connection, overrides, timeout=args.timeout)
+        except RunFailed as err:
+            raise _explained(err, Path(cfg.run_dir), started) from err
         print(f"run {run_id} completed")
+        if (outcome := _fresh_outcome(Path(cfg.run_dir), started)) is not None:
+            print(f"global prompt updated in {outcome.rounds_updated} of {outcome.rounds_run} rounds")
+        _warn_failed_rounds(Path(cfg.run_dir), started)
     elif args.command in ("prepare", "partition"):
         cfg = _checked_config({**preset_overrides(args.preset), **_parse_overrides(args.run_config)})
         prepare(cfg) if args.command == "prepare" else show_partition(cfg)
     elif args.command == "sweep":
-        sys.exit(sweep(args, sys.argv[1:] if argv is None else argv))
+        sys.exit(sweep(args, argv))
     elif args.command == "report":
         print(report(Path(args.run_dir)))
         print(f"curves: {plot(Path(args.run_dir))}")
@@ -377,6 +446,7 @@ def _main(argv: list[str] | None = None) -> None:
         print(report(run_dir))
         print(f"curves: {plot(run_dir)}")
         print(f"\nwall time {time.time() - started:.0f} s; run directory {run_dir.resolve()}")
+        _warn_failed_rounds(run_dir, started)
 
 
 if __name__ == "__main__":

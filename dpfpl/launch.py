@@ -20,6 +20,8 @@ from pathlib import Path
 
 import tomli_w
 
+from .common.outcome import RunFailed
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the repository, for a checkout or an editable install
 LAUNCH_TAG = "DPFPL_LAUNCH_TAG"
 
@@ -176,7 +178,7 @@ def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool, con
             status = _status(run_id, env, cwd, connection)
             if status.startswith("finished"):
                 if status != "finished:completed":
-                    raise RuntimeError(f"run {run_id} ended with status '{status}'; see the log above")
+                    raise RunFailed(f"run {run_id} ended with status '{status}'; the ServerApp's log says why")
                 return
             time.sleep(2)
         raise TimeoutError(f"run {run_id} did not finish within {timeout}s")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common.atomic import write_bytes, write_json
+from .common.outcome import OUTCOME_FILE, RunOutcome
 from .sweep_grid import (  # noqa: F401 (the grid's names, for the sweep's users)
     ACCURACY_KEYS,
     ACCURACY_TITLES,
@@ -58,7 +59,10 @@ def is_done(run_dir: Path, rounds: int) -> bool:
     if not path.is_file():
         return False
     try:
-        return int(json.loads(path.read_text()).get("rounds", 0)) >= rounds
+        summary = json.loads(path.read_text())
+        # a run none of whose rounds updated the global prompt has no result: not done (it fails again)
+        no_result = summary.get("rounds-run", 0) > 0 and summary.get("rounds-updated") == 0
+        return int(summary.get("rounds", 0)) >= rounds and not no_result
     except (ValueError, OSError):
         return False
 
@@ -115,6 +119,7 @@ def run_one(spec: SweepSpec, run: SweepRun, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / RUN_LABEL, {**run.label(), "run-config": overrides})
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    (run_dir / OUTCOME_FILE).unlink(missing_ok=True)  # the outcome read afterwards is this run's
     with _run_log(run_dir):
         if spec.runtime == "inprocess":
             from .inprocess import run_inprocess
@@ -134,6 +139,8 @@ class SweepOutcome:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)
+    # runs that completed, but with rounds that did not update the global prompt: the warning, per run
+    warnings: dict[str, str] = field(default_factory=dict)
 
 
 def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
@@ -166,6 +173,10 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
         bar.update(1)
         if error is None:
             outcome.ran.append(run.name)
+            result = RunOutcome.read(run_dir_of(out, run))
+            if result is not None and result.failed_rounds:
+                outcome.warnings[run.name] = result.paragraph()
+                bar.write(f"run {run.name}: {result.paragraph()}") if progress else log.warning("%s", result.paragraph())
             return
         # one failed run must not end a sweep of a hundred
         outcome.failed[run.name] = error.strip().splitlines()[-1]

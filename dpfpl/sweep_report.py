@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .common.atomic import write_bytes
 from .common.config import METHOD_NAMES
+from .common.evaluation import last_rounds_per_client, worst_client
 from .sweep_grid import (
     ACCURACY_KEYS,
     ACCURACY_TITLES,
@@ -220,9 +221,15 @@ def accuracy_table(records: list[RunRecord], key: str, columns: list[tuple[str, 
 
 
 def worst_client_gain(record: RunRecord, key: str) -> float | None:
-    """The smallest gain of any client's final personalized accuracy over its own zero-shot accuracy."""
-    worst = (record.summary or {}).get("worst-client") or {}
-    return worst.get("gain") if record.method != "zeroshot" else None
+    """The smallest gain of any client over its own zero-shot accuracy, each client measured as the table
+    measures the run (the mean over the evaluations of the last rounds), from the run's metrics."""
+    if record.method == "zeroshot" or record.summary is None:
+        return None
+    zeroshot = next((m.get("per-client", {}) for m in record.metrics if m.get("phase") == "zeroshot"), {})
+    evals = [m for m in record.metrics if m.get("phase") == "train" and "per-client" in m]
+    window = (record.summary.get("last-rounds-mean") or {}).get("rounds")
+    count = window[1] - window[0] + 1 if window else 1
+    return worst_client(zeroshot, last_rounds_per_client(evals, count, (key,)), key).get("gain")
 
 
 def published_epsilon(record: RunRecord, key: str) -> float | None:

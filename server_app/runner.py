@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
 
@@ -13,14 +14,16 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from dpfpl.common.config import RunConfig
+from dpfpl.common.evaluation import last_rounds_per_client, worst_client
 from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
+from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
 from dpfpl.common.prompt import initial_global_prompt
 
 from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
-from .strategy import PromptStrategy, global_noise_multiplier
+from .strategy import InvalidReply, PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
@@ -34,12 +37,55 @@ def config_fingerprint(cfg: RunConfig) -> str:
 
 
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
-    # the setup phase is each node's first contact (model load, feature encoding): it has its own, longer wait
-    seconds = strategy.cfg.setup_timeout if server_round == 0 else strategy.cfg.round_timeout
     replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid), timeout=seconds or None)
+        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid),
+        timeout=strategy.cfg.round_timeout or None)
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
+
+
+def setup_phase(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> dict:
+    """Round 0: every connected node loads the model, checks its data and evaluates the hand-crafted prompt.
+    A node whose reply passes is healthy. With fewer healthy nodes than min-clients no round could ever
+    update the global prompt, so the run stops here (``RunFailed``) with every failed node and its reason,
+    instead of running its rounds for nothing."""
+    cfg = strategy.cfg  # a node's first contact (model load, feature encoding) has its own, longer wait
+    messages = list(strategy.configure_evaluate(0, strategy.current_arrays(), ConfigRecord({"phase": "zeroshot"}),
+                                                grid))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.setup_timeout or None))
+    failures, answered = [], set()
+    for msg in replies:
+        answered.add(msg.metadata.src_node_id)
+        try:
+            strategy.validate_evaluate_reply(msg, 0)
+        except InvalidReply as err:
+            failures.append(node_failure(msg.metadata.src_node_id, str(err)))
+    waited = f"within setup-timeout = {cfg.setup_timeout:g} s" if cfg.setup_timeout else "before the run ended"
+    failures += [node_failure(m.metadata.dst_node_id, f"no reply {waited}") for m in messages
+                 if m.metadata.dst_node_id not in answered]
+    result = strategy.aggregate_evaluate(0, replies)
+    healthy = int(result["num-clients"]) if result is not None else 0
+    for failure in failures:
+        log.error("setup: %s failed: %s", failure.node, failure.reason)
+    if healthy < cfg.min_clients:
+        outcome = RunOutcome(status="setup-failed", min_clients=cfg.min_clients, healthy_nodes=healthy,
+                             failed_nodes=failures)
+        outcome.write(run_dir.path)
+        log.error("%s", outcome.paragraph())
+        raise RunFailed(outcome.paragraph())
+    return dict(result)
+
+
+_PARTITION_PREFIX = re.compile(r"^(partition-\d+): (.*)$", re.DOTALL)
+
+
+def node_failure(node_id: int, reason: str) -> NodeFailure:
+    """A failed node under the name the server knows (Flower's node id), plus the partition it names itself
+    by in simulation (Flower's simulated node ids are random; the partition is what the user configured)."""
+    match = _PARTITION_PREFIX.match(reason)
+    if match:
+        return NodeFailure(node=f"node {node_id} ({match.group(1)})", reason=match.group(2))
+    return NodeFailure(node=f"node {node_id}", reason=reason)
 
 
 def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
@@ -81,9 +127,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
 
     if state.server_round == 0:
-        zs = _evaluate(strategy, grid, 0, "zeroshot")
-        if not state.node_sample_rates:
-            raise RuntimeError("no node answered the setup phase; check that SuperNodes are connected")
+        zs = setup_phase(strategy, grid, run_dir)
         state.zeroshot = zs
         q_max = max(state.node_sample_rates.values())
         state.noise_multiplier_global = global_noise_multiplier(cfg, q_max, strategy.method)
@@ -123,6 +167,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
 
     summary = summarize(cfg, state, run_dir.read_metrics(), strategy)
     run_dir.write_summary(summary)
+    outcome = run_outcome(cfg, summary, healthy_nodes=len(state.node_sample_rates))
+    outcome.write(run_dir.path)
+    if outcome.status != "completed":
+        log.error("%s", outcome.paragraph())
+        raise RunFailed(outcome.paragraph())  # Flower then marks the run failed: it has no result
+    log.log(logging.WARNING if outcome.failed_rounds else logging.INFO, "%s", outcome.paragraph())
     return summary
 
 
@@ -143,6 +193,13 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
     log.info("round %d/%d %s", state.server_round, cfg.num_server_rounds,
              " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
 
+
+def run_outcome(cfg: RunConfig, summary: dict, healthy_nodes: int) -> RunOutcome:
+    """A run whose training rounds all left the global prompt untouched has no result (its "final" prompt is
+    the initialization), whatever its table would show."""
+    run, updated = summary["rounds-run"], summary["rounds-updated"]
+    return RunOutcome(status="no-round-updated" if run and not updated else "completed", min_clients=cfg.min_clients,
+                      healthy_nodes=healthy_nodes, rounds_run=run, rounds_updated=updated)
 
 
 PROTOCOL_DESCRIPTIONS = {
@@ -190,29 +247,21 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
     return out
 
 
-def worst_client(zeroshot: dict, final: dict, key: str = LOCAL_ACC) -> dict:
-    """The client whose personalized prompt gained least over its own zero-shot accuracy (a mean can hide a
-    collapsed node). Empty when no client has both numbers."""
-    gains = {c: final[c][key] - zeroshot[c][key] for c in final
-             if key in final[c] and key in zeroshot.get(c, {})}
-    if not gains:
-        return {}
-    client = min(gains, key=gains.get)
-    return {"client": client, key: final[client][key], f"zeroshot-{key}": zeroshot[client][key],
-            "gain": gains[client], "clients-below-zeroshot": sum(g < 0 for g in gains.values())}
-
-
 def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
     evals = [m for m in metrics if m.get("phase") == "train" and LOCAL_ACC in m]
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
         evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
+    train = [m for m in metrics if m.get("phase") == "train"]
     zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
     final_per_client = last.get("per-client", {})
     return {
         "method": cfg.method,
         "model": f"{cfg.model_name} ({cfg.pretrained})",
         "rounds": state.server_round,
+        # rounds that ran and rounds whose replies (at least min-clients valid ones) updated the global prompt
+        "rounds-run": len(train),
+        "rounds-updated": sum(1 for m in train if m.get("updated") is True),
         "num-clients": cfg.num_clients,
         "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
@@ -220,7 +269,10 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
         "zeroshot-per-client": zeroshot_per_client,
-        "worst-client": worst_client(zeroshot_per_client, final_per_client),
+        # the worst client by the table's own measure (the mean of the last rounds), and in the final round alone
+        "worst-client": worst_client(zeroshot_per_client, last_rounds_per_client(evals, cfg.eval_last, SUMMARY_ACCURACY_KEYS)
+                                     if cfg.eval_last and strategy.method.trains else final_per_client),
+        "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
             "dp": cfg.dp,

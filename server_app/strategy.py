@@ -31,6 +31,7 @@ from dpfpl.common.evaluation import harmonic_mean
 from dpfpl.common.methods import Method, build_method
 from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
 from dpfpl.common.optim import noise_bounded_lr, sgd_update
+from dpfpl.common.outcome import client_error_text
 from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
@@ -227,7 +228,7 @@ class PromptStrategy(Strategy):
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
-            raise InvalidReply(f"node reported an error: {msg.error.reason}")
+            raise InvalidReply(f"node reported an error: {client_error_text(msg.error.reason)}")
         content = msg.content
         metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
         self.check_round_and_run(metrics, server_round)
@@ -257,10 +258,12 @@ class PromptStrategy(Strategy):
         return grad, metrics
 
     def validate_evaluate_reply(self, msg: Message, server_round: int) -> tuple[None, dict]:
+        """(None, metrics) of a usable evaluation reply, or InvalidReply saying why it is not. At round 0 this is
+        the setup check: a node whose reply passes has loaded the model and checked its data."""
         if msg.has_error():
-            raise InvalidReply(f"node failed to evaluate: {msg.error.reason}")
+            raise InvalidReply(client_error_text(msg.error.reason))
         if "metrics" not in msg.content.metric_records:
-            raise InvalidReply("evaluation reply has no metrics")
+            raise InvalidReply("the evaluation reply has no metrics")
         metrics = dict(msg.content["metrics"])
         self.check_round_and_run(metrics, server_round)
         return None, metrics

@@ -18,6 +18,7 @@ from dpfpl.client_app.app import app as client_app
 from dpfpl.client_app.state import NODE_KEY_FILE, NodeState, node_key
 from dpfpl.common.classlist import ClassListMismatch, check_class_list, class_list_digest
 from dpfpl.common.config import RunConfig
+from dpfpl.common.outcome import RunFailed
 from dpfpl.common.privacy import accounted_epsilon
 from dpfpl.common.runtag import run_tag
 from dpfpl.inprocess import InProcessGrid, full_run_config
@@ -121,7 +122,7 @@ def test_the_node_key_is_stable_and_a_damaged_key_file_is_refused(tmp_path):
 def test_a_class_list_that_differs_from_the_servers_fails_before_any_work(tmp_path, cache_dir, caplog):
     config = full_run_config({**TINY, "num-server-rounds": 1, "run-dir": str(tmp_path / "run2")})
     grid = InProcessGrid(client_app, config, 3, {"num-threads": 1, "classnames": "cat,dog,cow"})
-    with caplog.at_level(logging.ERROR), grid.identity(), pytest.raises(RuntimeError, match="no node answered"):
+    with caplog.at_level(logging.ERROR), grid.identity(), pytest.raises(RunFailed, match="before round 1"):
         run_federation(grid, RunConfig.from_flower(config))
     server = class_list_digest(RunConfig().class_list())
     mine = class_list_digest(["cat", "dog", "cow"])

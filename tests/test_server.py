@@ -144,7 +144,7 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
             return super().send_and_receive(messages, timeout=timeout)
 
     config = full_run_config({"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2,
-                              "dp": False, "pretrained": "none", "n-ctx": 4, "batch-size": 8, "round-timeout": 42.0,
+                              "dp": False, "pretrained": "none", "n-ctx": 4, "rank": 2, "batch-size": 8, "round-timeout": 42.0,
                               "setup-timeout": 420.0,
                               "run-dir": str(tmp_path / "run"), "resume": False})
     grid = RecordingGrid(client_app, config, 2, {})

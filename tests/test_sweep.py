@@ -305,13 +305,16 @@ def test_zeroshot_runs_once_and_is_not_repeated_by_a_second_sweep(cache_dir, tmp
 def test_worst_client_and_published_epsilon_tables(tmp_path):
     """A mean can hide a collapsed node: the table shows each cell's worst client (worst seed) and the
     published prompt's epsilon the accountant reported."""
-    from server_app.runner import worst_client
+    from dpfpl.common.evaluation import last_rounds_per_client, worst_client
 
     zeroshot = {"partition-0": {"local-acc": 0.80}, "partition-1": {"local-acc": 0.90}}
     final = {"partition-0": {"local-acc": 0.95}, "partition-1": {"local-acc": 0.70}}
     worst = worst_client(zeroshot, final)
     assert worst["client"] == "partition-1" and worst["gain"] == pytest.approx(-0.20)
     assert worst["clients-below-zeroshot"] == 1 and worst_client({}, final) == {}
+    # per client, the table's measure: the mean of the evaluations in the last rounds
+    evals = [{"round": r, "per-client": {"partition-0": {"local-acc": a}}} for r, a in ((5, 0.1), (9, 0.6), (10, 0.8))]
+    assert last_rounds_per_client(evals, 2)["partition-0"]["local-acc"] == pytest.approx(0.7)
 
     spec = SweepSpec(methods=["zeroshot", "dpfpl"], epsilons=["none", 1.0], seeds=[0, 1], ranks=[2], base={},
                      out=str(tmp_path))
@@ -321,10 +324,17 @@ def test_worst_client_and_published_epsilon_tables(tmp_path):
         if run.method == "dpfpl":
             path = run_dir_of(tmp_path, run) / "summary.json"
             summary = json.loads(path.read_text())
-            summary["worst-client"] = {"client": "partition-1", "gain": -0.01 - 0.02 * run.seed}
             if run.epsilon is not None:
                 summary["privacy"]["epsilon-published-max"] = 0.9 + 0.05 * run.seed
             path.write_text(json.dumps(summary))
+            # partition-1 loses 1 + 2 x seed points on average over the last rounds (6-10); round 5 is outside
+            drop = 0.01 + 0.02 * run.seed
+            clients = lambda a: {"partition-0": {"local-acc": 0.95}, "partition-1": {"local-acc": a}}  # noqa: E731
+            metrics = [{"round": 0, "phase": "zeroshot", "per-client": clients(0.90)},
+                       {"round": 5, "phase": "train", "local-acc": 0.1, "per-client": clients(0.10)},
+                       {"round": 8, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90 - 2 * drop)},
+                       {"round": 10, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90)}]
+            (path.parent / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     report(tmp_path)
     table = (tmp_path / "table.md").read_text()
     worst_section = table.split("## Worst client")[1].split("##")[0]
