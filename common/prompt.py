@@ -193,8 +193,11 @@ class PromptTextEncoder(nn.Module):
     def reference_context_norm(self) -> float:
         """The norm of a typical n_ctx-token context: sqrt(n_ctx) x the RMS norm of the token embeddings.
         A public scale (the frozen model's own) against which prompt perturbations are measured."""
-        rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
-        return float(rows) * self.n_ctx ** 0.5
+        cached = getattr(self, "_reference_norm", None)
+        if cached is None:  # the frozen embeddings never change: computed once per encoder
+            rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
+            cached = self._reference_norm = float(rows) * self.n_ctx ** 0.5
+        return cached
 
 
 CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)
