@@ -68,10 +68,17 @@ def advertise(msg: Message, context: Context) -> Message:
     reference = initial_global_prompt(cfg)  # public: from the run seed, the same on every party
     vector = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
     basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
-    lcc = validate(int(config["num-users"]), cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy,
-                   cfg.secfpp_quantization_bits, (1 << 61) - 1)
-    client = ClusteringClient(int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits,
-                              str(config["phase"]))
+    lcc = validate(
+        int(config["num-users"]),
+        cfg.secfpp_reduced_dim,
+        cfg.secfpp_slices,
+        cfg.secfpp_privacy,
+        cfg.secfpp_quantization_bits,
+        (1 << 61) - 1,
+    )
+    client = ClusteringClient(
+        int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits, str(config["phase"])
+    )
     _save(path, client)
     # the node key lets the server keep this node's cluster across a restart (server_app/secfpp_round.py)
     return _reply(msg, {"pk": client.public, "node-key": node_key(path.parent)})
@@ -110,10 +117,13 @@ def decide(msg: Message, context: Context) -> Message:
     cfg, _, path = _setup(context)
     config = msg.content["config"]
     client = _load(path, str(config["phase"]))
-    decision = client.decide({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
-                             [int(a) for a in config["assignment"]], int(config["iteration"]),
-                             threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
-                             frozenset(int(e) for e in config["exclude"]))
+    decision = client.decide(
+        {int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
+        [int(a) for a in config["assignment"]],
+        int(config["iteration"]),
+        threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
+        frozenset(int(e) for e in config["exclude"]),
+    )
     _save(path, client)
     return _reply(msg, {"cluster": decision.cluster, "far": int(decision.far)})
 

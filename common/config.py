@@ -15,8 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 if TYPE_CHECKING:
     import torch
 
-DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
-                      "cifar100", "folder", "csv"]
+DatasetName = Literal[
+    "demo",
+    "silo",
+    "caltech101",
+    "oxford_pets",
+    "oxford_flowers",
+    "food101",
+    "dtd",
+    "cifar10",
+    "cifar100",
+    "folder",
+    "csv",
+]
 # the run config's ``method``: the one list of method names (``dpfpl.common.methods.build_method`` builds each)
 MethodName = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
 METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
@@ -108,8 +119,10 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.dp and self.target_epsilon == 0 and (
-            self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0
+        if (
+            self.dp
+            and self.target_epsilon == 0
+            and (self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0)
         ):
             raise ValueError(
                 "dp = true needs either target-epsilon > 0 (calibrate the noise) or both "
@@ -120,17 +133,26 @@ class RunConfig(BaseModel):
         if self.dataset not in ("demo", "silo") and not self.data_root:
             raise ValueError(f"dataset = '{self.dataset}' needs data-root (the folder that holds it)")
         if self.dataset == "silo" and (self.partition != "pathological" or self.num_shots or self.augment_views):
-            raise ValueError("dataset = 'silo' is each organization's own data: partition, num-shots and "
-                             "augment-views do not apply")
+            raise ValueError(
+                "dataset = 'silo' is each organization's own data: partition, num-shots and augment-views do not apply"
+            )
         if self.secure_aggregation and self.method in ("zeroshot", "coop"):
-            raise ValueError(f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
-                             "nothing to aggregate securely (use a method with a global prompt, or turn it off)")
+            raise ValueError(
+                f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
+                "nothing to aggregate securely (use a method with a global prompt, or turn it off)"
+            )
         if self.method == "secfpp":
             from .secfpp.protocol import validate
 
             # the phase must decode (2(K+T-1)+1 <= N) and must not wrap around with all N clients
-            validate(self.num_clients, self.secfpp_reduced_dim, self.secfpp_slices, self.secfpp_privacy,
-                     self.secfpp_quantization_bits, (1 << 61) - 1)
+            validate(
+                self.num_clients,
+                self.secfpp_reduced_dim,
+                self.secfpp_slices,
+                self.secfpp_privacy,
+                self.secfpp_quantization_bits,
+                (1 << 61) - 1,
+            )
             if self.secure_aggregation:  # each cluster is its own secure-aggregation group
                 from .secagg.protocol import min_group_size
 
@@ -140,11 +162,14 @@ class RunConfig(BaseModel):
                         f"method 'secfpp' with secure-aggregation = true sums each cluster on its own, and a sum that "
                         f"tolerates {self.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
                         f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
-                        "secagg-dropout-tolerance")
+                        "secagg-dropout-tolerance"
+                    )
         if self.evaluation == "validation" and (self.dataset == "silo" or self.partition == "base-novel"):
-            raise ValueError("evaluation = 'validation' holds out part of the partitioned training split: it "
-                             "needs a partitioned data set and a partition other than base-novel (whose novel "
-                             "classes have no training records to hold out)")
+            raise ValueError(
+                "evaluation = 'validation' holds out part of the partitioned training split: it "
+                "needs a partitioned data set and a partition other than base-novel (whose novel "
+                "classes have no training records to hold out)"
+            )
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self
@@ -171,7 +196,9 @@ class RunConfig(BaseModel):
         if self.dataset != "silo":
             from .data.registry import load_dataset
 
-            return list(load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames)
+            return list(
+                load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames
+            )
         return self.explicit_classnames()
 
     def explicit_classnames(self) -> list[str]:
@@ -209,8 +236,10 @@ class NodeConfig(BaseModel):
         device = torch.device(self.device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"node config device='{self.device}' but this machine has no usable CUDA GPU; "
-                                 "use device=\"cpu\" or \"auto\"")
+                raise ValueError(
+                    f"node config device='{self.device}' but this machine has no usable CUDA GPU; "
+                    'use device="cpu" or "auto"'
+                )
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise ValueError(f"node config device='{self.device}' but only {torch.cuda.device_count()} GPU(s)")
         return device

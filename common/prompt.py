@@ -91,8 +91,9 @@ class PromptTextEncoder(nn.Module):
     ``[SOS] ctx`` common to all classes run once instead of C times (``prefix_sharing``: exact, causal mask).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, classnames: list[str], n_ctx: int,
-                 share_prefix: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, classnames: list[str], n_ctx: int, share_prefix: bool = True
+    ) -> None:
         super().__init__()
         if not classnames:
             raise ValueError("the class-name list is empty")
@@ -196,22 +197,24 @@ class PromptTextEncoder(nn.Module):
         cached = getattr(self, "_reference_norm", None)
         if cached is None:  # the frozen embeddings never change: computed once per encoder
             rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
-            cached = self._reference_norm = float(rows) * self.n_ctx ** 0.5
+            cached = self._reference_norm = float(rows) * self.n_ctx**0.5
         return cached
 
 
 CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)
 
 
-def random_context(rows: int, width: int, generator: torch.Generator | None = None,
-                   std: float = CONTEXT_INIT_STD) -> torch.Tensor:
+def random_context(
+    rows: int, width: int, generator: torch.Generator | None = None, std: float = CONTEXT_INIT_STD
+) -> torch.Tensor:
     """A (rows, width) tensor drawn from N(0, std^2): the random init of a learnable prompt tensor."""
     return torch.randn(rows, width, generator=generator) * std
 
 
 @torch.no_grad()
-def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def _init_context(
+    token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """Context initialization: random N(0, 0.02^2) (CoOp/DP-FPL default) or the embedding of a text.
 
     An init text shorter than n_ctx fills the first positions; the rest stay random.
@@ -237,8 +240,7 @@ def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
     token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.ctx_init:
-        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx,
-                                 cfg.ctx_init, gen)
+        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx, cfg.ctx_init, gen)
     register_model_configs()
     model_cfg = open_clip.get_model_config(cfg.model_name)
     if model_cfg is None:

@@ -30,8 +30,9 @@ class _BesideFinder:
         if package != __name__ or name not in _MAPPED:
             return None
         folder = _TOP / name
-        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        return importlib.util.spec_from_file_location(
+            fullname, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
 
 
 if (_TOP / "pyproject.toml").is_file() and all((_TOP / n / "__init__.py").is_file() for n in _MAPPED):

@@ -1,20 +1,20 @@
 """The user's commands.
 
-    dpfpl demo                 build the demo backbone (once), run DP-FPL with 10 simulated clients on the
-                               embedded default, print zero-shot vs final accuracy and the privacy report
-    dpfpl simulate -c k=v ...  the same engine with any run-config override (keys of [tool.flwr.app.config])
-    dpfpl prepare              only build/cache the backbone and the data set's image features
-    dpfpl partition -c k=v     print the data set and each simulated client's classes and counts
-    dpfpl presets              list the papers' settings (use with --preset NAME)
-    dpfpl report RUN_DIR       print the table of a finished run
-    dpfpl export RUN_DIR --node I --out prompt.safetensors
-                               publish node I's personalized prompt with its manifest (model, classes, epsilon)
-    dpfpl predict prompt.safetensors IMAGES_OR_FOLDERS -k 3
-                               classify images with a published prompt and the OpenCLIP model it names
-    dpfpl attack --methods dpfpl,coop --epsilons none,8,1,0.1 --out runs/attack
-                               membership inference against published prompts, per epsilon (table + plot)
-    dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
-                               run every combination (resumable) and write results.csv, table.md and plots
+dpfpl demo                 build the demo backbone (once), run DP-FPL with 10 simulated clients on the
+                           embedded default, print zero-shot vs final accuracy and the privacy report
+dpfpl simulate -c k=v ...  the same engine with any run-config override (keys of [tool.flwr.app.config])
+dpfpl prepare              only build/cache the backbone and the data set's image features
+dpfpl partition -c k=v     print the data set and each simulated client's classes and counts
+dpfpl presets              list the papers' settings (use with --preset NAME)
+dpfpl report RUN_DIR       print the table of a finished run
+dpfpl export RUN_DIR --node I --out prompt.safetensors
+                           publish node I's personalized prompt with its manifest (model, classes, epsilon)
+dpfpl predict prompt.safetensors IMAGES_OR_FOLDERS -k 3
+                           classify images with a published prompt and the OpenCLIP model it names
+dpfpl attack --methods dpfpl,coop --epsilons none,8,1,0.1 --out runs/attack
+                           membership inference against published prompts, per epsilon (table + plot)
+dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
+                           run every combination (resumable) and write results.csv, table.md and plots
 """
 
 from __future__ import annotations
@@ -93,8 +93,13 @@ def _fmt(x) -> str:
     return str(x)
 
 
-REPORT_COLUMNS = {"local-acc": "local", "neighbor-acc": "neighbor", "base-acc": "base", "novel-acc": "novel",
-                  "hm-of-means": "HM"}
+REPORT_COLUMNS = {
+    "local-acc": "local",
+    "neighbor-acc": "neighbor",
+    "base-acc": "base",
+    "novel-acc": "novel",
+    "hm-of-means": "HM",
+}
 
 
 def reference_dir(run_dir: Path) -> Path:
@@ -135,9 +140,11 @@ def report(run_dir: Path) -> str:
         worst_rows.append(("final round", summary.get("worst-client-final-round")))
     for title, worst in worst_rows:
         if worst:
-            lines.append(f"worst client, {title} ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
-                         f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
-                         f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot")
+            lines.append(
+                f"worst client, {title} ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
+                f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
+                f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot"
+            )
     if "rounds-updated" in summary:
         updated, run = summary["rounds-updated"], summary["rounds-run"]
         note = "" if updated == run else "  (the other rounds had fewer than min-clients valid replies)"
@@ -177,8 +184,11 @@ def plot(run_dir: Path) -> Path:
             ax_acc.plot(*zip(*pts), marker="o", label=label)
     ax_acc.set(xlabel="round", ylabel="accuracy (mean over clients)", title="personalized prompt (round 0: zero-shot)")
     ax_acc.legend()
-    for key, label in (("epsilon-local-max", "LDP mechanism alone"), ("epsilon-global-max", "global prompt p_G"),
-                       ("epsilon-published-max", "published p_G + p_L")):
+    for key, label in (
+        ("epsilon-local-max", "LDP mechanism alone"),
+        ("epsilon-global-max", "global prompt p_G"),
+        ("epsilon-published-max", "published p_G + p_L"),
+    ):
         pts = [(r["round"], r[key]) for r in rows if key in r]
         if pts:
             ax_eps.plot(*zip(*pts), label=label)
@@ -201,26 +211,33 @@ def _checked_config(overrides: dict) -> RunConfig:
     try:
         return RunConfig.from_flower({**RunConfig.defaults(), **overrides})
     except ValidationError as err:
-        problems = [f"  {'-'.join(str(x) for x in e['loc']).replace('_', '-') or 'run config'}: "
-                    f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors()]
+        problems = [
+            f"  {'-'.join(str(x) for x in e['loc']).replace('_', '-') or 'run config'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        ]
         raise SystemExit("dpfpl: invalid run config:\n" + "\n".join(problems)) from None
     except DatasetError as err:
         raise SystemExit(f"dpfpl: {err}") from None
 
 
-def simulate(overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool,
-             gpus_per_client: float | None = None) -> Path:
+def simulate(
+    overrides: dict, run_dir: Path, num_supernodes: int | None, stream: bool, gpus_per_client: float | None = None
+) -> Path:
     import torch
 
     config = {**RunConfig.defaults(), **overrides, "run-dir": str(run_dir.resolve())}
     cfg = _checked_config({**overrides, "run-dir": str(run_dir.resolve())})  # fail fast on a bad key or value
     prepare(cfg)
     if gpus_per_client is None:  # share the visible GPUs among at most 4 concurrent clients; none: CPU
-        gpus_per_client = min(1.0, torch.cuda.device_count() / min(4, cfg.num_clients)) if torch.cuda.is_available() else 0.0
+        gpus_per_client = (
+            min(1.0, torch.cuda.device_count() / min(4, cfg.num_clients)) if torch.cuda.is_available() else 0.0
+        )
     started = time.time()
     try:
-        run_simulation(config, num_supernodes or cfg.num_clients, run_dir, stream=stream,
-                       num_gpus_per_client=gpus_per_client)
+        run_simulation(
+            config, num_supernodes or cfg.num_clients, run_dir, stream=stream, num_gpus_per_client=gpus_per_client
+        )
     except RunFailed as err:
         raise _explained(err, run_dir, started) from err
     return run_dir
@@ -258,10 +275,21 @@ def _warn_failed_rounds(run_dir: Path, since: float) -> None:
 # (local-noise-radius); the noise is calibrated for the published prompt p_G + p_L. 50 rounds (not the paper's
 # 100) keep the demo, pretraining included, within minutes on 2 CPU cores.
 DEMO_PRESET = {
-    "n-ctx": 4, "ctx-init": "a photo of a", "local-init-std": 0.0002, "rank": 2,
-    "max-grad-norm-local": 1.0, "max-grad-norm-global": 1.0, "calibrate-for": "published", "target-epsilon": 1.0,
-    "lr-global": 0.1, "lr-local": 0.1, "local-noise-radius": 0.1, "global-noise-radius": 0.6,
-    "num-server-rounds": 50, "eval-every": 5, "resume": False,
+    "n-ctx": 4,
+    "ctx-init": "a photo of a",
+    "local-init-std": 0.0002,
+    "rank": 2,
+    "max-grad-norm-local": 1.0,
+    "max-grad-norm-global": 1.0,
+    "calibrate-for": "published",
+    "target-epsilon": 1.0,
+    "lr-global": 0.1,
+    "lr-local": 0.1,
+    "local-noise-radius": 0.1,
+    "global-noise-radius": 0.6,
+    "num-server-rounds": 50,
+    "eval-every": 5,
+    "resume": False,
 }
 
 
@@ -283,15 +311,23 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
     preset = preset_overrides(args.preset) if args.preset else DEMO_PRESET
     # the grid's own axes (method, epsilon, rank, seed, ...) come from the sweep, not from the preset
-    base = {**{k: v for k, v in preset.items() if k not in SWEEP_KEYS}, "resume": True,
-            **_parse_overrides(args.run_config)}
+    base = {
+        **{k: v for k, v in preset.items() if k not in SWEEP_KEYS},
+        "resume": True,
+        **_parse_overrides(args.run_config),
+    }
     try:
         spec = SweepSpec(
-            methods=_split(args.methods), seeds=[int(s) for s in _split(args.seeds)],
+            methods=_split(args.methods),
+            seeds=[int(s) for s in _split(args.seeds)],
             epsilons=[NO_DP if e.lower() == NO_DP else float(e) for e in _split(args.epsilons)],
-            ranks=[int(r) for r in _split(args.ranks)], base=base, out=str(out), runtime=args.runtime,
+            ranks=[int(r) for r in _split(args.ranks)],
+            base=base,
+            out=str(out),
+            runtime=args.runtime,
             workers=args.workers,
-            command=" ".join(["dpfpl", *(shlex.quote(a) for a in argv)]))
+            command=" ".join(["dpfpl", *(shlex.quote(a) for a in argv)]),
+        )
         print("sweep base overrides:", ", ".join(f"{k}={v}" for k, v in base.items()))
         outcome = run_sweep(spec)
     except ValueError as err:  # a bad list or run config: say so before any run starts
@@ -317,8 +353,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .common.models import WeightsMismatchError, WeightsUnavailableError
     from .publish import PromptMismatchError, PublishedPromptError
 
-    return (DatasetError, WeightsUnavailableError, WeightsMismatchError, ClassListMismatch, PublishedPromptError,
-            PromptMismatchError, RunFailed)
+    return (
+        DatasetError,
+        WeightsUnavailableError,
+        WeightsMismatchError,
+        ClassListMismatch,
+        PublishedPromptError,
+        PromptMismatchError,
+        RunFailed,
+    )
 
 
 def one_paragraph(text: str) -> str:
@@ -345,23 +388,36 @@ def _main(argv: list[str]) -> None:
 
         bench_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="--debug (anywhere): show the traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="dpfpl",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="--debug (anywhere): show the traceback of an error",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     preset_help = "a named run-config preset (`dpfpl presets` lists them), applied under -c overrides"
     for name in ("demo", "simulate"):
         p = sub.add_parser(name)
         p.add_argument("--preset", help=preset_help)
         p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
-        p.add_argument("--run-dir", default=None,
-                       help=f"where the run writes (default: -c run-dir=..., else runs/{'demo' if name == 'demo' else 'latest'})")
+        p.add_argument(
+            "--run-dir",
+            default=None,
+            help=f"where the run writes (default: -c run-dir=..., else runs/{'demo' if name == 'demo' else 'latest'})",
+        )
         p.add_argument("--quiet", action="store_true", help="do not stream the Flower logs")
         if name == "demo":
-            p.add_argument("--no-reference", action="store_true",
-                           help="skip the non-private reference run (the same recipe with dp = false)")
-        p.add_argument("--gpus-per-client", type=float, default=None,
-                       help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is "
-                            "visible, else 0)")
+            p.add_argument(
+                "--no-reference",
+                action="store_true",
+                help="skip the non-private reference run (the same recipe with dp = false)",
+            )
+        p.add_argument(
+            "--gpus-per-client",
+            type=float,
+            default=None,
+            help="GPU share of each simulated client (default: GPUs / min(4, clients) when CUDA is visible, else 0)",
+        )
     p = sub.add_parser("submit", help="submit to a SuperLink connection in $FLWR_HOME/config.toml and follow it")
     p.add_argument("connection")
     p.add_argument("--preset", help=preset_help)
@@ -384,11 +440,20 @@ def _main(argv: list[str]) -> None:
     p.add_argument("--ranks", default="8", help="ranks of the factorized methods (dpfpl, dpfpl-noresidual, fedpgp)")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--preset", help=preset_help + " (instead of the demo preset)")
-    p.add_argument("-c", "--run-config", action="append", default=[],
-                   help="key=value (TOML value), applied to every run over the demo preset")
+    p.add_argument(
+        "-c",
+        "--run-config",
+        action="append",
+        default=[],
+        help="key=value (TOML value), applied to every run over the demo preset",
+    )
     p.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process")
-    p.add_argument("--runtime", choices=("inprocess", "flower"), default="inprocess",
-                   help="inprocess (default): same apps, no SuperLink; flower: a Flower simulation per run")
+    p.add_argument(
+        "--runtime",
+        choices=("inprocess", "flower"),
+        default="inprocess",
+        help="inprocess (default): same apps, no SuperLink; flower: a Flower simulation per run",
+    )
     p.add_argument("--report-only", action="store_true", help="only rebuild csv, table and plots from --out")
     prompt_commands.add_parsers(sub)
     args = parser.parse_args(argv)
@@ -436,12 +501,16 @@ def _main(argv: list[str]) -> None:
         if args.run_dir and "run-dir" in overrides and Path(args.run_dir) != Path(str(overrides["run-dir"])):
             sys.exit(f"dpfpl: --run-dir {args.run_dir} and -c run-dir={overrides['run-dir']} disagree; give one")
         run_dir = Path(args.run_dir or overrides.get("run-dir") or default_dir)
-        run_dir = simulate(overrides, run_dir, None, stream=not args.quiet,
-                           gpus_per_client=args.gpus_per_client)
+        run_dir = simulate(overrides, run_dir, None, stream=not args.quiet, gpus_per_client=args.gpus_per_client)
         if args.command == "demo" and not args.no_reference and overrides.get("dp", True):
             print("\nthe same recipe without DP (the reference that shows what privacy costs):")
-            simulate({**overrides, "dp": False}, reference_dir(run_dir), None,
-                     stream=False, gpus_per_client=args.gpus_per_client)
+            simulate(
+                {**overrides, "dp": False},
+                reference_dir(run_dir),
+                None,
+                stream=False,
+                gpus_per_client=args.gpus_per_client,
+            )
         print()
         print(report(run_dir))
         print(f"curves: {plot(run_dir)}")

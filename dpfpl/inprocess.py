@@ -85,8 +85,14 @@ def task_identity(run_id: int, node_id: int, task_id: int) -> Iterator[None]:
 class InProcessGrid(Grid):
     """A ``Grid`` whose nodes are ClientApp calls in this process (see the module docstring)."""
 
-    def __init__(self, client_app: ClientApp, run_config: dict, num_nodes: int,
-                 node_config: dict | None = None, run_id: int | None = None) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        run_config: dict,
+        num_nodes: int,
+        node_config: dict | None = None,
+        run_id: int | None = None,
+    ) -> None:
         if num_nodes < 1:
             raise ValueError("num_nodes must be at least 1")
         self.client_app = client_app
@@ -98,8 +104,9 @@ class InProcessGrid(Grid):
         for partition_id in range(num_nodes):
             node_id = node_id_for(partition_id)
             config = {"partition-id": partition_id, "num-partitions": num_nodes, **(node_config or {})}
-            self.contexts[node_id] = Context(run_id=run.run_id, node_id=node_id, node_config=config,
-                                             state=RecordDict(), run_config=dict(run_config))
+            self.contexts[node_id] = Context(
+                run_id=run.run_id, node_id=node_id, node_config=config, state=RecordDict(), run_config=dict(run_config)
+            )
         self._replies: dict[str, Message] = {}
 
     # ------------------------------------------------------------------ run
@@ -117,8 +124,9 @@ class InProcessGrid(Grid):
         return task_identity(self._run.run_id, SUPERLINK_NODE_ID, self._run.primary_task_id or 1)
 
     # ------------------------------------------------------------------ nodes and messages
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
@@ -148,16 +156,22 @@ class InProcessGrid(Grid):
             reply.metadata.__dict__["_message_id"] = reply.object_id
             problems = validate_message(reply, is_reply_message=True)
             if reply.metadata.reply_to_message_id != received.metadata.message_id:
-                problems.append("it does not reply to the message it received (build it with "
-                                "Message(content, reply_to=message))")
+                problems.append(
+                    "it does not reply to the message it received (build it with Message(content, reply_to=message))"
+                )
             if problems:
                 raise ValueError(f"the ClientApp's reply is invalid: {'; '.join(problems)}")
         except Exception as ex:  # as Flower's runtime: any exception becomes an error reply
-            log.error("ClientApp of node %s (partition %s) raised an exception", context.node_id,
-                      context.node_config.get("partition-id"), exc_info=ex)
+            log.error(
+                "ClientApp of node %s (partition %s) raised an exception",
+                context.node_id,
+                context.node_config.get("partition-id"),
+                exc_info=ex,
+            )
             context.state = state_before  # Flower keeps the node's context of before the failed message
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error_reason(ex)),
-                            reply_to=received)
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=error_reason(ex)), reply_to=received
+            )
             reply.metadata.__dict__["_message_id"] = reply.object_id
         return _over_the_wire(reply, reply.metadata.message_id)
 

@@ -48,9 +48,16 @@ def _toml_value(v) -> str:
     return repr(v)
 
 
-def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cpus_per_client: int = 1,
-                   timeout: float = 3600, stream: bool = True, num_gpus_per_client: float = 0.0,
-                   tag: str | None = None) -> None:
+def run_simulation(
+    run_config: dict,
+    num_supernodes: int,
+    work_dir: Path,
+    num_cpus_per_client: int = 1,
+    timeout: float = 3600,
+    stream: bool = True,
+    num_gpus_per_client: float = 0.0,
+    tag: str | None = None,
+) -> None:
     """Start a SuperLink (simulation mode), submit the app, wait for it, stop the SuperLink. Every process
     started carries ``tag`` (default: a fresh one) in ``DPFPL_LAUNCH_TAG``, so a caller can find them
     (dpfpl/bench/soak.py samples their memory)."""
@@ -59,21 +66,45 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet APIs on one HTTP port.
     port = free_port()
-    config = {"superlink": {"default": "dpfpl-sim", "dpfpl-sim": {
-        "address": f"127.0.0.1:{port}", "insecure": True,
-        "options": {"num-supernodes": num_supernodes,
-                    "backend": {"client-resources": {"num-cpus": num_cpus_per_client,
-                                                "num-gpus": float(num_gpus_per_client)}}},
-    }}}
+    config = {
+        "superlink": {
+            "default": "dpfpl-sim",
+            "dpfpl-sim": {
+                "address": f"127.0.0.1:{port}",
+                "insecure": True,
+                "options": {
+                    "num-supernodes": num_supernodes,
+                    "backend": {
+                        "client-resources": {"num-cpus": num_cpus_per_client, "num-gpus": float(num_gpus_per_client)}
+                    },
+                },
+            },
+        }
+    }
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = tag or uuid.uuid4().hex
     env = launch_env(flwr_home, tag)
     log_file = work_dir / "superlink.log"
     superlink = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--host", "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation",
-         "--database", str(work_dir / "superlink.db")],
-        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(work_dir / "superlink.db"),
+        ],
+        env=env,
+        stdout=open(log_file, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_for_port(port, superlink, log_file)
         submit_run("dpfpl-sim", run_config, env=env, timeout=timeout, stream=stream, cwd=work_dir)
@@ -85,9 +116,14 @@ def run_simulation(run_config: dict, num_supernodes: int, work_dir: Path, num_cp
 def launch_env(flwr_home: Path, tag: str) -> dict:
     """The environment of every process a launch starts: its own FLWR_HOME, no telemetry, this
     environment's Flower programs first on PATH, and the launch's tag (``tagged_processes``)."""
-    return {**os.environ, LAUNCH_TAG: tag, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        LAUNCH_TAG: tag,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
 
 
 def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> subprocess.Popen:
@@ -95,9 +131,24 @@ def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> sub
     state lives in ``database``: a SuperLink restarted on the same database knows its SuperNodes and runs.
     Insecure: loopback tests only (deploy/start-superlink.sh starts the TLS one)."""
     proc = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1",
-         "--port", str(port), "--disable-runtime-dependency-installation", "--database", str(database)],
-        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(database),
+        ],
+        env=env,
+        stdout=open(log_file, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for_port(port, proc, log_file)
     return proc
 
@@ -107,9 +158,21 @@ def start_supernode(superlink_port: int, node_config: dict, env: dict, log_file:
     SuperLink finds it again)."""
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
     return subprocess.Popen(
-        [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
-         "--port", str(free_port()), "--node-config", config],
-        env=env, stdout=open(log_file, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            _bin("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{superlink_port}",
+            "--port",
+            str(free_port()),
+            "--node-config",
+            config,
+        ],
+        env=env,
+        stdout=open(log_file, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def kill_tagged_processes(tag: str, timeout: float = 30.0) -> list[int]:
@@ -156,8 +219,14 @@ def _parse_run_id(stdout: str) -> int:
 
 
 def _status(run_id: int, env: dict, cwd: Path, connection: str = "dpfpl-sim") -> str:
-    out = subprocess.run([_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                         env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
+    out = subprocess.run(
+        [_bin("flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
     start = out.stdout.find("{")
     if start < 0:
         return "unknown"
@@ -170,8 +239,9 @@ def _follow(run_id: int, env: dict, cwd: Path, timeout: float, stream: bool, con
     (``flwr run --stream`` itself exits 0 even when the ServerApp fails)."""
     logs = None
     if stream:
-        logs = subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd,
-                                start_new_session=True)
+        logs = subprocess.Popen(
+            [_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env, cwd=cwd, start_new_session=True
+        )
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:
@@ -206,6 +276,7 @@ def tagged_processes(tag: str) -> list[int]:
 def stop_tagged_processes(tag: str, grace: float = 10.0) -> int:
     """Stop every process that inherited this launch's tag: the simulation process and its Ray workers
     are not all in the SuperLink's process group (Ray daemonizes some), but all inherit its environment."""
+
     def tagged() -> list[int]:
         return tagged_processes(tag)
 
@@ -250,10 +321,15 @@ def app_dir() -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     project = {
         "project": {"name": "dpfpl", "version": version("dpfpl")},
-        "tool": {"flwr": {"app": {"publisher": "dpfpl",
-                                  "components": {"serverapp": "dpfpl.server_app.app:app",
-                                                 "clientapp": "dpfpl.client_app.app:app"},
-                                  "config": RunConfig.defaults()}}},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "dpfpl",
+                    "components": {"serverapp": "dpfpl.server_app.app:app", "clientapp": "dpfpl.client_app.app:app"},
+                    "config": RunConfig.defaults(),
+                }
+            }
+        },
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
     return folder
@@ -273,15 +349,27 @@ def start_run(connection: str, run_config: dict, env: dict | None = None, cwd: P
     return _parse_run_id(out.stdout)
 
 
-def wait_run(run_id: int, connection: str, env: dict | None = None, timeout: float = 3600, stream: bool = True,
-             cwd: Path | None = None) -> None:
+def wait_run(
+    run_id: int,
+    connection: str,
+    env: dict | None = None,
+    timeout: float = 3600,
+    stream: bool = True,
+    cwd: Path | None = None,
+) -> None:
     """Follow a submitted run until it finishes; fail unless it completed."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     _follow(run_id, env, Path(cwd or "."), timeout, stream, connection)
 
 
-def submit_run(connection: str, run_config: dict, env: dict | None = None, timeout: float = 3600,
-               stream: bool = True, cwd: Path | None = None) -> int:
+def submit_run(
+    connection: str,
+    run_config: dict,
+    env: dict | None = None,
+    timeout: float = 3600,
+    stream: bool = True,
+    cwd: Path | None = None,
+) -> int:
     """Submit this app to an existing SuperLink connection, follow it, and fail unless it completed. Returns
     the run id."""
     run_id = start_run(connection, run_config, env, cwd)

@@ -72,13 +72,17 @@ class PromptClassifier:
     def top_k(self, probabilities: torch.Tensor, sources: list[str], k: int) -> list[Prediction]:
         k = max(1, min(k, len(self.classnames)))
         values, idx = probabilities.topk(k, dim=-1)
-        return [Prediction(src, [self.classnames[i] for i in row_i.tolist()], row_v.tolist())
-                for src, row_v, row_i in zip(sources, values, idx)]
+        return [
+            Prediction(src, [self.classnames[i] for i in row_i.tolist()], row_v.tolist())
+            for src, row_v, row_i in zip(sources, values, idx)
+        ]
 
     def image_features(self, paths: list[Path], batch: int = 128) -> torch.Tensor:
         """Model preprocessing (resize, crop, normalize) and the frozen image tower, ``batch`` files at a time."""
-        chunks = [encode_images(self.model, load_images(paths[i : i + batch], self.model.preprocess))
-                  for i in range(0, len(paths), batch)]
+        chunks = [
+            encode_images(self.model, load_images(paths[i : i + batch], self.model.preprocess))
+            for i in range(0, len(paths), batch)
+        ]
         return torch.cat(chunks) if chunks else torch.zeros(0, self.text_features.shape[1])
 
     def predict_files(self, paths: list[Path], k: int = 1, batch: int = 128) -> list[Prediction]:

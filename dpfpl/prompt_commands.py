@@ -57,10 +57,15 @@ def export(args: argparse.Namespace) -> None:
         raise SystemExit(f"dpfpl export: {err}") from None
     path = published.save(args.out)
     m = published.manifest
-    print(f"wrote {path}: {m.method} prompt, n_ctx {m.n_ctx}" + (f", rank {m.rank}" if m.rank else "")
-          + f", {len(m.classnames)} classes, model {m.model_name} ({m.pretrained}, sha256 {m.weights_sha256[:12]}...)")
-    print(f"parts: {', '.join(['prompt', *published.parts])} (the local prompt's factors, optimizer state and "
-          "data are not in the file)")
+    print(
+        f"wrote {path}: {m.method} prompt, n_ctx {m.n_ctx}"
+        + (f", rank {m.rank}" if m.rank else "")
+        + f", {len(m.classnames)} classes, model {m.model_name} ({m.pretrained}, sha256 {m.weights_sha256[:12]}...)"
+    )
+    print(
+        f"parts: {', '.join(['prompt', *published.parts])} (the local prompt's factors, optimizer state and "
+        "data are not in the file)"
+    )
     print(privacy_line(published))
 
 
@@ -69,10 +74,12 @@ def privacy_line(published) -> str:
     if not pr.dp:
         return "privacy: trained WITHOUT differential privacy: the prompt carries no guarantee for its records"
     fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
-    line = (f"privacy ({pr.accountant}; {pr.neighbouring_relation}; delta = {pr.delta:g}): epsilon of the published "
-            f"prompt {fmt(pr.epsilon)} for this node's records (LDP mechanism alone {fmt(pr.epsilon_local)}; p_G "
-            f"{fmt(pr.epsilon_global)}, GDP mechanism alone {fmt(pr.epsilon_gdp_mechanism)}), p_G "
-            f"{fmt(pr.epsilon_other_clients)} for other clients' records; {pr.noisy_steps} noisy steps")
+    line = (
+        f"privacy ({pr.accountant}; {pr.neighbouring_relation}; delta = {pr.delta:g}): epsilon of the published "
+        f"prompt {fmt(pr.epsilon)} for this node's records (LDP mechanism alone {fmt(pr.epsilon_local)}; p_G "
+        f"{fmt(pr.epsilon_global)}, GDP mechanism alone {fmt(pr.epsilon_gdp_mechanism)}), p_G "
+        f"{fmt(pr.epsilon_other_clients)} for other clients' records; {pr.noisy_steps} noisy steps"
+    )
     return line + "".join(f"\n  not covered: {text}" for text in pr.excludes)
 
 
@@ -83,21 +90,28 @@ def predict(args: argparse.Namespace) -> None:
     try:
         published = load_prompt(args.prompt)
         if args.model and args.model != published.manifest.model_name:
-            raise PromptMismatchError(f"you asked for model '{args.model}', but the prompt was trained for "
-                                      f"'{published.manifest.model_name}': a prompt only works with its own model")
+            raise PromptMismatchError(
+                f"you asked for model '{args.model}', but the prompt was trained for "
+                f"'{published.manifest.model_name}': a prompt only works with its own model"
+            )
         classnames = [c.strip() for c in args.classnames.split(",") if c.strip()] if args.classnames else None
         paths = image_paths(args.images)
         classifier = PromptClassifier(published, load_model_for(published, args.pretrained), classnames)
         predictions = classifier.predict_files(paths, args.top_k, args.batch_size)
     except (PublishedPromptError, PromptMismatchError, FileNotFoundError) as err:
         raise SystemExit(f"dpfpl predict: {err}") from None
-    rows = [{"image": p.source, "rank": r + 1, "label": label, "probability": prob}
-            for p in predictions for r, (label, prob) in enumerate(zip(p.labels, p.probabilities))]
+    rows = [
+        {"image": p.source, "rank": r + 1, "label": label, "probability": prob}
+        for p in predictions
+        for r, (label, prob) in enumerate(zip(p.labels, p.probabilities))
+    ]
     if args.out:
         out = Path(args.out)
         if out.suffix.lower() == ".json":
-            data = json.dumps([{"image": p.source, "labels": p.labels, "probabilities": p.probabilities}
-                               for p in predictions], indent=2).encode()
+            data = json.dumps(
+                [{"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions],
+                indent=2,
+            ).encode()
         else:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=["image", "rank", "label", "probability"])
@@ -109,7 +123,10 @@ def predict(args: argparse.Namespace) -> None:
         return
     width = max(len(p.source) for p in predictions)
     for p in predictions:
-        print(f"{p.source:<{width}}  " + "  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities)))
+        print(
+            f"{p.source:<{width}}  "
+            + "  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities))
+        )
 
 
 def attack(args: argparse.Namespace) -> None:

@@ -55,12 +55,18 @@ class PrivacyManifest(BaseModel):
     dp: bool
     epsilon: float | None = Field(None, ge=0, description="published prompt, the exporting node's records")
     epsilon_local: float | None = Field(None, ge=0, description="the node's LDP release (its local prompt)")
-    epsilon_global: float | None = Field(None, ge=0, description="the node's records in p_G (composed where the "
-                                         "reply reads local state; GDP alone only without a local prompt)")
-    epsilon_gdp_mechanism: float | None = Field(None, ge=0, description="the GDP releases alone (not p_G's bound "
-                                                "where the reply reads local state)")
-    epsilon_other_clients: float | None = Field(None, ge=0, description="worst other client's records in p_G "
-                                                "(server books, as epsilon_global)")
+    epsilon_global: float | None = Field(
+        None,
+        ge=0,
+        description="the node's records in p_G (composed where the "
+        "reply reads local state; GDP alone only without a local prompt)",
+    )
+    epsilon_gdp_mechanism: float | None = Field(
+        None, ge=0, description="the GDP releases alone (not p_G's bound where the reply reads local state)"
+    )
+    epsilon_other_clients: float | None = Field(
+        None, ge=0, description="worst other client's records in p_G (server books, as epsilon_global)"
+    )
     covers: dict[str, str] = Field(default_factory=dict)  # each epsilon above, in words
     excludes: list[str] = Field(default_factory=list)  # releases the epsilons do not cover (SecFPP's clustering)
     delta: float = Field(gt=0, lt=1)
@@ -99,8 +105,10 @@ class PublishedPrompt:
     def save(self, path: str | Path) -> Path:
         """Write atomically; the digest covers every tensor and the manifest."""
         path = Path(path)
-        tensors = {k: v.detach().float().cpu().clone().contiguous()  # clone: parts may alias the prompt
-                   for k, v in {"prompt": self.prompt, **self.parts}.items()}
+        tensors = {
+            k: v.detach().float().cpu().clone().contiguous()  # clone: parts may alias the prompt
+            for k, v in {"prompt": self.prompt, **self.parts}.items()
+        }
         metadata = {MANIFEST_KEY: self.manifest.model_dump_json()}
         write_tensors(path, tensors, {**metadata, DIGEST_KEY: tensor_digest(tensors, metadata)})
         return path
@@ -156,12 +164,14 @@ def check_model(manifest: PromptManifest, model: LoadedModel) -> None:
     if model.name != manifest.model_name:
         raise PromptMismatchError(
             f"the prompt was trained for OpenCLIP model '{manifest.model_name}', not '{model.name}'. "
-            f"Load '{manifest.model_name}' with the weights '{manifest.pretrained}'.")
+            f"Load '{manifest.model_name}' with the weights '{manifest.pretrained}'."
+        )
     if weights_sha256(model) != manifest.weights_sha256:
         raise PromptMismatchError(
             f"the weights '{model.weights_id}' of {model.name} are not the ones the prompt was trained with "
             f"('{manifest.pretrained}', sha256 {manifest.weights_sha256[:16]}...). A prompt only works with the exact "
-            "frozen model it was learned on: pass those weights (e.g. --pretrained /path/to/the/same/file).")
+            "frozen model it was learned on: pass those weights (e.g. --pretrained /path/to/the/same/file)."
+        )
 
 
 def check_classnames(manifest: PromptManifest, classnames: list[str] | None) -> None:
@@ -170,25 +180,38 @@ def check_classnames(manifest: PromptManifest, classnames: list[str] | None) -> 
         return
     missing = [c for c in classnames if c not in manifest.classnames]
     extra = [c for c in manifest.classnames if c not in classnames]
-    detail = (f"not in the prompt: {missing}; only in the prompt: {extra}" if missing or extra
-              else "same names, different order")
+    detail = (
+        f"not in the prompt: {missing}; only in the prompt: {extra}"
+        if missing or extra
+        else "same names, different order"
+    )
     raise PromptMismatchError(
         f"class list mismatch ({detail}). The prompt was trained for {len(manifest.classnames)} classes "
-        f"{manifest.classnames}; predictions are over exactly that list.")
+        f"{manifest.classnames}; predictions are over exactly that list."
+    )
 
 
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def build_published_prompt(learner, model: LoadedModel, classnames: list[str], p_global: torch.Tensor | None,
-                           local: dict[str, torch.Tensor], privacy: PrivacyManifest, rank: int | None,
-                           source: dict | None = None, pretrained: str | None = None) -> PublishedPrompt:
+def build_published_prompt(
+    learner,
+    model: LoadedModel,
+    classnames: list[str],
+    p_global: torch.Tensor | None,
+    local: dict[str, torch.Tensor],
+    privacy: PrivacyManifest,
+    rank: int | None,
+    source: dict | None = None,
+    pretrained: str | None = None,
+) -> PublishedPrompt:
     """The published form of a node's prompt, built by the engine's own ``personalized_prompt``."""
     method = learner.method
     if not method.trains:
-        raise ValueError(f"method '{method.name}' has no learned prompt to export (zero-shot uses hand-crafted "
-                         "prompts)")
+        raise ValueError(
+            f"method '{method.name}' has no learned prompt to export (zero-shot uses hand-crafted prompts)"
+        )
     with torch.no_grad():
         prompt = learner.personalized_prompt(p_global, local).detach().cpu()
         parts = {}
@@ -197,10 +220,18 @@ def build_published_prompt(learner, model: LoadedModel, classnames: list[str], p
         if method.local is not None and local:
             parts["local"] = method.local.eval_context(local).detach().cpu()
     manifest = PromptManifest(
-        model_name=model.name, pretrained=pretrained or model.weights_id, weights_id=model.weights_id,
-        weights_sha256=weights_sha256(model), classnames=list(classnames), method=method.name,
-        n_ctx=int(prompt.shape[0]), rank=rank if method.name in RANKED_METHODS else None,
-        width=int(prompt.shape[1]), privacy=privacy, source=source or {})
+        model_name=model.name,
+        pretrained=pretrained or model.weights_id,
+        weights_id=model.weights_id,
+        weights_sha256=weights_sha256(model),
+        classnames=list(classnames),
+        method=method.name,
+        n_ctx=int(prompt.shape[0]),
+        rank=rank if method.name in RANKED_METHODS else None,
+        width=int(prompt.shape[1]),
+        privacy=privacy,
+        source=source or {},
+    )
     return PublishedPrompt(manifest, prompt, parts)
 
 
@@ -208,15 +239,21 @@ MANIFEST_COVERS = {
     "epsilon": "the published prompt p_G + p_L, the exporting node's records (LDP and GDP composed)",
     "epsilon_local": "the LDP mechanism alone (the node's local prompt updates)",
     "epsilon_global": "p_G, the exporting node's records: the composed epsilon where the reply reads local state "
-                      "(every method with a local prompt), the GDP epsilon only without a local prompt",
+    "(every method with a local prompt), the GDP epsilon only without a local prompt",
     "epsilon_gdp_mechanism": "the GDP releases alone; not a bound on p_G where the reply reads local state",
     "epsilon_other_clients": "p_G, worst other client's records, from the server's books (as epsilon_global)",
 }
 
 
-def accountant_privacy(accountant, dp: bool, delta: float, z_local: float | None = None,
-                       z_global: float | None = None, epsilon_other_clients: float | None = None,
-                       excludes: list[str] | None = None) -> PrivacyManifest:
+def accountant_privacy(
+    accountant,
+    dp: bool,
+    delta: float,
+    z_local: float | None = None,
+    z_global: float | None = None,
+    epsilon_other_clients: float | None = None,
+    excludes: list[str] | None = None,
+) -> PrivacyManifest:
     """The manifest's privacy section from a node's ``PrivacyAccountant`` (every number is the accountant's).
 
     ``z_local`` None or inf: the method has no local prompt, so the reply reads no local state and p_G is
@@ -227,12 +264,20 @@ def accountant_privacy(accountant, dp: bool, delta: float, z_local: float | None
     reads_local_state = z_local is not None and not math.isinf(z_local)
     gdp = accountant.epsilon_global()
     return PrivacyManifest(
-        dp=True, epsilon=_finite(accountant.epsilon_published()), epsilon_local=_finite(accountant.epsilon_local()),
+        dp=True,
+        epsilon=_finite(accountant.epsilon_published()),
+        epsilon_local=_finite(accountant.epsilon_local()),
         epsilon_global=_finite(accountant.epsilon_published() if reads_local_state else gdp),
-        epsilon_gdp_mechanism=_finite(gdp), epsilon_other_clients=_finite(epsilon_other_clients),
-        delta=delta, noisy_steps=len(accountant.history), noise_multiplier_local=_finite(z_local),
-        noise_multiplier_global=_finite(z_global), sample_rate=q, covers=MANIFEST_COVERS,
-        excludes=list(excludes or []))
+        epsilon_gdp_mechanism=_finite(gdp),
+        epsilon_other_clients=_finite(epsilon_other_clients),
+        delta=delta,
+        noisy_steps=len(accountant.history),
+        noise_multiplier_local=_finite(z_local),
+        noise_multiplier_global=_finite(z_global),
+        sample_rate=q,
+        covers=MANIFEST_COVERS,
+        excludes=list(excludes or []),
+    )
 
 
 def training_classnames(cfg) -> list[str]:
@@ -246,8 +291,9 @@ def training_classnames(cfg) -> list[str]:
     return cfg.class_list()
 
 
-def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: str | Path | None = None,
-                       cache: str | None = None) -> PublishedPrompt:
+def export_node_prompt(
+    run_dir: str | Path, node: int | None = None, state_dir: str | Path | None = None, cache: str | None = None
+) -> PublishedPrompt:
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
     node's private state (``RUN_DIR/nodes/node-I`` in simulation, ``state_dir`` on a deployed node)."""
     from dpfpl.client_app.state import STATE_FILE, NodeState
@@ -261,11 +307,14 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
 
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).is_file():
-        raise FileNotFoundError(f"'{run_dir}' holds no {CHECKPOINT}: not a dpfpl run directory (or the run has "
-                                "not finished a round)")
+        raise FileNotFoundError(
+            f"'{run_dir}' holds no {CHECKPOINT}: not a dpfpl run directory (or the run has not finished a round)"
+        )
     if not (run_dir / RUN_CONFIG).is_file():
-        raise FileNotFoundError(f"'{run_dir}' has no {RUN_CONFIG} (the run's configuration): runs written before "
-                                "export existed lack it; re-run, or copy it from the aggregator's run directory")
+        raise FileNotFoundError(
+            f"'{run_dir}' has no {RUN_CONFIG} (the run's configuration): runs written before "
+            "export existed lack it; re-run, or copy it from the aggregator's run directory"
+        )
     cfg = RunConfig.model_validate_json((run_dir / RUN_CONFIG).read_text())
     if state_dir is None:
         if node is None:
@@ -277,22 +326,38 @@ def export_node_prompt(run_dir: str | Path, node: int | None = None, state_dir: 
         raise FileNotFoundError(f"no node state ({STATE_FILE}) in '{state_dir}'")
     server = RunDirectory(run_dir).load()
     if state.run_key != server.run_token:
-        raise ValueError(f"the node state in '{state_dir}' belongs to another run (run token {state.run_key!r}, "
-                         f"the run directory's is {server.run_token!r})")
+        raise ValueError(
+            f"the node state in '{state_dir}' belongs to another run (run token {state.run_key!r}, "
+            f"the run directory's is {server.run_token!r})"
+        )
     model = cached_clip(cfg.model_name, cfg.pretrained, cache)
     classnames = training_classnames(cfg)
     method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
-    learner = PromptLearner(method, PromptTextEncoder(model.model, model.tokenizer, classnames, cfg.n_ctx),
-                            float(model.model.logit_scale.exp()))
+    learner = PromptLearner(
+        method,
+        PromptTextEncoder(model.model, model.tokenizer, classnames, cfg.n_ctx),
+        float(model.model.logit_scale.exp()),
+    )
     others = None
     if cfg.dp and method.shares_global:
         # the server's books (as in its summary): worst case over all nodes, an upper bound for the others
         others = privacy_maxima(server, cfg.delta, method.local is not None, True)["epsilon-global-max"]
-    privacy = accountant_privacy(state.accountant, cfg.dp, cfg.delta, state.noise_multiplier_local,
-                                 server.noise_multiplier_global if method.shares_global else None, others,
-                                 [SECFPP_EXCLUSION] if cfg.method == "secfpp" else None)
-    source = {"run-dir": str(run_dir.resolve()), "node-state": str(state_dir.resolve()),
-              "server-round": server.server_round, "node-round": state.last_round}
+    privacy = accountant_privacy(
+        state.accountant,
+        cfg.dp,
+        cfg.delta,
+        state.noise_multiplier_local,
+        server.noise_multiplier_global if method.shares_global else None,
+        others,
+        [SECFPP_EXCLUSION] if cfg.method == "secfpp" else None,
+    )
+    source = {
+        "run-dir": str(run_dir.resolve()),
+        "node-state": str(state_dir.resolve()),
+        "server-round": server.server_round,
+        "node-round": state.last_round,
+    }
     p_global = server.p_global if method.shares_global else None
-    return build_published_prompt(learner, model, classnames, p_global, state.local, privacy, cfg.rank, source,
-                                  pretrained=cfg.pretrained)
+    return build_published_prompt(
+        learner, model, classnames, p_global, state.local, privacy, cfg.rank, source, pretrained=cfg.pretrained
+    )

@@ -26,10 +26,16 @@ class RoundStats:
     stages: dict[str, int] = field(default_factory=dict)  # clients answering each stage
 
 
-def run_round(inputs: dict[int, np.ndarray], threshold: int, context: str = "sim/1", *,
-              drop_before_keys: frozenset = frozenset(), drop_before_shares: frozenset = frozenset(),
-              drop_before_masked: frozenset = frozenset(), drop_before_unmask: frozenset = frozenset(),
-              ) -> tuple[np.ndarray, RoundStats, ServerSession]:
+def run_round(
+    inputs: dict[int, np.ndarray],
+    threshold: int,
+    context: str = "sim/1",
+    *,
+    drop_before_keys: frozenset = frozenset(),
+    drop_before_shares: frozenset = frozenset(),
+    drop_before_masked: frozenset = frozenset(),
+    drop_before_unmask: frozenset = frozenset(),
+) -> tuple[np.ndarray, RoundStats, ServerSession]:
     """Sum of the signed integer vectors ``inputs`` (node id -> vector) via the protocol; a node in a
     ``drop_before_*`` set stops answering from that stage on. Raises ``SecAggError`` when the round fails."""
     size = len(next(iter(inputs.values())))
@@ -71,8 +77,7 @@ def run_round(inputs: dict[int, np.ndarray], threshold: int, context: str = "sim
     u2 = server.share_senders
     stats.messages += len(u2)
     stats.bytes_down += sum(len(ct) + 8 for cts in inbox.values() for ct in cts.values()) + 8 * len(u2) ** 2
-    masked = {u: timed(clients[u].masked_input, inbox[u], u2, inputs[u]) for u in alive(drop_before_masked)
-              if u in u2}
+    masked = {u: timed(clients[u].masked_input, inbox[u], u2, inputs[u]) for u in alive(drop_before_masked) if u in u2}
     stats.messages += len(masked)
     stats.bytes_up += sum(y.nbytes for y in masked.values())
     stats.stages["masked"] = len(masked)

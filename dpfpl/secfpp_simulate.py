@@ -63,8 +63,9 @@ def adjusted_rand_index(a: list[int], b: list[int]) -> float:
     return float(adjusted_rand_score(a, b))
 
 
-def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = None,
-               relay: Relay | None = None) -> SecfppRun:
+def run_secfpp(
+    cfg: RunConfig, cache: str | None = None, cluster: bool | None = None, relay: Relay | None = None
+) -> SecfppRun:
     """Run ``cfg.num_server_rounds`` rounds among ``cfg.num_clients`` nodes; ``cluster`` defaults to
     method == secfpp. ``relay`` (optional) collects everything the server saw in the clustering phases."""
     from dpfpl.client_app.node import PromptNode
@@ -108,12 +109,22 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
             before = len(relay.log)
             started = time.perf_counter()
             result, _, _ = secure_clustering(
-                reduced, num_slices=cfg.secfpp_slices, privacy=cfg.secfpp_privacy,
-                bits=cfg.secfpp_quantization_bits, lam=cfg.secfpp_threshold, max_clusters=cfg.secfpp_max_clusters,
-                max_iter=cfg.secfpp_max_iter, context=f"{token}/{r}", relay=relay, initial=assignment,
-                min_size=cfg.secfpp_min_cluster_size)
+                reduced,
+                num_slices=cfg.secfpp_slices,
+                privacy=cfg.secfpp_privacy,
+                bits=cfg.secfpp_quantization_bits,
+                lam=cfg.secfpp_threshold,
+                max_clusters=cfg.secfpp_max_clusters,
+                max_iter=cfg.secfpp_max_iter,
+                context=f"{token}/{r}",
+                relay=relay,
+                initial=assignment,
+                min_size=cfg.secfpp_min_cluster_size,
+            )
             out.phase_seconds.append(time.perf_counter() - started)
-            out.relay_bytes.append(sum(len(e["payload"]) for e in relay.log[before:] if isinstance(e["payload"], bytes)))
+            out.relay_bytes.append(
+                sum(len(e["payload"]) for e in relay.log[before:] if isinstance(e["payload"], bytes))
+            )
             new = result.assignment
             fresh = {}
             for s in range(result.num_clusters):  # the server knows both assignments and every cluster prompt
@@ -125,8 +136,13 @@ def run_secfpp(cfg: RunConfig, cache: str | None = None, cluster: bool | None = 
             log.info("round %d: %d clusters %s", r, result.num_clusters, new)
         if r % cfg.eval_every == 0 or r == cfg.num_server_rounds:
             per = [node.evaluate(prompts[assignment[k]], token) for k, node in enumerate(nodes)]
-            out.evaluations.append({"round": r, "local-acc": float(np.mean([m["local-acc"] for m in per])),
-                                    "per-client": [m["local-acc"] for m in per]})
+            out.evaluations.append(
+                {
+                    "round": r,
+                    "local-acc": float(np.mean([m["local-acc"] for m in per])),
+                    "per-client": [m["local-acc"] for m in per],
+                }
+            )
     return out
 
 
@@ -140,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="secfpp,dpfpl,promptfl")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    base = {k.replace("-", "_"): json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("-",) else v
-            for k, v in (o.split("=", 1) for o in args.overrides)}
+    base = {
+        k.replace("-", "_"): json.loads(v) if v[:1] in "0123456789-[{tf" and v not in ("-",) else v
+        for k, v in (o.split("=", 1) for o in args.overrides)
+    }
     results = {}
     for name in args.methods.split(","):
         started = time.time()
@@ -152,9 +170,12 @@ def main(argv: list[str] | None = None) -> None:
             row["ari-final"] = adjusted_rand_index(run.assignments[-1], run.domains)
             row["ari-per-phase"] = [adjusted_rand_index(a, run.domains) for a in run.assignments]
         results[name] = row
-        print(f"{name:10s} local-acc {row['local-acc-final']:.4f}" +
-              (f"  ARI {row['ari-final']:.3f}  clusters {run.num_clusters[-1]}" if "ari-final" in row else "") +
-              f"  ({row['seconds']} s)", flush=True)
+        print(
+            f"{name:10s} local-acc {row['local-acc-final']:.4f}"
+            + (f"  ARI {row['ari-final']:.3f}  clusters {run.num_clusters[-1]}" if "ari-final" in row else "")
+            + f"  ({row['seconds']} s)",
+            flush=True,
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"overrides": args.overrides, "results": results}, indent=1))

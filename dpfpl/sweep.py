@@ -46,6 +46,7 @@ log = logging.getLogger("dpfpl.sweep")
 
 # ---------------------------------------------------------------------------------------------------- running
 
+
 def _full_config(overrides: dict) -> dict:
     from .inprocess import full_run_config
 
@@ -166,8 +167,14 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
         _prepare([configs[run.name] for run in todo], spec.node_config)
 
     outcome = SweepOutcome(skipped=[run.name for run in runs if run not in todo])
-    bar = tqdm(total=len(runs), initial=len(outcome.skipped), desc="sweep", unit="run", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(runs),
+        initial=len(outcome.skipped),
+        desc="sweep",
+        unit="run",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
 
     def finished(run: SweepRun, error: str | None) -> None:
         bar.update(1)
@@ -176,15 +183,18 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
             result = RunOutcome.read(run_dir_of(out, run))
             if result is not None and result.failed_rounds:
                 outcome.warnings[run.name] = result.paragraph()
-                bar.write(f"run {run.name}: {result.paragraph()}") if progress else log.warning("%s", result.paragraph())
+                bar.write(f"run {run.name}: {result.paragraph()}") if progress else log.warning(
+                    "%s", result.paragraph()
+                )
             return
         # one failed run must not end a sweep of a hundred
         outcome.failed[run.name] = error.strip().splitlines()[-1]
         run_dir = run_dir_of(out, run)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_bytes(run_dir / ERROR_FILE, error.encode())
-        message = (f"run {run.name} FAILED: {outcome.failed[run.name]} (details in {run_dir / ERROR_FILE}); "
-                   "the sweep goes on")
+        message = (
+            f"run {run.name} FAILED: {outcome.failed[run.name]} (details in {run_dir / ERROR_FILE}); the sweep goes on"
+        )
         bar.write(message) if progress else log.error("%s", message)
 
     if spec.workers == 1:
@@ -196,8 +206,9 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // spec.workers)
-        with ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(
+            spec.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
+        ) as pool:
             futures = {pool.submit(_run_guarded, spec, run, run_dir_of(out, run)): run for run in todo}
             for future in as_completed(futures):
                 bar.set_postfix_str(futures[future].name)

@@ -13,14 +13,29 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .common.config import RANKED_METHODS, MethodName
 from .common.metrics import ACCURACY_KEYS
 
-__all__ = ["ACCURACY_KEYS", "ACCURACY_TITLES", "ERROR_FILE", "NO_DP", "RUN_LABEL", "SWEEP_KEYS", "SweepRun",
-           "SweepSpec", "expand", "run_dir_of"]
+__all__ = [
+    "ACCURACY_KEYS",
+    "ACCURACY_TITLES",
+    "ERROR_FILE",
+    "NO_DP",
+    "RUN_LABEL",
+    "SWEEP_KEYS",
+    "SweepRun",
+    "SweepSpec",
+    "expand",
+    "run_dir_of",
+]
 
 # Methods whose local part is factorized: only they are run once per rank.
 # Run-config keys the sweep sets for each run; the base overrides may not set them.
 SWEEP_KEYS = ("method", "dp", "target-epsilon", "seed", "rank", "run-dir")
-ACCURACY_TITLES = {"local-acc": "Local accuracy", "neighbor-acc": "Neighbor accuracy",
-                   "base-acc": "Base accuracy", "novel-acc": "Novel accuracy", "hm": "HM (local, base, novel)"}
+ACCURACY_TITLES = {
+    "local-acc": "Local accuracy",
+    "neighbor-acc": "Neighbor accuracy",
+    "base-acc": "Base accuracy",
+    "novel-acc": "Novel accuracy",
+    "hm": "HM (local, base, novel)",
+}
 RUN_LABEL = "sweep-run.json"
 ERROR_FILE = "error.txt"
 NO_DP = "none"
@@ -90,8 +105,14 @@ class SweepRun:
 
     def overrides(self, spec: SweepSpec, run_dir: Path) -> dict:
         """The run's config overrides: the spec's base plus this cell's coordinates."""
-        config = {**spec.base, "method": self.method, "dp": self.epsilon is not None, "seed": self.seed,
-                  "run-dir": str(run_dir.resolve()), "resume": True}
+        config = {
+            **spec.base,
+            "method": self.method,
+            "dp": self.epsilon is not None,
+            "seed": self.seed,
+            "run-dir": str(run_dir.resolve()),
+            "resume": True,
+        }
         if self.epsilon is not None:
             config["target-epsilon"] = self.epsilon
         if self.rank is not None:
@@ -102,8 +123,13 @@ class SweepRun:
         return config
 
     def label(self) -> dict:
-        return {"name": self.name, "method": self.method, "epsilon": self.epsilon_label, "rank": self.rank,
-                "seed": self.seed}
+        return {
+            "name": self.name,
+            "method": self.method,
+            "epsilon": self.epsilon_label,
+            "rank": self.rank,
+            "seed": self.seed,
+        }
 
 
 def expand(spec: SweepSpec) -> list[SweepRun]:

@@ -74,8 +74,11 @@ def load_record(run_dir: Path) -> RunRecord | None:
     summary_path, error_path = run_dir / "summary.json", run_dir / ERROR_FILE
     eps = label["epsilon"]
     return RunRecord(
-        name=label["name"], method=label["method"], epsilon=None if eps == NO_DP else float(eps),
-        rank=label.get("rank"), seed=int(label["seed"]),
+        name=label["name"],
+        method=label["method"],
+        epsilon=None if eps == NO_DP else float(eps),
+        rank=label.get("rank"),
+        seed=int(label["seed"]),
         summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
         metrics=_read_metrics(run_dir / "metrics.jsonl"),
         error=error_path.read_text().strip().splitlines()[-1] if error_path.is_file() else None,
@@ -120,8 +123,12 @@ def _columns(records: list[RunRecord], spec: SweepSpec | None) -> list[tuple[str
     rank_order = list(spec.ranks) if spec else []
 
     def order(c: tuple[str, int | None]) -> tuple:
-        return (method_order.index(c[0]) if c[0] in method_order else len(method_order), c[0],
-                rank_order.index(c[1]) if c[1] in rank_order else len(rank_order), c[1] or 0)
+        return (
+            method_order.index(c[0]) if c[0] in method_order else len(method_order),
+            c[0],
+            rank_order.index(c[1]) if c[1] in rank_order else len(rank_order),
+            c[1] or 0,
+        )
 
     return sorted(present, key=order)
 
@@ -186,9 +193,15 @@ def _bold_row(cells: list[list[float]]) -> list[bool]:
     return [m == max(present) for m in means]
 
 
-def _grid_rows(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str],
-               value_of: Callable[[RunRecord, str], float | None], key: str,
-               cell: Callable[[list[float], bool], str], bold_best: bool) -> list[str]:
+def _grid_rows(
+    records: list[RunRecord],
+    columns: list[tuple[str, int | None]],
+    epsilons: list[str],
+    value_of: Callable[[RunRecord, str], float | None],
+    key: str,
+    cell: Callable[[list[float], bool], str],
+    bold_best: bool,
+) -> list[str]:
     """Markdown rows, one per epsilon: each method's per-seed values of ``value_of``, formatted by ``cell``."""
     done = [r for r in records if r.summary is not None]
     lines = []
@@ -208,14 +221,17 @@ def _table_head(columns: list[tuple[str, int | None]]) -> list[str]:
     return ["| ε | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
 
 
-def accuracy_table(records: list[RunRecord], key: str, columns: list[tuple[str, int | None]],
-                   epsilons: list[str], expected_seeds: int) -> str:
+def accuracy_table(
+    records: list[RunRecord], key: str, columns: list[tuple[str, int | None]], epsilons: list[str], expected_seeds: int
+) -> str:
     """One markdown table: rows = epsilon, columns = methods, plus the zero-shot row."""
     done = [r for r in records if r.summary is not None]
-    lines = _table_head(columns) + _grid_rows(records, columns, epsilons, run_value, key,
-                                              lambda v, b: format_cell(v, expected_seeds, b), bold_best=True)
-    zeroshot = [format_cell(_per_seed([r for r in done if r.column == c], zeroshot_value, key), expected_seeds)
-                for c in columns]
+    lines = _table_head(columns) + _grid_rows(
+        records, columns, epsilons, run_value, key, lambda v, b: format_cell(v, expected_seeds, b), bold_best=True
+    )
+    zeroshot = [
+        format_cell(_per_seed([r for r in done if r.column == c], zeroshot_value, key), expected_seeds) for c in columns
+    ]
     lines.append("| zero-shot | " + " | ".join(zeroshot) + " |")
     return "\n".join(lines)
 
@@ -239,21 +255,28 @@ def published_epsilon(record: RunRecord, key: str) -> float | None:
 
 def worst_client_table(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str]) -> str:
     """Per cell, over seeds: the worst client's gain over its own zero-shot accuracy (worst seed, points)."""
+
     def cell(values: list[float], _bold: bool) -> str:
         return f"{100 * min(values):+.1f}" if values else "–"
+
     trained = [c for c in columns if c[0] != "zeroshot"]
-    return "\n".join(_table_head(trained) + _grid_rows(records, trained, epsilons, worst_client_gain, "local-acc",
-                                                       cell, bold_best=False))
+    return "\n".join(
+        _table_head(trained)
+        + _grid_rows(records, trained, epsilons, worst_client_gain, "local-acc", cell, bold_best=False)
+    )
 
 
 def epsilon_table(records: list[RunRecord], columns: list[tuple[str, int | None]], epsilons: list[str]) -> str:
     """Per cell: the published prompt's epsilon each run's accountant reported (max over seeds)."""
+
     def cell(values: list[float], _bold: bool) -> str:
         return f"{max(values):.3g}" if values else "–"
+
     trained = [c for c in columns if c[0] != "zeroshot"]
     rows = [e for e in epsilons if e != NO_DP]
-    return "\n".join(_table_head(trained) + _grid_rows(records, trained, rows, published_epsilon, "", cell,
-                                                       bold_best=False))
+    return "\n".join(
+        _table_head(trained) + _grid_rows(records, trained, rows, published_epsilon, "", cell, bold_best=False)
+    )
 
 
 def _header(records: list[RunRecord], spec: SweepSpec | None, out: Path, seeds: list[int]) -> list[str]:
@@ -264,24 +287,34 @@ def _header(records: list[RunRecord], spec: SweepSpec | None, out: Path, seeds: 
         if spec.command:
             lines += [f"Command: `{spec.command}`", ""]
         overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in spec.base.items()) or "none"
-        lines += [(f"- methods {', '.join(spec.methods)}; epsilons {', '.join(_epsilon_labels(spec))}; "
-                   f"ranks {', '.join(map(str, spec.ranks))} (factorized methods); runtime {spec.runtime}"),
-                  f"- run-config overrides of every run (over pyproject's defaults): {overrides}"]
+        lines += [
+            (
+                f"- methods {', '.join(spec.methods)}; epsilons {', '.join(_epsilon_labels(spec))}; "
+                f"ranks {', '.join(map(str, spec.ranks))} (factorized methods); runtime {spec.runtime}"
+            ),
+            f"- run-config overrides of every run (over pyproject's defaults): {overrides}",
+        ]
     rounds = sorted({r.summary.get("rounds") for r in trained})
     windows = sorted({tuple(r.summary.get("last-rounds-mean", {}).get("rounds", ())) for r in trained})
     window_text = ", ".join(f"{w[0]}–{w[1]}" for w in windows if len(w) == 2) or "?"
     any_summary = done[0].summary if done else {}
     privacy = next((r.summary.get("privacy", {}) for r in trained if r.summary.get("privacy", {}).get("dp")), {})
     lines += [
-        (f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); model {any_summary.get('model', '?')}, "
-         f"{any_summary.get('num-clients', '?')} clients; rounds: {', '.join(map(str, rounds)) or '?'}"),
-        ("- each run's number: the mean over clients of its personalized-prompt accuracy, averaged over the "
-         f"evaluations of its last rounds (rounds {window_text}); the zeroshot column and row: the hand-crafted "
-         "prompt \"a photo of a {class}.\" (round 0)"),
+        (
+            f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))}); model {any_summary.get('model', '?')}, "
+            f"{any_summary.get('num-clients', '?')} clients; rounds: {', '.join(map(str, rounds)) or '?'}"
+        ),
+        (
+            "- each run's number: the mean over clients of its personalized-prompt accuracy, averaged over the "
+            f"evaluations of its last rounds (rounds {window_text}); the zeroshot column and row: the hand-crafted "
+            'prompt "a photo of a {class}." (round 0)'
+        ),
         "- cells: mean ± standard deviation over seeds (sample std, n − 1), in percent; best of each row in bold",
-        ("- ε: target epsilon of each mechanism (calibrate-for: "
-         f"{privacy.get('calibrate-for', '?')}; δ = {privacy.get('delta', '?')}, PLD accountant); "
-         "none: DP off (no guarantee)"),
+        (
+            "- ε: target epsilon of each mechanism (calibrate-for: "
+            f"{privacy.get('calibrate-for', '?')}; δ = {privacy.get('delta', '?')}, PLD accountant); "
+            "none: DP off (no guarantee)"
+        ),
         "",
     ]
     return lines
@@ -303,20 +336,29 @@ def _problems(records: list[RunRecord], never_started: list[str]) -> list[str]:
 def write_table(records: list[RunRecord], never_started: list[str], spec: SweepSpec | None, out: Path) -> Path:
     seeds = list(spec.seeds) if spec else sorted({r.seed for r in records})
     columns = _columns(records, spec)
-    epsilons = sorted({r.epsilon_label for r in records if r.method != "zeroshot"} |
-                      (set(_epsilon_labels(spec)) if spec else set()),
-                      key=_epsilon_sort_key)
+    epsilons = sorted(
+        {r.epsilon_label for r in records if r.method != "zeroshot"} | (set(_epsilon_labels(spec)) if spec else set()),
+        key=_epsilon_sort_key,
+    )
     done = [r for r in records if r.summary is not None]
     keys = [k for k in ACCURACY_KEYS if any(run_value(r, k) is not None for r in done)] or ["local-acc", "neighbor-acc"]
     lines = _header(records, spec, out, seeds)
     for key in keys:
         lines += [f"## {ACCURACY_TITLES[key]} (%)", "", accuracy_table(records, key, columns, epsilons, len(seeds)), ""]
     if any(worst_client_gain(r, "local-acc") is not None for r in done):
-        lines += ["## Worst client: local accuracy gain over its own zero-shot (points, worst seed)", "",
-                  worst_client_table(records, columns, epsilons), ""]
+        lines += [
+            "## Worst client: local accuracy gain over its own zero-shot (points, worst seed)",
+            "",
+            worst_client_table(records, columns, epsilons),
+            "",
+        ]
     if any(published_epsilon(r, "") is not None for r in done):
-        lines += ["## Published prompt p_G + p_L: epsilon reported by the accountant (worst client, max over seeds)",
-                  "", epsilon_table(records, columns, epsilons), ""]
+        lines += [
+            "## Published prompt p_G + p_L: epsilon reported by the accountant (worst client, max over seeds)",
+            "",
+            epsilon_table(records, columns, epsilons),
+            "",
+        ]
     lines += _problems(records, never_started)
     path = Path(out) / "table.md"
     write_bytes(path, "\n".join(lines).encode())
@@ -335,8 +377,15 @@ def write_results_csv(records: list[RunRecord], out: Path) -> Path:
     writer.writeheader()
     for r in records:
         for row in r.metrics:
-            writer.writerow({**row, "method": r.method, "epsilon": r.epsilon_label,
-                             "rank": "" if r.rank is None else r.rank, "seed": r.seed})
+            writer.writerow(
+                {
+                    **row,
+                    "method": r.method,
+                    "epsilon": r.epsilon_label,
+                    "rank": "" if r.rank is None else r.rank,
+                    "seed": r.seed,
+                }
+            )
     path = Path(out) / "results.csv"
     write_bytes(path, buf.getvalue().encode())
     return path
@@ -360,8 +409,7 @@ def _plot_acc_vs_epsilon(records: list[RunRecord], columns, epsilons: list[str],
                 continue
             points = {}
             for eps in epsilons:
-                values = _per_seed([r for r in done if r.column == column and r.epsilon_label == eps],
-                                   run_value, key)
+                values = _per_seed([r for r in done if r.column == column and r.epsilon_label == eps], run_value, key)
                 if values:
                     mean, std = mean_std(values)
                     points[eps] = (100 * mean, 100 * (std or 0.0))
@@ -371,13 +419,26 @@ def _plot_acc_vs_epsilon(records: list[RunRecord], columns, epsilons: list[str],
             curve = [e for e in epsilons if e in points and (e != NO_DP or not floats)]
             color = None
             if curve:
-                bars = ax.errorbar([xpos[e] for e in curve], [points[e][0] for e in curve],
-                                   yerr=[points[e][1] for e in curve], marker="o", capsize=3,
-                                   label=_column_title(column, columns))
+                bars = ax.errorbar(
+                    [xpos[e] for e in curve],
+                    [points[e][0] for e in curve],
+                    yerr=[points[e][1] for e in curve],
+                    marker="o",
+                    capsize=3,
+                    label=_column_title(column, columns),
+                )
                 color = bars.lines[0].get_color()
             if floats and NO_DP in points:
-                ax.errorbar([x_none], [points[NO_DP][0]], yerr=[points[NO_DP][1]], marker="s", capsize=3,
-                            linestyle="none", color=color, label=None if curve else _column_title(column, columns))
+                ax.errorbar(
+                    [x_none],
+                    [points[NO_DP][0]],
+                    yerr=[points[NO_DP][1]],
+                    marker="s",
+                    capsize=3,
+                    linestyle="none",
+                    color=color,
+                    label=None if curve else _column_title(column, columns),
+                )
         zeroshot = _per_seed(done, zeroshot_value, key)
         if zeroshot:
             ax.axhline(100 * statistics.fmean(zeroshot), color="grey", linestyle="--", label="zero-shot")
@@ -387,8 +448,11 @@ def _plot_acc_vs_epsilon(records: list[RunRecord], columns, epsilons: list[str],
         ax.set_xticks([xpos[e] for e in epsilons])
         ax.set_xticklabels(["none\n(no DP)" if e == NO_DP else e for e in epsilons])
         ax.minorticks_off()
-        ax.set(xlabel="target ε per mechanism (log scale)", ylabel="accuracy (%)",
-               title=f"{ACCURACY_TITLES[key].lower()} (mean ± std over seeds)")
+        ax.set(
+            xlabel="target ε per mechanism (log scale)",
+            ylabel="accuracy (%)",
+            title=f"{ACCURACY_TITLES[key].lower()} (mean ± std over seeds)",
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -418,8 +482,12 @@ def _plot_acc_vs_round(records: list[RunRecord], columns, epsilons: list[str], p
                         by_round.setdefault(int(row["round"]), []).append(row["local-acc"])
             if by_round:
                 xs = sorted(by_round)
-                ax.plot(xs, [100 * statistics.fmean(by_round[x]) for x in xs], marker=".",
-                        label=_column_title(column, columns))
+                ax.plot(
+                    xs,
+                    [100 * statistics.fmean(by_round[x]) for x in xs],
+                    marker=".",
+                    label=_column_title(column, columns),
+                )
         values = _per_seed(zeroshot, zeroshot_value, "local-acc")
         if values:
             ax.axhline(100 * statistics.fmean(values), color="grey", linestyle="--", label="zeroshot")

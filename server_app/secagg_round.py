@@ -59,12 +59,24 @@ def _config(msg: Message) -> dict | None:
     return dict(content["secagg"]) if "secagg" in content.config_records else None
 
 
-def _request(grid: Grid, action: str, payloads: dict[int, dict], server_round: int, run_token: str,
-             timeout: float | None, stats: dict) -> dict[int, Message]:
+def _request(
+    grid: Grid,
+    action: str,
+    payloads: dict[int, dict],
+    server_round: int,
+    run_token: str,
+    timeout: float | None,
+    stats: dict,
+) -> dict[int, Message]:
     """Send each node its payload (one ConfigRecord 'config'); the successful replies by node id."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "server-round": server_round,
-                                                                     "run-token": run_token})}),
-                        message_type=action, dst_node_id=node) for node, p in payloads.items()]
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({**p, "server-round": server_round, "run-token": run_token})}),
+            message_type=action,
+            dst_node_id=node,
+        )
+        for node, p in payloads.items()
+    ]
     stats["messages"] += 2 * len(messages)
     replies = {}
     for msg in grid.send_and_receive(messages, timeout=timeout):
@@ -73,14 +85,19 @@ def _request(grid: Grid, action: str, payloads: dict[int, dict], server_round: i
     return replies
 
 
-def secure_train_round(strategy: PromptStrategy, grid: Grid, server_round: int,
-                       timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+def secure_train_round(
+    strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
     try:
         return _SecureRound(strategy, grid, server_round, timeout).run()
     except SecAggError as err:
-        log.error("round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
-                  "not charged: %s", server_round, err)
+        log.error(
+            "round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
+            "not charged: %s",
+            server_round,
+            err,
+        )
         return None, None
 
 
@@ -106,14 +123,20 @@ def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -
                 step(group)
             except SecAggError as err:
                 group.failed = str(err)
-                log.error("round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
-                          server_round, group.label, err)
+                log.error(
+                    "round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
+                    server_round,
+                    group.label,
+                    err,
+                )
     live = [g for g in groups if g.failed is None]
     if not live:
         raise SecAggError("; ".join(f"group {g.label}: {g.failed}" for g in groups))
     if sum(len(g.survivors) for g in live) < min_clients:
-        raise SecAggError(f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
-                          f"(< min-clients {min_clients})")
+        raise SecAggError(
+            f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
+            f"(< min-clients {min_clients})"
+        )
     return live
 
 
@@ -140,8 +163,7 @@ class _SecureRound:
         return self.strategy.current_arrays(), MetricRecord(self.apply(done))
 
     def _request(self, action: str, payloads: dict[int, dict]) -> dict[int, Message]:
-        return _request(self.grid, action, payloads, self.server_round, self.state.run_token, self.timeout,
-                        self.stats)
+        return _request(self.grid, action, payloads, self.server_round, self.state.run_token, self.timeout, self.stats)
 
     def form_groups(self) -> list[Message]:
         """The groups (``strategy.secagg_groups``) and their thresholds; the train messages, told their group."""
@@ -152,8 +174,13 @@ class _SecureRound:
             try:
                 threshold = threshold_for(len(nodes), self.cfg.secagg_dropout_tolerance)
             except SecAggError as err:  # e.g. a cluster with too few connected members this round: it sits out
-                log.error("round %d: group %d (%d nodes) cannot run secure aggregation and sits this round out: %s",
-                          server_round, label, len(nodes), err)
+                log.error(
+                    "round %d: group %d (%d nodes) cannot run secure aggregation and sits this round out: %s",
+                    server_round,
+                    label,
+                    len(nodes),
+                    err,
+                )
                 continue
             context = f"{self.state.run_token}/{server_round}/g{label}"
             self.groups.append(_Group(label, sorted(nodes), threshold, context, size))
@@ -184,19 +211,29 @@ class _SecureRound:
         """The local step: each node trains and advertises its keys; accepted through the strategy's one reply
         path (the books use the node's stable key, as in the clear rounds)."""
         self.stats["messages"] += 2 * len(train)
-        replies = [m for m in self.grid.send_and_receive(train, timeout=self.timeout)
-                   if m.metadata.src_node_id in self.group_of]
-        accepted = self.strategy.accept_replies(self.server_round, replies, self.validate_key_advertisement,
-                                                "key advertisement")
+        replies = [
+            m
+            for m in self.grid.send_and_receive(train, timeout=self.timeout)
+            if m.metadata.src_node_id in self.group_of
+        ]
+        accepted = self.strategy.accept_replies(
+            self.server_round, replies, self.validate_key_advertisement, "key advertisement"
+        )
         self.advertised = {r.node_id: r for r in accepted}
         payloads: dict[int, dict] = {}
 
         def roster(group: _Group) -> None:
-            members = group.session.set_roster({u: self.advertised[u].payload for u in group.nodes
-                                                if u in self.advertised})
+            members = group.session.set_roster(
+                {u: self.advertised[u].payload for u in group.nodes if u in self.advertised}
+            )
             order = sorted(members)
-            payload = {"nodes": order, "c-pk": [members[u][0] for u in order], "s-pk": [members[u][1] for u in order],
-                       "secagg-threshold": group.threshold, "secagg-group": group.label}
+            payload = {
+                "nodes": order,
+                "c-pk": [members[u][0] for u in order],
+                "s-pk": [members[u][1] for u in order],
+                "secagg-threshold": group.threshold,
+                "secagg-group": group.label,
+            }
             payloads.update({u: payload for u in order})
 
         _each(self.groups, self.server_round, roster)
@@ -220,8 +257,17 @@ class _SecureRound:
         def relay(group: _Group) -> None:
             inbox = group.session.collect_shares({u: shares[u] for u in group.nodes if u in shares})
             senders = group.session.share_senders
-            payloads.update({u: {"src": list(inbox[u]), "ct": list(inbox[u].values()), "senders": senders,
-                                 "secagg-group": group.label} for u in senders})
+            payloads.update(
+                {
+                    u: {
+                        "src": list(inbox[u]),
+                        "ct": list(inbox[u].values()),
+                        "senders": senders,
+                        "secagg-group": group.label,
+                    }
+                    for u in senders
+                }
+            )
 
         _each(self.groups, self.server_round, relay)
         masked = {}
@@ -234,22 +280,28 @@ class _SecureRound:
 
         def collect(group: _Group) -> None:
             group.survivors, group.dropped = group.session.collect_masked(
-                {u: y for u, y in masked.items() if u in group.nodes})
+                {u: y for u, y in masked.items() if u in group.nodes}
+            )
 
         self.live = _each(self.groups, self.server_round, collect, self.cfg.min_clients)
 
     def unmask(self) -> list[_Group]:
         """Survivors send shares of the survivors' b and of the dropped nodes' s; the groups that unmask."""
-        payloads = {u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
-                    for g in self.live for u in g.survivors}
+        payloads = {
+            u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
+            for g in self.live
+            for u in g.survivors
+        }
         unmask = {}
         for node, msg in self._request(UNMASK, payloads).items():
             r = _config(msg)
             if r is None or set(r) != {"b-owner", "b-share", "s-owner", "s-share"}:
                 log.warning("round %d: node %s: malformed unmasking reply rejected", self.server_round, node)
                 continue
-            unmask[node] = ({int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
-                            {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])})
+            unmask[node] = (
+                {int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
+                {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])},
+            )
 
         def unmask_sum(group: _Group) -> None:
             group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
@@ -264,24 +316,49 @@ class _SecureRound:
         summary: dict[str, float] = {}
         for group in done:
             m = len(group.survivors)
-            mean = decode_sum(group.total, bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
-                              batch_size=cfg.batch_size, num_summands=m)
-            strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m)
+            mean = decode_sum(
+                group.total,
+                bits=cfg.secagg_quantization_bits,
+                clip_norm=cfg.max_grad_norm_global,
+                batch_size=cfg.batch_size,
+                num_summands=m,
+            )
+            strategy.apply_secure_mean(
+                group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m
+            )
             z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
             # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
             std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, int(np.prod(self.shape))) / (gamma * m)
-            summary.update(strategy.group_metrics(group.label, {"secagg-threshold": float(group.threshold),
-                                                                "noise-multiplier-global-effective": z_eff,
-                                                                GLOBAL_NOISE_STD: std}))
-            log.info("round %d: group %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
-                     self.server_round, group.label, m, len(group.nodes), group.threshold, z_eff,
-                     z if math.isfinite(z) else float("nan"))
+            summary.update(
+                strategy.group_metrics(
+                    group.label,
+                    {
+                        "secagg-threshold": float(group.threshold),
+                        "noise-multiplier-global-effective": z_eff,
+                        GLOBAL_NOISE_STD: std,
+                    },
+                )
+            )
+            log.info(
+                "round %d: group %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
+                self.server_round,
+                group.label,
+                m,
+                len(group.nodes),
+                group.threshold,
+                z_eff,
+                z if math.isfinite(z) else float("nan"),
+            )
         survivors = [self.advertised[u] for g in done for u in g.survivors]  # only their data is in the release
         summary.update(strategy.close_round(survivors))
         # clients the round was sent to that are not in a sum, and those of them whose masks had to be removed
         # (they dropped after relaying their shares)
-        summary.update({"secagg-dropped": float(self.sent - len(survivors)),
-                        "secagg-masks-removed": float(sum(len(g.dropped) for g in done)),
-                        "secagg-messages": float(self.stats["messages"]),
-                        "secagg-groups-failed": float(len(self.groups) - len(done))})
+        summary.update(
+            {
+                "secagg-dropped": float(self.sent - len(survivors)),
+                "secagg-masks-removed": float(sum(len(g.dropped) for g in done)),
+                "secagg-messages": float(self.stats["messages"]),
+                "secagg-groups-failed": float(len(self.groups) - len(done)),
+            }
+        )
         return summary

@@ -99,7 +99,8 @@ def _server_class_list(cfg: RunConfig) -> list[str]:
             f"the server checks every node's class list against the run's, and could not read the class list of "
             f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Either give the ServerApp's machine "
             "the data set's index/split files under the same data-root, or put the ordered class list in the "
-            "run config's 'classnames'") from err
+            "run config's 'classnames'"
+        ) from err
 
 
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
@@ -134,13 +135,26 @@ def global_learning_rate(cfg: RunConfig, noise_multiplier: float, num_replies: i
     if not cfg.dp or cfg.global_noise_radius <= 0:
         return cfg.lr_global
     reference = _reference_context_norm(cfg.model_name, cfg.pretrained, cfg.n_ctx)
-    return noise_bounded_lr(cfg.lr_global, cfg.global_noise_radius, reference, noise_multiplier,
-                            cfg.max_grad_norm_global, cfg.batch_size * num_replies, cfg.num_server_rounds,
-                            math.prod(shape))
+    return noise_bounded_lr(
+        cfg.lr_global,
+        cfg.global_noise_radius,
+        reference,
+        noise_multiplier,
+        cfg.max_grad_norm_global,
+        cfg.batch_size * num_replies,
+        cfg.num_server_rounds,
+        math.prod(shape),
+    )
 
 
-def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor | None, grads: list[torch.Tensor],
-                  noise_multiplier: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def global_update(
+    cfg: RunConfig,
+    p_global: torch.Tensor,
+    momentum: torch.Tensor | None,
+    grads: list[torch.Tensor],
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's step on p_G: equal-weight mean of the n replies' clipped gradients, global DP noise, SGD.
     Returns (p_G, momentum buffer, noise std). Also used by the membership-inference experiment's targets."""
     n = len(grads)
@@ -178,12 +192,21 @@ class PromptStrategy(Strategy):
         self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages
-    def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
-                  message_type: str) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid, message_type: str
+    ) -> list[Message]:
         # DP-FPL: every connected node takes part; wait until at least min-clients are connected
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
-        record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token,
-                                          DIGEST_KEY: self.classes_digest})}
+        record = {
+            "config": ConfigRecord(
+                {
+                    **config,
+                    "server-round": server_round,
+                    "run-token": self.state.run_token,
+                    DIGEST_KEY: self.classes_digest,
+                }
+            )
+        }
         if arrays is not None:
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
@@ -195,10 +218,12 @@ class PromptStrategy(Strategy):
 
     def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
         """The server step with a group's decoded mean (its noise was added by the clients)."""
-        lr = global_learning_rate(self.cfg, self.state.noise_multiplier_global, num_members,
-                                  tuple(self.state.p_global.shape))
-        self.state.p_global, self.state.momentum = sgd_update(self.state.p_global, noisy_mean, self.state.momentum,
-                                                              lr, self.cfg.momentum, self.cfg.weight_decay)
+        lr = global_learning_rate(
+            self.cfg, self.state.noise_multiplier_global, num_members, tuple(self.state.p_global.shape)
+        )
+        self.state.p_global, self.state.momentum = sgd_update(
+            self.state.p_global, noisy_mean, self.state.momentum, lr, self.cfg.momentum, self.cfg.weight_decay
+        )
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
         """A group's numbers in the round's metrics line (one group: under their own names)."""
@@ -208,11 +233,15 @@ class PromptStrategy(Strategy):
         """What the nodes receive: p_G, or nothing for methods without a global prompt."""
         return ArrayRecord({"global-prompt": self.state.p_global}) if self.method.shares_global else None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         cfg = {**dict(config), "noise-multiplier-global": self.state.noise_multiplier_global}
         return self._messages(server_round, arrays, cfg, grid, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self._messages(server_round, arrays, dict(config), grid, MessageType.EVALUATE)
 
     # ---------------------------------------------------------------- validation
@@ -223,8 +252,10 @@ class PromptStrategy(Strategy):
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
-            raise InvalidReply(f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
-                               f"{run_tag(self.state.run_token)})")
+            raise InvalidReply(
+                f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
+                f"{run_tag(self.state.run_token)})"
+            )
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
@@ -243,8 +274,10 @@ class PromptStrategy(Strategy):
             raise InvalidReply("reply must carry exactly one array record with the key 'global-grad'")
         array = content["arrays"]["global-grad"]
         if tuple(array.shape) != tuple(self.state.p_global.shape) or array.dtype != "float32":
-            raise InvalidReply(f"global-grad has shape {array.shape}/{array.dtype}, expected "
-                               f"{tuple(self.state.p_global.shape)}/float32")
+            raise InvalidReply(
+                f"global-grad has shape {array.shape}/{array.dtype}, expected "
+                f"{tuple(self.state.p_global.shape)}/float32"
+            )
         grad = torch.from_numpy(np.array(array.numpy(), copy=True))
         if not torch.isfinite(grad).all():
             raise InvalidReply("global-grad contains NaN or Inf")
@@ -269,8 +302,9 @@ class PromptStrategy(Strategy):
         return None, metrics
 
     # ---------------------------------------------------------------- the one reply path
-    def accept_replies(self, server_round: int, replies: Iterable[Message], validate: Validator | None = None,
-                       what: str = "reply") -> list[Reply]:
+    def accept_replies(
+        self, server_round: int, replies: Iterable[Message], validate: Validator | None = None, what: str = "reply"
+    ) -> list[Reply]:
         """The replies of one round that pass ``validate`` (by default ``validate_train_reply``), each under its
         node key. The clear, secure-aggregation and SecFPP rounds all take their replies through here.
 
@@ -284,20 +318,27 @@ class PromptStrategy(Strategy):
                 payload, metrics = validate(msg, server_round)
                 accepted.append(Reply(msg.metadata.src_node_id, node_key(msg, metrics), metrics, payload))
             except InvalidReply as err:
-                log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id,
-                            err)
+                log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id, err)
         count = Counter(r.key for r in accepted)
         shared = sorted(k for k, c in count.items() if c > 1)
         if shared:
-            log.warning("round %d: %d replies share a node key (%s); all of them rejected", server_round,
-                        sum(count[k] for k in shared), ", ".join(shared))
+            log.warning(
+                "round %d: %d replies share a node key (%s); all of them rejected",
+                server_round,
+                sum(count[k] for k in shared),
+                ", ".join(shared),
+            )
         return [r for r in accepted if count[r.key] == 1]
 
     def enough_replies(self, server_round: int, replies: list[Reply]) -> bool:
         if len(replies) >= self.cfg.min_clients:
             return True
-        log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
-                  len(replies), self.cfg.min_clients)
+        log.error(
+            "round %d: only %d valid replies (< min-clients %d); no prompt updated",
+            server_round,
+            len(replies),
+            self.cfg.min_clients,
+        )
         return False
 
     def close_round(self, replies: list[Reply], released_global: bool = True) -> dict[str, float]:
@@ -307,26 +348,36 @@ class PromptStrategy(Strategy):
         return {"num-replies": float(len(replies)), **summarize_node_metrics([r.metrics for r in replies])}
 
     # ---------------------------------------------------------------- aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         accepted = self.accept_replies(server_round, replies)
         if not self.enough_replies(server_round, accepted):
             return None, None
         if not self.method.shares_global:
             return None, MetricRecord(self.close_round(accepted, released_global=False))
         self.state.p_global, self.state.momentum, std = global_update(
-            self.cfg, self.state.p_global, self.state.momentum, [r.payload for r in accepted],
-            self.state.noise_multiplier_global, self.noise_generator)
+            self.cfg,
+            self.state.p_global,
+            self.state.momentum,
+            [r.payload for r in accepted],
+            self.state.noise_multiplier_global,
+            self.noise_generator,
+        )
         summary = self.close_round(accepted)
         summary[GLOBAL_NOISE_STD] = std
         return self.current_arrays(), MetricRecord(summary)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = [(r.key, r.metrics) for r in self.accept_replies(server_round, replies, self.validate_evaluate_reply,
-                                                                "evaluation reply")]
+        rows = [
+            (r.key, r.metrics)
+            for r in self.accept_replies(server_round, replies, self.validate_evaluate_reply, "evaluation reply")
+        ]
         # each client's own numbers (metrics.jsonl keeps them next to the means), named by partition id where
         # there is one, else by the stable node key the books use
-        self.client_evaluations = {client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
-                                   for key, m in rows}
+        self.client_evaluations = {
+            client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m} for key, m in rows
+        }
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
@@ -380,5 +431,11 @@ class PromptStrategy(Strategy):
         return self.privacy_maxima()["epsilon-global-max"] if self.cfg.dp else math.inf
 
     def summary(self) -> None:
-        log.info("%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.method.name, self.state.noise_multiplier_global,
-                 self.cfg.max_grad_norm_global, self.cfg.batch_size, self.cfg.min_clients)
+        log.info(
+            "%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d",
+            self.method.name,
+            self.state.noise_multiplier_global,
+            self.cfg.max_grad_norm_global,
+            self.cfg.batch_size,
+            self.cfg.min_clients,
+        )

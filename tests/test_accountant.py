@@ -41,8 +41,9 @@ def test_published_prompt_composes_both_mechanisms():
     assert restored.epsilon_published() == pytest.approx(e_p)
 
 
-@pytest.mark.parametrize("q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0),
-                                        (0.00101, 0.0011)])
+@pytest.mark.parametrize(
+    "q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0), (0.00101, 0.0011)]
+)
 def test_calibration_rate_is_rounded_up_so_the_true_rate_stays_within_budget(q, rounded):
     from dpfpl.common.privacy.accountant import accounting_sample_rate
 

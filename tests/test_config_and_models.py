@@ -11,13 +11,16 @@ def test_run_config_round_trips_flower_keys():
     assert cfg.num_server_rounds == 7 and cfg.to_flower()["max-grad-norm-local"] == 5.0
 
 
-@pytest.mark.parametrize("bad", [
-    {"num-server-roundz": 3},  # typo
-    {"batch-size": 0},
-    {"dp": True, "target-epsilon": 0.0},  # no way to set the noise
-    {"min-clients": 11, "num-clients": 10},
-    {"calibrate-for": "nobody"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num-server-roundz": 3},  # typo
+        {"batch-size": 0},
+        {"dp": True, "target-epsilon": 0.0},  # no way to set the noise
+        {"min-clients": 11, "num-clients": 10},
+        {"calibrate-for": "nobody"},
+    ],
+)
 def test_bad_run_config_fails_with_the_key_name(bad):
     with pytest.raises(ValidationError):
         RunConfig.from_flower(bad)

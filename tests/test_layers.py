@@ -25,8 +25,10 @@ BARE = {"common", "server_app", "client_app", "bench"}  # top-level names this p
 def _modules() -> dict[str, Path]:
     """Module name (as installed) -> file, for every source file of the three app folders and the tools."""
     out = {}
-    for folder, prefix in [(ROOT / a, f"dpfpl.{a}") for a in APPS] + [(ROOT / "dpfpl", "dpfpl"),
-                                                                        (ROOT / "bench", "dpfpl.bench")]:
+    for folder, prefix in [(ROOT / a, f"dpfpl.{a}") for a in APPS] + [
+        (ROOT / "dpfpl", "dpfpl"),
+        (ROOT / "bench", "dpfpl.bench"),
+    ]:
         for path in sorted(folder.rglob("*.py")) if folder.is_dir() else []:
             parts = list(path.relative_to(folder).with_suffix("").parts)
             if parts[-1] == "__init__":
@@ -77,8 +79,9 @@ EDGES = _edges()
 
 
 def test_the_tree_is_found():
-    assert any(m.startswith("dpfpl.common.") for m in MODULES) and any(m.startswith("dpfpl.server_app.")
-                                                                       for m in MODULES)
+    assert any(m.startswith("dpfpl.common.") for m in MODULES) and any(
+        m.startswith("dpfpl.server_app.") for m in MODULES
+    )
 
 
 def test_no_bare_top_level_names():
@@ -101,6 +104,7 @@ def test_no_upward_import():
 def _cycles() -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan), a package and its own submodules
     excepted (a package's ``__init__`` re-exporting its submodules is not a cycle of meaning)."""
+
     def related(a: str, b: str) -> bool:
         return a.startswith(b + ".") or b.startswith(a + ".")
 

@@ -49,8 +49,17 @@ def test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_ba
     p_global = torch.randn(8, encoder.width, generator=gen) * 0.02
     p_local = torch.randn(8, encoder.width, generator=gen) * 0.02
     replay = copy.deepcopy(gen)
-    out = learner.train_step(p_global, {"p_local": p_local}, {}, feats, labels, EXPECTED_BATCH,
-                             DpSettings(True, 0.0, C_LOCAL, C_GLOBAL), SgdSettings(0.1), gen)
+    out = learner.train_step(
+        p_global,
+        {"p_local": p_local},
+        {},
+        feats,
+        labels,
+        EXPECTED_BATCH,
+        DpSettings(True, 0.0, C_LOCAL, C_GLOBAL),
+        SgdSettings(0.1),
+        gen,
+    )
     idx = poisson_sample(len(labels), EXPECTED_BATCH / len(labels), replay)
     u, v, r = factorize(p_local, 2, replay)
     assert len(idx) == out.batch_size and out.batch_size != EXPECTED_BATCH  # realized != expected batch
@@ -71,8 +80,14 @@ def test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_ba
 def test_server_noise_std_is_z_times_clip_over_b_times_n():
     from dpfpl.server_app.strategy import global_update
 
-    cfg = RunConfig(lr_global=1.0, batch_size=4, max_grad_norm_global=3.0, target_epsilon=0,
-                    noise_multiplier_local=1.0, noise_multiplier_global=2.0)
+    cfg = RunConfig(
+        lr_global=1.0,
+        batch_size=4,
+        max_grad_norm_global=3.0,
+        target_epsilon=0,
+        noise_multiplier_local=1.0,
+        noise_multiplier_global=2.0,
+    )
     zeros = [torch.zeros(200, 100) for _ in range(5)]
     p_global, _, std = global_update(cfg, torch.zeros(200, 100), None, zeros, 2.0, torch.Generator().manual_seed(0))
     expected = 2.0 * 3.0 / (4 * 5)
@@ -89,10 +104,17 @@ def test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_d
     assert torch.equal(draw(dp_generator(False, 7)), draw(dp_generator(False, 7)))
 
     def server_noise() -> torch.Tensor:
-        cfg = RunConfig(run_dir=str(tmp_path), target_epsilon=0, noise_multiplier_local=1.0,
-                        noise_multiplier_global=1.0, seed=3)
-        state = ServerState(p_global=torch.zeros(2, 4), momentum=None, server_round=0, run_token="t",
-                            noise_multiplier_global=1.0, config_fingerprint="f")
+        cfg = RunConfig(
+            run_dir=str(tmp_path), target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=1.0, seed=3
+        )
+        state = ServerState(
+            p_global=torch.zeros(2, 4),
+            momentum=None,
+            server_round=0,
+            run_token="t",
+            noise_multiplier_global=1.0,
+            config_fingerprint="f",
+        )
         return draw(PromptStrategy(cfg, state).noise_generator)
 
     assert not torch.equal(server_noise(), server_noise())  # same run config, unpredictable noise
@@ -101,8 +123,10 @@ def test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_d
 def test_secure_noise_is_standard_normal_fresh_per_release_and_leaves_the_generator_alone():
     gen = torch.Generator().manual_seed(0)
     before = gen.get_state()
-    first, second = standard_normal((400, 250), gen, torch.float32, secure=True), \
-        standard_normal((400, 250), gen, torch.float32, secure=True)
+    first, second = (
+        standard_normal((400, 250), gen, torch.float32, secure=True),
+        standard_normal((400, 250), gen, torch.float32, secure=True),
+    )
     assert torch.equal(gen.get_state(), before)
     assert not torch.equal(first, second)
     for sample in (first, second):
@@ -120,8 +144,12 @@ def test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting(
     for _ in range(steps):
         acc.record_step(z_l, z_g, q)
     pld = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=1.0, sensitivity=math.sqrt(z_l**-2 + z_g**-2), sampling_prob=q,
-        value_discretization_interval=1e-4, use_connect_dots=True).self_compose(steps)
+        standard_deviation=1.0,
+        sensitivity=math.sqrt(z_l**-2 + z_g**-2),
+        sampling_prob=q,
+        value_discretization_interval=1e-4,
+        use_connect_dots=True,
+    ).self_compose(steps)
     independent = pld.get_epsilon_for_delta(1e-5)
     assert acc.epsilon_published() == pytest.approx(independent, rel=0.01)
     assert combined_noise_multiplier(z_l, z_g) == pytest.approx(1 / math.sqrt(z_l**-2 + z_g**-2))

@@ -15,14 +15,20 @@ from dpfpl.common.methods import build_method
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # import name -> distribution, where they differ
-DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "open_clip": "open_clip_torch", "flwr": "flwr",
-                 "dp_accounting": "dp-accounting", "animal_mnist": "animal-mnist"}
+DISTRIBUTIONS = {
+    "PIL": "pillow",
+    "sklearn": "scikit-learn",
+    "open_clip": "open_clip_torch",
+    "flwr": "flwr",
+    "dp_accounting": "dp-accounting",
+    "animal_mnist": "animal-mnist",
+}
 
 
 def test_pyproject_run_config_is_the_run_configs_defaults():
     in_pyproject = PYPROJECT["tool"]["flwr"]["app"]["config"]
     defaults = RunConfig.defaults()
-    assert set(in_pyproject) == set(defaults), (set(in_pyproject) ^ set(defaults))
+    assert set(in_pyproject) == set(defaults), set(in_pyproject) ^ set(defaults)
     differ = {k: (in_pyproject[k], defaults[k]) for k in defaults if in_pyproject[k] != defaults[k]}
     assert not differ, f"pyproject vs RunConfig: {differ}"
 
@@ -52,11 +58,15 @@ def _imported_top_level(folders: list[Path]) -> set[str]:
 
 def test_every_third_party_import_is_declared():
     own = {"dpfpl", "common", "server_app", "client_app", "bench", "tests"}
-    imported = _imported_top_level([ROOT / d for d in ("common", "server_app", "client_app", "dpfpl", "bench")
-                                    if (ROOT / d).is_dir()])
+    imported = _imported_top_level(
+        [ROOT / d for d in ("common", "server_app", "client_app", "dpfpl", "bench") if (ROOT / d).is_dir()]
+    )
     third_party = {m for m in imported - own if m not in sys.stdlib_module_names and m != "__future__"}
     declared = _declared()
     # animal-mnist is installed without its (unused) TensorFlow dependency by scripts/setup.sh
-    missing = {m for m in third_party if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared
-               and m != "animal_mnist"}
+    missing = {
+        m
+        for m in third_party
+        if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared and m != "animal_mnist"
+    }
     assert not missing, f"imported but not declared in pyproject's dependencies: {sorted(missing)}"

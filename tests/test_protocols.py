@@ -58,9 +58,21 @@ def test_a_node_reports_the_protocols_metrics(tmp_path, cache_dir):
     """PromptNode.evaluate on a base-novel run: local/base/novel accuracy and the per-client HM."""
     from dpfpl.client_app.node import PromptNode
 
-    cfg = _cfg(partition="base-novel", method="dpfpl", **{
-        "model-name": "dpfpl-demo-tiny", "pretrained": "none", "num-clients": 5, "classes-per-client": 2,
-        "num-shots": 8, "n-ctx": 4, "rank": 2, "dp": False, "run-dir": str(tmp_path / "run")})
+    cfg = _cfg(
+        partition="base-novel",
+        method="dpfpl",
+        **{
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "num-clients": 5,
+            "classes-per-client": 2,
+            "num-shots": 8,
+            "n-ctx": 4,
+            "rank": 2,
+            "dp": False,
+            "run-dir": str(tmp_path / "run"),
+        },
+    )
     node = PromptNode(cfg, NodeConfig(partition_id=0, cache_dir=str(cache_dir)))
     zs = node.evaluate(None, "token", zeroshot=True)
     assert {"local-acc", "base-acc", "novel-acc", "hm", "local-loss"} <= set(zs)
@@ -104,8 +116,9 @@ def test_the_engine_draws_one_view_per_sampled_record(encoder, tiny_model):
     feats = torch.nn.functional.normalize(torch.randn(2, 30, d, generator=gen), dim=-1)
     labels = torch.randint(0, 6, (30,), generator=gen)
     local = learner.init_local(gen)
-    out = learner.train_step(None, local, {}, feats, labels, 8, DpSettings(True, 1.0, 10.0, 10.0),
-                             SgdSettings(0.1, 0.0, 0.0), gen)
+    out = learner.train_step(
+        None, local, {}, feats, labels, 8, DpSettings(True, 1.0, 10.0, 10.0), SgdSettings(0.1, 0.0, 0.0), gen
+    )
     assert out.batch_size > 0 and torch.isfinite(out.local["p_local"]).all()
 
 
@@ -116,14 +129,34 @@ def test_a_run_on_an_on_disk_data_set_with_the_base_to_novel_protocol(tmp_path, 
 
     classes = ["red", "green", "blue", "yellow", "purple", "orange", "teal", "pink"]
     _write_dataset(tmp_path / "data", classes, n_train=6, n_test=3)
-    summary = run_inprocess({
-        "dataset": "folder", "data-root": str(tmp_path / "data"), "partition": "base-novel",
-        "model-name": "dpfpl-demo-tiny", "pretrained": "none", "method": "dpfpl", "num-clients": 2,
-        "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2, "eval-every": 1, "eval-last": 2,
-        "dp": True, "target-epsilon": 0.0, "noise-multiplier-local": 1.0, "noise-multiplier-global": 1.0,
-        "batch-size": 4, "n-ctx": 4, "rank": 2, "augment-views": 2,
-        "run-dir": str(tmp_path / "run"), "resume": False,
-    }, num_nodes=2, node_config={"cache-dir": str(cache_dir)})
+    summary = run_inprocess(
+        {
+            "dataset": "folder",
+            "data-root": str(tmp_path / "data"),
+            "partition": "base-novel",
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "method": "dpfpl",
+            "num-clients": 2,
+            "classes-per-client": 2,
+            "min-clients": 2,
+            "num-server-rounds": 2,
+            "eval-every": 1,
+            "eval-last": 2,
+            "dp": True,
+            "target-epsilon": 0.0,
+            "noise-multiplier-local": 1.0,
+            "noise-multiplier-global": 1.0,
+            "batch-size": 4,
+            "n-ctx": 4,
+            "rank": 2,
+            "augment-views": 2,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        },
+        num_nodes=2,
+        node_config={"cache-dir": str(cache_dir)},
+    )
     assert summary["evaluation-protocol"]["name"] == "base-novel"
     assert summary["evaluation-protocol"]["augment-views"] == 2
     for key in ("local-acc", "base-acc", "novel-acc", "hm", "hm-of-means"):

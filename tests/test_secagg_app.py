@@ -12,9 +12,20 @@ from flwr.app import Message
 from dpfpl.common.config import RunConfig
 from dpfpl.inprocess import InProcessGrid, full_run_config
 
-BASE = {"method": "promptfl", "num-clients": 4, "classes-per-client": 2, "min-clients": 4, "num-server-rounds": 2,
-        "eval-every": 2, "eval-last": 1, "batch-size": 32, "lr-global": 0.05, "lr-local": 0.05,
-        "secagg-dropout-tolerance": 1, "resume": False}
+BASE = {
+    "method": "promptfl",
+    "num-clients": 4,
+    "classes-per-client": 2,
+    "min-clients": 4,
+    "num-server-rounds": 2,
+    "eval-every": 2,
+    "eval-last": 1,
+    "batch-size": 32,
+    "lr-global": 0.05,
+    "lr-local": 0.05,
+    "secagg-dropout-tolerance": 1,
+    "resume": False,
+}
 
 
 class Wiretap:
@@ -73,13 +84,17 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
     masked = [r.content["secagg"]["masked"].numpy() for t, r in tap.replies if t == "train.secagg_masked"]
     assert len(masked) == 8 and all(y.dtype == np.uint64 for y in masked)
     assert summary["final"]["local-acc"] == pytest.approx(
-        json.loads((tmp_path / "clear" / "run" / "summary.json").read_text())["final"]["local-acc"], abs=0.02)
+        json.loads((tmp_path / "clear" / "run" / "summary.json").read_text())["final"]["local-acc"], abs=0.02
+    )
 
 
 def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survivors(tmp_path, cache_dir):
     # node 3 dies after sending its shares (before its masked input) in round 1; min-clients 3 allows that
-    summary, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True,
-                                         "min-clients": 3}, drop={(1, "train.secagg_masked"): {3}})
+    summary, rounds, _ = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 3},
+        drop={(1, "train.secagg_masked"): {3}},
+    )
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1 and rounds[0]["secagg-masks-removed"] == 1
     assert rounds[1]["num-replies"] == 4 and rounds[1]["secagg-dropped"] == 0
@@ -96,8 +111,11 @@ def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survi
 
 def test_fewer_masked_inputs_than_min_clients_update_nothing(tmp_path, cache_dir):
     """The threshold lets the protocol unmask 3 of 4, but the run asked for 4: as in a clear round, nothing moves."""
-    _, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 4},
-                        drop={(1, "train.secagg_masked"): {3}})
+    _, rounds, _ = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 4},
+        drop={(1, "train.secagg_masked"): {3}},
+    )
     assert [r["updated"] for r in rounds] == [False, True]
     from dpfpl.server_app.checkpoint import RunDirectory
 
@@ -105,8 +123,11 @@ def test_fewer_masked_inputs_than_min_clients_update_nothing(tmp_path, cache_dir
 
 
 def test_too_many_dropouts_fail_the_round_safely(tmp_path, cache_dir):
-    summary, rounds, tap = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
-                                drop={(1, "train.secagg_masked"): {2, 3}})
+    summary, rounds, tap = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
+        drop={(1, "train.secagg_masked"): {2, 3}},
+    )
     assert rounds[0]["updated"] is False and rounds[1]["updated"] is True
     # round 1 revealed no share: nobody was asked to unmask it
     unmasks = [r for t, r in tap.replies if t == "train.secagg_unmask"]

@@ -42,7 +42,7 @@ def test_any_t_shares_are_uniform_whatever_the_secret():
     assert chisquare(_pair_histogram(zero_pad, (0, 1), 500)).pvalue < 1e-9
     # and T + 1 shares determine the secret slices (they are not uniform either)
     counts = _pair_histogram(lambda: lcc.encode(secret, rng), (0, 1, 2), 3000)
-    assert (counts > 0).sum() <= SMALL_P ** 2  # only p^T of the p^(T+1) triples can occur
+    assert (counts > 0).sum() <= SMALL_P**2  # only p^T of the p^(T+1) triples can occur
 
 
 def _users(rng, n_users, dim, bits=10):

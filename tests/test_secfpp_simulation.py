@@ -15,9 +15,21 @@ from dpfpl.secfpp_simulate import adjusted_rand_index, run_secfpp
 
 # The tests' backbone is pretrained for 60 steps only (conftest): its domains are closer together than the
 # demo backbone's, hence lambda 0.3 here (the default 1.5 is set for the demo backbone, docs/secfpp.md).
-SETTINGS = dict(partition="multi-domain", num_clients=6, dirichlet_alpha=1.0, dp=False, num_server_rounds=8,
-                eval_every=4, lr_global=0.1, lr_local=0.1, n_ctx=4, secfpp_privacy=2, secfpp_every=4, seed=3,
-                secfpp_threshold=0.3)
+SETTINGS = dict(
+    partition="multi-domain",
+    num_clients=6,
+    dirichlet_alpha=1.0,
+    dp=False,
+    num_server_rounds=8,
+    eval_every=4,
+    lr_global=0.1,
+    lr_local=0.1,
+    n_ctx=4,
+    secfpp_privacy=2,
+    secfpp_every=4,
+    seed=3,
+    secfpp_threshold=0.3,
+)
 
 
 def test_multi_domain_partition_gives_each_client_one_domain(cache_dir):
@@ -75,7 +87,7 @@ def _blobs(content) -> list[bytes]:
     out = []
     for _, record in content.config_records.items():
         for value in record.values():
-            for v in (value if isinstance(value, list) else [value]):
+            for v in value if isinstance(value, list) else [value]:
                 out.append(v if isinstance(v, bytes) else str(v).encode())
     for _, record in content.array_records.items():
         out.extend(record[k].numpy().tobytes() for k in record.keys())
@@ -101,8 +113,9 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
     monkeypatch.setattr(InProcessGrid, "_deliver", recording)
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "run-dir": str(run_dir), "resume": False},
-                  num_nodes=6)
+    run_inprocess(
+        {**overrides, "method": "secfpp", "min-clients": 6, "run-dir": str(run_dir), "resume": False}, num_nodes=6
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phases = [r for r in records if "secfpp-assignment" in r]
     assert [r["round"] for r in phases] == [4, 8]
@@ -127,8 +140,9 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
             assert _pack(np.array(shares[:4], dtype=object)) not in blob
 
 
-def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clear_aggregation(tmp_path, cache_dir,
-                                                                                          monkeypatch):
+def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clear_aggregation(
+    tmp_path, cache_dir, monkeypatch
+):
     """secure-aggregation = true: each cluster is its own secure-aggregation group (roster, threshold, masks), so
     the server learns each cluster's sum and never a member's gradient; without noise the cluster prompts equal
     those of the clear run up to the (unbiased) quantization rounding."""
@@ -147,8 +161,14 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
         return reply
 
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    run = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 6, "secfpp-min-cluster-size": 3,
-           "resume": False}
+    run = {
+        **overrides,
+        "method": "secfpp",
+        "min-clients": 6,
+        "num-server-rounds": 6,
+        "secfpp-min-cluster-size": 3,
+        "resume": False,
+    }
     run_inprocess({**run, "run-dir": str(tmp_path / "clear")}, num_nodes=6)
     monkeypatch.setattr(InProcessGrid, "_deliver", recording)
     run_inprocess({**run, "run-dir": str(tmp_path / "sec"), "secure-aggregation": True}, num_nodes=6)
@@ -181,18 +201,44 @@ def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
 
     settings = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
     with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
-        RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
-                                               "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 1}))
-    RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
-                                           "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 0}))
+        RunConfig.from_flower(
+            full_run_config(
+                {
+                    **settings,
+                    "method": "secfpp",
+                    "secure-aggregation": True,
+                    "secfpp-min-cluster-size": 2,
+                    "secagg-dropout-tolerance": 1,
+                }
+            )
+        )
+    RunConfig.from_flower(
+        full_run_config(
+            {
+                **settings,
+                "method": "secfpp",
+                "secure-aggregation": True,
+                "secfpp-min-cluster-size": 2,
+                "secagg-dropout-tolerance": 0,
+            }
+        )
+    )
 
 
 def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
     from dpfpl.server_app.checkpoint import RunDirectory, ServerState
 
     prompts = {0: torch.randn(4, 8), 1: torch.randn(4, 8)}
-    state = ServerState(p_global=prompts[0], momentum=None, server_round=3, run_token="t", noise_multiplier_global=0.0,
-                        config_fingerprint="f", cluster_prompts=prompts, assignment={"11": 0, "12": 1})
+    state = ServerState(
+        p_global=prompts[0],
+        momentum=None,
+        server_round=3,
+        run_token="t",
+        noise_multiplier_global=0.0,
+        config_fingerprint="f",
+        cluster_prompts=prompts,
+        assignment={"11": 0, "12": 1},
+    )
     run_dir = RunDirectory(tmp_path)
     run_dir.save(state)
     loaded = run_dir.load()
@@ -205,8 +251,11 @@ def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
     from dpfpl.server_app.secfpp_round import PhaseFailed, _route
 
     nodes = [101, 102, 103]
-    good = {101: {"dst": [1, 2], "ct": [b"a", b"b"]}, 102: {"dst": [0, 2], "ct": [b"c", b"d"]},
-            103: {"dst": [0, 1], "ct": [b"e", b"f"]}}
+    good = {
+        101: {"dst": [1, 2], "ct": [b"a", b"b"]},
+        102: {"dst": [0, 2], "ct": [b"c", b"d"]},
+        103: {"dst": [0, 1], "ct": [b"e", b"f"]},
+    }
     inbox = _route(nodes, good)
     assert inbox[0] == ([1, 2], [b"c", b"e"]) and inbox[2] == ([0, 1], [b"b", b"d"])
     with pytest.raises(PhaseFailed):
@@ -214,8 +263,9 @@ def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
 
 
 @pytest.mark.parametrize("dropped,completes", [((2,), True), ((2, 3), False)])
-def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropped, completes, tmp_path, cache_dir,
-                                                                           monkeypatch):
+def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(
+    dropped, completes, tmp_path, cache_dir, monkeypatch
+):
     """N = 6, K = 1, T = 2: a distance decodes from 5 coded results. One node failing after the shares are out
     leaves 5 (the phase completes, the others recover the domains); two leave 4 (the phase aborts, nothing
     changes, training goes on)."""
@@ -234,8 +284,17 @@ def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropp
     monkeypatch.setattr(ClusteringClient, "coded_distances", failing)
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    summary = run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 4,
-                             "run-dir": str(run_dir), "resume": False}, num_nodes=6)
+    summary = run_inprocess(
+        {
+            **overrides,
+            "method": "secfpp",
+            "min-clients": 6,
+            "num-server-rounds": 4,
+            "run-dir": str(run_dir),
+            "resume": False,
+        },
+        num_nodes=6,
+    )
     assert summary["rounds"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phase = [r for r in records if r["round"] == 4][0]
@@ -262,8 +321,14 @@ def test_nodes_with_new_flower_ids_keep_their_cluster_after_a_resume(tmp_path, c
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
     # the phase is at round 4; round 5 moves the two new cluster prompts apart
-    base = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 5, "run-dir": str(run_dir),
-            "resume": False}
+    base = {
+        **overrides,
+        "method": "secfpp",
+        "min-clients": 6,
+        "num-server-rounds": 5,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
     run_inprocess(base, num_nodes=6)
     state = RunDirectory(run_dir).load()
     keys = {k: str(node_key(run_dir / "nodes" / f"node-{k}")) for k in range(6)}

@@ -51,8 +51,10 @@ class FileSource:
         except FileNotFoundError:
             raise DatasetError(f"image file missing: {path}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(f"cannot decode image {path} ({type(err).__name__}: {err}); remove or replace the "
-                               "file (the data set's split/manifest lists it)") from None
+            raise DatasetError(
+                f"cannot decode image {path} ({type(err).__name__}: {err}); remove or replace the "
+                "file (the data set's split/manifest lists it)"
+            ) from None
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -131,8 +133,10 @@ class ImageDataset:
         return np.flatnonzero(self.is_test)
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.classnames)} classes, {int((~self.is_test).sum())} train / "
-                f"{int(self.is_test.sum())} test images")
+        return (
+            f"{self.name}: {len(self.classnames)} classes, {int((~self.is_test).sum())} train / "
+            f"{int(self.is_test.sum())} test images"
+        )
 
 
 def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

@@ -54,7 +54,7 @@ class Silo:
 def folder_entries(root: Path) -> list[tuple[Path, str, str | None]]:
     entries = []
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
-    for base, split in ([(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]):
+    for base, split in [(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             for f in sorted(class_dir.iterdir()):
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
@@ -87,7 +87,8 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     if not entries:
         raise SiloError(
             f"the silo '{root}' holds no images: expected manifest.csv (path,label[,split]) or class folders "
-            f"(train/<class>/*.png, test/<class>/*.png, or <class>/*.png) with one of {sorted(IMAGE_SUFFIXES)}")
+            f"(train/<class>/*.png, test/<class>/*.png, or <class>/*.png) with one of {sorted(IMAGE_SUFFIXES)}"
+        )
     index = {name: i for i, name in enumerate(classnames)}
     unknown = sorted({label for _, label, _ in entries if label not in index})
     problems = []

@@ -21,16 +21,21 @@ from .engine import DpSettings, Method, PromptLearner, StepResult
 from .local import FullRankLocal, LocalPrompt, LowRankFactors, RefactorizedLocal, SgdSettings
 
 
-def build_method(name: str, rank: int = 8, contrastive_weight: float = 0.5,
-                 contrastive_temperature: float = 0.5) -> Method:
+def build_method(
+    name: str, rank: int = 8, contrastive_weight: float = 0.5, contrastive_temperature: float = 0.5
+) -> Method:
     """The method called ``name`` (the run config's ``method``), assembled from its pieces."""
     builders = {
         "zeroshot": lambda: Method(name, shares_global=False),
         "coop": lambda: Method(name, shares_global=False, local=FullRankLocal()),
         "promptfl": lambda: Method(name, shares_global=True),
         "fedotp": lambda: Method(name, shares_global=True, local=FullRankLocal()),
-        "fedpgp": lambda: Method(name, shares_global=True, local=LowRankFactors(rank),
-                                 contrastive=ContrastiveLoss(contrastive_weight, contrastive_temperature)),
+        "fedpgp": lambda: Method(
+            name,
+            shares_global=True,
+            local=LowRankFactors(rank),
+            contrastive=ContrastiveLoss(contrastive_weight, contrastive_temperature),
+        ),
         "dpfpl-noresidual": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=False)),
         "dpfpl": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=True)),
         "secfpp": lambda: Method(name, shares_global=True, local=FullRankLocal()),
@@ -40,6 +45,18 @@ def build_method(name: str, rank: int = 8, contrastive_weight: float = 0.5,
     return builders[name]()
 
 
-__all__ = ["ContrastiveLoss", "DpSettings", "FullRankLocal", "LocalPrompt", "LowRankFactors", "Method",
-           "PromptLearner", "RefactorizedLocal", "SgdSettings", "StepResult", "build_method", "factorize",
-           "rgp_reconstruct"]
+__all__ = [
+    "ContrastiveLoss",
+    "DpSettings",
+    "FullRankLocal",
+    "LocalPrompt",
+    "LowRankFactors",
+    "Method",
+    "PromptLearner",
+    "RefactorizedLocal",
+    "SgdSettings",
+    "StepResult",
+    "build_method",
+    "factorize",
+    "rgp_reconstruct",
+]

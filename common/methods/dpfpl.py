@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def factorize(p_local: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factorize(
+    p_local: torch.Tensor, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-step power iteration: U = orth(p_L V0), v = orth(p_L^T U)^T, r = p_L - U v."""
     n_ctx, d = p_local.shape
     if rank > min(n_ctx, d):

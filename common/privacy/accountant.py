@@ -155,7 +155,7 @@ class PrivacyAccountant:
         if not groups:
             return 0.0
         if len(groups) == 1:
-            ((z, q), n), = groups.items()
+            (((z, q), n),) = groups.items()
             return epsilon_for(z, q, n, self.delta)
         return _epsilon_of([(z, q, n) for (z, q), n in groups.items()], self.delta)
 

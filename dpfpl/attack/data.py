@@ -29,8 +29,10 @@ class MembershipSplit:
         """``count`` (members, non-members) pairs of ``size`` each from the shadow pool (pairs may overlap
         across shadows, as in Shokri et al.; within a pair they are disjoint)."""
         if 2 * size > len(self.shadow_pool):
-            raise ValueError(f"the shadow pool has {len(self.shadow_pool)} records; each shadow needs {2 * size} "
-                             "(members + non-members): use fewer members or more classes")
+            raise ValueError(
+                f"the shadow pool has {len(self.shadow_pool)} records; each shadow needs {2 * size} "
+                "(members + non-members): use fewer members or more classes"
+            )
         rng = np.random.default_rng(seed)
         out = []
         for _ in range(count):
@@ -60,28 +62,34 @@ def _per_class_counts(available: dict[int, int], total: int) -> dict[int, int]:
     return counts
 
 
-def _stratified_pair(pool: np.ndarray, labels: np.ndarray | None, size: int, rng: np.random.Generator,
-                     what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _stratified_pair(
+    pool: np.ndarray, labels: np.ndarray | None, size: int, rng: np.random.Generator, what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Two disjoint sets of ``size`` from ``pool`` with equal per-class counts, and the rest of the pool."""
     if labels is None:  # no labels known: a plain random split
         perm = rng.permutation(pool)
-        return np.sort(perm[:size]), np.sort(perm[size:2 * size]), perm[2 * size:]
+        return np.sort(perm[:size]), np.sort(perm[size : 2 * size]), perm[2 * size :]
     by_class = {int(c): rng.permutation(pool[labels[pool] == c]) for c in np.unique(labels[pool])}
     counts = _per_class_counts({c: len(idx) // 2 for c, idx in by_class.items()}, size)
     if sum(counts.values()) < size:
-        raise ValueError(f"{what} has {len(pool)} records; {size} members and as many non-members with the same "
-                         "records per class need more: use fewer members or more classes")
-    ins = np.concatenate([idx[:counts[c]] for c, idx in by_class.items()])
-    outs = np.concatenate([idx[counts[c]:2 * counts[c]] for c, idx in by_class.items()])
-    rest = np.concatenate([idx[2 * counts[c]:] for c, idx in by_class.items()])
+        raise ValueError(
+            f"{what} has {len(pool)} records; {size} members and as many non-members with the same "
+            "records per class need more: use fewer members or more classes"
+        )
+    ins = np.concatenate([idx[: counts[c]] for c, idx in by_class.items()])
+    outs = np.concatenate([idx[counts[c] : 2 * counts[c]] for c, idx in by_class.items()])
+    rest = np.concatenate([idx[2 * counts[c] :] for c, idx in by_class.items()])
     return np.sort(ins), np.sort(outs), rng.permutation(rest)
 
 
-def membership_split(labels: np.ndarray, is_test: np.ndarray, classes: list[int], members: int,
-                     seed: int) -> MembershipSplit:
+def membership_split(
+    labels: np.ndarray, is_test: np.ndarray, classes: list[int], members: int, seed: int
+) -> MembershipSplit:
     pool = np.flatnonzero(np.isin(labels, classes) & ~is_test)
     if 2 * members > len(pool):
-        raise ValueError(f"the train split of these classes has {len(pool)} records; {members} members and as many "
-                         "non-members need more")
+        raise ValueError(
+            f"the train split of these classes has {len(pool)} records; {members} members and as many "
+            "non-members need more"
+        )
     ins, outs, rest = _stratified_pair(pool, labels, members, np.random.default_rng(seed), "the train split")
     return MembershipSplit(ins, outs, rest, labels)

@@ -44,8 +44,10 @@ class AttackSpec(BaseModel):
     epsilons: list[float | Literal["none"]] = Field(default_factory=lambda: [NO_DP, 8.0, 1.0, 0.1], min_length=1)
     # ten animal classes, three records each, seen hundreds of times at a large learning rate: the regime where
     # a non-private prompt memorizes (members classified perfectly, held-out records of the same classes not)
-    classes: list[str] = Field(default_factory=lambda: ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe",
-                                                        "horse", "sheep", "zebra"], min_length=2)
+    classes: list[str] = Field(
+        default_factory=lambda: ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"],
+        min_length=2,
+    )
     members: int = Field(30, ge=8)
     shadows: int = Field(3, ge=1)
     steps: int = Field(400, ge=1)
@@ -63,12 +65,26 @@ class AttackSpec(BaseModel):
 
     def run_config(self, method: str, epsilon: float | str, seed: int) -> RunConfig:
         dp = epsilon != NO_DP
-        return RunConfig(method=method, model_name=self.model_name, pretrained=self.pretrained, n_ctx=self.n_ctx,
-                         rank=self.rank, num_clients=1, min_clients=1, num_server_rounds=self.steps,
-                         batch_size=self.batch_size, lr_global=self.lr, lr_local=self.lr, dp=dp,
-                         target_epsilon=float(epsilon) if dp else 0.4, calibrate_for="published",
-                         max_grad_norm_local=self.max_grad_norm, max_grad_norm_global=self.max_grad_norm,
-                         delta=self.delta, seed=seed)
+        return RunConfig(
+            method=method,
+            model_name=self.model_name,
+            pretrained=self.pretrained,
+            n_ctx=self.n_ctx,
+            rank=self.rank,
+            num_clients=1,
+            min_clients=1,
+            num_server_rounds=self.steps,
+            batch_size=self.batch_size,
+            lr_global=self.lr,
+            lr_local=self.lr,
+            dp=dp,
+            target_epsilon=float(epsilon) if dp else 0.4,
+            calibrate_for="published",
+            max_grad_norm_local=self.max_grad_norm,
+            max_grad_norm_global=self.max_grad_norm,
+            delta=self.delta,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -100,8 +116,15 @@ class Setting:
         labels = task[data.labels]
         classes = list(range(len(spec.classes)))
         encoder = PromptTextEncoder(model.model, model.tokenizer, list(spec.classes), spec.n_ctx)
-        return cls(model, encoder, demo_features(model, cache, progress=True), torch.from_numpy(labels),
-                   data.is_test, classes, membership_split(labels, data.is_test, classes, spec.members, spec.seed))
+        return cls(
+            model,
+            encoder,
+            demo_features(model, cache, progress=True),
+            torch.from_numpy(labels),
+            data.is_test,
+            classes,
+            membership_split(labels, data.is_test, classes, spec.members, spec.seed),
+        )
 
 
 def _probabilities(setting: Setting, published: PublishedPrompt, idx) -> torch.Tensor:
@@ -126,14 +149,21 @@ def run_cell(spec: AttackSpec, setting: Setting, method: str, epsilon: float | s
     from .train import train_prompt
 
     started = time.time()
-    learner = PromptLearner(build_method(method, spec.rank), setting.encoder,
-                            float(setting.model.model.logit_scale.exp()))
+    learner = PromptLearner(
+        build_method(method, spec.rank), setting.encoder, float(setting.model.model.logit_scale.exp())
+    )
     labels = setting.labels
 
     def train(idx: np.ndarray, seed: int) -> PublishedPrompt:
         idx_t = torch.from_numpy(idx)
-        return train_prompt(spec.run_config(method, epsilon, seed), learner, setting.model,
-                            setting.features[idx_t], labels[idx_t], progress)
+        return train_prompt(
+            spec.run_config(method, epsilon, seed),
+            learner,
+            setting.model,
+            setting.features[idx_t],
+            labels[idx_t],
+            progress,
+        )
 
     name = f"{method}_eps-{epsilon}"
     path = Path(spec.out) / "prompts" / f"{name}.safetensors"
@@ -143,30 +173,44 @@ def run_cell(spec: AttackSpec, setting: Setting, method: str, epsilon: float | s
     for s, (s_in, s_out) in enumerate(setting.split.shadow_sets(spec.shadows, spec.members, spec.seed + 1)):
         shadow = train(s_in, spec.seed + 1000 * (s + 1))
         for idx, member in ((s_in, 1), (s_out, 0)):
-            shadow_rows.append((record_signals(_probabilities(setting, shadow, idx), labels[idx]),
-                                labels[idx].numpy(), np.full(len(idx), member)))
+            shadow_rows.append(
+                (
+                    record_signals(_probabilities(setting, shadow, idx), labels[idx]),
+                    labels[idx].numpy(),
+                    np.full(len(idx), member),
+                )
+            )
     sh_signals, sh_labels, sh_member = (np.concatenate(parts) for parts in zip(*shadow_rows))
     t_idx = np.concatenate([setting.split.target_in, setting.split.target_out])
-    t_member = np.concatenate([np.ones(len(setting.split.target_in), int), np.zeros(len(setting.split.target_out), int)])
+    t_member = np.concatenate(
+        [np.ones(len(setting.split.target_in), int), np.zeros(len(setting.split.target_out), int)]
+    )
     t_signals = record_signals(_probabilities(setting, target, t_idx), labels[t_idx])
-    score, decision = shadow_model_attack(sh_signals, sh_labels, sh_member, t_signals, labels[t_idx].numpy(),
-                                          setting.classes, spec.seed)
+    score, decision = shadow_model_attack(
+        sh_signals, sh_labels, sh_member, t_signals, labels[t_idx].numpy(), setting.classes, spec.seed
+    )
     shadow_attack = attack_metrics(t_member, score, decision, spec.bootstrap, spec.seed)
     l_score, l_decision, threshold = loss_threshold_attack(sh_signals, sh_member, t_signals)
     loss_attack = attack_metrics(t_member, l_score, l_decision, spec.bootstrap, spec.seed)
     test_idx = np.flatnonzero(np.isin(labels.numpy(), setting.classes) & setting.is_test)
     privacy = target.manifest.privacy
     return {
-        "method": method, "target-epsilon": epsilon, "prompt": str(path),
-        "epsilon-published": privacy.epsilon, "delta": privacy.delta,
+        "method": method,
+        "target-epsilon": epsilon,
+        "prompt": str(path),
+        "epsilon-published": privacy.epsilon,
+        "delta": privacy.delta,
         "noise-multiplier-local": privacy.noise_multiplier_local,
-        "noise-multiplier-global": privacy.noise_multiplier_global, "sample-rate": privacy.sample_rate,
+        "noise-multiplier-global": privacy.noise_multiplier_global,
+        "sample-rate": privacy.sample_rate,
         "members-acc": _accuracy(setting, target, setting.split.target_in),
         "non-members-acc": _accuracy(setting, target, setting.split.target_out),
         "test-acc": _accuracy(setting, target, test_idx),
         "zeroshot-test-acc": _accuracy(setting, None, test_idx),
-        "shadow-attack": _metrics_dict(shadow_attack), "loss-attack": _metrics_dict(loss_attack),
-        "loss-threshold": threshold, "seconds": round(time.time() - started, 1),
+        "shadow-attack": _metrics_dict(shadow_attack),
+        "loss-attack": _metrics_dict(loss_attack),
+        "loss-threshold": threshold,
+        "seconds": round(time.time() - started, 1),
     }
 
 
@@ -176,8 +220,12 @@ def run_attack_experiment(spec: AttackSpec, cache: str | None = None, show_progr
 
     setting = Setting.demo(spec, cache)
     cells = [(m, e) for m in spec.methods for e in spec.epsilons]
-    bar = tqdm(total=len(cells) * (1 + spec.shadows) * spec.steps, desc="training target + shadow prompts",
-               unit="step", disable=not show_progress)
+    bar = tqdm(
+        total=len(cells) * (1 + spec.shadows) * spec.steps,
+        desc="training target + shadow prompts",
+        unit="step",
+        disable=not show_progress,
+    )
     rows = []
     for method, epsilon in cells:
         bar.set_postfix(method=method, epsilon=epsilon)
@@ -219,7 +267,8 @@ def table(result: dict) -> str:
             f"{_pct(r['members-acc'])} / {_pct(r['non-members-acc'])} | {_pct(sa['accuracy'])} | "
             f"{sa['auc']:.3f} [{sa['auc_ci'][0]:.3f}, {sa['auc_ci'][1]:.3f}] | {_pct(la['accuracy'])} | "
             f"{la['auc']:.3f} [{la['auc_ci'][0]:.3f}, {la['auc_ci'][1]:.3f}] | "
-            f"{_pct(sa['tpr_at_1pct_fpr'])} / {_pct(la['tpr_at_1pct_fpr'])} |")
+            f"{_pct(sa['tpr_at_1pct_fpr'])} / {_pct(la['tpr_at_1pct_fpr'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -243,17 +292,29 @@ def plot(result: dict, path: Path) -> Path:
             auc = [r[key]["auc"] for r in rs]
             lo = [r[key]["auc"] - r[key]["auc_ci"][0] for r in rs]
             hi = [r[key]["auc_ci"][1] - r[key]["auc"] for r in rs]
-            ax.errorbar(x, auc, yerr=[lo, hi], fmt=style, capsize=3,
-                        label=f"{method}, {'shadow' if key == 'shadow-attack' else 'loss'}")
-            axes[1].plot(x, [r[key]["accuracy"] for r in rs], style,
-                         label=f"{method}, {'shadow' if key == 'shadow-attack' else 'loss'}")
+            ax.errorbar(
+                x,
+                auc,
+                yerr=[lo, hi],
+                fmt=style,
+                capsize=3,
+                label=f"{method}, {'shadow' if key == 'shadow-attack' else 'loss'}",
+            )
+            axes[1].plot(
+                x,
+                [r[key]["accuracy"] for r in rs],
+                style,
+                label=f"{method}, {'shadow' if key == 'shadow-attack' else 'loss'}",
+            )
         axes[2].plot(x, [r["test-acc"] for r in rs], "-o", label=f"{method}: test")
         axes[2].plot(x, [r["members-acc"] for r in rs], ":^", label=f"{method}: members")
     if rows:
         axes[2].axhline(rows[0]["zeroshot-test-acc"], color="gray", ls="--", label="zero-shot: test")
-    for ax, title, ylabel in ((axes[0], "attack ROC AUC (95% bootstrap CI)", "AUC"),
-                              (axes[1], "attack accuracy (balanced)", "accuracy"),
-                              (axes[2], "accuracy of the published prompt", "accuracy")):
+    for ax, title, ylabel in (
+        (axes[0], "attack ROC AUC (95% bootstrap CI)", "AUC"),
+        (axes[1], "attack accuracy (balanced)", "accuracy"),
+        (axes[2], "accuracy of the published prompt", "accuracy"),
+    ):
         ax.set_xscale("log")
         ax.set(title=title, xlabel="ε of the published prompt (rightmost: no DP)", ylabel=ylabel)
         ax.legend(fontsize=7)

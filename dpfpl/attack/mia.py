@@ -58,8 +58,9 @@ def _tpr_at(fpr_target: float, member: np.ndarray, score: np.ndarray) -> float:
     return float(tpr[fpr <= fpr_target].max(initial=0.0))
 
 
-def attack_metrics(member: np.ndarray, score: np.ndarray, decision: np.ndarray, bootstrap: int = 1000,
-                   seed: int = 0) -> AttackMetrics:
+def attack_metrics(
+    member: np.ndarray, score: np.ndarray, decision: np.ndarray, bootstrap: int = 1000, seed: int = 0
+) -> AttackMetrics:
     """``member``: ground truth (1 = in); ``score``: higher = more likely a member; ``decision``: the attack's
     0/1 guesses. Confidence intervals: percentile bootstrap, resampling members and non-members separately."""
     member = np.asarray(member).astype(int)
@@ -71,8 +72,15 @@ def attack_metrics(member: np.ndarray, score: np.ndarray, decision: np.ndarray, 
         accs.append(float((decision[idx] == member[idx]).mean()))
         aucs.append(float(roc_auc_score(member[idx], score[idx])))
     ci = lambda v: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))  # noqa: E731
-    return AttackMetrics(float((decision == member).mean()), ci(accs), float(roc_auc_score(member, score)),
-                         ci(aucs), _tpr_at(0.01, member, score), len(ins), len(outs))
+    return AttackMetrics(
+        float((decision == member).mean()),
+        ci(accs),
+        float(roc_auc_score(member, score)),
+        ci(aucs),
+        _tpr_at(0.01, member, score),
+        len(ins),
+        len(outs),
+    )
 
 
 def _with_labels(signals: np.ndarray, labels: np.ndarray, classes: list[int]) -> np.ndarray:
@@ -80,19 +88,27 @@ def _with_labels(signals: np.ndarray, labels: np.ndarray, classes: list[int]) ->
     return np.concatenate([signals, onehot], axis=1)
 
 
-def shadow_model_attack(shadow_signals: np.ndarray, shadow_labels: np.ndarray, shadow_member: np.ndarray,
-                        target_signals: np.ndarray, target_labels: np.ndarray, classes: list[int],
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def shadow_model_attack(
+    shadow_signals: np.ndarray,
+    shadow_labels: np.ndarray,
+    shadow_member: np.ndarray,
+    target_signals: np.ndarray,
+    target_labels: np.ndarray,
+    classes: list[int],
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Fit the attack model on the shadows' records, apply it to the target's: (scores, 0/1 decisions)."""
-    model = GradientBoostingClassifier(n_estimators=100, max_depth=2, learning_rate=0.05, subsample=0.8,
-                                       random_state=seed)
+    model = GradientBoostingClassifier(
+        n_estimators=100, max_depth=2, learning_rate=0.05, subsample=0.8, random_state=seed
+    )
     model.fit(_with_labels(shadow_signals, shadow_labels, classes), shadow_member)
     score = model.predict_proba(_with_labels(target_signals, target_labels, classes))[:, 1]
     return score, (score >= 0.5).astype(int)
 
 
-def loss_threshold_attack(shadow_signals: np.ndarray, shadow_member: np.ndarray,
-                          target_signals: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def loss_threshold_attack(
+    shadow_signals: np.ndarray, shadow_member: np.ndarray, target_signals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Score = -loss = log p(label); the threshold maximizes accuracy on the shadows. (scores, decisions, thr)."""
     shadow_score, score = shadow_signals[:, 0], target_signals[:, 0]
     candidates = np.unique(shadow_score)

@@ -22,8 +22,14 @@ from ..common.privacy import PrivacyAccountant
 from ..publish import PublishedPrompt, accountant_privacy, build_published_prompt
 
 
-def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, features: torch.Tensor,
-                 labels: torch.Tensor, progress=None) -> PublishedPrompt:
+def train_prompt(
+    cfg: RunConfig,
+    learner: PromptLearner,
+    model: LoadedModel,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    progress=None,
+) -> PublishedPrompt:
     """``cfg.num_server_rounds`` engine steps (one per round, as in the paper) on (features, labels)."""
     from dpfpl.client_app.node import local_noise_multiplier
     from dpfpl.common.prompt import initial_global_prompt
@@ -42,21 +48,39 @@ def train_prompt(cfg: RunConfig, learner: PromptLearner, model: LoadedModel, fea
     dp = DpSettings(cfg.dp, z_local, cfg.max_grad_norm_local, cfg.max_grad_norm_global, cfg.secure_noise)
     opt = SgdSettings(cfg.lr_local, cfg.momentum, cfg.weight_decay)
     for _ in range(cfg.num_server_rounds):
-        step = learner.train_step(p_global, local, momentum_local, features, labels, cfg.batch_size, dp, opt,
-                                  generator)
+        step = learner.train_step(p_global, local, momentum_local, features, labels, cfg.batch_size, dp, opt, generator)
         local, momentum_local = step.local, step.momentum
         if step.global_grad is not None:
-            p_global, momentum_global, _ = global_update(cfg, p_global, momentum_global, [step.global_grad],
-                                                         z_global, generator)
+            p_global, momentum_global, _ = global_update(
+                cfg, p_global, momentum_global, [step.global_grad], z_global, generator
+            )
         if cfg.dp:
             accountant.record_step(z_local, z_global, q)
         if progress is not None:
             progress()
     # one node: its records are the only ones in p_G, so "other clients" is itself
-    privacy = accountant_privacy(accountant, cfg.dp, cfg.delta, z_local if method.local else None,
-                                 z_global if method.shares_global else None,
-                                 (accountant.epsilon_published() if method.local else accountant.epsilon_global())
-                                 if cfg.dp and method.shares_global else None)
-    return build_published_prompt(learner, model, learner.encoder.classnames, p_global, local, privacy, cfg.rank,
-                                  source={"trained-by": "membership-inference experiment", "records": len(labels),
-                                          "steps": cfg.num_server_rounds, "seed": cfg.seed})
+    privacy = accountant_privacy(
+        accountant,
+        cfg.dp,
+        cfg.delta,
+        z_local if method.local else None,
+        z_global if method.shares_global else None,
+        (accountant.epsilon_published() if method.local else accountant.epsilon_global())
+        if cfg.dp and method.shares_global
+        else None,
+    )
+    return build_published_prompt(
+        learner,
+        model,
+        learner.encoder.classnames,
+        p_global,
+        local,
+        privacy,
+        cfg.rank,
+        source={
+            "trained-by": "membership-inference experiment",
+            "records": len(labels),
+            "steps": cfg.num_server_rounds,
+            "seed": cfg.seed,
+        },
+    )

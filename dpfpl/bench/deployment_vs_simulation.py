@@ -22,11 +22,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for i in range(3):
-            _write_silo(tmp / "silos" / str(i), CLASSES[2 * i: 2 * i + 2], seed=i)
-        config = {"dataset": "silo", "classnames": ",".join(CLASSES), "silo-root": str(tmp / "silos"),
-                  "model-name": "dpfpl-demo-tiny", "pretrained": "none", "num-clients": 3, "min-clients": 3,
-                  "num-server-rounds": 2, "eval-every": 1, "batch-size": 8, "target-epsilon": 1.0,
-                  "run-dir": str(tmp / "run"), "resume": False}
+            _write_silo(tmp / "silos" / str(i), CLASSES[2 * i : 2 * i + 2], seed=i)
+        config = {
+            "dataset": "silo",
+            "classnames": ",".join(CLASSES),
+            "silo-root": str(tmp / "silos"),
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "num-clients": 3,
+            "min-clients": 3,
+            "num-server-rounds": 2,
+            "eval-every": 1,
+            "batch-size": 8,
+            "target-epsilon": 1.0,
+            "run-dir": str(tmp / "run"),
+            "resume": False,
+        }
         started = time.time()
         run_simulation(config, 3, tmp, stream=False, timeout=900)
         print(f"simulation run wall time {time.time() - started:.1f} s")

@@ -55,8 +55,14 @@ def main() -> None:
     def copies():
         n, b = args.classes, args.batch
         cb = ctx.unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)
-        x = torch.cat([enc.prefix.unsqueeze(0).expand(b, -1, -1, -1), cb.unsqueeze(1).expand(-1, n, -1, -1),
-                       enc.suffix.unsqueeze(0).expand(b, -1, -1, -1)], 2).reshape(b * n, -1, enc.width)
+        x = torch.cat(
+            [
+                enc.prefix.unsqueeze(0).expand(b, -1, -1, -1),
+                cb.unsqueeze(1).expand(-1, n, -1, -1),
+                enc.suffix.unsqueeze(0).expand(b, -1, -1, -1),
+            ],
+            2,
+        ).reshape(b * n, -1, enc.width)
         text = F.normalize(enc.tower.encode_embeddings(x, enc.eot_index.repeat(b)), dim=-1).reshape(b, n, -1)
         F.cross_entropy(50 * torch.einsum("bd,bcd->bc", feats, text), labels, reduction="sum").backward()
         return cb.grad
@@ -68,8 +74,10 @@ def main() -> None:
             out.append(torch.autograd.grad(losses(p)[j], p)[0])
         return torch.stack(out)
 
-    print(f"model {args.model}, C={args.classes}, B={args.batch}, threads={args.threads}, "
-          f"sequence length {enc.sequence_length} (of {model.model.context_length})")
+    print(
+        f"model {args.model}, C={args.classes}, B={args.batch}, threads={args.threads}, "
+        f"sequence length {enc.sequence_length} (of {model.model.context_length})"
+    )
     times = {}
     for fn in (plain, batched, copies, loop):
         fn()

@@ -44,14 +44,27 @@ class FullContextEncoder:
 
     def __call__(self, ctx: torch.Tensor) -> torch.Tensor:
         x = self.tower.token_embedding(self.tokens)  # every call, as a first implementation would
-        x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + self.n_ctx:]], dim=1)
+        x = torch.cat([x[:, :1], ctx.unsqueeze(0).expand(x.shape[0], -1, -1), x[:, 1 + self.n_ctx :]], dim=1)
         return F.normalize(self.tower.encode_embeddings(x, self.eot), dim=-1)
 
 
-def naive_dpfpl_step(model, encoder: FullContextEncoder, pixels: torch.Tensor, labels: torch.Tensor,
-                     expected_batch: int, p_global: torch.Tensor, p_local: torch.Tensor, rank: int,
-                     noise_multiplier: float, clip_global: float, clip_local: float, lr: float,
-                     generator: torch.Generator, logit_scale: float, samples_timed: int | None = None) -> dict:
+def naive_dpfpl_step(
+    model,
+    encoder: FullContextEncoder,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    expected_batch: int,
+    p_global: torch.Tensor,
+    p_local: torch.Tensor,
+    rank: int,
+    noise_multiplier: float,
+    clip_global: float,
+    clip_local: float,
+    lr: float,
+    generator: torch.Generator,
+    logit_scale: float,
+    samples_timed: int | None = None,
+) -> dict:
     """One DP-FPL step on a Poisson sample (rate ``expected_batch / N``) of the N given images.
 
     With ``samples_timed`` = k < B, the per-sample loop runs on k samples only and its time is extrapolated
@@ -72,21 +85,28 @@ def naive_dpfpl_step(model, encoder: FullContextEncoder, pixels: torch.Tensor, l
     grads = []
     for j in range(k):
         p = prompt.clone().requires_grad_(True)
-        logits = logit_scale * feats[j:j + 1] @ encoder(p).t()
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, labels[j:j + 1]), p)
+        logits = logit_scale * feats[j : j + 1] @ encoder(p).t()
+        (g,) = torch.autograd.grad(F.cross_entropy(logits, labels[j : j + 1]), p)
         grads.append(g)
     t_loop = time.perf_counter() - t1
     t2 = time.perf_counter()
     g = torch.stack(grads)
     global_grad = clip_per_sample(g, clip_global).sum(0) / expected_batch
     clipped = clip_per_sample_jointly([g @ v.t(), u.t() @ g], clip_local)
-    g_u, g_v = (add_gaussian_noise(c.sum(0), noise_multiplier * clip_local, generator) / expected_batch
-                for c in clipped)
-    new_local, _ = sgd_step({"p_local": p_local}, {"p_local": rgp_reconstruct(g_u, g_v, u, v)}, {},
-                            SgdSettings(lr))
+    g_u, g_v = (
+        add_gaussian_noise(c.sum(0), noise_multiplier * clip_local, generator) / expected_batch for c in clipped
+    )
+    new_local, _ = sgd_step({"p_local": p_local}, {"p_local": rgp_reconstruct(g_u, g_v, u, v)}, {}, SgdSettings(lr))
     t_rest = time.perf_counter() - t2
     loop_total = t_loop * batch / max(k, 1)
-    return {"seconds": t_image + loop_total + t_rest, "image_tower_seconds": t_image,
-            "per_sample_loop_seconds": loop_total, "samples_timed": k, "batch": batch,
-            "extrapolated": k < batch, "global_grad": global_grad, "local_grads": [g_u, g_v],
-            "p_local": new_local["p_local"]}
+    return {
+        "seconds": t_image + loop_total + t_rest,
+        "image_tower_seconds": t_image,
+        "per_sample_loop_seconds": loop_total,
+        "samples_timed": k,
+        "batch": batch,
+        "extrapolated": k < batch,
+        "global_grad": global_grad,
+        "local_grads": [g_u, g_v],
+        "p_local": new_local["p_local"],
+    }

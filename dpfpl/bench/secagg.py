@@ -42,8 +42,10 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"d = {args.dim} coordinates, {args.bits}-bit quantization, z_G = {args.noise_multiplier}")
-    header = (f"{'N':>4} {'drop':>4} {'mode':>6} {'msgs':>6} {'extra':>6} {'up MB':>9} {'down MB':>9} "
-              f"{'client s':>9} {'server s':>9}")
+    header = (
+        f"{'N':>4} {'drop':>4} {'mode':>6} {'msgs':>6} {'extra':>6} {'up MB':>9} {'down MB':>9} "
+        f"{'client s':>9} {'server s':>9}"
+    )
     print(header)
     for n in args.clients:
         tolerance = max(1, n // 10) if n >= 3 else 0
@@ -52,19 +54,32 @@ def main() -> None:
         c_msgs, c_up, c_server = clear_round(updates)
         print(f"{n:>4} {0:>4} {'clear':>6} {c_msgs:>6} {0:>6} {c_up / 1e6:>9.3f} {0:>9.3f} {0:>9.4f} {c_server:>9.4f}")
         t0 = time.perf_counter()
-        encoded = [encode_update(u, bits=args.bits, clip_norm=10.0, batch_size=32, noise_multiplier=args.noise_multiplier,
-                                 threshold=t, num_clients=n) for u in updates]
+        encoded = [
+            encode_update(
+                u,
+                bits=args.bits,
+                clip_norm=10.0,
+                batch_size=32,
+                noise_multiplier=args.noise_multiplier,
+                threshold=t,
+                num_clients=n,
+            )
+            for u in updates
+        ]
         encode_s = (time.perf_counter() - t0) / n
         ids = [int(i) for i in rng.choice(2**62, size=n, replace=False)]
         inputs = dict(zip(ids, encoded))
         for dropped in (0, tolerance):
-            _, stats, _ = run_round(inputs, t, context=f"dpfpl/bench/{n}/{dropped}",
-                                    drop_before_masked=frozenset(ids[:dropped]))
+            _, stats, _ = run_round(
+                inputs, t, context=f"dpfpl/bench/{n}/{dropped}", drop_before_masked=frozenset(ids[:dropped])
+            )
             client_s = encode_s + stats.seconds_client / n
             # the train request/reply pair is in both modes: the extra messages are the three added stages
-            print(f"{n:>4} {dropped:>4} {'secagg':>6} {stats.messages:>6} {stats.messages - c_msgs:>6} "
-                  f"{stats.bytes_up / 1e6:>9.3f} {stats.bytes_down / 1e6:>9.3f} {client_s:>9.4f} "
-                  f"{stats.seconds_server:>9.4f}")
+            print(
+                f"{n:>4} {dropped:>4} {'secagg':>6} {stats.messages:>6} {stats.messages - c_msgs:>6} "
+                f"{stats.bytes_up / 1e6:>9.3f} {stats.bytes_down / 1e6:>9.3f} {client_s:>9.4f} "
+                f"{stats.seconds_server:>9.4f}"
+            )
 
 
 if __name__ == "__main__":

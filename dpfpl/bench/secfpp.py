@@ -49,26 +49,50 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print(f"d' = {args.dim}, K = {args.slices}, q = {args.bits} bits, lambda = 0.3")
-    print(f"{'N':>4} {'T':>3} {'need':>5} {'iters':>5} {'C':>3} {'msgs':>7} {'relayed MB':>11} {'KB/client':>10} "
-          f"{'s/client':>9} {'s total':>8}")
+    print(
+        f"{'N':>4} {'T':>3} {'need':>5} {'iters':>5} {'C':>3} {'msgs':>7} {'relayed MB':>11} {'KB/client':>10} "
+        f"{'s/client':>9} {'s total':>8}"
+    )
     for n in args.clients:
         for t in args.privacy:
             need = required_results(args.slices, t, 2)
             if need > n:
                 continue
             started = time.perf_counter()
-            result, _, relay = secure_clustering(points(n, args.dim, n), num_slices=args.slices, privacy=t,
-                                                 bits=args.bits, lam=0.3, max_clusters=4, max_iter=10,
-                                                 context=f"dpfpl/bench/{n}/{t}")
+            result, _, relay = secure_clustering(
+                points(n, args.dim, n),
+                num_slices=args.slices,
+                privacy=t,
+                bits=args.bits,
+                lam=0.3,
+                max_clusters=4,
+                max_iter=10,
+                context=f"dpfpl/bench/{n}/{t}",
+            )
             seconds = time.perf_counter() - started
-            relayed = sum(len(e["payload"]) for e in relay.log if isinstance(e["payload"], bytes) and e["dst"] is not None)
-            row = {"clients": n, "privacy": t, "slices": args.slices, "reduced-dim": args.dim, "needed": need,
-                   "iterations": result.iterations, "clusters": result.num_clusters, "messages": len(relay.log),
-                   "relayed-bytes": relayed, "relayed-bytes-per-client": relayed / n,
-                   "seconds-total": seconds, "seconds-per-client": seconds / n}
+            relayed = sum(
+                len(e["payload"]) for e in relay.log if isinstance(e["payload"], bytes) and e["dst"] is not None
+            )
+            row = {
+                "clients": n,
+                "privacy": t,
+                "slices": args.slices,
+                "reduced-dim": args.dim,
+                "needed": need,
+                "iterations": result.iterations,
+                "clusters": result.num_clusters,
+                "messages": len(relay.log),
+                "relayed-bytes": relayed,
+                "relayed-bytes-per-client": relayed / n,
+                "seconds-total": seconds,
+                "seconds-per-client": seconds / n,
+            }
             rows.append(row)
-            print(f"{n:>4} {t:>3} {need:>5} {result.iterations:>5} {result.num_clusters:>3} {len(relay.log):>7} "
-                  f"{relayed / 1e6:>11.3f} {relayed / n / 1e3:>10.1f} {seconds / n:>9.4f} {seconds:>8.2f}", flush=True)
+            print(
+                f"{n:>4} {t:>3} {need:>5} {result.iterations:>5} {result.num_clusters:>3} {len(relay.log):>7} "
+                f"{relayed / 1e6:>11.3f} {relayed / n / 1e3:>10.1f} {seconds / n:>9.4f} {seconds:>8.2f}",
+                flush=True,
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

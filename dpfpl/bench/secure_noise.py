@@ -18,8 +18,12 @@ import torch
 from dpfpl.common.privacy import add_gaussian_noise, dp_generator
 
 # (name, shape): DP-FPL's releases at the paper's sizes, n_ctx 16, rank 8, ViT-B-16 text width 512
-RELEASES = (("local factor gU (16 x 8)", (16, 8)), ("local factor gv (8 x 512)", (8, 512)),
-            ("p_G / full-rank p_L (16 x 512)", (16, 512)), ("large (1000 x 512)", (1000, 512)))
+RELEASES = (
+    ("local factor gU (16 x 8)", (16, 8)),
+    ("local factor gv (8 x 512)", (8, 512)),
+    ("p_G / full-rank p_L (16 x 512)", (16, 512)),
+    ("large (1000 x 512)", (1000, 512)),
+)
 
 
 def seconds_per_release(shape: tuple[int, ...], secure: bool, repeats: int) -> float:

@@ -87,12 +87,20 @@ class Sampler(threading.Thread):
             for pid in self.pids_of():
                 mb, pss = rss_mb(pid), pss_mb(pid)
                 if mb is not None:
-                    procs[str(pid)] = {"name": process_name(pid), "rss_mb": round(mb, 1),
-                                       "pss_mb": round(pss if pss is not None else mb, 1)}
-            self.samples.append({"t": round(time.time() - self.started, 1), "round": self._round(),
-                                 "total_rss_mb": round(sum(p["rss_mb"] for p in procs.values()), 1),
-                                 "total_pss_mb": round(sum(p["pss_mb"] for p in procs.values()), 1),
-                                 "processes": procs})
+                    procs[str(pid)] = {
+                        "name": process_name(pid),
+                        "rss_mb": round(mb, 1),
+                        "pss_mb": round(pss if pss is not None else mb, 1),
+                    }
+            self.samples.append(
+                {
+                    "t": round(time.time() - self.started, 1),
+                    "round": self._round(),
+                    "total_rss_mb": round(sum(p["rss_mb"] for p in procs.values()), 1),
+                    "total_pss_mb": round(sum(p["pss_mb"] for p in procs.values()), 1),
+                    "processes": procs,
+                }
+            )
             self.stop.wait(self.every)
 
 
@@ -123,9 +131,17 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dpfpl-soak-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "run"
-    config = {"num-clients": args.clients, "min-clients": args.clients, "num-server-rounds": args.rounds,
-              "eval-every": args.eval_every, "eval-last": 0, "target-epsilon": args.epsilon,
-              "run-dir": str(run_dir), "resume": False, "round-timeout": 600.0}
+    config = {
+        "num-clients": args.clients,
+        "min-clients": args.clients,
+        "num-server-rounds": args.rounds,
+        "eval-every": args.eval_every,
+        "eval-last": 0,
+        "target-epsilon": args.epsilon,
+        "run-dir": str(run_dir),
+        "resume": False,
+        "round-timeout": 600.0,
+    }
     for item in args.config:
         key, value = item.split("=", 1)
         config[key] = json.loads(value)
@@ -152,8 +168,11 @@ def main() -> None:
     sampler.stop.set()
     sampler.join()
 
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    metrics = (
+        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
     train = [m for m in metrics if m.get("phase") == "train"]
     short = [m["round"] for m in train if m.get("num-replies", 0) < args.clients]
     not_updated = [m["round"] for m in train if not m.get("updated", False)]
@@ -167,15 +186,26 @@ def main() -> None:
         at = [s for s in samples if s["round"] == mark] or [s for s in samples if s["round"] >= mark][:1]
         if at:
             s = at[0]
-            by_round.append({"round": mark, "t": s["t"], "total_pss_mb": s["total_pss_mb"],
-                             "total_rss_mb": s["total_rss_mb"], "processes": len(s["processes"]),
-                             "largest_rss_mb": max(p["rss_mb"] for p in s["processes"].values())})
+            by_round.append(
+                {
+                    "round": mark,
+                    "t": s["t"],
+                    "total_pss_mb": s["total_pss_mb"],
+                    "total_rss_mb": s["total_rss_mb"],
+                    "processes": len(s["processes"]),
+                    "largest_rss_mb": max(p["rss_mb"] for p in s["processes"].values()),
+                }
+            )
     report = {
-        "runtime": args.runtime, "rounds": args.rounds, "clients": args.clients, "status": status, "error": error,
-        "wall_s": round(wall, 1), "rounds_done": train[-1]["round"] if train else 0,
+        "runtime": args.runtime,
+        "rounds": args.rounds,
+        "clients": args.clients,
+        "status": status,
+        "error": error,
+        "wall_s": round(wall, 1),
+        "rounds_done": train[-1]["round"] if train else 0,
         "mean_round_s": round(sum(m.get("round-seconds", 0) for m in train) / len(train), 3) if train else None,
-        "failures": {"rounds_with_missing_replies": short, "rounds_without_update": not_updated,
-                     "run_status": status},
+        "failures": {"rounds_with_missing_replies": short, "rounds_without_update": not_updated, "run_status": status},
         "pss_mb": {
             "peak_total": max((s["total_pss_mb"] for s in samples), default=None),
             "peak_total_rss": max((s["total_rss_mb"] for s in samples), default=None),
@@ -186,25 +216,34 @@ def main() -> None:
             "after_warmup_min": min((s["total_pss_mb"] for s in after), default=None),
             "after_warmup_max": max((s["total_pss_mb"] for s in after), default=None),
         },
-        "final_epsilon": {k: train[-1].get(k) for k in ("epsilon-local-max", "epsilon-global-max",
-                                                         "epsilon-published-max")} if train else {},
+        "final_epsilon": {
+            k: train[-1].get(k) for k in ("epsilon-local-max", "epsilon-global-max", "epsilon-published-max")
+        }
+        if train
+        else {},
         "by_round": by_round,
         "config": config,
         "samples": samples,
     }
     Path(args.json).write_text(json.dumps(report, indent=1))
 
-    print(f"\nsoak: {args.runtime}, {args.rounds} rounds x {args.clients} clients: {status} in {wall:.0f} s "
-          f"({report['mean_round_s']} s/round){'; ' + error if error else ''}")
+    print(
+        f"\nsoak: {args.runtime}, {args.rounds} rounds x {args.clients} clients: {status} in {wall:.0f} s "
+        f"({report['mean_round_s']} s/round){'; ' + error if error else ''}"
+    )
     print(f"{'round':>6} {'t (s)':>8} {'procs':>6} {'total PSS (MB)':>15} {'total RSS (MB)':>15} {'largest RSS':>12}")
     for row in by_round:
-        print(f"{row['round']:>6} {row['t']:>8.0f} {row['processes']:>6} {row['total_pss_mb']:>15.1f} "
-              f"{row['total_rss_mb']:>15.1f} {row['largest_rss_mb']:>12.1f}")
+        print(
+            f"{row['round']:>6} {row['t']:>8.0f} {row['processes']:>6} {row['total_pss_mb']:>15.1f} "
+            f"{row['total_rss_mb']:>15.1f} {row['largest_rss_mb']:>12.1f}"
+        )
     r = report["pss_mb"]
-    print(f"total PSS after warm-up (round {warm}): {r['after_warmup_first']} -> {r['after_warmup_last']} MB "
-          f"(growth {r['growth_after_warmup']} MB; slope over the second half {r['slope_per_100_rounds_second_half']} "
-          f"MB/100 rounds; short runs make it noise); range after warm-up {r['after_warmup_min']}-"
-          f"{r['after_warmup_max']} MB; peak {r['peak_total']} MB PSS ({r['peak_total_rss']} MB RSS)")
+    print(
+        f"total PSS after warm-up (round {warm}): {r['after_warmup_first']} -> {r['after_warmup_last']} MB "
+        f"(growth {r['growth_after_warmup']} MB; slope over the second half {r['slope_per_100_rounds_second_half']} "
+        f"MB/100 rounds; short runs make it noise); range after warm-up {r['after_warmup_min']}-"
+        f"{r['after_warmup_max']} MB; peak {r['peak_total']} MB PSS ({r['peak_total_rss']} MB RSS)"
+    )
     print(f"failures: rounds with missing replies {short or 'none'}, rounds without update {not_updated or 'none'}")
     print(f"final epsilon: {report['final_epsilon']}")
     print(f"samples and details: {args.json}")

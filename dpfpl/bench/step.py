@@ -81,7 +81,11 @@ class Peak:
         self.delta_mib = self.peak_rss_mib - self.rss_before
 
     def record(self) -> dict:
-        out = {"seconds": self.seconds, "peak_rss_mib": round(self.peak_rss_mib), "peak_delta_mib": round(self.delta_mib)}
+        out = {
+            "seconds": self.seconds,
+            "peak_rss_mib": round(self.peak_rss_mib),
+            "peak_delta_mib": round(self.delta_mib),
+        }
         if self.device.type == "cuda":
             out["cuda_peak_mib"] = round(self.cuda_peak_mib)
         return out
@@ -103,10 +107,17 @@ def machine() -> dict:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
     except (OSError, ValueError, IndexError):
         pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "memory_gib": round(mem, 1), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "loadavg_at_start": os.getloadavg(), "python": platform.python_version()}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
 
 
 def classnames(count: int) -> list[str]:
@@ -153,8 +164,10 @@ def case_step(spec: dict) -> dict:
 
     def ours(key: str, dp: DpSettings):
         def run():
-            return learners[key].train_step(p_global, local, {}, feats, labels, batch, dp, opt,
-                                            torch.Generator().manual_seed(1))
+            return learners[key].train_step(
+                p_global, local, {}, feats, labels, batch, dp, opt, torch.Generator().manual_seed(1)
+            )
+
         return run
 
     variants = {"ours-dp": ours("shared", dp_on), "ours-plain": ours("shared", dp_off)}
@@ -171,11 +184,26 @@ def case_step(spec: dict) -> dict:
         full_enc = FullContextEncoder(model.model, model.tokenizer, names, n_ctx).to(device)
 
         def naive():
-            out = naive_dpfpl_step(model.model, full_enc, pixels, labels, batch, p_global, local["p_local"],
-                                   spec["rank"], 1.0, 10.0, 10.0, 1e-3, torch.Generator().manual_seed(1), scale,
-                                   spec.get("naive_samples"))
+            out = naive_dpfpl_step(
+                model.model,
+                full_enc,
+                pixels,
+                labels,
+                batch,
+                p_global,
+                local["p_local"],
+                spec["rank"],
+                1.0,
+                10.0,
+                10.0,
+                1e-3,
+                torch.Generator().manual_seed(1),
+                scale,
+                spec.get("naive_samples"),
+            )
             naive_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, bool))})
             return out
+
         variants["naive-dp"] = naive
 
     results: dict[str, list[dict]] = {name: [] for name in variants}
@@ -194,17 +222,25 @@ def case_step(spec: dict) -> dict:
             results[name].append(rec)
     summary = {}
     for name, recs in results.items():
-        summary[name] = {"seconds": statistics.median(r["seconds"] for r in recs),
-                         "peak_rss_mib": max(r["peak_rss_mib"] for r in recs),
-                         "peak_delta_mib": max(r["peak_delta_mib"] for r in recs), "runs": recs}
+        summary[name] = {
+            "seconds": statistics.median(r["seconds"] for r in recs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in recs),
+            "peak_delta_mib": max(r["peak_delta_mib"] for r in recs),
+            "runs": recs,
+        }
         if device.type == "cuda":
             summary[name]["cuda_peak_mib"] = max(r["cuda_peak_mib"] for r in recs)
     if naive_info:
         summary["naive-dp"].update(naive_info)
     enc = encoders["shared"]
-    return {"variants": summary, "sequence_length": enc.sequence_length, "context_length": int(full_tokens(model)),
-            "shared_prefix": enc.share_prefix, "chunk_size": memory_chunk_size(enc, batch, device),
-            "threads": torch.get_num_threads()}
+    return {
+        "variants": summary,
+        "sequence_length": enc.sequence_length,
+        "context_length": int(full_tokens(model)),
+        "shared_prefix": enc.share_prefix,
+        "chunk_size": memory_chunk_size(enc, batch, device),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def full_tokens(model) -> int:
@@ -239,7 +275,7 @@ def case_client(spec: dict) -> dict:
     node_cfg = {"partition-id": 0, "cache-dir": str(tmp / "cache")} if spec.get("silo") else {"partition-id": 0}
     if spec.get("silo"):
         names = classnames(spec["classes"])
-        _write_silo(tmp / "silo", names[:spec["silo_classes"]], spec["silo_train"], 2, seed=0)
+        _write_silo(tmp / "silo", names[: spec["silo_classes"]], spec["silo_train"], 2, seed=0)
         overrides.update({"dataset": "silo", "classnames": ",".join(names)})
         node_cfg["data-dir"] = str(tmp / "silo")
     cfg = RunConfig.from_flower(full_run_config({**overrides, "run-dir": str(tmp / "run")}))
@@ -254,10 +290,14 @@ def case_client(spec: dict) -> dict:
         with Peak(device) as warm:
             node.train(p_global, r, "bench", 5.0)
         rounds.append(warm.record())
-    return {"cold_first_round": cold.record(), "warm_rounds": rounds,
-            "warm_seconds": statistics.median(x["seconds"] for x in rounds),
-            "peak_rss_mib": max([cold.peak_rss_mib] + [x["peak_rss_mib"] for x in rounds]),
-            "num_train": node.data.num_train, "threads": torch.get_num_threads()}
+    return {
+        "cold_first_round": cold.record(),
+        "warm_rounds": rounds,
+        "warm_seconds": statistics.median(x["seconds"] for x in rounds),
+        "peak_rss_mib": max([cold.peak_rss_mib] + [x["peak_rss_mib"] for x in rounds]),
+        "num_train": node.data.num_train,
+        "threads": torch.get_num_threads(),
+    }
 
 
 # ------------------------------------------------------------------------------------------ flower cases
@@ -266,9 +306,16 @@ def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
     at the server and the clients' own compute in it (``client-seconds`` each ClientApp reports: building the
     node from its caches + the step), summed and the slowest."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [{"round": r["round"], "seconds": r["round-seconds"], "client_sum": r.get("client-seconds-sum"),
-             "client_max": r.get("client-seconds-max")}
-            for r in rows if r.get("phase") == "train" and r["round"] < last_round and "local-acc" not in r]
+    return [
+        {
+            "round": r["round"],
+            "seconds": r["round-seconds"],
+            "client_sum": r.get("client-seconds-sum"),
+            "client_max": r.get("client-seconds-max"),
+        }
+        for r in rows
+        if r.get("phase") == "train" and r["round"] < last_round and "local-acc" not in r
+    ]
 
 
 def case_simulation(spec: dict) -> dict:
@@ -280,10 +327,19 @@ def case_simulation(spec: dict) -> dict:
     # num-cpus per client = all cores: Ray runs one ClientApp at a time, so the round's wall time and the
     # summed client compute are comparable (no overlap between clients)
     # on CUDA each ClientApp gets the whole GPU (Ray hides GPUs from actors that ask for none)
-    run_simulation(config, spec["clients"], tmp, num_cpus_per_client=os.cpu_count() or 1, stream=False,
-                   timeout=3600, num_gpus_per_client=1.0 if spec.get("device") == "cuda" else 0.0)
-    return {"wall_seconds": time.time() - started,
-            "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"])}
+    run_simulation(
+        config,
+        spec["clients"],
+        tmp,
+        num_cpus_per_client=os.cpu_count() or 1,
+        stream=False,
+        timeout=3600,
+        num_gpus_per_client=1.0 if spec.get("device") == "cuda" else 0.0,
+    )
+    return {
+        "wall_seconds": time.time() - started,
+        "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+    }
 
 
 def case_deployment(spec: dict) -> dict:
@@ -295,36 +351,67 @@ def case_deployment(spec: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-dep-"))
     tag = f"bench-{os.getpid()}-{time.time_ns()}"
     venv_bin = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "DPFPL_LAUNCH_TAG": tag,
-           "DPFPL_INSECURE": "1", "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "DPFPL_LAUNCH_TAG": tag,
+        "DPFPL_INSECURE": "1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+    }
     port = free_port()
     procs = []
     names = spec["classnames"]
 
     def start(args, log):
-        proc = subprocess.Popen(args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=tmp)
+        proc = subprocess.Popen(
+            args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp
+        )
         procs.append(proc)
         return proc
 
     try:
-        link = start(["bash", str(ROOT / "deploy" / "start-superlink.sh"), "-", "127.0.0.1", str(port),
-                      str(tmp / "superlink.db")], tmp / "superlink.log")
+        link = start(
+            [
+                "bash",
+                str(ROOT / "deploy" / "start-superlink.sh"),
+                "-",
+                "127.0.0.1",
+                str(port),
+                str(tmp / "superlink.db"),
+            ],
+            tmp / "superlink.log",
+        )
         wait_for_port(port, link, tmp / "superlink.log")
         (tmp / "flwr-home").mkdir(exist_ok=True)
         (tmp / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
         for i in range(spec["clients"]):
             silo = tmp / f"org{i}" / "data"
-            _write_silo(silo, names[2 * i:2 * i + 2], spec["silo_train"], 2, seed=i)
-            start(["bash", str(ROOT / "deploy" / "start-supernode.sh"), f"127.0.0.1:{port}", str(silo),
-                   str(tmp / f"org{i}" / "state"), "-", "-", str(free_port()), spec.get("device", "cpu")], tmp / f"supernode-{i}.log")
+            _write_silo(silo, names[2 * i : 2 * i + 2], spec["silo_train"], 2, seed=i)
+            start(
+                [
+                    "bash",
+                    str(ROOT / "deploy" / "start-supernode.sh"),
+                    f"127.0.0.1:{port}",
+                    str(silo),
+                    str(tmp / f"org{i}" / "state"),
+                    "-",
+                    "-",
+                    str(free_port()),
+                    spec.get("device", "cpu"),
+                ],
+                tmp / f"supernode-{i}.log",
+            )
         config = {**spec["config"], "run-dir": str(tmp / "run"), "resume": False}
         started = time.time()
         submit_run("bench", config, env=env, timeout=3600, stream=False, cwd=tmp)
-        return {"wall_seconds": time.time() - started,
-                "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"])}
+        return {
+            "wall_seconds": time.time() - started,
+            "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+        }
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -342,15 +429,35 @@ CASES = {"step": case_step, "client": case_client, "simulation": case_simulation
 # ------------------------------------------------------------------------------------------ driver
 def run_case(kind: str, spec: dict, threads: int) -> dict:
     """Run one case in a fresh interpreter; its last stdout line is the JSON result."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_TELEMETRY_ENABLED": "0",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
     started = time.time()
-    out = subprocess.run([sys.executable, "-m", "dpfpl.bench.step", "--case", json.dumps({"kind": kind, **spec}),
-                          "--threads", str(threads)], env=env, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpfpl.bench.step",
+            "--case",
+            json.dumps({"kind": kind, **spec}),
+            "--threads",
+            str(threads),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if out.returncode != 0:
         print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
-        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
-                "spec": spec}
+        return {
+            "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
+            "spec": spec,
+        }
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result.update({"spec": spec, "case_wall_seconds": round(time.time() - started, 1)})
     return result
@@ -366,40 +473,103 @@ def plan(args) -> list[tuple[str, str, dict]]:
     vit_naive = None if dev == "cuda" else args.naive_samples
     cases: list[tuple[str, str, dict]] = []
     if "step" in args.only:
-        cases.append(("step", "demo C=20 B=32", {**base, "model": DEMO, "classes": 20, "batch": 32, "repeats": 3,
-                                                   "naive": True, "ablation": True}))
-        cases.append(("step", "ViT-B-16 C=100 B=32", {**base, "model": "ViT-B-16", "classes": 100, "batch": 32,
-                                                        "repeats": 1 if quick else 2, "naive": True,
-                                                        "naive_samples": vit_naive, "ablation": not quick,
-                                                        "warmup": False}))
+        cases.append(
+            (
+                "step",
+                "demo C=20 B=32",
+                {**base, "model": DEMO, "classes": 20, "batch": 32, "repeats": 3, "naive": True, "ablation": True},
+            )
+        )
+        cases.append(
+            (
+                "step",
+                "ViT-B-16 C=100 B=32",
+                {
+                    **base,
+                    "model": "ViT-B-16",
+                    "classes": 100,
+                    "batch": 32,
+                    "repeats": 1 if quick else 2,
+                    "naive": True,
+                    "naive_samples": vit_naive,
+                    "ablation": not quick,
+                    "warmup": False,
+                },
+            )
+        )
     if "scaling" in args.only:
         model = "ViT-B-16" if args.scaling_model == "vit" else DEMO
         for c in (10, 100, 1000):
-            cases.append(("step", f"scaling {model} C={c} B=32", {**base, "model": model, "classes": c,
-                                                                  "batch": 32, "repeats": 2}))
+            cases.append(
+                (
+                    "step",
+                    f"scaling {model} C={c} B=32",
+                    {**base, "model": model, "classes": c, "batch": 32, "repeats": 2},
+                )
+            )
         for b in (8, 128):  # B = 32 at C = 100 is the row above
-            cases.append(("step", f"scaling {model} C=100 B={b}", {**base, "model": model, "classes": 100,
-                                                                   "batch": b, "repeats": 2}))
+            cases.append(
+                (
+                    "step",
+                    f"scaling {model} C=100 B={b}",
+                    {**base, "model": model, "classes": 100, "batch": b, "repeats": 2},
+                )
+            )
     rounds = 3 if quick else 5
     demo_cfg = {"lr-global": 0.1, "lr-local": 0.1, "num-server-rounds": 100}  # the demo preset's run config
     if "client" in args.only or "flower" in args.only:
-        cases.append(("client", "client: demo default (1 of 10)", {"device": dev, "config": demo_cfg,
-                                                                   "rounds": rounds}))
+        cases.append(
+            ("client", "client: demo default (1 of 10)", {"device": dev, "config": demo_cfg, "rounds": rounds})
+        )
     if "client" in args.only:
-        cases.append(("client", "client: ViT-B-16 C=100", {"device": dev, "rounds": 2, "silo": True, "classes": 100,
-                                                           "silo_classes": 8, "silo_train": 8,
-                                                           "config": {"model-name": "ViT-B-16", "pretrained": "none"}}))
+        cases.append(
+            (
+                "client",
+                "client: ViT-B-16 C=100",
+                {
+                    "device": dev,
+                    "rounds": 2,
+                    "silo": True,
+                    "classes": 100,
+                    "silo_classes": 8,
+                    "silo_train": 8,
+                    "config": {"model-name": "ViT-B-16", "pretrained": "none"},
+                },
+            )
+        )
     if "flower" in args.only:
         sim_rounds = rounds + 1
-        cases.append(("simulation", "flower simulation: demo default, 10 clients",
-                      {"clients": 10, "device": dev, "config": {**demo_cfg, "num-server-rounds": sim_rounds, "eval-every": 1000,
-                                                 "eval-last": 0}}))
+        cases.append(
+            (
+                "simulation",
+                "flower simulation: demo default, 10 clients",
+                {
+                    "clients": 10,
+                    "device": dev,
+                    "config": {**demo_cfg, "num-server-rounds": sim_rounds, "eval-every": 1000, "eval-last": 0},
+                },
+            )
+        )
         dep_names = classnames(4)
-        dep_cfg = {"dataset": "silo", "classnames": ",".join(dep_names), "model-name": DEMO, "pretrained": "none",
-                   "num-clients": 2, "min-clients": 2, "num-server-rounds": sim_rounds, "eval-every": 1000,
-                   "eval-last": 0, "batch-size": 32}
-        cases.append(("deployment", "flower deployment: SuperLink + 2 SuperNodes",
-                      {"clients": 2, "device": dev, "classnames": dep_names, "silo_train": 64, "config": dep_cfg}))
+        dep_cfg = {
+            "dataset": "silo",
+            "classnames": ",".join(dep_names),
+            "model-name": DEMO,
+            "pretrained": "none",
+            "num-clients": 2,
+            "min-clients": 2,
+            "num-server-rounds": sim_rounds,
+            "eval-every": 1000,
+            "eval-last": 0,
+            "batch-size": 32,
+        }
+        cases.append(
+            (
+                "deployment",
+                "flower deployment: SuperLink + 2 SuperNodes",
+                {"clients": 2, "device": dev, "classnames": dep_names, "silo_train": 64, "config": dep_cfg},
+            )
+        )
     return cases
 
 
@@ -423,16 +593,20 @@ def report(results: list[dict]) -> str:
                 note = ""
                 if name == "naive-dp" and rec.get("extrapolated"):
                     note = f"per-sample loop timed on {rec['samples_timed']} of {rec['batch']} samples, x{rec['batch'] / rec['samples_timed']:.0f}"
-                lines.append(f"{r['label']:<30}{name:<24}{rec['seconds']:>10.3f}{rec['peak_rss_mib']:>14}"
-                             f"{rec['peak_delta_mib']:>8}  {note}")
+                lines.append(
+                    f"{r['label']:<30}{name:<24}{rec['seconds']:>10.3f}{rec['peak_rss_mib']:>14}"
+                    f"{rec['peak_delta_mib']:>8}  {note}"
+                )
             dp, plain = v["ours-dp"]["seconds"], v["ours-plain"]["seconds"]
             bound = (1 + 2 * b) / 3
             extra = f"; naive/ours-dp = {v['naive-dp']['seconds'] / dp:.1f}x" if "naive-dp" in v else ""
             if "no-shared-prefix-dp" in v:
                 extra += f"; shared prefix speed-up (DP) = {v['no-shared-prefix-dp']['seconds'] / dp:.1f}x"
-            lines.append(f"{'':<30}=> ours-dp/ours-plain = {dp / plain:.2f} (bound (1+2B)/3 = {bound:.1f}, "
-                         f"{dp / plain / bound:.2f} of it){extra}; L = {r['sequence_length']} of "
-                         f"{r['context_length']}, chunk {r['chunk_size']}")
+            lines.append(
+                f"{'':<30}=> ours-dp/ours-plain = {dp / plain:.2f} (bound (1+2B)/3 = {bound:.1f}, "
+                f"{dp / plain / bound:.2f} of it){extra}; L = {r['sequence_length']} of "
+                f"{r['context_length']}, chunk {r['chunk_size']}"
+            )
     if steps:
         lines.append(BOUND_NOTE)
     clients = {r["label"]: r for r in results if r["kind"] == "client" and "warm_seconds" in r}
@@ -440,13 +614,17 @@ def report(results: list[dict]) -> str:
         lines.append("")
         lines.append(f"{'client':<40}{'cold 1st round s':>18}{'warm s/round':>14}{'peak RSS MiB':>14}")
         for label, r in clients.items():
-            lines.append(f"{label:<40}{r['cold_first_round']['seconds']:>18.2f}{r['warm_seconds']:>14.3f}"
-                         f"{r['peak_rss_mib']:>14.0f}")
+            lines.append(
+                f"{label:<40}{r['cold_first_round']['seconds']:>18.2f}{r['warm_seconds']:>14.3f}"
+                f"{r['peak_rss_mib']:>14.0f}"
+            )
     fl = [r for r in results if r["kind"] in ("simulation", "deployment") and r.get("round_seconds")]
     if fl:
         lines.append("")
-        lines.append(f"{'flower (median warm round)':<46}{'s/round':>9}{'clients sum':>13}{'slowest':>9}"
-                     f"{'overhead':>10}{'share':>7}")
+        lines.append(
+            f"{'flower (median warm round)':<46}{'s/round':>9}{'clients sum':>13}{'slowest':>9}"
+            f"{'overhead':>10}{'share':>7}"
+        )
         for r in fl:
             # round 1 is cold (every node builds its model, features and noise calibration): left out
             rows = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
@@ -456,13 +634,22 @@ def report(results: list[dict]) -> str:
             mid = sorted(rows, key=lambda x: 1 - x[key] / x["seconds"])[len(rows) // 2]  # the median round
             per_round, total, slowest = mid["seconds"], mid["client_sum"], mid["client_max"]
             floor = mid[key]
-            r["summary"] = {"round": mid["round"], "seconds_per_round": per_round, "summed_client_compute": total,
-                            "slowest_client": slowest, "overhead_seconds": per_round - floor,
-                            "overhead_share": 1 - floor / per_round}
-            lines.append(f"{r['label']:<46}{per_round:>9.2f}{total:>13.2f}{slowest:>9.2f}"
-                         f"{per_round - floor:>10.2f}{1 - floor / per_round:>7.0%}")
-        lines.append("  overhead = s/round - clients sum (simulation: clients run one after another) or - slowest "
-                     "(deployment: nodes run in parallel)")
+            r["summary"] = {
+                "round": mid["round"],
+                "seconds_per_round": per_round,
+                "summed_client_compute": total,
+                "slowest_client": slowest,
+                "overhead_seconds": per_round - floor,
+                "overhead_share": 1 - floor / per_round,
+            }
+            lines.append(
+                f"{r['label']:<46}{per_round:>9.2f}{total:>13.2f}{slowest:>9.2f}"
+                f"{per_round - floor:>10.2f}{1 - floor / per_round:>7.0%}"
+            )
+        lines.append(
+            "  overhead = s/round - clients sum (simulation: clients run one after another) or - slowest "
+            "(deployment: nodes run in parallel)"
+        )
     for r in results:
         if "error" in r:
             lines.append(f"FAILED {r['label']}: {r['error']}")
@@ -470,13 +657,19 @@ def report(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="dpfpl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="dpfpl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--only", default="step,scaling,client,flower", help="comma-separated sections")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per case (default: all cores)")
-    ap.add_argument("--naive-samples", type=int, default=4,
-                    help="ViT-B-16 on CPU: time the naive per-sample loop on this many samples and extrapolate "
-                         "linearly to B (0: all B, slow)")
+    ap.add_argument(
+        "--naive-samples",
+        type=int,
+        default=4,
+        help="ViT-B-16 on CPU: time the naive per-sample loop on this many samples and extrapolate "
+        "linearly to B (0: all B, slow)",
+    )
     ap.add_argument("--scaling-model", default="demo", choices=("demo", "vit"))
     ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds")
     ap.add_argument("--out", default=None, help="JSON file (default dpfpl/bench/results/step-<device>.json)")
@@ -506,13 +699,25 @@ def main(argv: list[str] | None = None) -> None:
         results.append(r)
     table = report(results)
     print()
-    print(f"machine: {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} with {threads} threads, "
-          f"device {args.device}, load average at start {info['loadavg_at_start']}")
+    print(
+        f"machine: {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} with {threads} threads, "
+        f"device {args.device}, load average at start {info['loadavg_at_start']}"
+    )
     print(table)
     out = Path(args.out or ROOT / "dpfpl" / "bench" / "results" / f"step-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": info, "command": " ".join(["dpfpl bench"] + (argv or sys.argv[1:])),
-                               "table": table, "results": results}, indent=1, default=float))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "command": " ".join(["dpfpl bench"] + (argv or sys.argv[1:])),
+                "table": table,
+                "results": results,
+            },
+            indent=1,
+            default=float,
+        )
+    )
     print(f"\nJSON: {out}")
 
 
