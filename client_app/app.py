@@ -13,12 +13,12 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
-from common.config import NodeConfig, RunConfig
-from common.data.images import DatasetError
-from common.data.silo import SiloError
-from common.models import WeightsMismatchError, WeightsUnavailableError
-from common.runtag import RUN_TAG_KEY, run_tag
+from dpfpl.common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.silo import SiloError
+from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg, secfpp
 from .node import PromptNode
@@ -56,21 +56,27 @@ def _unfit(node_cfg: NodeConfig, reason: str) -> NodeUnfit:
 
 
 def _node(context: Context) -> PromptNode:
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
+    torch.set_num_threads(node_cfg.num_threads)
     if node_cfg.num_partitions is not None and node_cfg.num_partitions != cfg.num_clients:
         # a simulation with fewer SuperNodes than clients would silently train only some of the partitions
-        raise _unfit(node_cfg, f"the simulation runs {node_cfg.num_partitions} SuperNodes but num-clients is "
-                               f"{cfg.num_clients}; give each client its own SuperNode: flwr run . --federation-config "
-                               f"'num-supernodes={cfg.num_clients}' (dpfpl simulate matches them itself)")
+        raise _unfit(
+            node_cfg,
+            f"the simulation runs {node_cfg.num_partitions} SuperNodes but num-clients is "
+            f"{cfg.num_clients}; give each client its own SuperNode: flwr run . --federation-config "
+            f"'num-supernodes={cfg.num_clients}' (dpfpl simulate matches them itself)",
+        )
     try:
         return PromptNode(cfg, node_cfg)
     except SiloError as err:
         # The details name this organization's files and labels: they stay in the node's own log. The
         # server (which receives the exception text as the error reply) only learns that the check failed.
         log.error("%s", err)
-        raise _unfit(node_cfg, "this node's data silo failed its checks against the run's class list; "
-                               "the node's own log lists the files and labels involved") from None
+        raise _unfit(
+            node_cfg,
+            "this node's data silo failed its checks against the run's class list; "
+            "the node's own log lists the files and labels involved",
+        ) from None
     except (WeightsUnavailableError, WeightsMismatchError, DatasetError) as err:
         log.error("%s", err)
         raise _unfit(node_cfg, " ".join(str(err).split())) from err
@@ -89,12 +95,19 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     node = _node(context)
     config = msg.content["config"]
-    outcome = node.train(_global_prompt(msg), int(config["server-round"]), str(config["run-token"]),
-                         float(config["noise-multiplier-global"]))
+    outcome = node.train(
+        _global_prompt(msg),
+        int(config["server-round"]),
+        str(config["run-token"]),
+        float(config["noise-multiplier-global"]),
+    )
     # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
-    # Flower's share of a round from the clients' (bench/step.py, docs/performance.md)
-    metrics = {**outcome.metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])),
-               "client-seconds": time.perf_counter() - started}
+    # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)
+    metrics = {
+        **outcome.metrics,
+        RUN_TAG_KEY: run_tag(str(config["run-token"])),
+        "client-seconds": time.perf_counter() - started,
+    }
     if node.cfg.secure_aggregation and outcome.global_grad is not None:
         # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py).
         # The server is not trusted here, so nothing computed from the training data without noise goes in clear.

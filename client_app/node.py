@@ -11,15 +11,16 @@ from functools import lru_cache
 
 import torch
 
-from common.atomic import previous_path
-from common.config import NodeConfig, RunConfig
-from common.evaluation import accuracy, cross_entropy, harmonic_mean
-from common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
-from common.models import LoadedModel, cached_clip
-from common.optim import noise_bounded_lr
-from common.node import NOVEL, NodeData, load_node_data
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
-from common.prompt import PromptTextEncoder
+from dpfpl.common.atomic import previous_path
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
+from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
+from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
+from dpfpl.common.models import LoadedModel, cached_clip
+from dpfpl.common.node import NOVEL, NodeData, load_node_data
+from dpfpl.common.optim import noise_bounded_lr
+from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.prompt import PromptTextEncoder
 
 from .state import STATE_FILE, NodeState, node_key
 
@@ -111,9 +112,16 @@ class PromptNode:
         """lr-local, lowered under DP so that this node's accumulated noise stays within local-noise-radius."""
         if not self.cfg.dp:
             return self.cfg.lr_local
-        return noise_bounded_lr(self.cfg.lr_local, self.cfg.local_noise_radius, self.encoder.reference_context_norm(),
-                                noise_multiplier_local, self.cfg.max_grad_norm_local, self.cfg.batch_size,
-                                self.cfg.num_server_rounds, self.learner.noised_size())
+        return noise_bounded_lr(
+            self.cfg.lr_local,
+            self.cfg.local_noise_radius,
+            self.encoder.reference_context_norm(),
+            noise_multiplier_local,
+            self.cfg.max_grad_norm_local,
+            self.cfg.batch_size,
+            self.cfg.num_server_rounds,
+            self.learner.noised_size(),
+        )
 
     def _state(self, run_token: str, z_global: float) -> NodeState:
         state = NodeState.load(self.state_dir)
@@ -127,22 +135,27 @@ class PromptNode:
         # The local init may follow the seed; the noise and the Poisson sample may not under DP (dp_generator).
         local = self._fresh_local()
         gen = dp_generator(self.cfg.dp, self._seed + 7919)
-        return NodeState(local=local, generator=gen, accountant=PrivacyAccountant(self.cfg.delta),
-                         noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global,
-                                                                       self.method),
-                         run_key=run_token)
+        return NodeState(
+            local=local,
+            generator=gen,
+            accountant=PrivacyAccountant(self.cfg.delta),
+            noise_multiplier_local=local_noise_multiplier(self.cfg, self.sample_rate, z_global, self.method),
+            run_key=run_token,
+        )
 
     def train(self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         state = self._state(run_token, z_global)
         asked = _digest(p_global)
-        if (state.last_round == server_round and state.extra.get("reply-round") == server_round
-                and state.extra.get("reply-to") == asked):
+        if (
+            state.last_round == server_round
+            and state.extra.get("reply-round") == server_round
+            and state.extra.get("reply-to") == asked
+        ):
             # The server re-sent a round this node already answered (it restarted from the checkpoint before
             # that round): send the same reply again. No new step, no new noise, nothing new released.
-            log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id,
-                        server_round)
+            log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.uses_calibration and len(state.accountant.history) >= self.cfg.num_server_rounds:
             # Whatever the server asks: the noise was calibrated for this many steps, one more would exceed
@@ -150,22 +163,40 @@ class PromptNode:
             raise PrivacyBudgetSpent(
                 f"privacy budget spent: this node took {len(state.accountant.history)} noisy steps, the number "
                 f"its noise was calibrated for (target epsilon {self.cfg.target_epsilon}); it trains no further "
-                "in this run")
-        dp = DpSettings(self.cfg.dp, state.noise_multiplier_local, self.cfg.max_grad_norm_local,
-                        self.cfg.max_grad_norm_global, self.cfg.secure_noise)
+                "in this run"
+            )
+        dp = DpSettings(
+            self.cfg.dp,
+            state.noise_multiplier_local,
+            self.cfg.max_grad_norm_local,
+            self.cfg.max_grad_norm_global,
+            self.cfg.secure_noise,
+        )
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
         result = self.learner.train_step(
-            None if p_global is None else p_global.to(self.device), to_device(state.local), to_device(state.momentum),
-            self.data.train_features, self.data.train_labels, self.cfg.batch_size, dp,
-            SgdSettings(self.local_learning_rate(state.noise_multiplier_local), self.cfg.momentum,
-                        self.cfg.weight_decay), state.generator,
+            None if p_global is None else p_global.to(self.device),
+            to_device(state.local),
+            to_device(state.momentum),
+            self.data.train_features,
+            self.data.train_labels,
+            self.cfg.batch_size,
+            dp,
+            SgdSettings(
+                self.local_learning_rate(state.noise_multiplier_local), self.cfg.momentum, self.cfg.weight_decay
+            ),
+            state.generator,
         )
         cpu = lambda ts: {k: v.cpu() for k, v in ts.items()}  # noqa: E731
         state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round
         if self.cfg.dp:
             state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)
-        log.info("node %s round %d: loss %.4f on %d samples", self.node.partition_id, server_round,
-                 result.loss, result.batch_size)
+        log.info(
+            "node %s round %d: loss %.4f on %d samples",
+            self.node.partition_id,
+            server_round,
+            result.loss,
+            result.batch_size,
+        )
         metrics: dict[str, float] = {
             "node-key": node_key(self.state_dir),
             "num-examples": float(self.data.num_train),
@@ -209,9 +240,9 @@ class PromptNode:
                 local = {k: v.to(self.device) for k, v in local.items()}
                 text = {k: self.learner.text_features(p_g, local, enc) for k, enc in encoders.items()}
         metrics = {f"{name}-acc": accuracy(text[e.classifier], e.features, e.labels) for name, e in d.evals.items()}
-        metrics["local-loss"] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
+        metrics[LOCAL_LOSS] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
         if d.protocol == "base-novel":
-            metrics["hm"] = harmonic_mean([metrics["local-acc"], metrics["base-acc"], metrics["novel-acc"]])
+            metrics[HM] = harmonic_mean([metrics[LOCAL_ACC], metrics[BASE_ACC], metrics[NOVEL_ACC]])
         metrics["num-examples"] = float(d.num_train)
         metrics["node-key"] = node_key(self.state_dir)  # the key the server books this node under
         if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table

@@ -1,7 +1,7 @@
 """The client side of secure aggregation (see ``server_app/secagg_round.py`` for the message flow).
 
 After the local step the node encodes its clipped global gradient (quantized, plus its discrete-Gaussian share
-of the global noise, ``common.secagg.encoding``) and keeps it on its own disk together with the protocol state
+of the global noise, ``dpfpl.common.secagg.encoding``) and keeps it on its own disk together with the protocol state
 (``ClientSession``): in deployment every message starts a fresh ClientApp process, so the state between the four
 messages of a round lives in one atomically written file in the node's state directory (mode 0600: it holds
 this round's private keys). The clear gradient never leaves the node; the masked vector does, once.
@@ -17,10 +17,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.atomic import write_json
-from common.config import NodeConfig, RunConfig
-from common.secagg.encoding import encode_update
-from common.secagg.protocol import ClientSession, SecAggError
+from dpfpl.common.atomic import write_json
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.secagg.encoding import encode_update
+from dpfpl.common.secagg.protocol import ClientSession, SecAggError
 
 SESSION_FILE = "secagg_session.json"
 
@@ -43,13 +43,16 @@ def _save(path: Path, session: ClientSession, values: np.ndarray) -> None:
 
 def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
     if not path.exists():
-        raise SecAggError(f"no secure-aggregation state for round '{round_context}' on this node (the train "
-                          "message of this round never reached it, or its state directory was wiped)")
+        raise SecAggError(
+            f"no secure-aggregation state for round '{round_context}' on this node (the train "
+            "message of this round never reached it, or its state directory was wiped)"
+        )
     saved = json.loads(path.read_text())
     session = ClientSession.from_dict(saved["session"])
     if session.context != round_context:
-        raise SecAggError(f"this node's secure-aggregation state is for round '{session.context}', "
-                          f"the request for '{round_context}'")
+        raise SecAggError(
+            f"this node's secure-aggregation state is for round '{session.context}', the request for '{round_context}'"
+        )
     return session, np.asarray(saved["values"], dtype=np.int64)
 
 
@@ -62,16 +65,27 @@ def advertise_reply(msg: Message, context: Context, global_grad, metrics: dict) 
         session, values = _load(path, round_context)  # a re-sent train message: same keys, same input
     except SecAggError:
         threshold, num_clients = int(config["secagg-threshold"]), int(config["secagg-num-clients"])
-        values = encode_update(global_grad.numpy(), bits=cfg.secagg_quantization_bits,
-                               clip_norm=cfg.max_grad_norm_global, batch_size=cfg.batch_size,
-                               noise_multiplier=float(config["noise-multiplier-global"]) if cfg.dp else 0.0,
-                               threshold=threshold, num_clients=num_clients)
+        values = encode_update(
+            global_grad.numpy(),
+            bits=cfg.secagg_quantization_bits,
+            clip_norm=cfg.max_grad_norm_global,
+            batch_size=cfg.batch_size,
+            noise_multiplier=float(config["noise-multiplier-global"]) if cfg.dp else 0.0,
+            threshold=threshold,
+            num_clients=num_clients,
+        )
         session = ClientSession(node_id=msg.metadata.dst_node_id, context=round_context, threshold=threshold)
     c_pk, s_pk = session.advertise()
     _save(path, session, values)
-    return Message(content=RecordDict({
-        "metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])}),
-        "secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})}), reply_to=msg)
+    return Message(
+        content=RecordDict(
+            {
+                "metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])}),
+                "secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 def _roster(config) -> dict[int, tuple[bytes, bytes]]:
@@ -88,8 +102,10 @@ def share_keys(msg: Message, context: Context) -> Message:
     ciphertexts = session.share_keys(_roster(config), int(config["secagg-threshold"]))
     _save(path, session, values)
     order = sorted(ciphertexts)
-    return Message(content=RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})}),
-                   reply_to=msg)
+    return Message(
+        content=RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})}),
+        reply_to=msg,
+    )
 
 
 def masked_input(msg: Message, context: Context) -> Message:
@@ -110,9 +126,21 @@ def unmask(msg: Message, context: Context) -> Message:
     session, values = _load(path, _round_context(config))
     b_shares, s_shares = session.unmask([int(u) for u in config["survivors"]], [int(u) for u in config["dropped"]])
     _save(path, session, values)
-    return Message(content=RecordDict({"secagg": ConfigRecord({
-        "b-owner": list(b_shares), "b-share": list(b_shares.values()),
-        "s-owner": list(s_shares), "s-share": list(s_shares.values())})}), reply_to=msg)
+    return Message(
+        content=RecordDict(
+            {
+                "secagg": ConfigRecord(
+                    {
+                        "b-owner": list(b_shares),
+                        "b-share": list(b_shares.values()),
+                        "s-owner": list(s_shares),
+                        "s-share": list(s_shares.values()),
+                    }
+                )
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 def register(app: ClientApp) -> None:

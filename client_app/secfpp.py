@@ -1,7 +1,7 @@
 """The client side of SecFPP's clustering phase (see ``server_app/secfpp_round.py`` for the message flow).
 
 The node computes its clustering vector (its domain gradient at the public initial prompt, reduced on the
-public basis and normalized: ``common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
+public basis and normalized: ``dpfpl.common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
 and field elements; the vector leaves the node only as shares, each encrypted for one other node. The state
 between the messages of a phase (this phase's private key, the shares it holds) lives in one file in the
 node's state directory (mode 0600), as for secure aggregation: in deployment every message starts a fresh
@@ -17,13 +17,15 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.atomic import write_json
-from common.config import NodeConfig, RunConfig
-from common.secfpp.kmeans import threshold_units
-from common.secfpp.protocol import ClusteringClient, validate
-from common.secfpp.reduce import public_basis, reduce
-from common.secfpp.signal import domain_gradient
+from dpfpl.common.atomic import write_json
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.prompt import initial_global_prompt
+from dpfpl.common.secfpp.kmeans import threshold_units
+from dpfpl.common.secfpp.protocol import ClusteringClient, validate
+from dpfpl.common.secfpp.reduce import public_basis, reduce
+from dpfpl.common.secfpp.signal import domain_gradient
 
+from .node import PromptNode
 from .state import node_key
 
 SESSION_FILE = "secfpp_session.json"
@@ -60,20 +62,23 @@ def _reply(msg: Message, values: dict) -> Message:
 
 def advertise(msg: Message, context: Context) -> Message:
     """Compute and encode the clustering vector; reply with this phase's public key only."""
-    from server_app.runner import initial_global_prompt
-
-    from .node import PromptNode
-
     cfg, node_cfg, path = _setup(context)
     config = msg.content["config"]
     node = PromptNode(cfg, node_cfg)
     reference = initial_global_prompt(cfg)  # public: from the run seed, the same on every party
     vector = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
     basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
-    lcc = validate(int(config["num-users"]), cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy,
-                   cfg.secfpp_quantization_bits, (1 << 61) - 1)
-    client = ClusteringClient(int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits,
-                              str(config["phase"]))
+    lcc = validate(
+        int(config["num-users"]),
+        cfg.secfpp_reduced_dim,
+        cfg.secfpp_slices,
+        cfg.secfpp_privacy,
+        cfg.secfpp_quantization_bits,
+        (1 << 61) - 1,
+    )
+    client = ClusteringClient(
+        int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits, str(config["phase"])
+    )
     _save(path, client)
     # the node key lets the server keep this node's cluster across a restart (server_app/secfpp_round.py)
     return _reply(msg, {"pk": client.public, "node-key": node_key(path.parent)})
@@ -112,10 +117,13 @@ def decide(msg: Message, context: Context) -> Message:
     cfg, _, path = _setup(context)
     config = msg.content["config"]
     client = _load(path, str(config["phase"]))
-    decision = client.decide({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
-                             [int(a) for a in config["assignment"]], int(config["iteration"]),
-                             threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
-                             frozenset(int(e) for e in config["exclude"]))
+    decision = client.decide(
+        {int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
+        [int(a) for a in config["assignment"]],
+        int(config["iteration"]),
+        threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
+        frozenset(int(e) for e in config["exclude"]),
+    )
     _save(path, client)
     return _reply(msg, {"cluster": decision.cluster, "far": int(decision.far)})
 

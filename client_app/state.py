@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from common.atomic import read_state, write_bytes, write_state
-from common.privacy import PrivacyAccountant
+from dpfpl.common.atomic import read_state, write_bytes, write_state
+from dpfpl.common.privacy import PrivacyAccountant
 
 STATE_FILE = "local_state.safetensors"
 NODE_KEY_FILE = "node-key"
@@ -37,8 +37,10 @@ def node_key(directory: Path) -> int:
         text = path.read_text().strip()
         if text.isdigit() and 0 < int(text) < 2**62:
             return int(text)
-        raise ValueError(f"{path} holds no node key ('{text[:40]}'); delete it to give this node a new identity "
-                         "(the server then books it as a new node)")
+        raise ValueError(
+            f"{path} holds no node key ('{text[:40]}'); delete it to give this node a new identity "
+            "(the server then books it as a new node)"
+        )
     key = secrets.randbits(62) or 1
     write_bytes(path, f"{key}\n".encode())
     return key
@@ -71,7 +73,7 @@ class NodeState:
         write_state(Path(directory) / STATE_FILE, tensors, {"state": json.dumps(meta)})
 
     @classmethod
-    def load(cls, directory: Path) -> "NodeState | None":
+    def load(cls, directory: Path) -> NodeState | None:
         loaded = read_state(Path(directory) / STATE_FILE)  # falls back to the previous file if damaged
         if loaded is None:
             return None
@@ -84,11 +86,11 @@ class NodeState:
         gen = torch.Generator()
         gen.set_state(tensors["rng_state"])
         return cls(
-            local={k[len("local."):]: v for k, v in tensors.items() if k.startswith("local.")},
+            local={k[len("local.") :]: v for k, v in tensors.items() if k.startswith("local.")},
             generator=gen,
             accountant=accountant,
-            momentum={k[len("momentum."):]: v for k, v in tensors.items() if k.startswith("momentum.")},
-            last_reply={k[len("reply."):]: v for k, v in tensors.items() if k.startswith("reply.")},
+            momentum={k[len("momentum.") :]: v for k, v in tensors.items() if k.startswith("momentum.")},
+            last_reply={k[len("reply.") :]: v for k, v in tensors.items() if k.startswith("reply.")},
             noise_multiplier_local=float(meta["noise_multiplier_local"]),
             last_round=int(meta["last_round"]),
             run_key=meta["run_key"],

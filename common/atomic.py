@@ -113,8 +113,11 @@ def read_state(path: Path) -> StateFile | None:
             log.warning("using the previous state %s: %s", candidate, "; ".join(errors) or f"{path} is missing")
         return StateFile(*result, from_previous=candidate != path)
     if errors:
-        raise CorruptStateError("no intact copy of the state: " + "; ".join(errors) +
-                                ". Restore the file from a backup, or move it away to start this state afresh.")
+        raise CorruptStateError(
+            "no intact copy of the state: "
+            + "; ".join(errors)
+            + ". Restore the file from a backup, or move it away to start this state afresh."
+        )
     return None
 
 

@@ -33,11 +33,13 @@ def check_class_list(server_digest: str | None, classnames: list[str], source: s
     if server_digest is None:
         raise ClassListMismatch(
             f"the server sent no '{DIGEST_KEY}' with this instruction, so this node cannot check that it trains "
-            "on the same class list; the server runs an older or foreign ServerApp: update it")
+            "on the same class list; the server runs an older or foreign ServerApp: update it"
+        )
     own = class_list_digest(classnames)
     if own != server_digest:
         raise ClassListMismatch(
             f"class list mismatch: the server's class list has SHA-256 {server_digest[:16]}..., this node's "
             f"({source}, {len(classnames)} classes) has {own[:16]}...; labels would be matched to the wrong "
             "class names. Give the server and every node the same ordered list (run config 'classnames', "
-            "node config 'classnames') and the same dpfpl version")
+            "node config 'classnames') and the same dpfpl version"
+        )

@@ -7,28 +7,38 @@ with the key's name, instead of deep inside round 37.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
 
-DatasetName = Literal["demo", "silo", "caltech101", "oxford_pets", "oxford_flowers", "food101", "dtd", "cifar10",
-                      "cifar100", "folder", "csv"]
-Method = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
-METHOD_NAMES: tuple[str, ...] = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl",
-                                 "secfpp")
+DatasetName = Literal[
+    "demo",
+    "silo",
+    "caltech101",
+    "oxford_pets",
+    "oxford_flowers",
+    "food101",
+    "dtd",
+    "cifar10",
+    "cifar100",
+    "folder",
+    "csv",
+]
+# the run config's ``method``: the one list of method names (``dpfpl.common.methods.build_method`` builds each)
+MethodName = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
+METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
+# the methods whose local prompt has a rank (the run config's ``rank``)
+RANKED_METHODS: tuple[str, ...] = ("dpfpl", "dpfpl-noresidual", "fedpgp")
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Method = "dpfpl"
+    method: MethodName = "dpfpl"
     model_name: str = "dpfpl-demo-tiny"
     pretrained: str = "demo"
     dataset: DatasetName = "demo"
@@ -85,9 +95,9 @@ class RunConfig(BaseModel):
     max_grad_norm_global: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
-    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, bench/secure_noise.py)
+    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, dpfpl/bench/secure_noise.py)
     secure_noise: bool = False
-    # secure aggregation with distributed noise (README "Secure aggregation"): the server sees only the noised sum
+    # secure aggregation with distributed noise (docs/secure-aggregation.md): the server sees only the noised sum
     secure_aggregation: bool = False
     secagg_dropout_tolerance: int = Field(1, ge=0)  # clients that may drop mid-round; threshold t = N - this
     secagg_quantization_bits: int = Field(16, ge=1, le=40)  # one record's contribution = 2^bits integer units
@@ -108,9 +118,11 @@ class RunConfig(BaseModel):
     resume: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> "RunConfig":
-        if self.dp and self.target_epsilon == 0 and (
-            self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0
+    def _check(self) -> RunConfig:
+        if (
+            self.dp
+            and self.target_epsilon == 0
+            and (self.noise_multiplier_local == 0 or self.noise_multiplier_global == 0)
         ):
             raise ValueError(
                 "dp = true needs either target-epsilon > 0 (calibrate the noise) or both "
@@ -121,17 +133,26 @@ class RunConfig(BaseModel):
         if self.dataset not in ("demo", "silo") and not self.data_root:
             raise ValueError(f"dataset = '{self.dataset}' needs data-root (the folder that holds it)")
         if self.dataset == "silo" and (self.partition != "pathological" or self.num_shots or self.augment_views):
-            raise ValueError("dataset = 'silo' is each organization's own data: partition, num-shots and "
-                             "augment-views do not apply")
+            raise ValueError(
+                "dataset = 'silo' is each organization's own data: partition, num-shots and augment-views do not apply"
+            )
         if self.secure_aggregation and self.method in ("zeroshot", "coop"):
-            raise ValueError(f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
-                             "nothing to aggregate securely (use a method with a global prompt, or turn it off)")
+            raise ValueError(
+                f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
+                "nothing to aggregate securely (use a method with a global prompt, or turn it off)"
+            )
         if self.method == "secfpp":
             from .secfpp.protocol import validate
 
             # the phase must decode (2(K+T-1)+1 <= N) and must not wrap around with all N clients
-            validate(self.num_clients, self.secfpp_reduced_dim, self.secfpp_slices, self.secfpp_privacy,
-                     self.secfpp_quantization_bits, (1 << 61) - 1)
+            validate(
+                self.num_clients,
+                self.secfpp_reduced_dim,
+                self.secfpp_slices,
+                self.secfpp_privacy,
+                self.secfpp_quantization_bits,
+                (1 << 61) - 1,
+            )
             if self.secure_aggregation:  # each cluster is its own secure-aggregation group
                 from .secagg.protocol import min_group_size
 
@@ -141,18 +162,27 @@ class RunConfig(BaseModel):
                         f"method 'secfpp' with secure-aggregation = true sums each cluster on its own, and a sum that "
                         f"tolerates {self.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
                         f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
-                        "secagg-dropout-tolerance")
+                        "secagg-dropout-tolerance"
+                    )
         if self.evaluation == "validation" and (self.dataset == "silo" or self.partition == "base-novel"):
-            raise ValueError("evaluation = 'validation' holds out part of the partitioned training split: it "
-                             "needs a partitioned data set and a partition other than base-novel (whose novel "
-                             "classes have no training records to hold out)")
+            raise ValueError(
+                "evaluation = 'validation' holds out part of the partitioned training split: it "
+                "needs a partitioned data set and a partition other than base-novel (whose novel "
+                "classes have no training records to hold out)"
+            )
         if self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self
 
     @classmethod
-    def from_flower(cls, run_config: dict) -> "RunConfig":
+    def from_flower(cls, run_config: dict) -> RunConfig:
         return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every key's default, hyphenated as in ``[tool.flwr.app.config]`` (which must repeat them for ``flwr
+        run``; a test holds the two equal)."""
+        return cls().to_flower()
 
     def to_flower(self) -> dict:
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
@@ -166,7 +196,9 @@ class RunConfig(BaseModel):
         if self.dataset != "silo":
             from .data.registry import load_dataset
 
-            return list(load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames)
+            return list(
+                load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames
+            )
         return self.explicit_classnames()
 
     def explicit_classnames(self) -> list[str]:
@@ -194,8 +226,9 @@ class NodeConfig(BaseModel):
     # differs is refused before any work (see common/classlist.py)
     classnames: str | None = None
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
+    num_threads: int = Field(1, ge=1)  # torch's intra-op threads for this node's work
 
-    def resolved_device(self) -> "torch.device":
+    def resolved_device(self) -> torch.device:
         import torch
 
         if self.device == "auto":
@@ -203,14 +236,16 @@ class NodeConfig(BaseModel):
         device = torch.device(self.device)
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"node config device='{self.device}' but this machine has no usable CUDA GPU; "
-                                 "use device=\"cpu\" or \"auto\"")
+                raise ValueError(
+                    f"node config device='{self.device}' but this machine has no usable CUDA GPU; "
+                    'use device="cpu" or "auto"'
+                )
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise ValueError(f"node config device='{self.device}' but only {torch.cuda.device_count()} GPU(s)")
         return device
 
     @classmethod
-    def from_flower(cls, node_config: dict) -> "NodeConfig":
+    def from_flower(cls, node_config: dict) -> NodeConfig:
         return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
 
     def own_class_list(self, cfg: RunConfig) -> tuple[list[str], str]:
@@ -229,10 +264,3 @@ class NodeConfig(BaseModel):
         if self.partition_id is None:
             raise ValueError("node config needs 'state-dir' (or 'partition-id' in simulation)")
         return Path(run_dir) / "nodes" / f"node-{self.partition_id}"
-
-
-def cache_dir(override: str | None = None) -> Path:
-    """Where built backbones and feature caches live: node config, $DPFPL_CACHE, or ~/.cache/dpfpl."""
-    path = Path(override or os.environ.get("DPFPL_CACHE") or Path.home() / ".cache" / "dpfpl")
-    path.mkdir(parents=True, exist_ok=True)
-    return path

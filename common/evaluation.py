@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .metrics import LOCAL_ACC, NEIGHBOR_ACC
+
 
 @torch.no_grad()
 def accuracy(text_features: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -16,8 +18,9 @@ def accuracy(text_features: torch.Tensor, image_features: torch.Tensor, labels: 
 
 
 @torch.no_grad()
-def cross_entropy(text_features: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor,
-                  logit_scale: float) -> float:
+def cross_entropy(
+    text_features: torch.Tensor, image_features: torch.Tensor, labels: torch.Tensor, logit_scale: float
+) -> float:
     """Mean test loss over all C classes (test images only: a training loss would leak under DP)."""
     if len(labels) == 0:
         return math.nan
@@ -33,8 +36,9 @@ def harmonic_mean(values: list[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def last_rounds_per_client(evals: list[dict], count: int,
-                           keys: tuple[str, ...] = ("local-acc", "neighbor-acc")) -> dict[str, dict[str, float]]:
+def last_rounds_per_client(
+    evals: list[dict], count: int, keys: tuple[str, ...] = (LOCAL_ACC, NEIGHBOR_ACC)
+) -> dict[str, dict[str, float]]:
     """Each client's accuracies averaged over the evaluations of the last ``count`` rounds: the measure of
     the run's last-rounds mean, per client (a single round's number moves with that round's noise)."""
     if not evals or count <= 0:
@@ -49,13 +53,17 @@ def last_rounds_per_client(evals: list[dict], count: int,
     return out
 
 
-def worst_client(zeroshot: dict, final: dict, key: str = "local-acc") -> dict:
+def worst_client(zeroshot: dict, final: dict, key: str = LOCAL_ACC) -> dict:
     """The client whose personalized prompt gained least over its own zero-shot accuracy (a mean can hide a
     collapsed node). Empty when no client has both numbers."""
-    gains = {c: final[c][key] - zeroshot[c][key] for c in final
-             if key in final[c] and key in zeroshot.get(c, {})}
+    gains = {c: final[c][key] - zeroshot[c][key] for c in final if key in final[c] and key in zeroshot.get(c, {})}
     if not gains:
         return {}
     client = min(gains, key=gains.get)
-    return {"client": client, key: final[client][key], f"zeroshot-{key}": zeroshot[client][key],
-            "gain": gains[client], "clients-below-zeroshot": sum(g < 0 for g in gains.values())}
+    return {
+        "client": client,
+        key: final[client][key],
+        f"zeroshot-{key}": zeroshot[client][key],
+        "gain": gains[client],
+        "clients-below-zeroshot": sum(g < 0 for g in gains.values()),
+    }

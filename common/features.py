@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import read_tensors, write_tensors
-from .config import cache_dir
-from .models import LoadedModel, demo_pixels
+from .models import LoadedModel, cache_dir, demo_pixels
 
 if TYPE_CHECKING:
     from .data.images import ImageDataset
@@ -27,7 +26,9 @@ AUGMENT_SCALE = (0.08, 1.0)
 
 
 @torch.no_grad()
-def encode_images(model: LoadedModel, pixels: torch.Tensor, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+def encode_images(
+    model: LoadedModel, pixels: torch.Tensor, batch_size: int = 256, progress: bool = False
+) -> torch.Tensor:
     chunks = []
     for start in tqdm(range(0, len(pixels), batch_size), desc="encoding images (once)", disable=not progress):
         batch = pixels[start : start + batch_size].to(next(model.model.parameters()).device)
@@ -50,8 +51,12 @@ def demo_features(model: LoadedModel, cache: str | None = None, progress: bool =
     from .data.demo import load_demo_dataset
 
     data = load_demo_dataset()
-    return _cached(model, f"demo-{data.fingerprint}", cache,
-                   lambda: encode_images(model, demo_pixels(data.images), progress=progress))
+    return _cached(
+        model,
+        f"demo-{data.fingerprint}",
+        cache,
+        lambda: encode_images(model, demo_pixels(data.images), progress=progress),
+    )
 
 
 def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.Tensor:
@@ -59,8 +64,12 @@ def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.T
     from .data.silo import load_images
 
     def compute() -> torch.Tensor:  # 128 images at a time: a silo's decoded pixels need not fit in memory
-        return torch.cat([encode_images(model, load_images(silo.paths[i : i + 128], model.preprocess))
-                          for i in range(0, len(silo.paths), 128)])
+        return torch.cat(
+            [
+                encode_images(model, load_images(silo.paths[i : i + 128], model.preprocess))
+                for i in range(0, len(silo.paths), 128)
+            ]
+        )
 
     return _cached(model, f"silo-{silo.fingerprint}", cache, compute)
 
@@ -71,8 +80,11 @@ def _preprocess_cfg(model: LoadedModel) -> tuple[int, tuple[float, ...], tuple[f
     cfg = getattr(model.model.visual, "preprocess_cfg", {}) or {}
     size = cfg.get("size", getattr(model.model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return (int(size), tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-            tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)))
+    return (
+        int(size),
+        tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
 
 
 def augment_transform(model: LoadedModel):
@@ -80,12 +92,25 @@ def augment_transform(model: LoadedModel):
     from torchvision import transforms as T
 
     size, mean, std = _preprocess_cfg(model)
-    return T.Compose([T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=AUGMENT_SCALE, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
-def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.ndarray, transform, desc: str,
-                    progress: bool, batch_size: int = 128) -> torch.Tensor:
+def _encode_records(
+    model: LoadedModel,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    transform,
+    desc: str,
+    progress: bool,
+    batch_size: int = 128,
+) -> torch.Tensor:
     """Features of ``indices`` under ``transform`` (None: the model's evaluation preprocess). Every image that
     cannot be decoded is collected and reported together, by file, before anything is cached."""
     from .data.images import DatasetError
@@ -94,7 +119,7 @@ def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.nda
     bad: list[str] = []
     chunks = []
     for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=not progress, unit="batch"):
-        idx = indices[start:start + batch_size]
+        idx = indices[start : start + batch_size]
         if transform is None and dataset.batch_pixels is not None:
             pixels = dataset.batch_pixels(idx)
         else:
@@ -111,22 +136,33 @@ def _encode_records(model: LoadedModel, dataset: "ImageDataset", indices: np.nda
         with torch.no_grad():
             chunks.append(F.normalize(model.model.encode_image(pixels.to(device)), dim=-1).cpu())
     if bad:
-        raise DatasetError(f"{len(bad)} images of {dataset.name} cannot be used:\n  - " + "\n  - ".join(bad[:20])
-                           + ("\n  ..." if len(bad) > 20 else ""))
+        raise DatasetError(
+            f"{len(bad)} images of {dataset.name} cannot be used:\n  - "
+            + "\n  - ".join(bad[:20])
+            + ("\n  ..." if len(bad) > 20 else "")
+        )
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
-def dataset_features(model: LoadedModel, dataset: "ImageDataset", cache: str | None = None,
-                     progress: bool = False) -> torch.Tensor:
+def dataset_features(
+    model: LoadedModel, dataset: ImageDataset, cache: str | None = None, progress: bool = False
+) -> torch.Tensor:
     """Normalized features of every record (train and test) under the evaluation preprocess, cached per
     (weights, data set content)."""
     key = f"{dataset.name}-{dataset.fingerprint}"
-    return _cached(model, key, cache, lambda: _encode_records(
-        model, dataset, np.arange(len(dataset)), None, f"encoding {dataset.name} images (once)", progress))
+    return _cached(
+        model,
+        key,
+        cache,
+        lambda: _encode_records(
+            model, dataset, np.arange(len(dataset)), None, f"encoding {dataset.name} images (once)", progress
+        ),
+    )
 
 
-def augmented_train_features(model: LoadedModel, dataset: "ImageDataset", views: int, seed: int,
-                             cache: str | None = None, progress: bool = False) -> torch.Tensor:
+def augmented_train_features(
+    model: LoadedModel, dataset: ImageDataset, views: int, seed: int, cache: str | None = None, progress: bool = False
+) -> torch.Tensor:
     """(views, number of training records, D): ``views`` augmented views of every training record (in
     ``dataset.train_indices()`` order), each encoded once and cached, so training draws a view per sampled
     record without running the image tower again. Views are seeded: the same views on every node and run."""
@@ -139,8 +175,9 @@ def augmented_train_features(model: LoadedModel, dataset: "ImageDataset", views:
         for v in range(views):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1009 + v)
-                out.append(_encode_records(model, dataset, train, tf, f"encoding view {v + 1}/{views} (once)",
-                                           progress))
+                out.append(
+                    _encode_records(model, dataset, train, tf, f"encoding view {v + 1}/{views} (once)", progress)
+                )
         return torch.stack(out)
 
     return _cached(model, key, cache, compute)

@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json, write_tensors
-from .config import cache_dir
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """Where built backbones and feature caches live: node config, $DPFPL_CACHE, or ~/.cache/dpfpl."""
+    path = Path(override or os.environ.get("DPFPL_CACHE") or Path.home() / ".cache" / "dpfpl")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,7 @@ class WeightsMismatchError(ValueError):
 
 
 def register_model_configs() -> None:
-    open_clip.add_model_config(Path(str(resources.files("common") / "model_configs")))
+    open_clip.add_model_config(Path(str(resources.files("dpfpl.common") / "model_configs")))
 
 
 @dataclass(eq=False)  # hashable by identity: one loaded model per process
@@ -137,6 +144,7 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> Loa
 # Demo backbone
 # ----------------------------------------------------------------------------------------------------
 
+
 def demo_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 32, 32) grayscale -> float (N, 3, 32, 32) normalized as OpenCLIP expects."""
     x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1).expand(-1, 3, -1, -1)
@@ -152,8 +160,9 @@ def _demo_backbone_path(seed: int, cache: str | None, steps: int) -> Path:
     return cache_dir(cache) / "backbones" / f"{DEMO_MODEL}-s{seed}-n{steps}-{fingerprint}.safetensors"
 
 
-def build_demo_backbone(seed: int = 0, cache: str | None = None, progress: bool = True,
-                        steps: int = DEMO_PRETRAIN_STEPS) -> Path:
+def build_demo_backbone(
+    seed: int = 0, cache: str | None = None, progress: bool = True, steps: int = DEMO_PRETRAIN_STEPS
+) -> Path:
     """Pretrain the demo backbone on the demo train split (once; cached, deterministic for a seed).
 
     Training: image x caption logits over the 20 class captions (a random template per class per step),
@@ -209,9 +218,16 @@ def build_demo_backbone(seed: int = 0, cache: str | None = None, progress: bool 
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     write_tensors(path, model.state_dict(), metadata={"seed": str(seed), "steps": str(steps)})
-    write_json(path.with_suffix(".json"), {"model": DEMO_MODEL, "seed": seed, "steps": steps,
-                                           "seconds": round(time.time() - started, 1),
-                                           "data_fingerprint": data.fingerprint})
+    write_json(
+        path.with_suffix(".json"),
+        {
+            "model": DEMO_MODEL,
+            "seed": seed,
+            "steps": steps,
+            "seconds": round(time.time() - started, 1),
+            "data_fingerprint": data.fingerprint,
+        },
+    )
     log.info("demo backbone written to %s", path)
     return path
 

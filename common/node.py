@@ -1,6 +1,6 @@
 """What a node trains and evaluates on: cached image features of its share of a data set (simulation with a
 partitioner) or of its own silo (deployment), split into training records and the evaluation sets of the
-run's protocol (SPEC section 7):
+run's protocol:
 
 * pathological (DP-FPL): ``local`` (own classes) and ``neighbor`` (the other clients' classes), classifier over
   all C classes;
@@ -50,10 +50,13 @@ class NodeData:
     def num_train(self) -> int:
         return len(self.train_labels)
 
-    def to(self, device: torch.device) -> "NodeData":
-        return replace(self, train_features=self.train_features.to(device), train_labels=self.train_labels.to(device),
-                       evals={k: EvalSet(e.features.to(device), e.labels.to(device), e.classifier)
-                              for k, e in self.evals.items()})
+    def to(self, device: torch.device) -> NodeData:
+        return replace(
+            self,
+            train_features=self.train_features.to(device),
+            train_labels=self.train_labels.to(device),
+            evals={k: EvalSet(e.features.to(device), e.labels.to(device), e.classifier) for k, e in self.evals.items()},
+        )
 
     def _eval(self, name: str) -> EvalSet:
         if name in self.evals:
@@ -118,9 +121,19 @@ def run_partition(cfg: RunConfig) -> Partition:
         back = data.train_indices()
         labels = data.labels[back]
         is_test = validation_flags(labels, cfg.validation_fraction, cfg.seed)
-    part = partition_dataset(labels, is_test, data.classnames, cfg.partition, cfg.num_clients, cfg.seed,
-                             cfg.classes_per_client, cfg.dirichlet_alpha, cfg.min_samples_per_client, cfg.num_shots,
-                             cfg.num_domains)
+    part = partition_dataset(
+        labels,
+        is_test,
+        data.classnames,
+        cfg.partition,
+        cfg.num_clients,
+        cfg.seed,
+        cfg.classes_per_client,
+        cfg.dirichlet_alpha,
+        cfg.min_samples_per_client,
+        cfg.num_shots,
+        cfg.num_domains,
+    )
     if back is None:
         return part
     clients = [replace(c, train=back[c.train], test=back[c.test]) for c in part.clients]
@@ -131,8 +144,10 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
     if cfg.dataset == "silo":
         return load_silo_data(cfg, node, model, cache)
     if node.partition_id is None:
-        raise ValueError(f"dataset '{cfg.dataset}' is partitioned among simulated clients: the node config needs "
-                         "'partition-id' (an organization with its own data uses dataset = 'silo' and data-dir)")
+        raise ValueError(
+            f"dataset '{cfg.dataset}' is partitioned among simulated clients: the node config needs "
+            "'partition-id' (an organization with its own data uses dataset = 'silo' and data-dir)"
+        )
     from .features import augmented_train_features, dataset_features
 
     data = run_dataset(cfg)
@@ -166,10 +181,16 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
         classnames, novel_names = [data.classnames[c] for c in base], [data.classnames[c] for c in novel]
         evals["base"] = records(test_of(base))
         evals["novel"] = records(test_of(novel), offset=len(base), classifier=NOVEL)  # novel labels start at 0
-    log.info("node %d: %d training records of %d classes (%s partition)", node.partition_id, len(me.train),
-             len(me.classes), part.protocol)
-    return NodeData(classnames, list(me.classes), train_feats, labels[torch.from_numpy(me.train)], evals,
-                    part.protocol, novel_names)
+    log.info(
+        "node %d: %d training records of %d classes (%s partition)",
+        node.partition_id,
+        len(me.train),
+        len(me.classes),
+        part.protocol,
+    )
+    return NodeData(
+        classnames, list(me.classes), train_feats, labels[torch.from_numpy(me.train)], evals, part.protocol, novel_names
+    )
 
 
 def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
@@ -181,13 +202,14 @@ def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
     if not data_dir and cfg.silo_root and node.partition_id is not None:
         data_dir = f"{cfg.silo_root}/{node.partition_id}"
     if not data_dir:
-        raise SiloError("dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder), "
-                        "or silo-root in the run config when simulating")
+        raise SiloError(
+            "dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder), "
+            "or silo-root in the run config when simulating"
+        )
     classnames = cfg.class_list()
     silo = load_silo(data_dir, classnames, seed=cfg.seed)
     feats = silo_features(model, silo, cache)
     labels = torch.from_numpy(silo.labels)
     test = torch.from_numpy(silo.is_test)
     own = sorted(set(silo.labels.tolist()))
-    return NodeData(classnames, own, feats[~test], labels[~test], {"local": EvalSet(feats[test], labels[test])},
-                    "silo")
+    return NodeData(classnames, own, feats[~test], labels[~test], {"local": EvalSet(feats[test], labels[test])}, "silo")

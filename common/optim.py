@@ -10,8 +10,12 @@ import torch
 
 
 def sgd_update(
-    param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None,
-    lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return (new param, new momentum buffer)."""
     d = grad + weight_decay * param if weight_decay else grad
@@ -21,8 +25,16 @@ def sgd_update(
     return param - lr * d, momentum_buffer
 
 
-def noise_bounded_lr(lr: float, radius: float, reference_norm: float, noise_multiplier: float, max_grad_norm: float,
-                     expected_batch: int, steps: int, noised_size: int) -> float:
+def noise_bounded_lr(
+    lr: float,
+    radius: float,
+    reference_norm: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch: int,
+    steps: int,
+    noised_size: int,
+) -> float:
     """The largest step size <= ``lr`` whose accumulated DP noise stays within ``radius`` x ``reference_norm``.
 
     Why: a node's noisy step adds N(0, (lr z C / B)^2) to each of its ``noised_size`` coordinates; over

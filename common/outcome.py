@@ -59,18 +59,24 @@ class RunOutcome(BaseModel):
             for failure in self.failed_nodes:
                 by_reason.setdefault(failure.reason, []).append(failure.node)
             named = "; ".join(f"{', '.join(nodes)}: {reason}" for reason, nodes in by_reason.items()) or "none reported"
-            return (f"the run stopped before round 1: {self.healthy_nodes} node(s) passed the setup check (model "
-                    f"loaded, data checked), fewer than min-clients = {self.min_clients}. Failed nodes: {named}. "
-                    "Fix these nodes (each node's own log has the details) or lower min-clients.")
+            return (
+                f"the run stopped before round 1: {self.healthy_nodes} node(s) passed the setup check (model "
+                f"loaded, data checked), fewer than min-clients = {self.min_clients}. Failed nodes: {named}. "
+                "Fix these nodes (each node's own log has the details) or lower min-clients."
+            )
         updated = f"the global prompt was updated in {self.rounds_updated} of {self.rounds_run} rounds"
         if self.status == "no-round-updated":
-            return (f"{updated}: no round had min-clients = {self.min_clients} valid replies, so the "
-                    "\"final\" prompt is its initialization and the run has no result. The server's log names the "
-                    "rejected or missing replies of each round.")
+            return (
+                f"{updated}: no round had min-clients = {self.min_clients} valid replies, so the "
+                '"final" prompt is its initialization and the run has no result. The server\'s log names the '
+                "rejected or missing replies of each round."
+            )
         if self.failed_rounds:
-            return (f"warning: {updated}; {self.failed_rounds} round(s) had fewer than min-clients = "
-                    f"{self.min_clients} valid replies and changed nothing (the server's log names the rejected or "
-                    "missing replies).")
+            return (
+                f"warning: {updated}; {self.failed_rounds} round(s) had fewer than min-clients = "
+                f"{self.min_clients} valid replies and changed nothing (the server's log names the rejected or "
+                "missing replies)."
+            )
         return updated
 
     def write(self, run_dir: Path) -> None:

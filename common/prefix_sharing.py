@@ -42,8 +42,13 @@ def _block_qualifies(block: nn.Module) -> bool:
 def supports(transformer: nn.Module) -> bool:
     """True when every block of this text transformer can run with a shared prefix."""
     blocks = getattr(transformer, "resblocks", None)
-    return (blocks is not None and len(blocks) > 0 and getattr(transformer, "batch_first", False)
-            and not getattr(transformer, "grad_checkpointing", False) and all(_block_qualifies(b) for b in blocks))
+    return (
+        blocks is not None
+        and len(blocks) > 0
+        and getattr(transformer, "batch_first", False)
+        and not getattr(transformer, "grad_checkpointing", False)
+        and all(_block_qualifies(b) for b in blocks)
+    )
 
 
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -64,8 +69,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return scores.softmax(dim=-1) @ v
 
 
-def _block(block: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, prefix_mask: torch.Tensor,
-           suffix_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block(
+    block: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, prefix_mask: torch.Tensor, suffix_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One ResidualAttentionBlock on (prefix (P, d) shared, suffix (C, S, d) per class)."""
     attn: nn.MultiheadAttention = block.attn
     n_head, n_cls = attn.num_heads, suffix.shape[0]
@@ -86,8 +92,9 @@ def _block(block: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, prefix_
     return prefix, suffix
 
 
-def causal_masks(prefix_len: int, suffix_len: int, dtype: torch.dtype, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_masks(
+    prefix_len: int, suffix_len: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive masks: prefix (P, P) causal; suffix (S, P+S): all of the prefix, causal within the suffix."""
     total = prefix_len + suffix_len
     allowed = torch.ones(total, total, dtype=torch.bool, device=device).tril()
@@ -95,8 +102,9 @@ def causal_masks(prefix_len: int, suffix_len: int, dtype: torch.dtype, device: t
     return mask[:prefix_len, :prefix_len], mask[prefix_len:, :]
 
 
-def run_shared_prefix(transformer: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor,
-                      masks: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def run_shared_prefix(
+    transformer: nn.Module, prefix: torch.Tensor, suffix: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Hidden states of the suffix positions (C, S, d) after the whole transformer; ``prefix`` (P, d) is the
     input shared by every class (positional embedding already added), ``suffix`` (C, S, d) the rest."""
     for block in transformer.resblocks:

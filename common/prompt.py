@@ -12,12 +12,18 @@ backward pass proportionally cheaper (77 -> ~25 tokens for short class names).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import open_clip
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import prefix_sharing
+from .models import cached_clip, register_model_configs
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 CONTEXT_PLACEHOLDER = "X"
 HANDCRAFTED_TEMPLATE = "a photo of a {}."
@@ -36,7 +42,7 @@ class TextTower:
     attn_mask: torch.Tensor | None
 
     @classmethod
-    def of(cls, model: nn.Module) -> "TextTower":
+    def of(cls, model: nn.Module) -> TextTower:
         owner = model.text if hasattr(model, "text") else model
         if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
             raise TypeError(
@@ -85,8 +91,9 @@ class PromptTextEncoder(nn.Module):
     ``[SOS] ctx`` common to all classes run once instead of C times (``prefix_sharing``: exact, causal mask).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, classnames: list[str], n_ctx: int,
-                 share_prefix: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, classnames: list[str], n_ctx: int, share_prefix: bool = True
+    ) -> None:
         super().__init__()
         if not classnames:
             raise ValueError("the class-name list is empty")
@@ -190,22 +197,24 @@ class PromptTextEncoder(nn.Module):
         cached = getattr(self, "_reference_norm", None)
         if cached is None:  # the frozen embeddings never change: computed once per encoder
             rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
-            cached = self._reference_norm = float(rows) * self.n_ctx ** 0.5
+            cached = self._reference_norm = float(rows) * self.n_ctx**0.5
         return cached
 
 
 CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)
 
 
-def random_context(rows: int, width: int, generator: torch.Generator | None = None,
-                   std: float = CONTEXT_INIT_STD) -> torch.Tensor:
+def random_context(
+    rows: int, width: int, generator: torch.Generator | None = None, std: float = CONTEXT_INIT_STD
+) -> torch.Tensor:
     """A (rows, width) tensor drawn from N(0, std^2): the random init of a learnable prompt tensor."""
     return torch.randn(rows, width, generator=generator) * std
 
 
 @torch.no_grad()
-def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def _init_context(
+    token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_text: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """Context initialization: random N(0, 0.02^2) (CoOp/DP-FPL default) or the embedding of a text.
 
     An init text shorter than n_ctx fills the first positions; the rest stay random.
@@ -224,3 +233,17 @@ def _init_context(token_embedding: nn.Embedding, tokenizer, n_ctx: int, init_tex
 def context_from_text(model, n_ctx: int, init_text: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """``model`` is a ``LoadedModel``; used by the server to initialize the global prompt."""
     return _init_context(TextTower.of(model.model).token_embedding, model.tokenizer, n_ctx, init_text, generator)
+
+
+def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
+    """The run's first global prompt, public (every party derives it from the run seed): a random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
+    token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.ctx_init:
+        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx, cfg.ctx_init, gen)
+    register_model_configs()
+    model_cfg = open_clip.get_model_config(cfg.model_name)
+    if model_cfg is None:
+        raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
+    width = model_cfg["text_cfg"]["width"]
+    return random_context(cfg.n_ctx, width, gen)

@@ -23,14 +23,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STEP_REFERENCE = "tests/test_privacy_mechanisms.py::test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_batch"
+STEP_REFERENCE = (
+    "tests/test_privacy_mechanisms.py::test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_batch"
+)
 LOCAL_NOISE = "tests/test_dpfpl.py::test_local_noise_std_is_z_times_clip_bound"
 SERVER_NOISE = "tests/test_privacy_mechanisms.py::test_server_noise_std_is_z_times_clip_over_b_times_n"
-GENERATORS = "tests/test_privacy_mechanisms.py::test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_dp"
+GENERATORS = (
+    "tests/test_privacy_mechanisms.py::test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_dp"
+)
 NODE_BOOKS = "tests/test_client.py::test_local_state_persists_across_invocations_and_is_separate_per_node"
-SERVER_BOOKS = "tests/test_fault_tolerance.py::test_a_node_that_missed_the_setup_phase_is_booked_with_its_own_sample_rate"
+SERVER_BOOKS = (
+    "tests/test_fault_tolerance.py::test_a_node_that_missed_the_setup_phase_is_booked_with_its_own_sample_rate"
+)
 RGP = "tests/test_dpfpl.py::test_rgp_equals_projection_formula_of_autograd_gradient"
-COMPOSITION = "tests/test_privacy_mechanisms.py::test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting"
+COMPOSITION = (
+    "tests/test_privacy_mechanisms.py::test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting"
+)
 P_GLOBAL = "tests/test_privacy_books.py::test_p_global_epsilon_composes_both_releases_where_the_reply_reads_local_state"
 
 
@@ -44,50 +52,108 @@ class Mutation:
 
 
 MUTATIONS = (
-    Mutation("local clip disabled (C_L = 1e12)", "common/methods/engine.py",
-             "clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)", "clip_per_sample_jointly(per_sample, 1e12)",
-             (STEP_REFERENCE,)),
-    Mutation("global clip disabled (C_G = 1e12)", "common/methods/engine.py",
-             "clip_per_sample(g + extra_global, dp.max_grad_norm_global)", "clip_per_sample(g + extra_global, 1e12)",
-             (STEP_REFERENCE,)),
-    Mutation("clip on the mean instead of per sample", "common/privacy/mechanisms.py",
-             "    norms = grads.flatten(1).norm(dim=1)\n",
-             "    norms = grads.mean(0, keepdim=True).flatten(1).norm(dim=1)\n",
-             (STEP_REFERENCE,)),
-    Mutation("local noise scale halved", "common/methods/engine.py",
-             "noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local",
-             "noise_std = 0.5 * dp.noise_multiplier_local * dp.max_grad_norm_local", (LOCAL_NOISE,)),
-    Mutation("global noise scale halved", "server_app/strategy.py",
-             "noisy = add_gaussian_noise(mean, std, generator", "noisy = add_gaussian_noise(mean, std / 2, generator",
-             (SERVER_NOISE,)),
-    Mutation("divide by the realized instead of the expected batch", "common/methods/engine.py",
-             "(global_sum / expected_batch)", "(global_sum / max(b, 1))", (STEP_REFERENCE,)),
-    Mutation("divide the local sums by the realized batch", "common/methods/engine.py",
-             "[s / expected_batch for s in local_sums]", "[s / max(b, 1) for s in local_sums]", (STEP_REFERENCE,)),
-    Mutation("seeded generator instead of OS-seeded under DP", "common/privacy/mechanisms.py",
-             "manual_seed(secrets.randbits(63) if dp else seed)", "manual_seed(seed)", (GENERATORS,)),
-    Mutation("a node's step not charged", "client_app/node.py",
-             "state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)", "pass",
-             (NODE_BOOKS,)),
-    Mutation("a round not charged in the server's books", "server_app/strategy.py",
-             "books.participation[key] = books.participation.get(key, 0) + 1",
-             "books.participation[key] = books.participation.get(key, 0)", (SERVER_BOOKS,)),
-    Mutation("RGP minus sign flipped", "common/methods/dpfpl.py",
-             "return grad_u @ v + u @ grad_v - u @ (u.t() @ grad_u) @ v",
-             "return grad_u @ v + u @ grad_v + u @ (u.t() @ grad_u) @ v", (RGP,)),
-    Mutation("published prompt composed as the weaker release only", "common/privacy/accountant.py",
-             "return math.inf if precision == 0 else 1.0 / math.sqrt(precision)",
-             "return math.inf if precision == 0 else min(noise_multipliers)", (COMPOSITION,)),
-    Mutation("p_G reported with the GDP epsilon alone", "server_app/books.py",
-             'out["epsilon-published-max"] if has_local else', 'out["epsilon-gdp-mechanism-max"] if has_local else',
-             (P_GLOBAL,)),
+    Mutation(
+        "local clip disabled (C_L = 1e12)",
+        "common/methods/engine.py",
+        "clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)",
+        "clip_per_sample_jointly(per_sample, 1e12)",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "global clip disabled (C_G = 1e12)",
+        "common/methods/engine.py",
+        "clip_per_sample(g + extra_global, dp.max_grad_norm_global)",
+        "clip_per_sample(g + extra_global, 1e12)",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "clip on the mean instead of per sample",
+        "common/privacy/mechanisms.py",
+        "    norms = grads.flatten(1).norm(dim=1)\n",
+        "    norms = grads.mean(0, keepdim=True).flatten(1).norm(dim=1)\n",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "local noise scale halved",
+        "common/methods/engine.py",
+        "noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local",
+        "noise_std = 0.5 * dp.noise_multiplier_local * dp.max_grad_norm_local",
+        (LOCAL_NOISE,),
+    ),
+    Mutation(
+        "global noise scale halved",
+        "server_app/strategy.py",
+        "noisy = add_gaussian_noise(mean, std, generator",
+        "noisy = add_gaussian_noise(mean, std / 2, generator",
+        (SERVER_NOISE,),
+    ),
+    Mutation(
+        "divide by the realized instead of the expected batch",
+        "common/methods/engine.py",
+        "(global_sum / expected_batch)",
+        "(global_sum / max(b, 1))",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "divide the local sums by the realized batch",
+        "common/methods/engine.py",
+        "[s / expected_batch for s in local_sums]",
+        "[s / max(b, 1) for s in local_sums]",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "seeded generator instead of OS-seeded under DP",
+        "common/privacy/mechanisms.py",
+        "manual_seed(secrets.randbits(63) if dp else seed)",
+        "manual_seed(seed)",
+        (GENERATORS,),
+    ),
+    Mutation(
+        "a node's step not charged",
+        "client_app/node.py",
+        "state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)",
+        "pass",
+        (NODE_BOOKS,),
+    ),
+    Mutation(
+        "a round not charged in the server's books",
+        "server_app/strategy.py",
+        "books.participation[key] = books.participation.get(key, 0) + 1",
+        "books.participation[key] = books.participation.get(key, 0)",
+        (SERVER_BOOKS,),
+    ),
+    Mutation(
+        "RGP minus sign flipped",
+        "common/methods/dpfpl.py",
+        "return grad_u @ v + u @ grad_v - u @ (u.t() @ grad_u) @ v",
+        "return grad_u @ v + u @ grad_v + u @ (u.t() @ grad_u) @ v",
+        (RGP,),
+    ),
+    Mutation(
+        "published prompt composed as the weaker release only",
+        "common/privacy/accountant.py",
+        "return math.inf if precision == 0 else 1.0 / math.sqrt(precision)",
+        "return math.inf if precision == 0 else min(noise_multipliers)",
+        (COMPOSITION,),
+    ),
+    Mutation(
+        "p_G reported with the GDP epsilon alone",
+        "server_app/books.py",
+        'out["epsilon-published-max"] if has_local else',
+        'out["epsilon-gdp-mechanism-max"] if has_local else',
+        (P_GLOBAL,),
+    ),
 )
 
 
 def tracked_files() -> list[str]:
     """The tree as git sees it: tracked files and untracked ones git does not ignore (no venv, no runs)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                         check=True, capture_output=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
     return [p for p in out.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
@@ -101,16 +167,27 @@ def copy_tree(destination: Path) -> None:
 def run_tests(tree: Path, tests: tuple[str, ...]) -> tuple[bool, str]:
     """True if the tests pass in ``tree``; the copy's modules shadow any installed ones (PYTHONPATH, cwd)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                          cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def check_imports_from(tree: Path) -> None:
     """Guard against testing the working tree instead of the copy (e.g. an editable install winning)."""
-    code = "import common, server_app, client_app; print(common.__file__, server_app.__file__, client_app.__file__)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                         check=True, capture_output=True, text=True).stdout
+    code = "import dpfpl.common, dpfpl.server_app, dpfpl.client_app; print(dpfpl.common.__file__, dpfpl.server_app.__file__, dpfpl.client_app.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     if any(not Path(p).resolve().is_relative_to(tree.resolve()) for p in out.split()):
         raise SystemExit(f"the copy's modules are not the ones imported: {out}")
 
@@ -120,8 +197,10 @@ def apply(tree: Path, mutation: Mutation) -> str:
     path = tree / mutation.path
     text = path.read_text()
     if text.count(mutation.old) != 1:
-        raise SystemExit(f"mutation '{mutation.name}': the text to mutate occurs {text.count(mutation.old)} times "
-                         f"in {mutation.path} (expected once); update the mutation with the code")
+        raise SystemExit(
+            f"mutation '{mutation.name}': the text to mutate occurs {text.count(mutation.old)} times "
+            f"in {mutation.path} (expected once); update the mutation with the code"
+        )
     path.write_text(text.replace(mutation.old, mutation.new))
     return text
 

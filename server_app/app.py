@@ -7,7 +7,7 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from dpfpl.common.config import RunConfig
 
 from .runner import run_federation
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from common.privacy import accounted_epsilon, combined_noise_multiplier
+from dpfpl.common.privacy import accounted_epsilon, combined_noise_multiplier
 
 from .checkpoint import ServerState
 
@@ -27,29 +27,35 @@ from .checkpoint import ServerState
 COVERS = {
     "epsilon-local-max": "the LDP mechanism alone (p_L's noisy updates), worst client",
     "epsilon-gdp-mechanism-max": "the server's GDP releases alone, worst client; NOT a bound on p_G when replies "
-                                 "read local state (every method with a local prompt)",
+    "read local state (every method with a local prompt)",
     "epsilon-global-max": "p_G (anything the server publishes), worst client: the composed LDP+GDP epsilon where "
-                          "replies read local state, the GDP epsilon only for methods without a local prompt",
+    "replies read local state, the GDP epsilon only for methods without a local prompt",
     "epsilon-published-max": "the published personalized prompt p_G + p_L (LDP and GDP composed), worst client",
 }
-SAMPLE_RATE_NOTE = ("q_i = B/n_i is treated as public: each node sends its training-set size n_i in clear, so "
-                    "the guarantee protects the records, not how many a client has; epsilon is computed at q "
-                    "rounded up to two significant digits (an upper bound on the epsilon at the true rate)")
-SECFPP_EXCLUSION = ("SecFPP's clustering is not covered: the clustering vector is computed from the training "
-                    "features without noise and decides which p_G a node receives; the printed epsilon covers "
-                    "the gradient releases only")
+SAMPLE_RATE_NOTE = (
+    "q_i = B/n_i is treated as public: each node sends its training-set size n_i in clear, so "
+    "the guarantee protects the records, not how many a client has; epsilon is computed at q "
+    "rounded up to two significant digits (an upper bound on the epsilon at the true rate)"
+)
+SECFPP_EXCLUSION = (
+    "SecFPP's clustering is not covered: the clustering vector is computed from the training "
+    "features without noise and decides which p_G a node receives; the printed epsilon covers "
+    "the gradient releases only"
+)
 
 
-def node_epsilons(z_local: float, z_global: float, sample_rate: float, local_steps: int, global_rounds: int,
-                  delta: float) -> dict[str, float]:
+def node_epsilons(
+    z_local: float, z_global: float, sample_rate: float, local_steps: int, global_rounds: int, delta: float
+) -> dict[str, float]:
     """One node's epsilons from its books. The composed mechanism is charged for every step the node took
     (its reply may have been dropped, but the step still moved p_L), the GDP one for the rounds aggregated."""
     steps = max(local_steps, global_rounds)
     return {
         "epsilon-local-max": accounted_epsilon(z_local, sample_rate, steps, delta),
         "epsilon-gdp-mechanism-max": accounted_epsilon(z_global, sample_rate, global_rounds, delta),
-        "epsilon-published-max": accounted_epsilon(combined_noise_multiplier(z_local, z_global), sample_rate,
-                                                   steps, delta),
+        "epsilon-published-max": accounted_epsilon(
+            combined_noise_multiplier(z_local, z_global), sample_rate, steps, delta
+        ),
     }
 
 
@@ -59,8 +65,14 @@ def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_glo
     out = {key: 0.0 for key in COVERS}
     for key in set(state.participation) | set(state.node_steps):
         z_local = state.node_noise_local.get(key, 0.0) if has_local else math.inf  # unknown: no guarantee
-        eps = node_epsilons(z_local, z_global, state.node_sample_rates.get(key, 1.0), state.node_steps.get(key, 0),
-                            state.participation.get(key, 0), delta)
+        eps = node_epsilons(
+            z_local,
+            z_global,
+            state.node_sample_rates.get(key, 1.0),
+            state.node_steps.get(key, 0),
+            state.participation.get(key, 0),
+            delta,
+        )
         for name, value in eps.items():
             out[name] = max(out[name], value)
     # p_G's guarantee: the composed epsilon whenever the reply reads local state
@@ -68,4 +80,3 @@ def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_glo
     if not shares_global:
         out["epsilon-global-max"] = 0.0  # nothing global is released
     return out
-

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common.atomic import read_state, write_bytes, write_json, write_state
+
+from dpfpl.common.atomic import read_state, write_bytes, write_json, write_state
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -63,10 +64,24 @@ class RunDirectory:
         if state.momentum is not None:
             tensors["momentum"] = state.momentum
         tensors.update({f"cluster-{s}": p.clone() for s, p in state.cluster_prompts.items()})  # p_global may alias one
-        meta = {k: getattr(state, k) for k in ("server_round", "run_token", "noise_multiplier_global",
-                                                "config_fingerprint", "node_sample_rates", "participation",
-                                                "node_noise_local", "node_steps", "evaluated_round", "zeroshot",
-                                                "calibrated_rounds", "last_record", "assignment")}
+        meta = {
+            k: getattr(state, k)
+            for k in (
+                "server_round",
+                "run_token",
+                "noise_multiplier_global",
+                "config_fingerprint",
+                "node_sample_rates",
+                "participation",
+                "node_noise_local",
+                "node_steps",
+                "evaluated_round",
+                "zeroshot",
+                "calibrated_rounds",
+                "last_record",
+                "assignment",
+            )
+        }
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
 
     def load(self) -> ServerState | None:
@@ -75,8 +90,9 @@ class RunDirectory:
             return None
         tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
         clusters = {int(k.split("-", 1)[1]): v for k, v in tensors.items() if k.startswith("cluster-")}
-        state = ServerState(p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters,
-                            **meta)
+        state = ServerState(
+            p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters, **meta
+        )
         if loaded.from_previous and (state.evaluated_round is None or state.evaluated_round >= state.server_round):
             # the lost write was the next round's first checkpoint, after which that round's p_G may have left
             # (a lost write of this round's second checkpoint loses no p_G: this one is already the round's)
@@ -99,8 +115,11 @@ class RunDirectory:
         checkpoint carries it), so every round is logged exactly once."""
         self.truncate_metrics(state.server_round if state.server_round > 0 else -1)
         logged = {r["round"] for r in self.read_metrics()}
-        if state.server_round > 0 and state.server_round not in logged and \
-                state.last_record.get("round") == state.server_round:
+        if (
+            state.server_round > 0
+            and state.server_round not in logged
+            and state.last_record.get("round") == state.server_round
+        ):
             self.append_metrics(state.last_record)
 
     def truncate_metrics(self, last_round: int) -> None:

@@ -10,16 +10,14 @@ import re
 import secrets
 import time
 
-import open_clip
-import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from common.config import RunConfig
-from common.evaluation import last_rounds_per_client, worst_client
-from common.models import register_model_configs
-from common.outcome import NodeFailure, RunFailed, RunOutcome
-from common.prompt import random_context
+from dpfpl.common.config import RunConfig
+from dpfpl.common.evaluation import last_rounds_per_client, worst_client
+from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
+from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
+from dpfpl.common.prompt import initial_global_prompt
 
 from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
 from .checkpoint import RunDirectory, ServerState
@@ -29,8 +27,16 @@ from .strategy import InvalidReply, PromptStrategy, global_noise_multiplier
 
 log = logging.getLogger("dpfpl.server")
 
-RESUME_IRRELEVANT = {"num_server_rounds", "eval_every", "resume", "run_dir", "min_clients", "round_timeout", "setup_timeout",
-                      "secure_noise"}  # how the noise is drawn, not how much: a resumed run may switch it
+RESUME_IRRELEVANT = {
+    "num_server_rounds",
+    "eval_every",
+    "resume",
+    "run_dir",
+    "min_clients",
+    "round_timeout",
+    "setup_timeout",
+    "secure_noise",
+}  # how the noise is drawn, not how much: a resumed run may switch it
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -38,28 +44,11 @@ def config_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def initial_global_prompt(cfg: RunConfig) -> torch.Tensor:
-    """Random N(0, 0.02^2) context (width from the model config, no weights needed on the server), or the
-    token embeddings of ``ctx-init`` (then the server loads the frozen model once)."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.ctx_init:
-        from common.models import cached_clip
-        from common.prompt import context_from_text
-
-        return context_from_text(cached_clip(cfg.model_name, cfg.pretrained, None), cfg.n_ctx,
-                                 cfg.ctx_init, gen)
-    register_model_configs()
-    model_cfg = open_clip.get_model_config(cfg.model_name)
-    if model_cfg is None:
-        raise ValueError(f"unknown OpenCLIP model '{cfg.model_name}'")
-    width = model_cfg["text_cfg"]["width"]
-    return random_context(cfg.n_ctx, width, gen)
-
-
 def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
-    replies = grid.send_and_receive(strategy.configure_evaluate(
-        server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid),
-        timeout=strategy.cfg.round_timeout or None)
+    replies = grid.send_and_receive(
+        strategy.configure_evaluate(server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid),
+        timeout=strategy.cfg.round_timeout or None,
+    )
     result = strategy.aggregate_evaluate(server_round, replies)
     return dict(result) if result is not None else {}
 
@@ -70,8 +59,9 @@ def setup_phase(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> 
     update the global prompt, so the run stops here (``RunFailed``) with every failed node and its reason,
     instead of running its rounds for nothing."""
     cfg = strategy.cfg  # a node's first contact (model load, feature encoding) has its own, longer wait
-    messages = list(strategy.configure_evaluate(0, strategy.current_arrays(), ConfigRecord({"phase": "zeroshot"}),
-                                                grid))
+    messages = list(
+        strategy.configure_evaluate(0, strategy.current_arrays(), ConfigRecord({"phase": "zeroshot"}), grid)
+    )
     replies = list(grid.send_and_receive(messages, timeout=cfg.setup_timeout or None))
     failures, answered = [], set()
     for msg in replies:
@@ -81,15 +71,19 @@ def setup_phase(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> 
         except InvalidReply as err:
             failures.append(node_failure(msg.metadata.src_node_id, str(err)))
     waited = f"within setup-timeout = {cfg.setup_timeout:g} s" if cfg.setup_timeout else "before the run ended"
-    failures += [node_failure(m.metadata.dst_node_id, f"no reply {waited}") for m in messages
-                 if m.metadata.dst_node_id not in answered]
+    failures += [
+        node_failure(m.metadata.dst_node_id, f"no reply {waited}")
+        for m in messages
+        if m.metadata.dst_node_id not in answered
+    ]
     result = strategy.aggregate_evaluate(0, replies)
     healthy = int(result["num-clients"]) if result is not None else 0
     for failure in failures:
         log.error("setup: %s failed: %s", failure.node, failure.reason)
     if healthy < cfg.min_clients:
-        outcome = RunOutcome(status="setup-failed", min_clients=cfg.min_clients, healthy_nodes=healthy,
-                             failed_nodes=failures)
+        outcome = RunOutcome(
+            status="setup-failed", min_clients=cfg.min_clients, healthy_nodes=healthy, failed_nodes=failures
+        )
         outcome.write(run_dir.path)
         log.error("%s", outcome.paragraph())
         raise RunFailed(outcome.paragraph())
@@ -111,8 +105,11 @@ def node_failure(node_id: int, reason: str) -> NodeFailure:
 def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
     """Every ``eval-every`` rounds, the last round, and each of the last ``eval-last`` rounds (the papers
     report the mean over the last 10 rounds)."""
-    return (server_round % cfg.eval_every == 0 or server_round == cfg.num_server_rounds
-            or server_round > cfg.num_server_rounds - cfg.eval_last)
+    return (
+        server_round % cfg.eval_every == 0
+        or server_round == cfg.num_server_rounds
+        or server_round > cfg.num_server_rounds - cfg.eval_last
+    )
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
@@ -122,17 +119,29 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     if state is not None and state.config_fingerprint != fingerprint:
         raise RuntimeError(
             f"{run_dir.path} holds a checkpoint of a different configuration; choose another run-dir or "
-            "set resume = false to start over (the old run would then be overwritten)")
-    if state is not None and cfg.uses_calibration and state.calibrated_rounds and \
-            cfg.num_server_rounds > state.calibrated_rounds:
+            "set resume = false to start over (the old run would then be overwritten)"
+        )
+    if (
+        state is not None
+        and cfg.uses_calibration
+        and state.calibrated_rounds
+        and cfg.num_server_rounds > state.calibrated_rounds
+    ):
         raise RuntimeError(
             f"{run_dir.path}: the noise of this run was calibrated for {state.calibrated_rounds} rounds at target "
             f"epsilon {cfg.target_epsilon}; {cfg.num_server_rounds} rounds would spend more than that budget. "
-            "Start a new run (another run-dir, or resume = false) to train longer.")
+            "Start a new run (another run-dir, or resume = false) to train longer."
+        )
     if state is None:
-        state = ServerState(p_global=initial_global_prompt(cfg), momentum=None, server_round=0,
-                            run_token=secrets.token_hex(8), noise_multiplier_global=0.0,
-                            config_fingerprint=fingerprint, evaluated_round=0)
+        state = ServerState(
+            p_global=initial_global_prompt(cfg),
+            momentum=None,
+            server_round=0,
+            run_token=secrets.token_hex(8),
+            noise_multiplier_global=0.0,
+            config_fingerprint=fingerprint,
+            evaluated_round=0,
+        )
         (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
@@ -152,10 +161,22 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         q_max = max(state.node_sample_rates.values())
         state.noise_multiplier_global = global_noise_multiplier(cfg, q_max, strategy.method)
         state.calibrated_rounds = cfg.num_server_rounds if cfg.uses_calibration else 0
-        log.info("zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)", zs.get("local-acc", math.nan),
-                 zs.get("neighbor-acc", math.nan), state.noise_multiplier_global, q_max)
-        run_dir.append_metrics({"round": 0, "phase": "zeroshot", **zs, "noise-multiplier-global": state.noise_multiplier_global,
-                                "per-client": strategy.client_evaluations})
+        log.info(
+            "zero-shot: local %.4f neighbor %.4f; z_G = %.4g (q_max = %.4g)",
+            zs.get("local-acc", math.nan),
+            zs.get("neighbor-acc", math.nan),
+            state.noise_multiplier_global,
+            q_max,
+        )
+        run_dir.append_metrics(
+            {
+                "round": 0,
+                "phase": "zeroshot",
+                **zs,
+                "noise-multiplier-global": state.noise_multiplier_global,
+                "per-client": strategy.client_evaluations,
+            }
+        )
         run_dir.save(state)
     strategy.summary()
 
@@ -168,13 +189,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         else:
             replies = grid.send_and_receive(
                 strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
-                timeout=cfg.round_timeout or None)  # a node that hangs is dropped from the round, not waited for
+                timeout=cfg.round_timeout or None,
+            )  # a node that hangs is dropped from the round, not waited for
             arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
         record.update(dict(train_metrics) if train_metrics is not None else {})
         if cfg.method == "secfpp" and server_round % cfg.secfpp_every == 0:  # server_app/secfpp_round.py
-            record.update(clustering_phase(strategy, grid, server_round, cfg.round_timeout or None) or
-                          {"secfpp-phase-failed": True})
+            record.update(
+                clustering_phase(strategy, grid, server_round, cfg.round_timeout or None)
+                or {"secfpp-phase-failed": True}
+            )
         if cfg.dp:
             record.update(strategy.privacy_maxima())
         record["round-seconds"] = round(time.time() - started, 3)
@@ -210,38 +234,50 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
     state.last_record, state.evaluated_round = record, state.server_round
     run_dir.save(state)
     run_dir.append_metrics(record)
-    log.info("round %d/%d %s", state.server_round, cfg.num_server_rounds,
-             " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
+    log.info(
+        "round %d/%d %s",
+        state.server_round,
+        cfg.num_server_rounds,
+        " ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)),
+    )
 
 
 def run_outcome(cfg: RunConfig, summary: dict, healthy_nodes: int) -> RunOutcome:
     """A run whose training rounds all left the global prompt untouched has no result (its "final" prompt is
     the initialization), whatever its table would show."""
     run, updated = summary["rounds-run"], summary["rounds-updated"]
-    return RunOutcome(status="no-round-updated" if run and not updated else "completed", min_clients=cfg.min_clients,
-                      healthy_nodes=healthy_nodes, rounds_run=run, rounds_updated=updated)
+    return RunOutcome(
+        status="no-round-updated" if run and not updated else "completed",
+        min_clients=cfg.min_clients,
+        healthy_nodes=healthy_nodes,
+        rounds_run=run,
+        rounds_updated=updated,
+    )
 
-
-ACCURACY_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "hm-of-means")
 
 PROTOCOL_DESCRIPTIONS = {
     "pathological": "pathological (DP-FPL): disjoint classes per client; local = own classes' test images, "
-                    "neighbor = the other clients' classes; classifier over all classes",
+    "neighbor = the other clients' classes; classifier over all classes",
     "dirichlet": "dirichlet (CIFAR): label skew Dir(alpha) on train and test; local = the client's own test "
-                 "shard; classifier over all classes",
+    "shard; classifier over all classes",
     "base-novel": "base-novel (FedPGP): local = own base classes, base = all base classes (base classifier), "
-                  "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
-                  "hm-of-means = HM of the three means",
+    "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
+    "hm-of-means = HM of the three means",
     "multi-domain": "multi-domain (SecFPP): client k draws from domain k mod D (contiguous class blocks), label skew "
-                    "Dir(alpha) within it; local = the client's own test shard; classifier over all classes",
+    "Dir(alpha) within it; local = the client's own test shard; classifier over all classes",
     "silo": "silo: each organization's own test images (local only)",
 }
 
 
 def evaluation_protocol(cfg: RunConfig) -> dict:
     protocol = "silo" if cfg.dataset == "silo" else cfg.partition
-    out = {"name": protocol, "description": PROTOCOL_DESCRIPTIONS[protocol], "dataset": cfg.dataset,
-           "mean-over": "clients, unweighted", "last-rounds": cfg.eval_last}
+    out = {
+        "name": protocol,
+        "description": PROTOCOL_DESCRIPTIONS[protocol],
+        "dataset": cfg.dataset,
+        "mean-over": "clients, unweighted",
+        "last-rounds": cfg.eval_last,
+    }
     if protocol in ("dirichlet", "multi-domain"):
         out["dirichlet-alpha"] = cfg.dirichlet_alpha
     if protocol == "multi-domain":
@@ -262,7 +298,7 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
     last_round = evals[-1]["round"]
     window = [m for m in evals if m["round"] > last_round - count]
     out: dict = {"rounds": [window[0]["round"], last_round], "evaluations": len(window)}
-    for key in ACCURACY_KEYS:
+    for key in SUMMARY_ACCURACY_KEYS:
         values = [m[key] for m in window if key in m]
         if values:
             out[key] = sum(values) / len(values)
@@ -270,7 +306,7 @@ def last_rounds_mean(evals: list[dict], count: int) -> dict:
 
 
 def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
-    evals = [m for m in metrics if m.get("phase") == "train" and "local-acc" in m]
+    evals = [m for m in metrics if m.get("phase") == "train" and LOCAL_ACC in m]
     if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
         evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
     last = evals[-1] if evals else {}
@@ -287,13 +323,17 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "num-clients": cfg.num_clients,
         "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
-        "final": {k: last[k] for k in ACCURACY_KEYS if k in last},
+        "final": {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
         "zeroshot-per-client": zeroshot_per_client,
         # the worst client by the table's own measure (the mean of the last rounds), and in the final round alone
-        "worst-client": worst_client(zeroshot_per_client, last_rounds_per_client(evals, cfg.eval_last, ACCURACY_KEYS)
-                                     if cfg.eval_last and strategy.method.trains else final_per_client),
+        "worst-client": worst_client(
+            zeroshot_per_client,
+            last_rounds_per_client(evals, cfg.eval_last, SUMMARY_ACCURACY_KEYS)
+            if cfg.eval_last and strategy.method.trains
+            else final_per_client,
+        ),
         "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
         "privacy": {
@@ -314,5 +354,10 @@ def privacy_block(cfg: RunConfig, strategy: PromptStrategy) -> dict:
     if not cfg.dp:
         return {key: None for key in COVERS}
     excludes = [SECFPP_EXCLUSION] if cfg.method == "secfpp" else []
-    return {**strategy.privacy_maxima(), "epsilon-covers": dict(COVERS), "sample-rate": SAMPLE_RATE_NOTE,
-            "excludes": excludes, "secure-noise": cfg.secure_noise}
+    return {
+        **strategy.privacy_maxima(),
+        "epsilon-covers": dict(COVERS),
+        "sample-rate": SAMPLE_RATE_NOTE,
+        "excludes": excludes,
+        "secure-noise": cfg.secure_noise,
+    }

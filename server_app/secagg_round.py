@@ -1,6 +1,6 @@
 """One training round under secure aggregation: the server never sees a client's clear gradient.
 
-Drives ``common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
+Drives ``dpfpl.common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
 ``train`` type, routed to ``client_app/secagg.py``):
 
   train                 p_G -> local step; reply: metrics + two X25519 public keys (no gradient)
@@ -20,7 +20,8 @@ A round that falls below the threshold at any stage ends with nothing aggregated
 What the server validates instead of each reply's norm (which it cannot see): the round number, the exact
 record layout, key and ciphertext sizes, that every masked vector has the right shape, dtype uint64 and
 elements < p, and the protocol's own checks (authenticated shares, rebuilt keys matching their public keys).
-A malicious client can still send any field vector (poison the sum within the field's range); see README.
+A malicious client can still send any field vector (poison the sum within the field's range); see
+docs/secure-aggregation.md.
 """
 
 from __future__ import annotations
@@ -34,14 +35,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 
-from common.optim import sgd_update
-from common.secagg.encoding import decode_sum, effective_noise_multiplier
-from common.secagg.field import quantized_sensitivity, scale_factor
-from common.secagg.protocol import SecAggError, ServerSession, threshold_for
+from dpfpl.common.metrics import GLOBAL_NOISE_STD
+from dpfpl.common.secagg.encoding import decode_sum, effective_noise_multiplier
+from dpfpl.common.secagg.field import quantized_sensitivity, scale_factor
+from dpfpl.common.secagg.protocol import SecAggError, ServerSession, threshold_for
 
-from common.runtag import RUN_TAG_KEY, run_tag
-
-from .strategy import InvalidReply, PromptStrategy, node_key
+from .strategy import InvalidReply, PromptStrategy, Reply
 
 log = logging.getLogger("dpfpl.server.secagg")
 
@@ -60,12 +59,24 @@ def _config(msg: Message) -> dict | None:
     return dict(content["secagg"]) if "secagg" in content.config_records else None
 
 
-def _request(grid: Grid, action: str, payloads: dict[int, dict], server_round: int, run_token: str,
-             timeout: float | None, stats: dict) -> dict[int, Message]:
+def _request(
+    grid: Grid,
+    action: str,
+    payloads: dict[int, dict],
+    server_round: int,
+    run_token: str,
+    timeout: float | None,
+    stats: dict,
+) -> dict[int, Message]:
     """Send each node its payload (one ConfigRecord 'config'); the successful replies by node id."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "server-round": server_round,
-                                                                     "run-token": run_token})}),
-                        message_type=action, dst_node_id=node) for node, p in payloads.items()]
+    messages = [
+        Message(
+            content=RecordDict({"config": ConfigRecord({**p, "server-round": server_round, "run-token": run_token})}),
+            message_type=action,
+            dst_node_id=node,
+        )
+        for node, p in payloads.items()
+    ]
     stats["messages"] += 2 * len(messages)
     replies = {}
     for msg in grid.send_and_receive(messages, timeout=timeout):
@@ -74,14 +85,19 @@ def _request(grid: Grid, action: str, payloads: dict[int, dict], server_round: i
     return replies
 
 
-def secure_train_round(strategy: PromptStrategy, grid: Grid, server_round: int,
-                       timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
+def secure_train_round(
+    strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
     try:
-        return _round(strategy, grid, server_round, timeout)
+        return _SecureRound(strategy, grid, server_round, timeout).run()
     except SecAggError as err:
-        log.error("round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant not charged: %s",
-                  server_round, err)
+        log.error(
+            "round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
+            "not charged: %s",
+            server_round,
+            err,
+        )
         return None, None
 
 
@@ -95,6 +111,7 @@ class _Group:
         self.survivors: list[int] = []
         self.dropped: list[int] = []
         self.failed: str | None = None
+        self.total: np.ndarray | None = None  # the unmasked integer sum
 
 
 def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -> list[_Group]:
@@ -106,153 +123,242 @@ def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -
                 step(group)
             except SecAggError as err:
                 group.failed = str(err)
-                log.error("round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
-                          server_round, group.label, err)
+                log.error(
+                    "round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
+                    server_round,
+                    group.label,
+                    err,
+                )
     live = [g for g in groups if g.failed is None]
     if not live:
         raise SecAggError("; ".join(f"group {g.label}: {g.failed}" for g in groups))
     if sum(len(g.survivors) for g in live) < min_clients:
-        raise SecAggError(f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
-                          f"(< min-clients {min_clients})")
+        raise SecAggError(
+            f"only {sum(len(g.survivors) for g in live)} masked inputs in groups that can be unmasked "
+            f"(< min-clients {min_clients})"
+        )
     return live
 
 
-def _round(strategy: PromptStrategy, grid: Grid, server_round: int,
-           timeout: float | None) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    cfg, state = strategy.cfg, strategy.state
-    shape = tuple(state.p_global.shape)
-    size = int(np.prod(shape))
-    stats = {"messages": 0}
-    train = list(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid))
-    groups: list[_Group] = []
-    for label, nodes in sorted(strategy.secagg_groups([m.metadata.dst_node_id for m in train]).items()):
-        try:
-            threshold = threshold_for(len(nodes), cfg.secagg_dropout_tolerance)
-        except SecAggError as err:  # e.g. a cluster with too few connected members this round: it sits out
-            log.error("round %d: group %d (%d nodes) cannot run secure aggregation and sits this round out: %s",
-                      server_round, label, len(nodes), err)
-            continue
-        groups.append(_Group(label, sorted(nodes), threshold, f"{state.run_token}/{server_round}/g{label}", size))
-    group_of = {n: g for g in groups for n in g.nodes}
-    train = [m for m in train if m.metadata.dst_node_id in group_of]
-    if not groups:
-        raise SecAggError("no group of nodes large enough for secure aggregation")
-    for msg in train:  # the clients calibrate their noise shares for t survivors of their group
-        group = group_of[msg.metadata.dst_node_id]
-        msg.content["config"]["secagg-threshold"] = group.threshold
-        msg.content["config"]["secagg-num-clients"] = len(group.nodes)
-        msg.content["config"]["secagg-group"] = group.label
-    stats["messages"] += 2 * len(train)
-    keys, metrics, book_key = {}, {}, {}
-    for msg in grid.send_and_receive(train, timeout=timeout):
-        node = msg.metadata.src_node_id
-        if not _ok(msg, server_round) or node not in group_of:
-            continue
-        record, m = _config(msg), dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
-        if (record is None or int(m.get("server-round", -1)) != server_round or len(msg.content.array_records)
-                or set(record) != {"c-pk", "s-pk"}):
-            log.warning("round %d: node %s: malformed key advertisement rejected", server_round, node)
-            continue
-        if m.get(RUN_TAG_KEY) != run_tag(state.run_token):
-            log.warning("round %d: node %s: key advertisement for another run rejected", server_round, node)
-            continue
-        try:  # the accountant's books use the node's stable key, as in the clear rounds
-            book_key[node] = node_key(msg, m)
-        except InvalidReply as err:
-            log.warning("round %d: node %s: key advertisement rejected: %s", server_round, node, err)
-            continue
-        keys[node] = (bytes(record["c-pk"]), bytes(record["s-pk"]))
-        metrics[node] = m
-    shared = {k for k in book_key.values() if list(book_key.values()).count(k) > 1}
-    for node in [u for u, k in book_key.items() if k in shared]:  # one identity, one reply per round
-        log.warning("round %d: node %s shares its node key with another reply; rejected", server_round, node)
-        keys.pop(node), metrics.pop(node)
+class _SecureRound:
+    """One round's stages, in order (``run``): groups, key advertisements (the local step), shares, masked
+    inputs, unmasking, and the server step on each group's decoded mean."""
 
-    payloads: dict[int, dict] = {}
+    def __init__(self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None) -> None:
+        self.strategy, self.grid, self.server_round, self.timeout = strategy, grid, server_round, timeout
+        self.cfg, self.state = strategy.cfg, strategy.state
+        self.shape = tuple(self.state.p_global.shape)
+        self.stats = {"messages": 0}
+        self.groups: list[_Group] = []
+        self.group_of: dict[int, _Group] = {}
+        self.sent = 0  # train messages sent
+        self.advertised: dict[int, Reply] = {}  # by node id: payload = (c-pk, s-pk)
 
-    def roster(group: _Group) -> None:
-        members = group.session.set_roster({u: keys[u] for u in group.nodes if u in keys})
-        order = sorted(members)
-        payload = {"nodes": order, "c-pk": [members[u][0] for u in order], "s-pk": [members[u][1] for u in order],
-                   "secagg-threshold": group.threshold, "secagg-group": group.label}
-        payloads.update({u: payload for u in order})
+    def run(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        train = self.form_groups()
+        self.collect_key_advertisements(train)
+        shares = self.collect_shares()
+        self.collect_masked_inputs(shares)
+        done = self.unmask()
+        return self.strategy.current_arrays(), MetricRecord(self.apply(done))
 
-    _each(groups, server_round, roster)
-    replies = _request(grid, SHARES, payloads, server_round, state.run_token, timeout, stats)
-    shares = {}
-    for node, msg in replies.items():
+    def _request(self, action: str, payloads: dict[int, dict]) -> dict[int, Message]:
+        return _request(self.grid, action, payloads, self.server_round, self.state.run_token, self.timeout, self.stats)
+
+    def form_groups(self) -> list[Message]:
+        """The groups (``strategy.secagg_groups``) and their thresholds; the train messages, told their group."""
+        strategy, server_round = self.strategy, self.server_round
+        train = list(strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), self.grid))
+        size = int(np.prod(self.shape))
+        for label, nodes in sorted(strategy.secagg_groups([m.metadata.dst_node_id for m in train]).items()):
+            try:
+                threshold = threshold_for(len(nodes), self.cfg.secagg_dropout_tolerance)
+            except SecAggError as err:  # e.g. a cluster with too few connected members this round: it sits out
+                log.error(
+                    "round %d: group %d (%d nodes) cannot run secure aggregation and sits this round out: %s",
+                    server_round,
+                    label,
+                    len(nodes),
+                    err,
+                )
+                continue
+            context = f"{self.state.run_token}/{server_round}/g{label}"
+            self.groups.append(_Group(label, sorted(nodes), threshold, context, size))
+        self.group_of = {n: g for g in self.groups for n in g.nodes}
+        if not self.groups:
+            raise SecAggError("no group of nodes large enough for secure aggregation")
+        train = [m for m in train if m.metadata.dst_node_id in self.group_of]
+        for msg in train:  # the clients calibrate their noise shares for t survivors of their group
+            group = self.group_of[msg.metadata.dst_node_id]
+            msg.content["config"]["secagg-threshold"] = group.threshold
+            msg.content["config"]["secagg-num-clients"] = len(group.nodes)
+            msg.content["config"]["secagg-group"] = group.label
+        self.sent = len(train)
+        return train
+
+    def validate_key_advertisement(self, msg: Message, server_round: int) -> tuple[tuple[bytes, bytes], dict]:
+        """The train reply under secure aggregation: metrics and two public keys, no gradient."""
+        if msg.has_error():
+            raise InvalidReply(f"node reported an error: {msg.error.reason}")
         record = _config(msg)
-        if record is None or set(record) != {"dst", "ct"} or len(record["dst"]) != len(record["ct"]):
-            log.warning("round %d: node %s: malformed shares rejected", server_round, node)
-            continue
-        shares[node] = {int(d): bytes(c) for d, c in zip(record["dst"], record["ct"])}
-    payloads = {}
+        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+        self.strategy.check_round_and_run(metrics, server_round)
+        if record is None or len(msg.content.array_records) or set(record) != {"c-pk", "s-pk"}:
+            raise InvalidReply("malformed key advertisement")
+        return (bytes(record["c-pk"]), bytes(record["s-pk"])), metrics
 
-    def relay(group: _Group) -> None:
-        inbox = group.session.collect_shares({u: shares[u] for u in group.nodes if u in shares})
-        senders = group.session.share_senders
-        payloads.update({u: {"src": list(inbox[u]), "ct": list(inbox[u].values()), "senders": senders,
-                             "secagg-group": group.label} for u in senders})
+    def collect_key_advertisements(self, train: list[Message]) -> None:
+        """The local step: each node trains and advertises its keys; accepted through the strategy's one reply
+        path (the books use the node's stable key, as in the clear rounds)."""
+        self.stats["messages"] += 2 * len(train)
+        replies = [
+            m
+            for m in self.grid.send_and_receive(train, timeout=self.timeout)
+            if m.metadata.src_node_id in self.group_of
+        ]
+        accepted = self.strategy.accept_replies(
+            self.server_round, replies, self.validate_key_advertisement, "key advertisement"
+        )
+        self.advertised = {r.node_id: r for r in accepted}
+        payloads: dict[int, dict] = {}
 
-    _each(groups, server_round, relay)
-    replies = _request(grid, MASKED, payloads, server_round, state.run_token, timeout, stats)
-    masked = {}
-    for node, msg in replies.items():
-        content = msg.content
-        if set(content.array_records.keys()) != {"secagg"} or set(content["secagg"].keys()) != {"masked"}:
-            log.warning("round %d: node %s: malformed masked input rejected", server_round, node)
-            continue
-        masked[node] = content["secagg"]["masked"].numpy()  # shape, dtype and range: ServerSession checks
+        def roster(group: _Group) -> None:
+            members = group.session.set_roster(
+                {u: self.advertised[u].payload for u in group.nodes if u in self.advertised}
+            )
+            order = sorted(members)
+            payload = {
+                "nodes": order,
+                "c-pk": [members[u][0] for u in order],
+                "s-pk": [members[u][1] for u in order],
+                "secagg-threshold": group.threshold,
+                "secagg-group": group.label,
+            }
+            payloads.update({u: payload for u in order})
 
-    def collect(group: _Group) -> None:
-        group.survivors, group.dropped = group.session.collect_masked(
-            {u: y for u, y in masked.items() if u in group.nodes})
+        _each(self.groups, self.server_round, roster)
+        self.roster_payloads = payloads
 
-    live = _each(groups, server_round, collect, cfg.min_clients)
+    def collect_shares(self) -> dict[int, dict[int, bytes]]:
+        """Each node's encrypted Shamir shares, one per other member of its group."""
+        shares = {}
+        for node, msg in self._request(SHARES, self.roster_payloads).items():
+            record = _config(msg)
+            if record is None or set(record) != {"dst", "ct"} or len(record["dst"]) != len(record["ct"]):
+                log.warning("round %d: node %s: malformed shares rejected", self.server_round, node)
+                continue
+            shares[node] = {int(d): bytes(c) for d, c in zip(record["dst"], record["ct"])}
+        return shares
 
-    payloads = {u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
-                for g in live for u in g.survivors}
-    replies = _request(grid, UNMASK, payloads, server_round, state.run_token, timeout, stats)
-    unmask = {}
-    for node, msg in replies.items():
-        r = _config(msg)
-        if r is None or set(r) != {"b-owner", "b-share", "s-owner", "s-share"}:
-            log.warning("round %d: node %s: malformed unmasking reply rejected", server_round, node)
-            continue
-        unmask[node] = ({int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
-                        {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])})
-    totals: dict[int, np.ndarray] = {}
+    def collect_masked_inputs(self, shares: dict[int, dict[int, bytes]]) -> None:
+        """Relay the shares to their recipients; each answers with its masked input."""
+        payloads: dict[int, dict] = {}
 
-    def unmask_sum(group: _Group) -> None:
-        totals[group.label] = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
+        def relay(group: _Group) -> None:
+            inbox = group.session.collect_shares({u: shares[u] for u in group.nodes if u in shares})
+            senders = group.session.share_senders
+            payloads.update(
+                {
+                    u: {
+                        "src": list(inbox[u]),
+                        "ct": list(inbox[u].values()),
+                        "senders": senders,
+                        "secagg-group": group.label,
+                    }
+                    for u in senders
+                }
+            )
 
-    done = _each(groups, server_round, unmask_sum, cfg.min_clients)
+        _each(self.groups, self.server_round, relay)
+        masked = {}
+        for node, msg in self._request(MASKED, payloads).items():
+            content = msg.content
+            if set(content.array_records.keys()) != {"secagg"} or set(content["secagg"].keys()) != {"masked"}:
+                log.warning("round %d: node %s: malformed masked input rejected", self.server_round, node)
+                continue
+            masked[node] = content["secagg"]["masked"].numpy()  # shape, dtype and range: ServerSession checks
 
-    z = state.noise_multiplier_global if cfg.dp else 0.0
-    gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
-    summary: dict[str, float] = {}
-    for group in done:
-        m = len(group.survivors)
-        mean = decode_sum(totals[group.label], bits=cfg.secagg_quantization_bits, clip_norm=cfg.max_grad_norm_global,
-                          batch_size=cfg.batch_size, num_summands=m)
-        strategy.apply_secure_mean(group.label, torch.from_numpy(mean.reshape(shape)).to(state.p_global.dtype), m)
-        for node in group.survivors:  # only the survivors' data is in the release
-            strategy.book(book_key[node], metrics[node])
-        z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
-        # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
-        std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, size) / (gamma * m)
-        summary.update(strategy.group_metrics(group.label, {"secagg-threshold": float(group.threshold),
-                                                            "noise-multiplier-global-effective": z_eff,
-                                                            "global-noise-std": std}))
-        log.info("round %d: group %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
-                 server_round, group.label, m, len(group.nodes), group.threshold, z_eff,
-                 z if math.isfinite(z) else float("nan"))
-    survivors = [u for g in done for u in g.survivors]
-    summary.update({"num-replies": float(len(survivors)),
-                    # clients the round was sent to that are not in a sum, and those of them whose masks had to be
-                    # removed (they dropped after relaying their shares)
-                    "secagg-dropped": float(len(train) - len(survivors)),
-                    "secagg-masks-removed": float(sum(len(g.dropped) for g in done)),
-                    "secagg-messages": float(stats["messages"]), "secagg-groups-failed": float(len(groups) - len(done))})
-    summary.update(strategy._summarize_node_metrics([metrics[u] for u in survivors if u in metrics]))
-    return strategy.current_arrays(), MetricRecord(summary)
+        def collect(group: _Group) -> None:
+            group.survivors, group.dropped = group.session.collect_masked(
+                {u: y for u, y in masked.items() if u in group.nodes}
+            )
+
+        self.live = _each(self.groups, self.server_round, collect, self.cfg.min_clients)
+
+    def unmask(self) -> list[_Group]:
+        """Survivors send shares of the survivors' b and of the dropped nodes' s; the groups that unmask."""
+        payloads = {
+            u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
+            for g in self.live
+            for u in g.survivors
+        }
+        unmask = {}
+        for node, msg in self._request(UNMASK, payloads).items():
+            r = _config(msg)
+            if r is None or set(r) != {"b-owner", "b-share", "s-owner", "s-share"}:
+                log.warning("round %d: node %s: malformed unmasking reply rejected", self.server_round, node)
+                continue
+            unmask[node] = (
+                {int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
+                {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])},
+            )
+
+        def unmask_sum(group: _Group) -> None:
+            group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
+
+        return _each(self.groups, self.server_round, unmask_sum, self.cfg.min_clients)
+
+    def apply(self, done: list[_Group]) -> dict[str, float]:
+        """Each group's decoded noisy mean takes the server step; only the survivors are charged."""
+        cfg, state, strategy = self.cfg, self.state, self.strategy
+        z = state.noise_multiplier_global if cfg.dp else 0.0
+        gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
+        summary: dict[str, float] = {}
+        for group in done:
+            m = len(group.survivors)
+            mean = decode_sum(
+                group.total,
+                bits=cfg.secagg_quantization_bits,
+                clip_norm=cfg.max_grad_norm_global,
+                batch_size=cfg.batch_size,
+                num_summands=m,
+            )
+            strategy.apply_secure_mean(
+                group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m
+            )
+            z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
+            # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))
+            std = z_eff * quantized_sensitivity(cfg.secagg_quantization_bits, int(np.prod(self.shape))) / (gamma * m)
+            summary.update(
+                strategy.group_metrics(
+                    group.label,
+                    {
+                        "secagg-threshold": float(group.threshold),
+                        "noise-multiplier-global-effective": z_eff,
+                        GLOBAL_NOISE_STD: std,
+                    },
+                )
+            )
+            log.info(
+                "round %d: group %d: secure aggregation of %d of %d clients (t = %d), z_eff %.4g >= z_G %.4g",
+                self.server_round,
+                group.label,
+                m,
+                len(group.nodes),
+                group.threshold,
+                z_eff,
+                z if math.isfinite(z) else float("nan"),
+            )
+        survivors = [self.advertised[u] for g in done for u in g.survivors]  # only their data is in the release
+        summary.update(strategy.close_round(survivors))
+        # clients the round was sent to that are not in a sum, and those of them whose masks had to be removed
+        # (they dropped after relaying their shares)
+        summary.update(
+            {
+                "secagg-dropped": float(self.sent - len(survivors)),
+                "secagg-masks-removed": float(sum(len(g.dropped) for g in done)),
+                "secagg-messages": float(self.stats["messages"]),
+                "secagg-groups-failed": float(len(self.groups) - len(done)),
+            }
+        )
+        return summary

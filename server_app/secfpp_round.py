@@ -4,7 +4,7 @@ Per-cluster prompts (``SecfppStrategy``): each node receives its cluster's P_G (
 replies are validated as for every method and each cluster's P_G takes the server step
 (``strategy.global_update``) with the mean of its members' gradients (with DP: the global noise of a mean
 over that cluster's n_s replies). The assignment is kept under each node's stable ``node-key`` (the key the
-accountant's books use, ``client_app.state.node_key``), not under Flower's node id, which changes when a
+accountant's books use, ``dpfpl.client_app.state.node_key``), not under Flower's node id, which changes when a
 SuperNode restarts or a simulation resumes: before sending a prompt to a node id the server has not heard from
 in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
@@ -17,7 +17,7 @@ actions of the ``train`` type routed to ``client_app/secfpp.py``:
                           the node's coded distances, one per other node
   train.secfpp_decide     the coded distances addressed to the node + the assignment -> (cluster, far bit)
 
-The last two repeat once per iteration of ``common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
+The last two repeat once per iteration of ``dpfpl.common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
 share of the computation. What the server sees: public keys, ciphertexts (and their sizes), the decisions,
 hence the assignment. Dropouts: a node that fails before its shares are out (keys, shares) aborts the phase
 (the assignment stays as it was); after that, a node that fails or does not answer leaves the phase: the
@@ -30,20 +30,20 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.classlist import DIGEST_KEY
-from common.optim import sgd_update
-from common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
-from common.secfpp.lcc import LccParameterError
-from common.secfpp.protocol import validate
+from dpfpl.common.classlist import DIGEST_KEY
+from dpfpl.common.metrics import GLOBAL_NOISE_STD
+from dpfpl.common.optim import sgd_update
+from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
+from dpfpl.common.secfpp.lcc import LccParameterError
+from dpfpl.common.secfpp.protocol import validate
 
-from .strategy import InvalidReply, PromptStrategy, global_learning_rate, global_update, node_key, parse_node_key
+from .strategy import InvalidReply, PromptStrategy, global_learning_rate, global_update, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
@@ -90,8 +90,14 @@ class SecfppStrategy(PromptStrategy):
         unknown = [n for n in node_ids if int(n) not in self.node_keys]
         if not unknown or not self.state.assignment:
             return
-        messages = [Message(content=RecordDict({"config": ConfigRecord({"run-token": self.state.run_token})}),
-                            message_type=IDENTIFY, dst_node_id=n) for n in unknown]
+        messages = [
+            Message(
+                content=RecordDict({"config": ConfigRecord({"run-token": self.state.run_token})}),
+                message_type=IDENTIFY,
+                dst_node_id=n,
+            )
+            for n in unknown
+        ]
         for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout or None):
             node_id = reply.metadata.src_node_id
             try:
@@ -103,50 +109,48 @@ class SecfppStrategy(PromptStrategy):
             except InvalidReply as err:
                 log.warning("node %s could not be identified (%s); it gets cluster 0's prompt", node_id, err)
 
-    def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
-                  message_type: str) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid, message_type: str
+    ) -> list[Message]:
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
         self.identify(grid, list(node_ids))
-        record = {**config, "server-round": server_round, "run-token": self.state.run_token,
-                  DIGEST_KEY: self.classes_digest}
+        record = {
+            **config,
+            "server-round": server_round,
+            "run-token": self.state.run_token,
+            DIGEST_KEY: self.classes_digest,
+        }
         self.sent_cluster = {int(n): self.cluster_of(n) for n in node_ids}
-        return [Message(content=RecordDict({
-            "config": ConfigRecord(record),
-            "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.sent_cluster[int(n)])})}),
-            message_type=message_type, dst_node_id=n) for n in node_ids]
+        return [
+            Message(
+                content=RecordDict(
+                    {
+                        "config": ConfigRecord(record),
+                        "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.sent_cluster[int(n)])}),
+                    }
+                ),
+                message_type=message_type,
+                dst_node_id=n,
+            )
+            for n in node_ids
+        ]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept_replies(server_round, replies)
         by_cluster: dict[int, list[torch.Tensor]] = {}
-        rows, keys = [], []
-        for msg in replies:
-            try:
-                grad, metrics = self.validate_train_reply(msg, server_round)
-            except InvalidReply as err:
-                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
-                continue
-            key = node_key(msg, metrics)
-            if key in keys:
-                log.warning("round %d: two replies under node key %s; the second is ignored", server_round, key)
-                continue
-            keys.append(key)
-            rows.append((key, metrics))
-            self.learn_key(msg.metadata.src_node_id, key)
-            by_cluster.setdefault(self.cluster_sent_to(msg.metadata.src_node_id), []).append(grad)
-        if len(rows) < self.cfg.min_clients:
-            log.error("round %d: only %d valid replies (< min-clients %d); no prompt updated", server_round,
-                      len(rows), self.cfg.min_clients)
+        for reply in accepted:
+            self.learn_key(reply.node_id, reply.key)
+            by_cluster.setdefault(self.cluster_sent_to(reply.node_id), []).append(reply.payload)
+        if not self.enough_replies(server_round, accepted):
             return None, None
-        summary = {"num-replies": float(len(rows)), "secfpp-clusters": float(len(by_cluster))}
-        summary.update(self._summarize_node_metrics([m for _, m in rows]))
+        summary = {"secfpp-clusters": float(len(by_cluster))}
         for cluster, grads in sorted(by_cluster.items()):
             self.state.cluster_prompts[cluster], _, std = global_update(
-                self.cfg, self.prompt_of(cluster), None, grads, self.state.noise_multiplier_global,
-                self.noise_generator)
-            summary[f"global-noise-std-c{cluster}"] = std
+                self.cfg, self.prompt_of(cluster), None, grads, self.state.noise_multiplier_global, self.noise_generator
+            )
+            summary[f"{GLOBAL_NOISE_STD}-c{cluster}"] = std
         self.state.p_global = self.prompt_of(0)
-        for key, metrics in rows:
-            self.book(key, metrics)
-        return None, MetricRecord(summary)
+        return None, MetricRecord({**self.close_round(accepted), **summary})
 
     # secure aggregation (server_app/secagg_round.py): one group per cluster, each with its own sum
     def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:
@@ -156,10 +160,12 @@ class SecfppStrategy(PromptStrategy):
         return groups
 
     def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
-        lr = global_learning_rate(self.cfg, self.state.noise_multiplier_global, num_members,
-                                  tuple(self.prompt_of(group).shape))
-        self.state.cluster_prompts[group], _ = sgd_update(self.prompt_of(group), noisy_mean, None, lr,
-                                                          self.cfg.momentum, self.cfg.weight_decay)
+        lr = global_learning_rate(
+            self.cfg, self.state.noise_multiplier_global, num_members, tuple(self.prompt_of(group).shape)
+        )
+        self.state.cluster_prompts[group], _ = sgd_update(
+            self.prompt_of(group), noisy_mean, None, lr, self.cfg.momentum, self.cfg.weight_decay
+        )
         self.state.p_global = self.prompt_of(0)
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
@@ -177,12 +183,15 @@ class SecfppStrategy(PromptStrategy):
         self.state.p_global = self.prompt_of(0)
 
 
-def _request(grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None,
-             tolerate: bool = False) -> dict[int, dict]:
+def _request(
+    grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None, tolerate: bool = False
+) -> dict[int, dict]:
     """Send each node its payload; the replies by node id. ``tolerate``: a node that fails or does not answer
     is logged and left out (the caller decides whether enough are left); otherwise the phase fails."""
-    messages = [Message(content=RecordDict({"config": ConfigRecord({**p, "phase": phase})}), message_type=action,
-                        dst_node_id=n) for n, p in payloads.items()]
+    messages = [
+        Message(content=RecordDict({"config": ConfigRecord({**p, "phase": phase})}), message_type=action, dst_node_id=n)
+        for n, p in payloads.items()
+    ]
     replies, problems = {}, []
     for msg in grid.send_and_receive(messages, timeout=timeout):
         if msg.has_error():
@@ -215,8 +224,7 @@ def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[i
     return inbox
 
 
-def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
-                     timeout: float | None) -> dict | None:
+def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, timeout: float | None) -> dict | None:
     """Run one phase; on success apply the new assignment and return what the metrics line records."""
     cfg = strategy.cfg
     started = time.time()
@@ -224,18 +232,27 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
     nodes = sorted(int(n) for n in node_ids)
     phase = f"{strategy.state.run_token}/{server_round}"
     try:
-        validate(len(nodes), cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy,
-                 cfg.secfpp_quantization_bits, (1 << 61) - 1)
-        keys = _request(grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase,
-                        timeout)
+        validate(
+            len(nodes),
+            cfg.secfpp_reduced_dim,
+            cfg.secfpp_slices,
+            cfg.secfpp_privacy,
+            cfg.secfpp_quantization_bits,
+            (1 << 61) - 1,
+        )
+        keys = _request(
+            grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase, timeout
+        )
         for n in nodes:  # the phase's roster is also where the assignment learns each node's key
             try:
                 strategy.learn_key(n, parse_node_key(keys[n].get("node-key")))
             except InvalidReply as err:
                 raise PhaseFailed(f"node {n}: {err}") from None
         if len({strategy.key_of(n) for n in nodes}) < len(nodes):
-            raise PhaseFailed("two nodes report the same node key (a copied state directory?); each node needs its "
-                              "own 'node-key' file")
+            raise PhaseFailed(
+                "two nodes report the same node key (a copied state directory?); each node needs its "
+                "own 'node-key' file"
+            )
         pks = [bytes(keys[n]["pk"]) for n in nodes]
         if any(len(pk) != 32 for pk in pks):
             raise PhaseFailed("a public key is not 32 bytes")
@@ -247,36 +264,65 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int,
         def decisions(assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
             iteration[0] += 1
             base = {"assignment": assignment, "iteration": iteration[0]}
-            first = {i: {"src": shares[i][0], "ct": shares[i][1]} if iteration[0] == 1 else {} for i in range(len(nodes))}
-            replies = _request(grid, DISTANCES, {n: {**base, **first[i]} for i, n in enumerate(nodes) if n in alive},
-                               phase, timeout, tolerate=True)
+            first = {
+                i: {"src": shares[i][0], "ct": shares[i][1]} if iteration[0] == 1 else {} for i in range(len(nodes))
+            }
+            replies = _request(
+                grid,
+                DISTANCES,
+                {n: {**base, **first[i]} for i, n in enumerate(nodes) if n in alive},
+                phase,
+                timeout,
+                tolerate=True,
+            )
             alive.intersection_update(replies)
             if len(alive) < need:  # fewer coded results than a distance needs: nobody could decode
                 raise PhaseFailed(f"{len(alive)} nodes left, a distance needs {need} coded results")
             coded = _route(nodes, replies)
-            decided = _request(grid, DECIDE, {n: {**base, "src": coded[i][0], "ct": coded[i][1],
-                                                  "exclude": sorted(exclude)} for i, n in enumerate(nodes) if n in alive},
-                               phase, timeout, tolerate=True)
+            decided = _request(
+                grid,
+                DECIDE,
+                {
+                    n: {**base, "src": coded[i][0], "ct": coded[i][1], "exclude": sorted(exclude)}
+                    for i, n in enumerate(nodes)
+                    if n in alive
+                },
+                phase,
+                timeout,
+                tolerate=True,
+            )
             alive.intersection_update(decided)
             # a node that dropped keeps its cluster (unless that cluster is being dissolved: then the first other)
-            keep = [a if a not in exclude else min(set(range(max(assignment) + 1)) - set(exclude))
-                    for a in assignment]
-            out = [Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) if n in decided else
-                   Decision(keep[i], False) for i, n in enumerate(nodes)]
+            keep = [a if a not in exclude else min(set(range(max(assignment) + 1)) - set(exclude)) for a in assignment]
+            out = [
+                Decision(int(decided[n]["cluster"]), bool(decided[n]["far"]))
+                if n in decided
+                else Decision(keep[i], False)
+                for i, n in enumerate(nodes)
+            ]
             allowed = set(range(max(assignment) + 1)) - set(exclude)
             if any(d.cluster not in allowed for d in out):  # a decision is all the server can check
                 raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")
             return out
 
         initial = [strategy.cluster_of(n) for n in nodes]
-        result = adaptive_kmeans(len(nodes), decisions, threshold_units(cfg.secfpp_threshold,
-                                                                        cfg.secfpp_quantization_bits),
-                                 cfg.secfpp_max_clusters, cfg.secfpp_max_iter, initial, cfg.secfpp_min_cluster_size)
+        result = adaptive_kmeans(
+            len(nodes),
+            decisions,
+            threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
+            cfg.secfpp_max_clusters,
+            cfg.secfpp_max_iter,
+            initial,
+            cfg.secfpp_min_cluster_size,
+        )
     except (PhaseFailed, LccParameterError, ValueError) as err:
         log.error("round %d: clustering phase failed, the assignment stays as it was: %s", server_round, err)
         return None
     strategy.apply_assignment({n: result.assignment[i] for i, n in enumerate(nodes)})
     log.info("round %d: %d clusters after %d iterations", server_round, result.num_clusters, result.iterations)
-    return {"secfpp-num-clusters": float(result.num_clusters), "secfpp-iterations": float(result.iterations),
-            "secfpp-phase-seconds": round(time.time() - started, 3),
-            "secfpp-assignment": {str(n): result.assignment[i] for i, n in enumerate(nodes)}}
+    return {
+        "secfpp-num-clusters": float(result.num_clusters),
+        "secfpp-iterations": float(result.iterations),
+        "secfpp-phase-seconds": round(time.time() - started, 3),
+        "secfpp-assignment": {str(n): result.assignment[i] for i, n in enumerate(nodes)},
+    }

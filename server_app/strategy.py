@@ -2,8 +2,8 @@
 weights, add the global DP noise, step p_G with the server optimizer, and keep the books for the accountant.
 Methods without a global prompt (CoOp) only drive the rounds: their replies must carry no array at all.
 
-Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). Its own ``run`` replaces
-``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
+Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). ``dpfpl.server_app.runner.run_federation``
+drives the rounds instead of ``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
 calibrate the global noise), evaluation every ``eval-every`` rounds, and resume from a checkpoint.
 """
 
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import lru_cache
-from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,23 +25,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import RunConfig
-from common.runtag import RUN_TAG_KEY, run_tag
-from common.evaluation import harmonic_mean
-from common.methods import Method, build_method
-from common.outcome import client_error_text
-from common.optim import noise_bounded_lr, sgd_update
-from common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.common.evaluation import harmonic_mean
+from dpfpl.common.methods import Method, build_method
+from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
+from dpfpl.common.optim import noise_bounded_lr, sgd_update
+from dpfpl.common.outcome import client_error_text
+from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
 from .checkpoint import ServerState
 
 log = logging.getLogger("dpfpl.server")
-
-
-# per-client evaluation metrics averaged over clients (unweighted, as the papers report)
-EVALUATION_KEYS = ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
 
 
 def client_label(node_id: int | str, metrics: dict) -> str:
@@ -54,10 +54,26 @@ class InvalidReply(ValueError):
     pass
 
 
+@dataclass
+class Reply:
+    """One accepted reply: the Flower node it came from, the key the books use for it, its metrics, and what the
+    round's validation took from it (a clipped gradient, a secure-aggregation key pair, or nothing)."""
+
+    node_id: int
+    key: str
+    metrics: dict
+    payload: Any = None
+
+
+# validate(msg, server_round) -> (payload, metrics), or InvalidReply
+Validator = Callable[[Message, int], tuple[Any, dict]]
+
+
 def node_key(msg: Message, metrics: dict) -> str:
     """The key the server books a node under: the stable ``node-key`` the node reports (see
-    ``client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
-    taken on trust from an admitted node; two replies under one key in a round are both rejected."""
+    ``dpfpl.client_app.state.node_key``), else Flower's node id. Like the training-set size a node reports, the key is
+    taken on trust from an admitted node; two replies under one key in a round are both rejected
+    (``PromptStrategy.accept_replies``)."""
     if "node-key" not in metrics:
         return str(msg.metadata.src_node_id)
     return parse_node_key(metrics["node-key"])
@@ -83,7 +99,8 @@ def _server_class_list(cfg: RunConfig) -> list[str]:
             f"the server checks every node's class list against the run's, and could not read the class list of "
             f"dataset '{cfg.dataset}' (data-root '{cfg.data_root}'): {err}. Either give the ServerApp's machine "
             "the data set's index/split files under the same data-root, or put the ordered class list in the "
-            "run config's 'classnames'") from err
+            "run config's 'classnames'"
+        ) from err
 
 
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
@@ -104,8 +121,8 @@ def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Meth
 
 @lru_cache(maxsize=4)
 def _reference_context_norm(model_name: str, pretrained: str, n_ctx: int) -> float:
-    from common.models import cached_clip
-    from common.prompt import PromptTextEncoder
+    from dpfpl.common.models import cached_clip
+    from dpfpl.common.prompt import PromptTextEncoder
 
     model = cached_clip(model_name, pretrained, None)
     return PromptTextEncoder(model.model, model.tokenizer, ["x"], n_ctx).reference_context_norm()
@@ -118,13 +135,26 @@ def global_learning_rate(cfg: RunConfig, noise_multiplier: float, num_replies: i
     if not cfg.dp or cfg.global_noise_radius <= 0:
         return cfg.lr_global
     reference = _reference_context_norm(cfg.model_name, cfg.pretrained, cfg.n_ctx)
-    return noise_bounded_lr(cfg.lr_global, cfg.global_noise_radius, reference, noise_multiplier,
-                            cfg.max_grad_norm_global, cfg.batch_size * num_replies, cfg.num_server_rounds,
-                            math.prod(shape))
+    return noise_bounded_lr(
+        cfg.lr_global,
+        cfg.global_noise_radius,
+        reference,
+        noise_multiplier,
+        cfg.max_grad_norm_global,
+        cfg.batch_size * num_replies,
+        cfg.num_server_rounds,
+        math.prod(shape),
+    )
 
 
-def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor | None, grads: list[torch.Tensor],
-                  noise_multiplier: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+def global_update(
+    cfg: RunConfig,
+    p_global: torch.Tensor,
+    momentum: torch.Tensor | None,
+    grads: list[torch.Tensor],
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
     """The server's step on p_G: equal-weight mean of the n replies' clipped gradients, global DP noise, SGD.
     Returns (p_G, momentum buffer, noise std). Also used by the membership-inference experiment's targets."""
     n = len(grads)
@@ -138,6 +168,19 @@ def global_update(cfg: RunConfig, p_global: torch.Tensor, momentum: torch.Tensor
     return p_global, momentum, std
 
 
+def summarize_node_metrics(rows: list[dict]) -> dict[str, float]:
+    """The round's summary of the nodes' own metrics. The epsilons come from the server's books over every node
+    (``privacy_maxima``), not from this round's replies."""
+    out = {}
+    seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
+    if seconds:  # the clients' own compute this round, against the round's wall time
+        out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
+    losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
+    if losses:
+        out["train-loss"] = float(np.mean(losses))
+    return out
+
+
 class PromptStrategy(Strategy):
     def __init__(self, cfg: RunConfig, state: ServerState) -> None:
         self.cfg = cfg
@@ -149,12 +192,21 @@ class PromptStrategy(Strategy):
         self.classes_digest = class_list_digest(_server_class_list(cfg))
 
     # ---------------------------------------------------------------- messages
-    def _messages(self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid,
-                  message_type: str) -> list[Message]:
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid, message_type: str
+    ) -> list[Message]:
         # DP-FPL: every connected node takes part; wait until at least min-clients are connected
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
-        record = {"config": ConfigRecord({**config, "server-round": server_round, "run-token": self.state.run_token,
-                                          DIGEST_KEY: self.classes_digest})}
+        record = {
+            "config": ConfigRecord(
+                {
+                    **config,
+                    "server-round": server_round,
+                    "run-token": self.state.run_token,
+                    DIGEST_KEY: self.classes_digest,
+                }
+            )
+        }
         if arrays is not None:
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]
@@ -166,10 +218,12 @@ class PromptStrategy(Strategy):
 
     def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
         """The server step with a group's decoded mean (its noise was added by the clients)."""
-        lr = global_learning_rate(self.cfg, self.state.noise_multiplier_global, num_members,
-                                  tuple(self.state.p_global.shape))
-        self.state.p_global, self.state.momentum = sgd_update(self.state.p_global, noisy_mean, self.state.momentum,
-                                                              lr, self.cfg.momentum, self.cfg.weight_decay)
+        lr = global_learning_rate(
+            self.cfg, self.state.noise_multiplier_global, num_members, tuple(self.state.p_global.shape)
+        )
+        self.state.p_global, self.state.momentum = sgd_update(
+            self.state.p_global, noisy_mean, self.state.momentum, lr, self.cfg.momentum, self.cfg.weight_decay
+        )
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
         """A group's numbers in the round's metrics line (one group: under their own names)."""
@@ -179,11 +233,15 @@ class PromptStrategy(Strategy):
         """What the nodes receive: p_G, or nothing for methods without a global prompt."""
         return ArrayRecord({"global-prompt": self.state.p_global}) if self.method.shares_global else None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         cfg = {**dict(config), "noise-multiplier-global": self.state.noise_multiplier_global}
         return self._messages(server_round, arrays, cfg, grid, MessageType.TRAIN)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self._messages(server_round, arrays, dict(config), grid, MessageType.EVALUATE)
 
     # ---------------------------------------------------------------- validation
@@ -194,8 +252,10 @@ class PromptStrategy(Strategy):
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
-            raise InvalidReply(f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
-                               f"{run_tag(self.state.run_token)})")
+            raise InvalidReply(
+                f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
+                f"{run_tag(self.state.run_token)})"
+            )
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
         if msg.has_error():
@@ -214,8 +274,10 @@ class PromptStrategy(Strategy):
             raise InvalidReply("reply must carry exactly one array record with the key 'global-grad'")
         array = content["arrays"]["global-grad"]
         if tuple(array.shape) != tuple(self.state.p_global.shape) or array.dtype != "float32":
-            raise InvalidReply(f"global-grad has shape {array.shape}/{array.dtype}, expected "
-                               f"{tuple(self.state.p_global.shape)}/float32")
+            raise InvalidReply(
+                f"global-grad has shape {array.shape}/{array.dtype}, expected "
+                f"{tuple(self.state.p_global.shape)}/float32"
+            )
         grad = torch.from_numpy(np.array(array.numpy(), copy=True))
         if not torch.isfinite(grad).all():
             raise InvalidReply("global-grad contains NaN or Inf")
@@ -228,79 +290,94 @@ class PromptStrategy(Strategy):
                 raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")
         return grad, metrics
 
-    # ---------------------------------------------------------------- aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        grads, per_node, keys = [], [], []
-        for msg in replies:
-            try:
-                grad, metrics = self.validate_train_reply(msg, server_round)
-            except InvalidReply as err:
-                log.warning("round %d: reply from node %s rejected: %s", server_round, msg.metadata.src_node_id, err)
-                continue
-            grads.append(grad)
-            keys.append(node_key(msg, metrics))
-            per_node.append((keys[-1], metrics))
-        # One identity, one reply per round: two replies under one key (a node cloned with its state directory,
-        # or one claiming another's key) would be counted twice in the mean and once in the books.
-        duplicated = {k for k in keys if keys.count(k) > 1}
-        if duplicated:
-            log.warning("round %d: %d replies share a node key (%s); all of them rejected", server_round,
-                        sum(k in duplicated for k in keys), ", ".join(sorted(duplicated)))
-            kept = [i for i, k in enumerate(keys) if k not in duplicated]
-            grads, per_node = [grads[i] for i in kept], [per_node[i] for i in kept]
-        if len(per_node) < self.cfg.min_clients:
-            log.error("round %d: only %d valid replies (< min-clients %d); global prompt not updated",
-                      server_round, len(per_node), self.cfg.min_clients)
-            return None, None
-        n = len(per_node)
-        summary = {"num-replies": float(n)}
-        summary.update(self._summarize_node_metrics([m for _, m in per_node]))
-        if not self.method.shares_global:
-            for key, metrics in per_node:
-                self.book(key, metrics, released_global=False)
-            return None, MetricRecord(summary)
-        self.state.p_global, self.state.momentum, std = global_update(
-            self.cfg, self.state.p_global, self.state.momentum, grads, self.state.noise_multiplier_global,
-            self.noise_generator)
-        for key, metrics in per_node:
-            self.book(key, metrics)
-        summary["global-noise-std"] = std
-        return self.current_arrays(), MetricRecord(summary)
-
-    @staticmethod
-    def _summarize_node_metrics(rows: list[dict]) -> dict:
-        out = {}  # the epsilons come from the server's books over every node (privacy_maxima), not this round's
-        seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
-        if seconds:  # the clients' own compute this round, against the round's wall time
-            out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
-        losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
-        if losses:
-            out["train-loss"] = float(np.mean(losses))
-        return out
-
-    def validate_evaluate_reply(self, msg: Message, server_round: int) -> tuple[str, dict]:
-        """(node key, metrics) of a usable evaluation reply, or InvalidReply saying why it is not. At round 0
-        this is the setup check: a node whose reply passes has loaded the model and checked its data."""
+    def validate_evaluate_reply(self, msg: Message, server_round: int) -> tuple[None, dict]:
+        """(None, metrics) of a usable evaluation reply, or InvalidReply saying why it is not. At round 0 this is
+        the setup check: a node whose reply passes has loaded the model and checked its data."""
         if msg.has_error():
             raise InvalidReply(client_error_text(msg.error.reason))
         if "metrics" not in msg.content.metric_records:
             raise InvalidReply("the evaluation reply has no metrics")
         metrics = dict(msg.content["metrics"])
         self.check_round_and_run(metrics, server_round)
-        return node_key(msg, metrics), metrics
+        return None, metrics
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = []
+    # ---------------------------------------------------------------- the one reply path
+    def accept_replies(
+        self, server_round: int, replies: Iterable[Message], validate: Validator | None = None, what: str = "reply"
+    ) -> list[Reply]:
+        """The replies of one round that pass ``validate`` (by default ``validate_train_reply``), each under its
+        node key. The clear, secure-aggregation and SecFPP rounds all take their replies through here.
+
+        One identity, one reply per round: two replies under one key (a node cloned with its state directory,
+        or one claiming another's key) would be counted twice in the mean and once in the books, and the server
+        cannot tell which is genuine, so all replies that share a key are rejected."""
+        validate = validate or self.validate_train_reply
+        accepted = []
         for msg in replies:
             try:
-                rows.append(self.validate_evaluate_reply(msg, server_round))
+                payload, metrics = validate(msg, server_round)
+                accepted.append(Reply(msg.metadata.src_node_id, node_key(msg, metrics), metrics, payload))
             except InvalidReply as err:
-                log.warning("round %d: evaluation reply from node %s rejected: %s", server_round,
-                            msg.metadata.src_node_id, err)
+                log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id, err)
+        count = Counter(r.key for r in accepted)
+        shared = sorted(k for k, c in count.items() if c > 1)
+        if shared:
+            log.warning(
+                "round %d: %d replies share a node key (%s); all of them rejected",
+                server_round,
+                sum(count[k] for k in shared),
+                ", ".join(shared),
+            )
+        return [r for r in accepted if count[r.key] == 1]
+
+    def enough_replies(self, server_round: int, replies: list[Reply]) -> bool:
+        if len(replies) >= self.cfg.min_clients:
+            return True
+        log.error(
+            "round %d: only %d valid replies (< min-clients %d); no prompt updated",
+            server_round,
+            len(replies),
+            self.cfg.min_clients,
+        )
+        return False
+
+    def close_round(self, replies: list[Reply], released_global: bool = True) -> dict[str, float]:
+        """Book the nodes whose data is in this round's release, and summarize their metrics."""
+        for reply in replies:
+            self.book(reply.key, reply.metrics, released_global)
+        return {"num-replies": float(len(replies)), **summarize_node_metrics([r.metrics for r in replies])}
+
+    # ---------------------------------------------------------------- aggregation
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.accept_replies(server_round, replies)
+        if not self.enough_replies(server_round, accepted):
+            return None, None
+        if not self.method.shares_global:
+            return None, MetricRecord(self.close_round(accepted, released_global=False))
+        self.state.p_global, self.state.momentum, std = global_update(
+            self.cfg,
+            self.state.p_global,
+            self.state.momentum,
+            [r.payload for r in accepted],
+            self.state.noise_multiplier_global,
+            self.noise_generator,
+        )
+        summary = self.close_round(accepted)
+        summary[GLOBAL_NOISE_STD] = std
+        return self.current_arrays(), MetricRecord(summary)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rows = [
+            (r.key, r.metrics)
+            for r in self.accept_replies(server_round, replies, self.validate_evaluate_reply, "evaluation reply")
+        ]
         # each client's own numbers (metrics.jsonl keeps them next to the means), named by partition id where
         # there is one, else by the stable node key the books use
-        self.client_evaluations = {client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m}
-                                   for key, m in rows}
+        self.client_evaluations = {
+            client_label(key, m): {k: float(m[k]) for k in EVALUATION_KEYS if k in m} for key, m in rows
+        }
         if not rows:
             return None
         if server_round == 0:  # setup: the nodes' sample rates feed the accountant
@@ -312,9 +389,9 @@ class PromptStrategy(Strategy):
             values = [float(m[k]) for _, m in rows if k in m and math.isfinite(float(m[k]))]
             if values:
                 out[k] = float(np.mean(values))
-        if all(k in out for k in ("local-acc", "base-acc", "novel-acc")):
+        if all(k in out for k in (LOCAL_ACC, BASE_ACC, NOVEL_ACC)):
             # FedPGP's HM: of the three means (``hm`` above is the mean of the clients' own HMs)
-            out["hm-of-means"] = harmonic_mean([out["local-acc"], out["base-acc"], out["novel-acc"]])
+            out[HM_OF_MEANS] = harmonic_mean([out[LOCAL_ACC], out[BASE_ACC], out[NOVEL_ACC]])
         return MetricRecord(out)
 
     # ---------------------------------------------------------------- accounting
@@ -346,13 +423,19 @@ class PromptStrategy(Strategy):
         books.node_steps[key] = max(books.node_steps.get(key, 0), steps, books.participation.get(key, 0))
 
     def privacy_maxima(self) -> dict[str, float]:
-        """Worst case over every booked node of each epsilon (``server_app.books.COVERS`` says what each covers)."""
+        """Worst case over every booked node of each epsilon (``dpfpl.server_app.books.COVERS`` says what each covers)."""
         return privacy_maxima(self.state, self.cfg.delta, self.method.local is not None, self.method.shares_global)
 
     def epsilon_global(self) -> float:
-        """p_G's guarantee, worst client (see ``server_app.books``); inf without DP."""
+        """p_G's guarantee, worst client (see ``dpfpl.server_app.books``); inf without DP."""
         return self.privacy_maxima()["epsilon-global-max"] if self.cfg.dp else math.inf
 
     def summary(self) -> None:
-        log.info("%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d", self.method.name, self.state.noise_multiplier_global,
-                 self.cfg.max_grad_norm_global, self.cfg.batch_size, self.cfg.min_clients)
+        log.info(
+            "%s strategy: z_G=%.4g, C_G=%g, B=%d, min-clients=%d",
+            self.method.name,
+            self.state.noise_multiplier_global,
+            self.cfg.max_grad_norm_global,
+            self.cfg.batch_size,
+            self.cfg.min_clients,
+        )

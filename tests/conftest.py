@@ -18,7 +18,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model():
     """The demo architecture with random weights: no pretraining, no download."""
-    from common.models import load_clip
+    from dpfpl.common.models import load_clip
 
     torch.manual_seed(0)
     return load_clip("dpfpl-demo-tiny", "none")
@@ -26,7 +26,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def encoder(tiny_model):
-    from common.prompt import PromptTextEncoder
+    from dpfpl.common.prompt import PromptTextEncoder
 
     names = [f"class {i}" for i in range(6)]
     return PromptTextEncoder(tiny_model.model, tiny_model.tokenizer, names, n_ctx=8)

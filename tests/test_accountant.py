@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from common.privacy import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
+from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, epsilon_for
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05, 0.1, 0.2, 0.4])
@@ -17,7 +17,7 @@ def test_calibration_round_trip_over_the_paper_grid(target):
 
 @pytest.mark.parametrize("target,expected", [(0.4, 3.68), (0.01, 98.1)])
 def test_calibration_agrees_with_independent_pld_numbers(target, expected):
-    # SPEC section 4: dp-accounting's PLD gives z ~ 3.68 / 98.1 for q = 0.04, 100 steps
+    # dp-accounting's PLD gives z ~ 3.68 / 98.1 for q = 0.04, 100 steps
     assert calibrate_noise_multiplier(target, 0.04, 100, 1e-5) == pytest.approx(expected, rel=0.02)
 
 
@@ -41,10 +41,11 @@ def test_published_prompt_composes_both_mechanisms():
     assert restored.epsilon_published() == pytest.approx(e_p)
 
 
-@pytest.mark.parametrize("q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0),
-                                        (0.00101, 0.0011)])
+@pytest.mark.parametrize(
+    "q, rounded", [(16 / 944, 0.017), (0.04, 0.04), (0.0123, 0.013), (0.5, 0.5), (1.0, 1.0), (0.00101, 0.0011)]
+)
 def test_calibration_rate_is_rounded_up_so_the_true_rate_stays_within_budget(q, rounded):
-    from common.privacy.accountant import accounting_sample_rate
+    from dpfpl.common.privacy.accountant import accounting_sample_rate
 
     assert accounting_sample_rate(q) == pytest.approx(rounded) and accounting_sample_rate(q) >= q
     z = calibrate_noise_multiplier(0.4, q, 20, 1e-5)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.attack import attack_metrics, loss_threshold_attack, record_signals
-from common.attack.data import membership_split
-from common.attack.experiment import AttackSpec, Setting, run_cell, table
-from common.publish import load_prompt
+from dpfpl.attack import attack_metrics, loss_threshold_attack, record_signals
+from dpfpl.attack.data import membership_split
+from dpfpl.attack.experiment import AttackSpec, Setting, run_cell, table
+from dpfpl.publish import load_prompt
+
+pytestmark = pytest.mark.slow  # trains and attacks many prompts: minutes
 
 # three records per class seen ~270 times each at a large learning rate: members are classified perfectly,
 # held-out records of the same classes ~80%, and the per-record confidence gap is what the attack finds

@@ -1,4 +1,4 @@
-"""The fast DP-FPL step computes the same update as the naive reference step kept in ``bench/``.
+"""The fast DP-FPL step computes the same update as the naive reference step kept in ``dpfpl/bench/``.
 
 The benchmark's speed-up is only meaningful if both compute the same thing: the fast path (cached image
 features, sequences truncated after the EOT, the shared [SOS]+ctx prefix run once, batched per-sample
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.reference import FullContextEncoder, naive_dpfpl_step
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
-from common.prompt import PromptTextEncoder, random_context
+from dpfpl.bench.reference import FullContextEncoder, naive_dpfpl_step
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.prompt import PromptTextEncoder, random_context
 
 torch.set_num_threads(1)
 
@@ -41,19 +41,41 @@ def _fast(model, tokenizer, pixels, labels, p_global, p_local, scale, clip, nois
     learner = PromptLearner(build_method("dpfpl", rank=RANK), enc, scale, chunk_size=chunk)
     with torch.no_grad():
         feats = F.normalize(model.encode_image(pixels), dim=-1)  # the node's cache: once per image
-    return enc, learner.train_step(p_global, {"p_local": p_local}, {}, feats, labels, BATCH,
-                                   DpSettings(True, noise, clip, clip), SgdSettings(0.5),
-                                   torch.Generator().manual_seed(11))
+    return enc, learner.train_step(
+        p_global,
+        {"p_local": p_local},
+        {},
+        feats,
+        labels,
+        BATCH,
+        DpSettings(True, noise, clip, clip),
+        SgdSettings(0.5),
+        torch.Generator().manual_seed(11),
+    )
 
 
 @pytest.mark.parametrize("share_prefix,chunk", [(True, None), (True, 4), (False, 3)])
 def test_fast_step_equals_naive_reference(tiny_model, setting, share_prefix, chunk):
     model, pixels, labels, p_global, p_local, scale = setting
-    naive = naive_dpfpl_step(model, FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX), pixels, labels,
-                             BATCH, p_global, p_local, RANK, 0.7, 0.05, 0.05, 0.5,
-                             torch.Generator().manual_seed(11), scale)
-    enc, fast = _fast(model, tiny_model.tokenizer, pixels, labels, p_global, p_local, scale, 0.05, 0.7,
-                      share_prefix, chunk)
+    naive = naive_dpfpl_step(
+        model,
+        FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX),
+        pixels,
+        labels,
+        BATCH,
+        p_global,
+        p_local,
+        RANK,
+        0.7,
+        0.05,
+        0.05,
+        0.5,
+        torch.Generator().manual_seed(11),
+        scale,
+    )
+    enc, fast = _fast(
+        model, tiny_model.tokenizer, pixels, labels, p_global, p_local, scale, 0.05, 0.7, share_prefix, chunk
+    )
     assert enc.share_prefix == share_prefix  # the path under test is the one that ran
     assert enc.sequence_length < naive_context_length(tiny_model)  # truncated after the last EOT
     assert fast.batch_size == naive["batch"] > 0
@@ -71,15 +93,41 @@ def naive_context_length(tiny_model) -> int:
 def test_reference_detects_a_different_step(tiny_model, setting):
     """The comparison above can fail: another seed (other sample, factorization and noise) differs."""
     model, pixels, labels, p_global, p_local, scale = setting
-    naive = naive_dpfpl_step(model, FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX), pixels, labels,
-                             BATCH, p_global, p_local, RANK, 0.7, 0.05, 0.05, 0.5,
-                             torch.Generator().manual_seed(12), scale)
+    naive = naive_dpfpl_step(
+        model,
+        FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX),
+        pixels,
+        labels,
+        BATCH,
+        p_global,
+        p_local,
+        RANK,
+        0.7,
+        0.05,
+        0.05,
+        0.5,
+        torch.Generator().manual_seed(12),
+        scale,
+    )
     _, fast = _fast(model, tiny_model.tokenizer, pixels, labels, p_global, p_local, scale, 0.05, 0.7, True, None)
     assert not torch.allclose(fast.local["p_local"], naive["p_local"], rtol=1e-4, atol=1e-6)
     # and the clip of 0.05 used above binds: without it the released gradient is another one
-    unclipped = naive_dpfpl_step(model, FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX), pixels,
-                                 labels, BATCH, p_global, p_local, RANK, 0.0, 1e6, 1e6, 0.5,
-                                 torch.Generator().manual_seed(11), scale)
+    unclipped = naive_dpfpl_step(
+        model,
+        FullContextEncoder(model, tiny_model.tokenizer, NAMES, N_CTX),
+        pixels,
+        labels,
+        BATCH,
+        p_global,
+        p_local,
+        RANK,
+        0.0,
+        1e6,
+        1e6,
+        0.5,
+        torch.Generator().manual_seed(11),
+        scale,
+    )
     assert not torch.allclose(unclipped["global_grad"], fast.global_grad, rtol=1e-2, atol=0)
 
 

@@ -6,12 +6,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
-import client_app.app as client_module
-from client_app.state import NodeState
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import RunConfig
-from common.methods.dpfpl import factorize
-from common.privacy import clip_per_sample, per_sample_grads
+import dpfpl.client_app.app as client_module
+from dpfpl.client_app.state import NodeState
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods.dpfpl import factorize
+from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
 DEMO_DIGEST = class_list_digest(RunConfig().class_list())  # what the server sends with every instruction
 RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, target_epsilon=1.0)
@@ -19,16 +19,29 @@ RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_round
 
 def _context(tmp_path, partition_id, **run):
     cfg = RunConfig(run_dir=str(tmp_path / "run"), **{**RUN, **run})
-    return Context(run_id=1, node_id=partition_id + 100, node_config={"partition-id": partition_id,
-                   "num-partitions": 10}, state=RecordDict(), run_config=cfg.to_flower())
+    return Context(
+        run_id=1,
+        node_id=partition_id + 100,
+        node_config={"partition-id": partition_id, "num-partitions": 10},
+        state=RecordDict(),
+        run_config=cfg.to_flower(),
+    )
 
 
 def _train_msg(p_global, server_round, token="tok", z_global=2.0, digest=DEMO_DIGEST):
-    content = RecordDict({
-        "arrays": ArrayRecord({"global-prompt": p_global}),
-        "config": ConfigRecord({"server-round": server_round, "run-token": token, "noise-multiplier-global": z_global,
-                                 DIGEST_KEY: digest}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"global-prompt": p_global}),
+            "config": ConfigRecord(
+                {
+                    "server-round": server_round,
+                    "run-token": token,
+                    "noise-multiplier-global": z_global,
+                    DIGEST_KEY: digest,
+                }
+            ),
+        }
+    )
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
 
@@ -97,9 +110,17 @@ def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_g
 
 def test_zero_shot_and_personalized_evaluation(tmp_path, cache_dir, p_global):
     ctx = _context(tmp_path, 2)
-    msg = Message(content=RecordDict({"config": ConfigRecord({"phase": "zeroshot", "server-round": 0,
-                                                               "run-token": "tok", DIGEST_KEY: DEMO_DIGEST})}),
-                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    msg = Message(
+        content=RecordDict(
+            {
+                "config": ConfigRecord(
+                    {"phase": "zeroshot", "server-round": 0, "run-token": "tok", DIGEST_KEY: DEMO_DIGEST}
+                )
+            }
+        ),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
     metrics = dict(client_module.evaluate(msg, ctx).content["metrics"])
     assert 0.0 <= metrics["local-acc"] <= 1.0 and 0.0 <= metrics["neighbor-acc"] <= 1.0
     assert metrics["num-examples"] > 0
@@ -113,10 +134,23 @@ def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, c
     (silo / "unicorn").mkdir()
     Image.new("RGB", (32, 32)).save(silo / "cat" / "patient-0042.png")
     Image.new("RGB", (32, 32)).save(silo / "unicorn" / "patient-0043.png")
-    cfg = RunConfig(run_dir=str(tmp_path / "run"), dataset="silo", classnames="cat,dog", model_name="dpfpl-demo-tiny",
-                    pretrained="none", num_clients=2, classes_per_client=1, target_epsilon=1.0)
-    ctx = Context(run_id=1, node_id=7, node_config={"data-dir": str(silo), "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config=cfg.to_flower())
+    cfg = RunConfig(
+        run_dir=str(tmp_path / "run"),
+        dataset="silo",
+        classnames="cat,dog",
+        model_name="dpfpl-demo-tiny",
+        pretrained="none",
+        num_clients=2,
+        classes_per_client=1,
+        target_epsilon=1.0,
+    )
+    ctx = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-dir": str(silo), "state-dir": str(tmp_path / "state")},
+        state=RecordDict(),
+        run_config=cfg.to_flower(),
+    )
     with caplog.at_level("ERROR"), pytest.raises(RuntimeError) as err:
         client_module.train(_train_msg(torch.zeros(16, 128), 1, digest=class_list_digest(["cat", "dog"])), ctx)
     assert "patient" not in str(err.value) and "unicorn" not in str(err.value)
@@ -147,7 +181,7 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
 
 
 def test_a_node_refuses_steps_beyond_its_calibrated_budget(tmp_path, cache_dir, p_global):
-    from client_app.node import PrivacyBudgetSpent
+    from dpfpl.client_app.node import PrivacyBudgetSpent
 
     ctx = _context(tmp_path, 6, num_server_rounds=2)
     for r in (1, 2):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from common.config import RunConfig
-from common.models import WeightsUnavailableError, load_clip
+from dpfpl.common.config import RunConfig
+from dpfpl.common.models import WeightsUnavailableError, load_clip
 
 
 def test_run_config_round_trips_flower_keys():
@@ -11,13 +11,16 @@ def test_run_config_round_trips_flower_keys():
     assert cfg.num_server_rounds == 7 and cfg.to_flower()["max-grad-norm-local"] == 5.0
 
 
-@pytest.mark.parametrize("bad", [
-    {"num-server-roundz": 3},  # typo
-    {"batch-size": 0},
-    {"dp": True, "target-epsilon": 0.0},  # no way to set the noise
-    {"min-clients": 11, "num-clients": 10},
-    {"calibrate-for": "nobody"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num-server-roundz": 3},  # typo
+        {"batch-size": 0},
+        {"dp": True, "target-epsilon": 0.0},  # no way to set the noise
+        {"min-clients": 11, "num-clients": 10},
+        {"calibrate-for": "nobody"},
+    ],
+)
 def test_bad_run_config_fails_with_the_key_name(bad):
     with pytest.raises(ValidationError):
         RunConfig.from_flower(bad)
@@ -37,7 +40,7 @@ def test_unknown_model_and_tag_are_rejected():
 
 
 def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
-    from common.cli import _parse_overrides
+    from dpfpl.cli import _parse_overrides
 
     got = _parse_overrides(["method=fedpgp", "rank=4", "dp=false", 'ctx-init="a photo of a"', "lr-local=1e-3"])
     assert got == {"method": "fedpgp", "rank": 4, "dp": False, "ctx-init": "a photo of a", "lr-local": 0.001}
@@ -46,7 +49,7 @@ def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
 
 
 def test_cli_refuses_two_different_run_directories_before_running(tmp_path):
-    from common.cli import main
+    from dpfpl.cli import main
 
     with pytest.raises(SystemExit, match="disagree"):
         main(["simulate", "--run-dir", str(tmp_path / "a"), "-c", f'run-dir="{tmp_path / "b"}"'])
@@ -56,7 +59,7 @@ def test_cli_refuses_two_different_run_directories_before_running(tmp_path):
 def test_a_weights_file_of_another_architecture_is_named_and_explained(tmp_path, tiny_model):
     from safetensors.torch import save_file
 
-    from common.models import WeightsMismatchError, load_clip
+    from dpfpl.common.models import WeightsMismatchError, load_clip
 
     state = {k: v.clone() for k, v in tiny_model.model.state_dict().items()}
     state["text_projection"] = torch.zeros(state["text_projection"].shape[0], 32)  # another embedding width

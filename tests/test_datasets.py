@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data.cifar import load_cifar
-from common.data.coop import load_coop_dataset
-from common.data.folder import load_folder_dataset, load_manifest_dataset
-from common.data.images import DatasetError
-from common.data.registry import load_dataset
+from dpfpl.common.data.cifar import load_cifar
+from dpfpl.common.data.coop import load_coop_dataset
+from dpfpl.common.data.folder import load_folder_dataset, load_manifest_dataset
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.registry import load_dataset
 
 
 def _jpeg(path, seed, size=(20, 16)):
@@ -90,8 +90,11 @@ def test_coop_errors_name_the_file_and_the_layout(tmp_path):
 
 def _cifar_batch(n, num_classes, seed, label_key):
     rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
-            label_key.encode(): rng.integers(0, num_classes, n).tolist(), b"batch_label": b"fixture"}
+    return {
+        b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8),
+        label_key.encode(): rng.integers(0, num_classes, n).tolist(),
+        b"batch_label": b"fixture",
+    }
 
 
 def make_cifar10(root, per_batch=6):
@@ -158,8 +161,12 @@ def test_folder_tree_and_csv_manifest(tmp_path):
     data = load_folder_dataset(tmp_path / "tree")
     assert data.classnames == ["golden retriever", "tabby"] and int(data.is_test.sum()) == 2
 
-    rows = ["path,label,split"] + [f"tree/{s}/{c}/{i}.png,{c},{s}" for s in ("train", "test")
-                                   for c in ("tabby", "golden_retriever") for i in range(3 if s == "train" else 1)]
+    rows = ["path,label,split"] + [
+        f"tree/{s}/{c}/{i}.png,{c},{s}"
+        for s in ("train", "test")
+        for c in ("tabby", "golden_retriever")
+        for i in range(3 if s == "train" else 1)
+    ]
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     manifest = load_manifest_dataset(tmp_path)
     assert manifest.classnames == data.classnames and len(manifest) == 8
@@ -176,7 +183,7 @@ def test_folder_tree_and_csv_manifest(tmp_path):
 
 
 def test_corrupt_images_are_all_named_before_any_feature_is_cached(tmp_path, tiny_model, cache_dir):
-    from common.features import dataset_features
+    from dpfpl.common.features import dataset_features
 
     for split, n in (("train", 3), ("test", 1)):
         for k, cls in enumerate(("a", "b")):
@@ -185,6 +192,8 @@ def test_corrupt_images_are_all_named_before_any_feature_is_cached(tmp_path, tin
     (tmp_path / "train" / "a" / "1.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "test" / "b" / "0.jpg").write_bytes((tmp_path / "train" / "a" / "0.jpg").read_bytes()[:40])  # cut
     data = load_folder_dataset(tmp_path)
-    with pytest.raises(DatasetError, match=r"2 images of folder cannot be used:(.|\n)*train/a/1.jpg(.|\n)*test/b/0.jpg"):
+    with pytest.raises(
+        DatasetError, match=r"2 images of folder cannot be used:(.|\n)*train/a/1.jpg(.|\n)*test/b/0.jpg"
+    ):
         dataset_features(tiny_model, data, str(cache_dir))
     assert not list((cache_dir / "features").glob(f"*{data.fingerprint}*"))

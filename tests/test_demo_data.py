@@ -1,9 +1,9 @@
 import numpy as np
 from safetensors.torch import load_file
 
-from common.data.demo import DEMO_CLASSES, load_demo_dataset
-from common.data.partition import pathological_partition
-from common.models import build_demo_backbone
+from dpfpl.common.data.demo import DEMO_CLASSES, load_demo_dataset
+from dpfpl.common.data.partition import pathological_partition
+from dpfpl.common.models import build_demo_backbone
 
 
 def test_demo_dataset_has_20_named_classes_and_a_per_class_split():

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize, rgp_reconstruct
-from common.privacy import clip_per_sample, per_sample_grads
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize, rgp_reconstruct
+from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
 
 def test_factorization_is_orthonormal_and_exact():
@@ -26,6 +26,7 @@ def test_factorization_rejects_too_large_rank():
 def _loss_fn(encoder, feats, labels, scale=20.0):
     def fn(prompt):
         return F.cross_entropy(scale * feats @ encoder(prompt).t(), labels, reduction="none")
+
     return fn
 
 
@@ -86,8 +87,17 @@ def test_local_noise_std_is_z_times_clip_bound(encoder, batch):
     learner = PromptLearner(build_method("dpfpl", rank=4), encoder, 0.0)
     gen = torch.Generator().manual_seed(0)
     p_local = torch.randn(8, encoder.width, generator=gen)
-    out = learner.train_step(torch.zeros(8, encoder.width), {"p_local": p_local}, {}, feats, labels, 32,
-                             DpSettings(True, 2.5, 3.0, 10.0), SgdSettings(0.1), gen)
+    out = learner.train_step(
+        torch.zeros(8, encoder.width),
+        {"p_local": p_local},
+        {},
+        feats,
+        labels,
+        32,
+        DpSettings(True, 2.5, 3.0, 10.0),
+        SgdSettings(0.1),
+        gen,
+    )
     samples = torch.cat([g.flatten() for g in out.local_grads])
     expected = 2.5 * 3.0 / 32
     assert abs(float(samples.std()) - expected) / expected < 0.05
@@ -96,8 +106,8 @@ def test_local_noise_std_is_z_times_clip_bound(encoder, batch):
 
 def test_one_dpfpl_step_on_real_vit_b_16_architecture():
     """ViT-B-16 with random weights: the real model's compute and shapes, no download."""
-    from common.models import load_clip
-    from common.prompt import PromptTextEncoder
+    from dpfpl.common.models import load_clip
+    from dpfpl.common.prompt import PromptTextEncoder
 
     model = load_clip("ViT-B-16", "none")
     enc = PromptTextEncoder(model.model, model.tokenizer, ["cat", "dog", "airplane"], n_ctx=16)
@@ -107,8 +117,9 @@ def test_one_dpfpl_step_on_real_vit_b_16_architecture():
     labels = torch.tensor([0, 1, 2, 0])
     method = PromptLearner(build_method("dpfpl", rank=8), enc, 100.0)
     p_g, p_l = enc.init_context("", gen), enc.init_context("", gen)
-    out = method.train_step(p_g, {"p_local": p_l}, {}, feats, labels, 4, DpSettings(True, 1.0, 10.0, 10.0),
-                            SgdSettings(1e-3), gen)
+    out = method.train_step(
+        p_g, {"p_local": p_l}, {}, feats, labels, 4, DpSettings(True, 1.0, 10.0, 10.0), SgdSettings(1e-3), gen
+    )
     assert out.global_grad.shape == (16, 512) and torch.isfinite(out.global_grad).all()
     assert not torch.equal(out.local["p_local"], p_l)
     assert float(out.global_grad.norm()) <= 10.0 * out.batch_size / 4 + 1e-4

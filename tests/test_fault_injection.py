@@ -17,7 +17,6 @@ waiting up to ``round-timeout`` (generous, so that a slow but live node is never
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -27,11 +26,19 @@ import pytest
 import tomli_w
 from PIL import Image
 
-from client_app.state import NodeState, node_key
-from common.launch import (free_port, kill_tagged_processes, launch_env, start_run, start_superlink,
-                           start_supernode, stop_tagged_processes, wait_run)
-from common.privacy import accounted_epsilon
-from server_app.checkpoint import RunDirectory
+from dpfpl.client_app.state import NodeState, node_key
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.launch import (
+    free_port,
+    kill_tagged_processes,
+    launch_env,
+    start_run,
+    start_superlink,
+    start_supernode,
+    stop_tagged_processes,
+    wait_run,
+)
+from dpfpl.server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment
 CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]
@@ -71,21 +78,29 @@ def loopback(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     port = free_port()
-    (home / "config.toml").write_text(tomli_w.dumps(
-        {"superlink": {"default": "local", "local": {"address": f"127.0.0.1:{port}", "insecure": True}}}))
+    (home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "local", "local": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+    )
     env = {name: launch_env(home, tag) for name, tag in tags.items()}
 
     def link() -> None:
         start_superlink(port, tmp_path / "superlink.db", env["link"], tmp_path / "superlink.log")
 
     def node(i: int) -> None:
-        start_supernode(port, {"data-dir": str(tmp_path / f"org{i}" / "data"),
-                               "state-dir": str(tmp_path / f"org{i}" / "state"),
-                               "cache-dir": str(tmp_path / f"org{i}" / "cache"), "device": "cpu"},
-                        env[i], tmp_path / f"supernode-{i}.log")
+        start_supernode(
+            port,
+            {
+                "data-dir": str(tmp_path / f"org{i}" / "data"),
+                "state-dir": str(tmp_path / f"org{i}" / "state"),
+                "cache-dir": str(tmp_path / f"org{i}" / "cache"),
+                "device": "cpu",
+            },
+            env[i],
+            tmp_path / f"supernode-{i}.log",
+        )
 
     for i in range(3):
-        _write_silo(tmp_path / f"org{i}" / "data", CLASSES[2 * i: 2 * i + 2], seed=i)
+        _write_silo(tmp_path / f"org{i}" / "data", CLASSES[2 * i : 2 * i + 2], seed=i)
     try:
         yield {"tmp": tmp_path, "env": env, "tags": tags, "link": link, "node": node}
     finally:
@@ -96,10 +111,25 @@ def loopback(tmp_path):
 def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prompt(loopback):
     tmp, env, tags = loopback["tmp"], loopback["env"], loopback["tags"]
     run_dir = tmp / "server-run"
-    config = {"dataset": "silo", "classnames": ",".join(CLASSES), "model-name": "dpfpl-demo-tiny",
-              "pretrained": "none", "n-ctx": 4, "rank": 2, "num-clients": 3, "min-clients": 2,
-              "num-server-rounds": ROUNDS, "eval-every": 100, "eval-last": 0, "batch-size": 8,
-              "target-epsilon": 1.0, "round-timeout": 90.0, "setup-timeout": 300.0, "run-dir": str(run_dir), "resume": False}
+    config = {
+        "dataset": "silo",
+        "classnames": ",".join(CLASSES),
+        "model-name": "dpfpl-demo-tiny",
+        "pretrained": "none",
+        "n-ctx": 4,
+        "rank": 2,
+        "num-clients": 3,
+        "min-clients": 2,
+        "num-server-rounds": ROUNDS,
+        "eval-every": 100,
+        "eval-last": 0,
+        "batch-size": 8,
+        "target-epsilon": 1.0,
+        "round-timeout": 90.0,
+        "setup-timeout": 300.0,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
     started = time.time()
     loopback["link"]()
     for i in range(3):
@@ -124,12 +154,15 @@ def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prom
     loopback["node"](KILLED)
     run_id = start_run("local", {**config, "resume": True}, env=env["link"], cwd=tmp)
     wait_run(run_id, "local", env=env["link"], timeout=420, stream=False, cwd=tmp)
-    print(f"fault-injection run: {time.time() - started:.1f} s wall, SuperLink killed after round "
-          f"{rounds_before_restart}")
+    print(
+        f"fault-injection run: {time.time() - started:.1f} s wall, SuperLink killed after round {rounds_before_restart}"
+    )
 
     # every round exactly once, in order; each aggregated at least min-clients replies
     train = _train_lines(run_dir)
-    print("rounds (round, replies, seconds):", [(r["round"], r.get("num-replies"), r.get("round-seconds")) for r in train])
+    print(
+        "rounds (round, replies, seconds):", [(r["round"], r.get("num-replies"), r.get("round-seconds")) for r in train]
+    )
     assert [r["round"] for r in train] == list(range(1, ROUNDS + 1))
     assert all(r["num-replies"] >= 2 and r["updated"] for r in train)
     assert any(r["num-replies"] == 2 for r in train), "some round must have run without the killed node"
@@ -148,7 +181,7 @@ def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prom
             assert booked < ROUNDS
             assert booked <= steps <= booked + 1  # +1: a step taken, then killed before the reply left
             # no local prompt lost: the history from before the kill goes on, it did not start over
-            assert node_state.accountant.history[:len(history_at_kill)] == history_at_kill
+            assert node_state.accountant.history[: len(history_at_kill)] == history_at_kill
             assert steps > len(history_at_kill), "the restarted node rejoined and trained"
         else:
             # a round cut short by the SuperLink's death runs again with the same p_G: the cached reply is
@@ -158,8 +191,10 @@ def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prom
 
     # the privacy report is the accountant's for these books
     summary = json.loads((run_dir / "summary.json").read_text())
-    expected = max(accounted_epsilon(state.noise_multiplier_global, state.node_sample_rates[k], n, 1e-5)
-                   for k, n in state.participation.items())
+    expected = max(
+        accounted_epsilon(state.noise_multiplier_global, state.node_sample_rates[k], n, 1e-5)
+        for k, n in state.participation.items()
+    )
     assert summary["privacy"]["epsilon-gdp-mechanism-max"] == pytest.approx(expected)
     # p_G's guarantee: DP-FPL's reply reads p_L, so it is the composed epsilon
     assert summary["privacy"]["epsilon-global-max"] == pytest.approx(summary["privacy"]["epsilon-published-max"])

@@ -14,23 +14,35 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from client_app.app import app as client_app
-from client_app.state import NODE_KEY_FILE, NodeState, node_key
-from common.classlist import ClassListMismatch, check_class_list, class_list_digest
-from common.config import RunConfig
-from common.inprocess import InProcessGrid, full_run_config
-from common.outcome import RunFailed
-from common.privacy import accounted_epsilon
-from common.runtag import run_tag
-from server_app.checkpoint import RunDirectory, ServerState
-from server_app.runner import run_federation
-from server_app.strategy import PromptStrategy
+from dpfpl.client_app.app import app as client_app
+from dpfpl.client_app.state import NODE_KEY_FILE, NodeState, node_key
+from dpfpl.common.classlist import ClassListMismatch, check_class_list, class_list_digest
+from dpfpl.common.config import RunConfig
+from dpfpl.common.outcome import RunFailed
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.common.runtag import run_tag
+from dpfpl.inprocess import InProcessGrid, full_run_config
+from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.runner import run_federation
+from dpfpl.server_app.strategy import PromptStrategy
 
 torch.set_num_threads(1)
 
-TINY = {"num-clients": 3, "classes-per-client": 2, "min-clients": 2, "pretrained": "none", "n-ctx": 4,
-        "batch-size": 8, "eval-every": 100, "eval-last": 0, "rank": 2, "dp": True, "target-epsilon": 0.0,
-        "noise-multiplier-local": 1.0, "noise-multiplier-global": 1.5}
+TINY = {
+    "num-clients": 3,
+    "classes-per-client": 2,
+    "min-clients": 2,
+    "pretrained": "none",
+    "n-ctx": 4,
+    "batch-size": 8,
+    "eval-every": 100,
+    "eval-last": 0,
+    "rank": 2,
+    "dp": True,
+    "target-epsilon": 0.0,
+    "noise-multiplier-local": 1.0,
+    "noise-multiplier-global": 1.5,
+}
 
 
 class FaultyGrid(InProcessGrid):
@@ -56,9 +68,12 @@ def _run(tmp_path, rounds: int, down=None, fresh_node_ids=False, **overrides) ->
     config = full_run_config({**TINY, "num-server-rounds": rounds, "run-dir": str(tmp_path / "run"), **overrides})
     grid = FaultyGrid(client_app, config, 3, {"num-threads": 1}, down=down)
     if fresh_node_ids:  # as Flower's simulation does for every run: new random node ids
-        grid.contexts = {(nid := secrets.randbits(62) + 1): Context(
-            run_id=c.run_id, node_id=nid, node_config=c.node_config, state=c.state, run_config=c.run_config)
-            for c in grid.contexts.values()}
+        grid.contexts = {
+            (nid := secrets.randbits(62) + 1): Context(
+                run_id=c.run_id, node_id=nid, node_config=c.node_config, state=c.state, run_config=c.run_config
+            )
+            for c in grid.contexts.values()
+        }
     with grid.identity():
         return run_federation(grid, RunConfig.from_flower(config)), grid
 
@@ -83,15 +98,19 @@ def test_a_node_that_dies_mid_run_is_left_out_and_rejoins_with_its_local_prompt(
     node2 = NodeState.load(_node_dir(tmp_path, 2))
     assert node2.last_round == 4 and len(node2.accountant.history) == 2 and node2.run_key == state.run_token
     assert sorted(p.name for p in _node_dir(tmp_path, 2).glob("local_state*")) == [
-        "local_state.safetensors", "local_state.safetensors.prev"]
+        "local_state.safetensors",
+        "local_state.safetensors.prev",
+    ]
     # the privacy report is the accountant's, for each node's own rounds
     expected = max(accounted_epsilon(1.5, state.node_sample_rates[k], n, 1e-5) for k, n in state.participation.items())
     assert summary["privacy"]["epsilon-gdp-mechanism-max"] == pytest.approx(expected)
     # p_G's guarantee: the reply reads p_L, so both releases compose, z = (1^-2 + 1.5^-2)^-1/2, over every
     # step each node's own accountant took
     z = 1.0 / math.sqrt(1.0 + 1.5**-2)
-    steps = {str(node_key(_node_dir(tmp_path, p))): len(NodeState.load(_node_dir(tmp_path, p)).accountant.history)
-             for p in range(3)}
+    steps = {
+        str(node_key(_node_dir(tmp_path, p))): len(NodeState.load(_node_dir(tmp_path, p)).accountant.history)
+        for p in range(3)
+    }
     composed = max(accounted_epsilon(z, state.node_sample_rates[k], n, 1e-5) for k, n in steps.items())
     assert summary["privacy"]["epsilon-global-max"] == pytest.approx(composed) and composed > expected
     assert summary["privacy"]["epsilon-published-max"] == pytest.approx(composed)
@@ -141,22 +160,45 @@ def test_check_class_list_order_matters_and_a_missing_digest_is_refused():
 
 # ------------------------------------------------------------------ strategy-level books
 def _strategy(tmp_path) -> PromptStrategy:
-    cfg = RunConfig(run_dir=str(tmp_path), num_clients=4, min_clients=1, batch_size=8, lr_global=1.0,
-                    target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=2.0)
-    state = ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=0, run_token="t",
-                        noise_multiplier_global=2.0, config_fingerprint="f")
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        num_clients=4,
+        min_clients=1,
+        batch_size=8,
+        lr_global=1.0,
+        target_epsilon=0,
+        noise_multiplier_local=1.0,
+        noise_multiplier_global=2.0,
+    )
+    state = ServerState(
+        p_global=torch.zeros(4, 16),
+        momentum=None,
+        server_round=0,
+        run_token="t",
+        noise_multiplier_global=2.0,
+        config_fingerprint="f",
+    )
     return PromptStrategy(cfg, state)
 
 
 def _reply(node: int, key, num_examples: float = 80.0, batch: float = 8.0) -> Message:
-    metrics = {"server-round": 1, "batch-size": batch, "num-examples": num_examples, "run-tag": run_tag("t"),
-               "noise-multiplier-local": 1.0}
+    metrics = {
+        "server-round": 1,
+        "batch-size": batch,
+        "num-examples": num_examples,
+        "run-tag": run_tag("t"),
+        "noise-multiplier-local": 1.0,
+    }
     if key is not None:
         metrics["node-key"] = key
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_src_node_id"] = 0
-    msg = Message(content=RecordDict({"arrays": ArrayRecord({"global-grad": torch.zeros(4, 16)}),
-                                      "metrics": MetricRecord(metrics)}), reply_to=request)
+    msg = Message(
+        content=RecordDict(
+            {"arrays": ArrayRecord({"global-grad": torch.zeros(4, 16)}), "metrics": MetricRecord(metrics)}
+        ),
+        reply_to=request,
+    )
     msg.metadata.__dict__["_src_node_id"] = node
     return msg
 
@@ -195,8 +237,15 @@ def test_a_crash_between_checkpoint_and_metrics_line_loses_no_line(tmp_path):
     run.append_metrics({"round": 0, "phase": "zeroshot"})
     run.append_metrics({"round": 1, "phase": "train"})
     record = {"round": 2, "phase": "train", "num-replies": 3.0}
-    state = ServerState(p_global=torch.zeros(2, 2), momentum=None, server_round=2, run_token="t",
-                        noise_multiplier_global=1.0, config_fingerprint="f", last_record=record)
+    state = ServerState(
+        p_global=torch.zeros(2, 2),
+        momentum=None,
+        server_round=2,
+        run_token="t",
+        noise_multiplier_global=1.0,
+        config_fingerprint="f",
+        last_record=record,
+    )
     run.save(state)  # ... and the process dies before append_metrics(record)
     run.append_metrics({"round": 3, "phase": "train"})  # a line past the checkpoint (the round runs again)
     run.resume_metrics(run.load())

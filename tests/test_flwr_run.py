@@ -21,10 +21,12 @@ import uuid
 
 import pytest
 
-from common.cli import prepare
-from common.config import RunConfig
-from common.inprocess import full_run_config
-from common.launch import PROJECT_ROOT, _bin, _status, free_port, launch_env, stop_tagged_processes, tagged_processes
+from dpfpl.cli import prepare
+from dpfpl.common.config import RunConfig
+from dpfpl.inprocess import full_run_config
+from dpfpl.launch import PROJECT_ROOT, _bin, _status, free_port, launch_env, stop_tagged_processes, tagged_processes
+
+pytestmark = pytest.mark.flower  # Flower's own `flwr run .` with its managed local SuperLink
 
 CLIENTS = 3
 
@@ -34,10 +36,12 @@ def flower_home(tmp_path):
     """A private FLWR_HOME (no config.toml: flwr writes its default, the managed local connection) and free
     ports for the managed SuperLink; afterwards every process started under the tag is stopped by pid."""
     tag = f"flwr-run-test-{uuid.uuid4().hex}"
-    env = {**launch_env(tmp_path / "flwr-home", tag),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env = {
+        **launch_env(tmp_path / "flwr-home", tag),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }
     try:
         yield env
     finally:
@@ -47,14 +51,38 @@ def flower_home(tmp_path):
 
 def test_flwr_run_dot_on_the_embedded_default(tmp_path, cache_dir, flower_home):
     run_dir = tmp_path / "run"
-    overrides = {"num-clients": CLIENTS, "min-clients": CLIENTS, "num-server-rounds": 2, "eval-every": 1,
-                 "eval-last": 0, "lr-global": 0.1, "lr-local": 0.1, "run-dir": str(run_dir), "resume": False}
+    overrides = {
+        "num-clients": CLIENTS,
+        "min-clients": CLIENTS,
+        "num-server-rounds": 2,
+        "eval-every": 1,
+        "eval-last": 0,
+        "lr-global": 0.1,
+        "lr-local": 0.1,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
     prepare(RunConfig.from_flower(full_run_config(overrides)), print_partition=False)  # the backbone, once
-    run_config = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items())
+    run_config = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items()
+    )
     done = subprocess.run(
-        [_bin("flwr"), "run", ".", "--run-config", run_config,
-         "--federation-config", f"num-supernodes={CLIENTS}", "--stream"],
-        cwd=PROJECT_ROOT, env=flower_home, capture_output=True, text=True, timeout=900)
+        [
+            _bin("flwr"),
+            "run",
+            ".",
+            "--run-config",
+            run_config,
+            "--federation-config",
+            f"num-supernodes={CLIENTS}",
+            "--stream",
+        ],
+        cwd=PROJECT_ROOT,
+        env=flower_home,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(done.stdout[-4000:], done.stderr[-2000:])
     assert done.returncode == 0
     assert "Installing application dependencies" not in done.stdout + done.stderr

@@ -9,16 +9,23 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import MessageType
 
-import client_app.app as client_module
-from client_app.state import NodeState
-from common.classlist import DIGEST_KEY, class_list_digest
-from common.config import METHOD_NAMES, RunConfig
-from common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
-from common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
+import dpfpl.client_app.app as client_module
+from dpfpl.client_app.state import NodeState
+from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
+from dpfpl.common.config import METHOD_NAMES, RunConfig
+from dpfpl.common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
 
 TRAINING = [m for m in METHOD_NAMES if m != "zeroshot"]
-LOCAL_KEYS = {"coop": {"p_local"}, "promptfl": set(), "fedotp": {"p_local"}, "fedpgp": {"u", "v"},
-              "dpfpl-noresidual": {"p_local"}, "dpfpl": {"p_local"}, "secfpp": {"p_local"}}
+LOCAL_KEYS = {
+    "coop": {"p_local"},
+    "promptfl": set(),
+    "fedotp": {"p_local"},
+    "fedpgp": {"u", "v"},
+    "dpfpl-noresidual": {"p_local"},
+    "dpfpl": {"p_local"},
+    "secfpp": {"p_local"},
+}
 
 
 def _step(learner, p_global, local, dp, gen, feats, labels):
@@ -107,14 +114,34 @@ def test_fedpgp_reply_includes_the_contrastive_gradient(encoder, batch):
 
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_reply_carries_exactly_what_the_method_shares(name, tmp_path, cache_dir):
-    cfg = RunConfig(run_dir=str(tmp_path / "run"), method=name, num_clients=10, batch_size=8, n_ctx=4, rank=2,
-                    num_server_rounds=3, target_epsilon=1.0)
-    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 10}, state=RecordDict(),
-                  run_config=cfg.to_flower())
+    cfg = RunConfig(
+        run_dir=str(tmp_path / "run"),
+        method=name,
+        num_clients=10,
+        batch_size=8,
+        n_ctx=4,
+        rank=2,
+        num_server_rounds=3,
+        target_epsilon=1.0,
+    )
+    ctx = Context(
+        run_id=1,
+        node_id=5,
+        node_config={"partition-id": 0, "num-partitions": 10},
+        state=RecordDict(),
+        run_config=cfg.to_flower(),
+    )
     method = build_method(name)
-    records = {"config": ConfigRecord({"server-round": 1, "run-token": "tok", "noise-multiplier-global":
-                                       2.0 if method.shares_global else math.inf,
-                                       DIGEST_KEY: class_list_digest(cfg.class_list())})}
+    records = {
+        "config": ConfigRecord(
+            {
+                "server-round": 1,
+                "run-token": "tok",
+                "noise-multiplier-global": 2.0 if method.shares_global else math.inf,
+                DIGEST_KEY: class_list_digest(cfg.class_list()),
+            }
+        )
+    }
     if method.shares_global:
         records["arrays"] = ArrayRecord({"global-prompt": torch.zeros(4, 128)})
     msg = Message(content=RecordDict(records), dst_node_id=1, message_type=MessageType.TRAIN)
@@ -138,7 +165,9 @@ def test_a_missing_release_costs_nothing_in_the_accountant():
     for _ in range(5):
         acc.record_step(math.inf, 2.0, 0.1)  # PromptFL: no local release
     assert acc.epsilon_local() == 0.0
-    assert acc.epsilon_published() == pytest.approx(acc.epsilon_global()) == pytest.approx(epsilon_for(2.0, 0.1, 5, 1e-5))
+    assert (
+        acc.epsilon_published() == pytest.approx(acc.epsilon_global()) == pytest.approx(epsilon_for(2.0, 0.1, 5, 1e-5))
+    )
     assert combined_noise_multiplier(math.inf, 3.0) == pytest.approx(3.0)
     assert math.isinf(combined_noise_multiplier(math.inf, math.inf))
 
@@ -159,7 +188,7 @@ def test_the_residual_makes_the_forward_context_exactly_p_local():
     orthonormalized, so the context U v has k unit singular values whatever the scale of p_L: a random
     rank-k partial isometry drawn afresh every step. On the demo backbone (token embeddings of norm ~0.2)
     it swamps the prompt and the ablation does not learn; docs/results explains it."""
-    from common.methods import RefactorizedLocal
+    from dpfpl.common.methods import RefactorizedLocal
 
     gen = torch.Generator().manual_seed(0)
     state = {"p_local": torch.randn(16, 64, generator=gen) * 0.02}
@@ -172,23 +201,46 @@ def test_the_residual_makes_the_forward_context_exactly_p_local():
 @pytest.mark.parametrize("name", [m for m in TRAINING if m != "dpfpl-noresidual"])
 def test_a_few_rounds_without_dp_beat_zero_shot_on_local_classes(name, tmp_path, cache_dir):
     """The whole app (ServerApp round loop + ClientApps, in-process transport) on the embedded default."""
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
-    summary = run_inprocess({
-        "method": name, "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 3,
-        "eval-every": 1, "eval-last": 2, "dp": False, "lr-global": 0.05, "lr-local": 0.05, "batch-size": 64,
-        "run-dir": str(tmp_path / "run"), "resume": False,
-    }, num_nodes=3)
+    summary = run_inprocess(
+        {
+            "method": name,
+            "num-clients": 3,
+            "classes-per-client": 2,
+            "min-clients": 3,
+            "num-server-rounds": 3,
+            "eval-every": 1,
+            "eval-last": 2,
+            "dp": False,
+            "lr-global": 0.05,
+            "lr-local": 0.05,
+            "batch-size": 64,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        },
+        num_nodes=3,
+    )
     assert summary["rounds"] == 3 and summary["method"] == name
     assert summary["last-rounds-mean"]["evaluations"] == 2
     assert summary["final"]["local-acc"] > summary["zeroshot"]["local-acc"] + 0.02
 
 
 def test_zeroshot_run_reports_the_handcrafted_prompts(tmp_path, cache_dir):
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
-    summary = run_inprocess({"method": "zeroshot", "num-clients": 3, "classes-per-client": 2, "min-clients": 3,
-                             "num-server-rounds": 5, "run-dir": str(tmp_path / "run"), "resume": False}, num_nodes=3)
+    summary = run_inprocess(
+        {
+            "method": "zeroshot",
+            "num-clients": 3,
+            "classes-per-client": 2,
+            "min-clients": 3,
+            "num-server-rounds": 5,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        },
+        num_nodes=3,
+    )
     assert summary["rounds"] == 0
     assert summary["final"]["local-acc"] == summary["zeroshot"]["local-acc"]
     assert summary["last-rounds-mean"]["local-acc"] == summary["zeroshot"]["local-acc"]

@@ -6,16 +6,24 @@ import math
 import numpy as np
 import pytest
 
-from common.data.images import DatasetError
-from common.data.partition import (base_novel_classes, dirichlet_partition, few_shot, partition_dataset,
-                                   pathological_partition)
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.partition import (
+    base_novel_classes,
+    dirichlet_partition,
+    few_shot,
+    partition_dataset,
+    pathological_partition,
+)
 
 
 def toy_labels(num_classes=20, per_class_train=30, per_class_test=10, seed=0):
     rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.repeat(np.arange(num_classes), per_class_train),
-                             np.repeat(np.arange(num_classes), per_class_test)])
-    is_test = np.concatenate([np.zeros(num_classes * per_class_train, bool), np.ones(num_classes * per_class_test, bool)])
+    labels = np.concatenate(
+        [np.repeat(np.arange(num_classes), per_class_train), np.repeat(np.arange(num_classes), per_class_test)]
+    )
+    is_test = np.concatenate(
+        [np.zeros(num_classes * per_class_train, bool), np.ones(num_classes * per_class_test, bool)]
+    )
     order = rng.permutation(len(labels))  # records in no particular order, as on disk
     return labels[order], is_test[order], [f"c{i}" for i in range(num_classes)]
 
@@ -62,8 +70,9 @@ def test_dirichlet_covers_train_and_test_once_with_min_samples_and_is_seeded():
     _assert_exact_cover([c.test for c in part.clients], np.flatnonzero(is_test))
     assert min(len(c.train) for c in part.clients) >= 10
     again = partition_dataset(labels, is_test, names, "dirichlet", 8, seed=5, alpha=0.3, min_samples=10)
-    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test)
-               for a, b in zip(part.clients, again.clients))
+    assert all(
+        np.array_equal(a.train, b.train) and np.array_equal(a.test, b.test) for a, b in zip(part.clients, again.clients)
+    )
     other = partition_dataset(labels, is_test, names, "dirichlet", 8, seed=6, alpha=0.3, min_samples=10)
     assert any(not np.array_equal(a.train, b.train) for a, b in zip(part.clients, other.clients))
 

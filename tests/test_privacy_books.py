@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,20 +15,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.privacy import accounted_epsilon
-from server_app.books import COVERS, SECFPP_EXCLUSION, privacy_maxima
-from server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
-from server_app.runner import summarize
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.server_app.books import COVERS, SECFPP_EXCLUSION, privacy_maxima
+from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
+from dpfpl.server_app.runner import summarize
+from dpfpl.server_app.strategy import PromptStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 Q_SMALL, Q_LARGE = 0.05, 0.2
 
 
 def _state(**books) -> ServerState:
-    return ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=2, run_token="t",
-                       noise_multiplier_global=2.0, config_fingerprint="f", evaluated_round=2, **books)
+    return ServerState(
+        p_global=torch.zeros(4, 16),
+        momentum=None,
+        server_round=2,
+        run_token="t",
+        noise_multiplier_global=2.0,
+        config_fingerprint="f",
+        evaluated_round=2,
+        **books,
+    )
 
 
 def _independent_combined(z_local: float, z_global: float) -> float:
@@ -38,8 +45,9 @@ def _independent_combined(z_local: float, z_global: float) -> float:
 
 
 def test_p_global_epsilon_composes_both_releases_where_the_reply_reads_local_state():
-    state = _state(node_sample_rates={"a": Q_SMALL}, participation={"a": 5}, node_noise_local={"a": 1.5},
-                   node_steps={"a": 5})
+    state = _state(
+        node_sample_rates={"a": Q_SMALL}, participation={"a": 5}, node_noise_local={"a": 1.5}, node_steps={"a": 5}
+    )
     gdp = accounted_epsilon(2.0, Q_SMALL, 5, 1e-5)
     composed = accounted_epsilon(_independent_combined(1.5, 2.0), Q_SMALL, 5, 1e-5)
     with_local = privacy_maxima(state, 1e-5, has_local=True, shares_global=True)
@@ -53,33 +61,49 @@ def test_p_global_epsilon_composes_both_releases_where_the_reply_reads_local_sta
 
 def test_a_step_whose_reply_was_never_aggregated_still_counts_for_p_global():
     """The node stepped 4 times (its reply was dropped once): p_L, read by the next replies, moved 4 times."""
-    state = _state(node_sample_rates={"a": Q_SMALL}, participation={"a": 3}, node_noise_local={"a": 1.5},
-                   node_steps={"a": 4})
+    state = _state(
+        node_sample_rates={"a": Q_SMALL}, participation={"a": 3}, node_noise_local={"a": 1.5}, node_steps={"a": 4}
+    )
     eps = privacy_maxima(state, 1e-5, has_local=True, shares_global=True)
     assert eps["epsilon-global-max"] == pytest.approx(
-        accounted_epsilon(_independent_combined(1.5, 2.0), Q_SMALL, 4, 1e-5))
+        accounted_epsilon(_independent_combined(1.5, 2.0), Q_SMALL, 4, 1e-5)
+    )
     assert eps["epsilon-gdp-mechanism-max"] == pytest.approx(accounted_epsilon(2.0, Q_SMALL, 3, 1e-5))
 
 
 def _strategy(tmp_path, method: str = "dpfpl") -> PromptStrategy:
-    cfg = RunConfig(run_dir=str(tmp_path), method=method, num_clients=3, min_clients=1, target_epsilon=0,
-                    noise_multiplier_local=1.5, noise_multiplier_global=2.0,
-                    **({"secfpp_min_cluster_size": 1} if method == "secfpp" else {}))
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        method=method,
+        num_clients=3,
+        min_clients=1,
+        target_epsilon=0,
+        noise_multiplier_local=1.5,
+        noise_multiplier_global=2.0,
+        **({"secfpp_min_cluster_size": 1} if method == "secfpp" else {}),
+    )
     # node "b" has the larger sample rate and missed the last round; the last round then failed altogether
-    state = _state(node_sample_rates={"a": Q_SMALL, "b": Q_LARGE}, participation={"a": 2, "b": 1},
-                   node_noise_local={"a": 1.5, "b": 1.5}, node_steps={"a": 2, "b": 1})
+    state = _state(
+        node_sample_rates={"a": Q_SMALL, "b": Q_LARGE},
+        participation={"a": 2, "b": 1},
+        node_noise_local={"a": 1.5, "b": 1.5},
+        node_steps={"a": 2, "b": 1},
+    )
     return PromptStrategy(cfg, state)
 
 
 def test_summary_maxima_are_over_every_node_even_when_the_last_round_failed(tmp_path):
     strategy = _strategy(tmp_path)
-    metrics = [{"round": 1, "phase": "train", "updated": True, "epsilon-local-max": 0.01},
-               {"round": 2, "phase": "train", "updated": False}]  # failed: no reply, no epsilon in the line
+    metrics = [
+        {"round": 1, "phase": "train", "updated": True, "epsilon-local-max": 0.01},
+        {"round": 2, "phase": "train", "updated": False},
+    ]  # failed: no reply, no epsilon in the line
     privacy = summarize(strategy.cfg, strategy.state, metrics, strategy)["privacy"]
     worst = {  # node b: larger q, one step; node a: smaller q, two steps
         "epsilon-local-max": max(accounted_epsilon(1.5, q, n, 1e-5) for q, n in ((Q_SMALL, 2), (Q_LARGE, 1))),
-        "epsilon-published-max": max(accounted_epsilon(_independent_combined(1.5, 2.0), q, n, 1e-5)
-                                     for q, n in ((Q_SMALL, 2), (Q_LARGE, 1))),
+        "epsilon-published-max": max(
+            accounted_epsilon(_independent_combined(1.5, 2.0), q, n, 1e-5) for q, n in ((Q_SMALL, 2), (Q_LARGE, 1))
+        ),
     }
     for key, value in worst.items():
         assert privacy[key] == pytest.approx(value)
@@ -89,7 +113,7 @@ def test_summary_maxima_are_over_every_node_even_when_the_last_round_failed(tmp_
 
 
 def test_secfpp_says_its_epsilon_does_not_cover_the_clustering(tmp_path):
-    from common.cli import report
+    from dpfpl.cli import report
 
     strategy = _strategy(tmp_path, "secfpp")
     summary = summarize(strategy.cfg, strategy.state, [], strategy)
@@ -100,10 +124,21 @@ def test_secfpp_says_its_epsilon_does_not_cover_the_clustering(tmp_path):
 
 
 def _save_round(run: RunDirectory, server_round: int, evaluated: bool) -> None:
-    run.save(_state(participation={"a": server_round}, node_steps={"a": server_round}) if evaluated else
-             ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=server_round, run_token="t",
-                         noise_multiplier_global=2.0, config_fingerprint="f", evaluated_round=server_round - 1,
-                         participation={"a": server_round}, node_steps={"a": server_round}))
+    run.save(
+        _state(participation={"a": server_round}, node_steps={"a": server_round})
+        if evaluated
+        else ServerState(
+            p_global=torch.zeros(4, 16),
+            momentum=None,
+            server_round=server_round,
+            run_token="t",
+            noise_multiplier_global=2.0,
+            config_fingerprint="f",
+            evaluated_round=server_round - 1,
+            participation={"a": server_round},
+            node_steps={"a": server_round},
+        )
+    )
 
 
 def _damage(run: RunDirectory) -> None:
@@ -130,9 +165,22 @@ def test_losing_a_rounds_second_checkpoint_loses_no_release(tmp_path):
 
 
 # ---------------------------------------------------------------- a real kill between broadcast and checkpoint
-TINY = {"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "pretrained": "none", "n-ctx": 4,
-        "batch-size": 8, "eval-every": 1, "eval-last": 0, "rank": 2, "dp": True, "target-epsilon": 0.0,
-        "noise-multiplier-local": 1.0, "noise-multiplier-global": 1.5, "num-server-rounds": 2}
+TINY = {
+    "num-clients": 2,
+    "classes-per-client": 2,
+    "min-clients": 2,
+    "pretrained": "none",
+    "n-ctx": 4,
+    "batch-size": 8,
+    "eval-every": 1,
+    "eval-last": 0,
+    "rank": 2,
+    "dp": True,
+    "target-epsilon": 0.0,
+    "noise-multiplier-local": 1.0,
+    "noise-multiplier-global": 1.5,
+    "num-server-rounds": 2,
+}
 
 CHILD = """
 import os, signal, sys
@@ -149,9 +197,9 @@ def _digest(array) -> str:
 def run_logged(run_dir: str, kill_at_evaluation: int | None = None) -> dict:
     """Run the federation in process, logging every p_G that leaves (round it follows, digest); with
     ``kill_at_evaluation`` the process SIGKILLs itself right after that round's first evaluation message left."""
-    from client_app.app import app as client_app
-    from common.inprocess import InProcessGrid, full_run_config
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app.runner import run_federation
 
     log = Path(run_dir).parent / "released.jsonl"
 
@@ -164,12 +212,16 @@ def run_logged(run_dir: str, kill_at_evaluation: int | None = None) -> dict:
                     server_round = int(content["config"]["server-round"])
                     after = server_round if message.metadata.message_type == "evaluate" else server_round - 1
                     with open(log, "a") as fh:
-                        fh.write(json.dumps({"after-round": after,
-                                             "p_G": _digest(content["arrays"]["global-prompt"])})
-                                 + "\n")
+                        fh.write(
+                            json.dumps({"after-round": after, "p_G": _digest(content["arrays"]["global-prompt"])})
+                            + "\n"
+                        )
                 ids += list(super().push_messages([message]))
-                if message.metadata.message_type == "evaluate" and kill_at_evaluation is not None and \
-                        int(content["config"]["server-round"]) == kill_at_evaluation:
+                if (
+                    message.metadata.message_type == "evaluate"
+                    and kill_at_evaluation is not None
+                    and int(content["config"]["server-round"]) == kill_at_evaluation
+                ):
                     os.kill(os.getpid(), signal.SIGKILL)  # p_G of this round has left the server
             return ids
 
@@ -181,8 +233,14 @@ def run_logged(run_dir: str, kill_at_evaluation: int | None = None) -> dict:
 
 def test_a_server_killed_after_sending_p_global_never_releases_a_second_version(tmp_path, cache_dir):
     run_dir = str(tmp_path / "run")
-    child = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), run_dir=run_dir)], cwd=ROOT,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT), run_dir=run_dir)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     summary = run_logged(run_dir)  # resume = true (the default): the run restarts from its checkpoint
     released: dict[int, set[str]] = {}

@@ -15,11 +15,17 @@ import torch
 import torch.nn.functional as F
 from dp_accounting.pld import privacy_loss_distribution
 
-from common.config import RunConfig
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize
-from common.privacy import (PrivacyAccountant, add_gaussian_noise, combined_noise_multiplier, dp_generator,
-                            epsilon_for, poisson_sample)
-from common.privacy.mechanisms import standard_normal
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method, factorize
+from dpfpl.common.privacy import (
+    PrivacyAccountant,
+    add_gaussian_noise,
+    combined_noise_multiplier,
+    dp_generator,
+    epsilon_for,
+    poisson_sample,
+)
+from dpfpl.common.privacy.mechanisms import standard_normal
 
 EXPECTED_BATCH = 8
 C_LOCAL, C_GLOBAL = 0.05, 0.03  # small enough that every sample of the batch is clipped
@@ -43,8 +49,17 @@ def test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_ba
     p_global = torch.randn(8, encoder.width, generator=gen) * 0.02
     p_local = torch.randn(8, encoder.width, generator=gen) * 0.02
     replay = copy.deepcopy(gen)
-    out = learner.train_step(p_global, {"p_local": p_local}, {}, feats, labels, EXPECTED_BATCH,
-                             DpSettings(True, 0.0, C_LOCAL, C_GLOBAL), SgdSettings(0.1), gen)
+    out = learner.train_step(
+        p_global,
+        {"p_local": p_local},
+        {},
+        feats,
+        labels,
+        EXPECTED_BATCH,
+        DpSettings(True, 0.0, C_LOCAL, C_GLOBAL),
+        SgdSettings(0.1),
+        gen,
+    )
     idx = poisson_sample(len(labels), EXPECTED_BATCH / len(labels), replay)
     u, v, r = factorize(p_local, 2, replay)
     assert len(idx) == out.batch_size and out.batch_size != EXPECTED_BATCH  # realized != expected batch
@@ -63,10 +78,16 @@ def test_dp_step_equals_a_per_sample_loop_clipped_and_divided_by_the_expected_ba
 
 
 def test_server_noise_std_is_z_times_clip_over_b_times_n():
-    from server_app.strategy import global_update
+    from dpfpl.server_app.strategy import global_update
 
-    cfg = RunConfig(lr_global=1.0, batch_size=4, max_grad_norm_global=3.0, target_epsilon=0,
-                    noise_multiplier_local=1.0, noise_multiplier_global=2.0)
+    cfg = RunConfig(
+        lr_global=1.0,
+        batch_size=4,
+        max_grad_norm_global=3.0,
+        target_epsilon=0,
+        noise_multiplier_local=1.0,
+        noise_multiplier_global=2.0,
+    )
     zeros = [torch.zeros(200, 100) for _ in range(5)]
     p_global, _, std = global_update(cfg, torch.zeros(200, 100), None, zeros, 2.0, torch.Generator().manual_seed(0))
     expected = 2.0 * 3.0 / (4 * 5)
@@ -75,18 +96,25 @@ def test_server_noise_std_is_z_times_clip_over_b_times_n():
 
 
 def test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_dp(tmp_path):
-    from server_app.checkpoint import ServerState
-    from server_app.strategy import PromptStrategy
+    from dpfpl.server_app.checkpoint import ServerState
+    from dpfpl.server_app.strategy import PromptStrategy
 
     draw = lambda gen: torch.randn(8, generator=gen)  # noqa: E731
     assert not torch.equal(draw(dp_generator(True, 7)), draw(dp_generator(True, 7)))
     assert torch.equal(draw(dp_generator(False, 7)), draw(dp_generator(False, 7)))
 
     def server_noise() -> torch.Tensor:
-        cfg = RunConfig(run_dir=str(tmp_path), target_epsilon=0, noise_multiplier_local=1.0,
-                        noise_multiplier_global=1.0, seed=3)
-        state = ServerState(p_global=torch.zeros(2, 4), momentum=None, server_round=0, run_token="t",
-                            noise_multiplier_global=1.0, config_fingerprint="f")
+        cfg = RunConfig(
+            run_dir=str(tmp_path), target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=1.0, seed=3
+        )
+        state = ServerState(
+            p_global=torch.zeros(2, 4),
+            momentum=None,
+            server_round=0,
+            run_token="t",
+            noise_multiplier_global=1.0,
+            config_fingerprint="f",
+        )
         return draw(PromptStrategy(cfg, state).noise_generator)
 
     assert not torch.equal(server_noise(), server_noise())  # same run config, unpredictable noise
@@ -95,8 +123,10 @@ def test_dp_generators_are_seeded_from_the_os_and_follow_the_seed_only_without_d
 def test_secure_noise_is_standard_normal_fresh_per_release_and_leaves_the_generator_alone():
     gen = torch.Generator().manual_seed(0)
     before = gen.get_state()
-    first, second = standard_normal((400, 250), gen, torch.float32, secure=True), \
-        standard_normal((400, 250), gen, torch.float32, secure=True)
+    first, second = (
+        standard_normal((400, 250), gen, torch.float32, secure=True),
+        standard_normal((400, 250), gen, torch.float32, secure=True),
+    )
     assert torch.equal(gen.get_state(), before)
     assert not torch.equal(first, second)
     for sample in (first, second):
@@ -114,8 +144,12 @@ def test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting(
     for _ in range(steps):
         acc.record_step(z_l, z_g, q)
     pld = privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=1.0, sensitivity=math.sqrt(z_l**-2 + z_g**-2), sampling_prob=q,
-        value_discretization_interval=1e-4, use_connect_dots=True).self_compose(steps)
+        standard_deviation=1.0,
+        sensitivity=math.sqrt(z_l**-2 + z_g**-2),
+        sampling_prob=q,
+        value_discretization_interval=1e-4,
+        use_connect_dots=True,
+    ).self_compose(steps)
     independent = pld.get_epsilon_for_delta(1e-5)
     assert acc.epsilon_published() == pytest.approx(independent, rel=0.01)
     assert combined_noise_multiplier(z_l, z_g) == pytest.approx(1 / math.sqrt(z_l**-2 + z_g**-2))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import NodeConfig, RunConfig
-from common.evaluation import harmonic_mean
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.evaluation import harmonic_mean
 
 
 def _cfg(**overrides) -> RunConfig:
-    from common.inprocess import full_run_config
+    from dpfpl.inprocess import full_run_config
 
     return RunConfig.from_flower(full_run_config(overrides))
 
@@ -28,7 +28,7 @@ def test_harmonic_mean():
 
 
 def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_dir):
-    from common.node import NOVEL, load_node_data, run_partition
+    from dpfpl.common.node import NOVEL, load_node_data, run_partition
 
     cfg = _cfg(partition="base-novel", **{"num-clients": 5, "classes-per-client": 2, "num-shots": 8})
     data = load_node_data(cfg, NodeConfig(partition_id=1), tiny_model, str(cache_dir))
@@ -44,7 +44,7 @@ def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_
 
 
 def test_dirichlet_node_data_has_only_a_local_test_shard(tiny_model, cache_dir):
-    from common.node import load_node_data, run_partition
+    from dpfpl.common.node import load_node_data, run_partition
 
     cfg = _cfg(partition="dirichlet", **{"num-clients": 4, "dirichlet-alpha": 0.5})
     data = load_node_data(cfg, NodeConfig(partition_id=2), tiny_model, str(cache_dir))
@@ -56,11 +56,23 @@ def test_dirichlet_node_data_has_only_a_local_test_shard(tiny_model, cache_dir):
 
 def test_a_node_reports_the_protocols_metrics(tmp_path, cache_dir):
     """PromptNode.evaluate on a base-novel run: local/base/novel accuracy and the per-client HM."""
-    from client_app.node import PromptNode
+    from dpfpl.client_app.node import PromptNode
 
-    cfg = _cfg(partition="base-novel", method="dpfpl", **{
-        "model-name": "dpfpl-demo-tiny", "pretrained": "none", "num-clients": 5, "classes-per-client": 2,
-        "num-shots": 8, "n-ctx": 4, "rank": 2, "dp": False, "run-dir": str(tmp_path / "run")})
+    cfg = _cfg(
+        partition="base-novel",
+        method="dpfpl",
+        **{
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "num-clients": 5,
+            "classes-per-client": 2,
+            "num-shots": 8,
+            "n-ctx": 4,
+            "rank": 2,
+            "dp": False,
+            "run-dir": str(tmp_path / "run"),
+        },
+    )
     node = PromptNode(cfg, NodeConfig(partition_id=0, cache_dir=str(cache_dir)))
     zs = node.evaluate(None, "token", zeroshot=True)
     assert {"local-acc", "base-acc", "novel-acc", "hm", "local-loss"} <= set(zs)
@@ -81,8 +93,8 @@ def _write_dataset(root, classes, n_train, n_test, size=40):
 
 
 def test_augmented_views_are_encoded_once_per_view_and_seeded(tmp_path, tiny_model, cache_dir, monkeypatch):
-    from common import features
-    from common.data.folder import load_folder_dataset
+    from dpfpl.common import features
+    from dpfpl.common.data.folder import load_folder_dataset
 
     _write_dataset(tmp_path, ["red", "green"], n_train=3, n_test=1)
     data = load_folder_dataset(tmp_path)
@@ -96,7 +108,7 @@ def test_augmented_views_are_encoded_once_per_view_and_seeded(tmp_path, tiny_mod
 
 
 def test_the_engine_draws_one_view_per_sampled_record(encoder, tiny_model):
-    from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+    from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
 
     learner = PromptLearner(build_method("coop", 2, 0.5, 0.5), encoder, 10.0)
     gen = torch.Generator().manual_seed(0)
@@ -104,26 +116,47 @@ def test_the_engine_draws_one_view_per_sampled_record(encoder, tiny_model):
     feats = torch.nn.functional.normalize(torch.randn(2, 30, d, generator=gen), dim=-1)
     labels = torch.randint(0, 6, (30,), generator=gen)
     local = learner.init_local(gen)
-    out = learner.train_step(None, local, {}, feats, labels, 8, DpSettings(True, 1.0, 10.0, 10.0),
-                             SgdSettings(0.1, 0.0, 0.0), gen)
+    out = learner.train_step(
+        None, local, {}, feats, labels, 8, DpSettings(True, 1.0, 10.0, 10.0), SgdSettings(0.1, 0.0, 0.0), gen
+    )
     assert out.batch_size > 0 and torch.isfinite(out.local["p_local"]).all()
 
 
 def test_a_run_on_an_on_disk_data_set_with_the_base_to_novel_protocol(tmp_path, cache_dir):
     """The whole app (ServerApp round loop + ClientApps, in-process transport) on a class-folder data set:
     the summary states the protocol and reports local/base/novel/HM; novel classes never enter training."""
-    from common.inprocess import run_inprocess
+    from dpfpl.inprocess import run_inprocess
 
     classes = ["red", "green", "blue", "yellow", "purple", "orange", "teal", "pink"]
     _write_dataset(tmp_path / "data", classes, n_train=6, n_test=3)
-    summary = run_inprocess({
-        "dataset": "folder", "data-root": str(tmp_path / "data"), "partition": "base-novel",
-        "model-name": "dpfpl-demo-tiny", "pretrained": "none", "method": "dpfpl", "num-clients": 2,
-        "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2, "eval-every": 1, "eval-last": 2,
-        "dp": True, "target-epsilon": 0.0, "noise-multiplier-local": 1.0, "noise-multiplier-global": 1.0,
-        "batch-size": 4, "n-ctx": 4, "rank": 2, "augment-views": 2,
-        "run-dir": str(tmp_path / "run"), "resume": False,
-    }, num_nodes=2, node_config={"cache-dir": str(cache_dir)})
+    summary = run_inprocess(
+        {
+            "dataset": "folder",
+            "data-root": str(tmp_path / "data"),
+            "partition": "base-novel",
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "method": "dpfpl",
+            "num-clients": 2,
+            "classes-per-client": 2,
+            "min-clients": 2,
+            "num-server-rounds": 2,
+            "eval-every": 1,
+            "eval-last": 2,
+            "dp": True,
+            "target-epsilon": 0.0,
+            "noise-multiplier-local": 1.0,
+            "noise-multiplier-global": 1.0,
+            "batch-size": 4,
+            "n-ctx": 4,
+            "rank": 2,
+            "augment-views": 2,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        },
+        num_nodes=2,
+        node_config={"cache-dir": str(cache_dir)},
+    )
     assert summary["evaluation-protocol"]["name"] == "base-novel"
     assert summary["evaluation-protocol"]["augment-views"] == 2
     for key in ("local-acc", "base-acc", "novel-acc", "hm", "hm-of-means"):

@@ -16,15 +16,20 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from common.cli import main
-from common.features import encode_images
-from common.data.silo import load_images
-from common.methods import PromptLearner, build_method
-from common.predict import PromptClassifier, image_paths
-from common.privacy import PrivacyAccountant
-from common.prompt import PromptTextEncoder
-from common.publish import (PromptMismatchError, PublishedPromptError, accountant_privacy, build_published_prompt,
-                            load_prompt)
+from dpfpl.cli import main
+from dpfpl.common.data.silo import load_images
+from dpfpl.common.features import encode_images
+from dpfpl.common.methods import PromptLearner, build_method
+from dpfpl.common.privacy import PrivacyAccountant
+from dpfpl.common.prompt import PromptTextEncoder
+from dpfpl.predict import PromptClassifier, image_paths
+from dpfpl.publish import (
+    PromptMismatchError,
+    PublishedPromptError,
+    accountant_privacy,
+    build_published_prompt,
+    load_prompt,
+)
 
 CLASSES = ["bear", "cat", "dog", "zebra", "horse"]
 
@@ -37,7 +42,9 @@ def images(tmp_path_factory):
     (root / "sub").mkdir()
     for i in range(14):
         arr = rng.integers(0, 256, (40 + i, 36, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / ("sub" if i % 3 == 0 else ".") / f"img{i:02d}.{'jpg' if i % 4 == 0 else 'png'}")
+        Image.fromarray(arr).save(
+            root / ("sub" if i % 3 == 0 else ".") / f"img{i:02d}.{'jpg' if i % 4 == 0 else 'png'}"
+        )
     return root
 
 
@@ -54,8 +61,9 @@ def trained(tiny_model):
     for _ in range(20):
         accountant.record_step(3.0, 4.0, 0.05)
     privacy = accountant_privacy(accountant, True, 1e-5, 3.0, 4.0, 0.5)
-    published = build_published_prompt(learner, tiny_model, CLASSES, p_global, local, privacy, 2,
-                                       source={"test": "publish"})
+    published = build_published_prompt(
+        learner, tiny_model, CLASSES, p_global, local, privacy, 2, source={"test": "publish"}
+    )
     return learner, p_global, local, accountant, published
 
 
@@ -168,17 +176,32 @@ def test_damaged_or_foreign_files_are_refused(trained, tmp_path, images):
         main(["predict", str(path), str(tmp_path / "missing-folder")])
 
 
-TINY_RUN = {"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2, "eval-every": 2,
-            "eval-last": 1, "batch-size": 8, "n-ctx": 4, "rank": 2, "lr-global": 0.05, "lr-local": 0.05,
-            "pretrained": "none", "dp": True, "target-epsilon": 2.0, "calibrate-for": "published", "resume": False}
+TINY_RUN = {
+    "num-clients": 2,
+    "classes-per-client": 2,
+    "min-clients": 2,
+    "num-server-rounds": 2,
+    "eval-every": 2,
+    "eval-last": 1,
+    "batch-size": 8,
+    "n-ctx": 4,
+    "rank": 2,
+    "lr-global": 0.05,
+    "lr-local": 0.05,
+    "pretrained": "none",
+    "dp": True,
+    "target-epsilon": 2.0,
+    "calibrate-for": "published",
+    "resume": False,
+}
 
 
 def test_export_of_a_federated_run_predicts_as_the_node(cache_dir, tmp_path, images, tiny_model):
     """A real (in-process) federation: node 1's exported prompt is p_G of the checkpoint plus its own local
     prompt, its epsilon is the node's accountant's, and its predictions are the node's."""
-    from client_app.state import NodeState
-    from common.inprocess import run_inprocess
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.inprocess import run_inprocess
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     run_dir = tmp_path / "run"
     run_inprocess({**TINY_RUN, "run-dir": str(run_dir)}, 2, {"cache-dir": str(cache_dir)})

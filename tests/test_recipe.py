@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.methods import DpSettings, PromptLearner, SgdSettings, build_method
-from common.optim import noise_bounded_lr
-from common.prompt import PromptTextEncoder
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+from dpfpl.common.optim import noise_bounded_lr
+from dpfpl.common.prompt import PromptTextEncoder
 
 # the issue that motivated the mechanism: a digit client with 291 records at B = 32 (q = 0.11) over 50
 # steps gets z_L = 6.95 at the demo's epsilon
@@ -19,18 +19,27 @@ SMALL_NODE_RECORDS, SMALL_NODE_Z = 291, 6.95
 
 
 def _demo_config(**overrides) -> RunConfig:
-    from common.cli import DEMO_PRESET, _default_run_config
+    from dpfpl.cli import DEMO_PRESET
 
-    return RunConfig.from_flower({**_default_run_config(), **DEMO_PRESET, **overrides})
+    return RunConfig.from_flower({**RunConfig.defaults(), **DEMO_PRESET, **overrides})
 
 
 def test_noise_bounded_lr_bounds_the_expected_noise_walk():
-    lr = noise_bounded_lr(0.1, radius=0.2, reference_norm=0.5, noise_multiplier=6.95, max_grad_norm=1.0,
-                          expected_batch=32, steps=50, noised_size=264)
+    lr = noise_bounded_lr(
+        0.1,
+        radius=0.2,
+        reference_norm=0.5,
+        noise_multiplier=6.95,
+        max_grad_norm=1.0,
+        expected_batch=32,
+        steps=50,
+        noised_size=264,
+    )
     assert 0 < lr < 0.1
     gen = torch.Generator().manual_seed(0)
-    walks = torch.stack([(lr * 6.95 * 1.0 / 32 * torch.randn(50, 264, generator=gen)).sum(0).norm()
-                         for _ in range(200)])
+    walks = torch.stack(
+        [(lr * 6.95 * 1.0 / 32 * torch.randn(50, 264, generator=gen)).sum(0).norm() for _ in range(200)]
+    )
     assert float(walks.pow(2).mean().sqrt()) == pytest.approx(0.2 * 0.5, rel=0.05)
     # off, or nothing noised: the configured lr
     assert noise_bounded_lr(0.1, 0.0, 0.5, 6.95, 1.0, 32, 50, 264) == 0.1
@@ -44,16 +53,16 @@ def recipe_encoder(tiny_model):
     return PromptTextEncoder(tiny_model.model, tiny_model.tokenizer, [f"class {i}" for i in range(6)], cfg.n_ctx)
 
 
-def _local_drift(encoder: PromptTextEncoder, logit_scale: float, cfg: RunConfig, lr: float, max_norm: float,
-                 feature_dim: int) -> float:
+def _local_drift(
+    encoder: PromptTextEncoder, logit_scale: float, cfg: RunConfig, lr: float, max_norm: float, feature_dim: int
+) -> float:
     """How far a small node's local prompt moves from its init in a run of cfg.num_server_rounds noisy steps."""
     learner = PromptLearner(build_method("dpfpl", cfg.rank), encoder, logit_scale)
     gen = torch.Generator().manual_seed(0)
     local = learner.init_local(gen, cfg.local_init_std)
     start = local["p_local"].clone()
     p_global = encoder.init_context(cfg.ctx_init, gen)
-    feats = torch.nn.functional.normalize(torch.randn(SMALL_NODE_RECORDS, feature_dim,
-                                                      generator=gen), dim=-1)
+    feats = torch.nn.functional.normalize(torch.randn(SMALL_NODE_RECORDS, feature_dim, generator=gen), dim=-1)
     labels = torch.randint(0, 2, (SMALL_NODE_RECORDS,), generator=gen)
     dp = DpSettings(True, SMALL_NODE_Z, max_norm, max_norm)
     momentum: dict = {}
@@ -69,9 +78,16 @@ def test_a_small_node_under_heavy_local_noise_stays_near_its_init(recipe_encoder
     cfg = _demo_config()
     assert cfg.dp and cfg.local_noise_radius > 0 and cfg.ctx_init
     reference = recipe_encoder.reference_context_norm()
-    lr = noise_bounded_lr(cfg.lr_local, cfg.local_noise_radius, reference, SMALL_NODE_Z, cfg.max_grad_norm_local,
-                          cfg.batch_size, cfg.num_server_rounds,
-                          build_method("dpfpl", cfg.rank).local.noised_size(cfg.n_ctx, recipe_encoder.width))
+    lr = noise_bounded_lr(
+        cfg.lr_local,
+        cfg.local_noise_radius,
+        reference,
+        SMALL_NODE_Z,
+        cfg.max_grad_norm_local,
+        cfg.batch_size,
+        cfg.num_server_rounds,
+        build_method("dpfpl", cfg.rank).local.noised_size(cfg.n_ctx, recipe_encoder.width),
+    )
     scale = float(tiny_model.model.logit_scale.exp())
     dim = tiny_model.model.text_projection.shape[1]
     bound = 1.5 * cfg.local_noise_radius * reference
@@ -96,7 +112,7 @@ def test_text_init_starts_from_the_hand_written_prompt(recipe_encoder):
 
 
 def test_validation_split_never_reads_test_images():
-    from common.node import evaluation_indices, run_dataset, run_partition
+    from dpfpl.common.node import evaluation_indices, run_dataset, run_partition
 
     cfg = RunConfig(evaluation="validation", validation_fraction=0.25)
     data = run_dataset(cfg)

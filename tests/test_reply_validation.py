@@ -10,35 +10,79 @@ from flwr.common import MessageType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.config import RunConfig
-from common.runtag import run_tag
-from server_app.checkpoint import ServerState
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.runtag import run_tag
+from dpfpl.server_app.checkpoint import ServerState
+from dpfpl.server_app.strategy import PromptStrategy
 
 SHAPE, ROUND, CLIP, BATCH = (4, 16), 3, 10.0, 8
 
 
 def _strategy():
-    cfg = RunConfig(run_dir="/nonexistent", num_clients=8, min_clients=1, batch_size=BATCH, lr_global=1.0,
-                    target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=1.0,
-                    max_grad_norm_global=CLIP)
-    state = ServerState(p_global=torch.zeros(SHAPE), momentum=None, server_round=ROUND - 1, run_token="t",
-                        noise_multiplier_global=1.0, config_fingerprint="f")
+    cfg = RunConfig(
+        run_dir="/nonexistent",
+        num_clients=8,
+        min_clients=1,
+        batch_size=BATCH,
+        lr_global=1.0,
+        target_epsilon=0,
+        noise_multiplier_local=1.0,
+        noise_multiplier_global=1.0,
+        max_grad_norm_global=CLIP,
+    )
+    state = ServerState(
+        p_global=torch.zeros(SHAPE),
+        momentum=None,
+        server_round=ROUND - 1,
+        run_token="t",
+        noise_multiplier_global=1.0,
+        config_fingerprint="f",
+    )
     state.node_sample_rates = {str(n): 0.5 for n in range(1, 9)}  # B / q = 16 samples at most
     return PromptStrategy(cfg, state)
 
 
-VALID = {"error": False, "record": "arrays", "keys": ("global-grad",), "shape": SHAPE, "dtype": np.float32,
-         "poison": None, "round": ROUND, "run": "t", "extra_config": False}
+VALID = {
+    "error": False,
+    "record": "arrays",
+    "keys": ("global-grad",),
+    "shape": SHAPE,
+    "dtype": np.float32,
+    "poison": None,
+    "round": ROUND,
+    "run": "t",
+    "extra_config": False,
+}
 # Each reply is valid but for at most one corruption (independent draws would make a fully valid reply rare),
 # with its norm (scale) and claimed batch drawn independently: the clipping bound depends on both.
-CORRUPTIONS = st.sampled_from([
-    {}, {}, {}, {"error": True}, {"record": "params"}, {"record": None}, {"keys": ("global-grad", "p-local")},
-    {"keys": ("p-local",)}, {"keys": ()}, {"shape": (4, 17)}, {"shape": (16, 4)}, {"shape": (64,)},
-    {"dtype": np.float64}, {"dtype": np.float16}, {"dtype": np.int32}, {"poison": math.nan},
-    {"poison": math.inf}, {"poison": -math.inf}, {"round": ROUND - 1}, {"round": ROUND + 1}, {"round": None}, {"run": "an-earlier-run"}, {"run": None},
-    {"extra_config": True},
-])
+CORRUPTIONS = st.sampled_from(
+    [
+        {},
+        {},
+        {},
+        {"error": True},
+        {"record": "params"},
+        {"record": None},
+        {"keys": ("global-grad", "p-local")},
+        {"keys": ("p-local",)},
+        {"keys": ()},
+        {"shape": (4, 17)},
+        {"shape": (16, 4)},
+        {"shape": (64,)},
+        {"dtype": np.float64},
+        {"dtype": np.float16},
+        {"dtype": np.int32},
+        {"poison": math.nan},
+        {"poison": math.inf},
+        {"poison": -math.inf},
+        {"round": ROUND - 1},
+        {"round": ROUND + 1},
+        {"round": None},
+        {"run": "an-earlier-run"},
+        {"run": None},
+        {"extra_config": True},
+    ]
+)
 reply_spec = st.builds(
     lambda corruption, scale, batch: {**VALID, **corruption, "scale": scale, "batch": batch},
     CORRUPTIONS,
@@ -117,9 +161,14 @@ def _evaluation_reply(node: int, server_round: int | None, run: str | None, acc:
 
 def test_evaluation_replies_for_another_round_or_run_are_left_out_of_the_means():
     strategy = _strategy()
-    replies = [_evaluation_reply(1, ROUND, "t", 80.0), _evaluation_reply(2, ROUND - 1, "t", 10.0),
-               _evaluation_reply(3, ROUND, "an-earlier-run", 10.0), _evaluation_reply(4, ROUND, None, 10.0),
-               _evaluation_reply(5, None, "t", 10.0), _evaluation_reply(6, ROUND, "t", 60.0)]
+    replies = [
+        _evaluation_reply(1, ROUND, "t", 80.0),
+        _evaluation_reply(2, ROUND - 1, "t", 10.0),
+        _evaluation_reply(3, ROUND, "an-earlier-run", 10.0),
+        _evaluation_reply(4, ROUND, None, 10.0),
+        _evaluation_reply(5, None, "t", 10.0),
+        _evaluation_reply(6, ROUND, "t", 60.0),
+    ]
     result = strategy.aggregate_evaluate(ROUND, replies)
     assert result["num-clients"] == 2
     assert result["local-acc"] == 70.0

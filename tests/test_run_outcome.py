@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main, report
-from common.outcome import OUTCOME_FILE, RunFailed, RunOutcome, client_error_text
+from dpfpl.cli import main, report
+from dpfpl.common.outcome import OUTCOME_FILE, RunFailed, RunOutcome, client_error_text
 from tests.test_fault_tolerance import _run
 from tests.test_silo import write_images
 
@@ -71,11 +71,39 @@ def test_a_run_whose_only_other_node_has_a_broken_silo_stops_before_round_1(tmp_
     run_dir = tmp_path / "run"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "dpfpl"), "simulate", "--quiet", "--run-dir", str(run_dir),
-         "-c", "dataset=silo", "-c", f"silo-root={tmp_path / 'silos'}", "-c", f"classnames={','.join(CLASSES)}",
-         "-c", "pretrained=none", "-c", "num-clients=2", "-c", "min-clients=2", "-c", "num-server-rounds=3",
-         "-c", "batch-size=8", "-c", "n-ctx=4", "-c", "resume=false"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        [
+            str(Path(sys.executable).parent / "dpfpl"),
+            "simulate",
+            "--quiet",
+            "--run-dir",
+            str(run_dir),
+            "-c",
+            "dataset=silo",
+            "-c",
+            f"silo-root={tmp_path / 'silos'}",
+            "-c",
+            f"classnames={','.join(CLASSES)}",
+            "-c",
+            "pretrained=none",
+            "-c",
+            "num-clients=2",
+            "-c",
+            "min-clients=2",
+            "-c",
+            "num-server-rounds=3",
+            "-c",
+            "batch-size=8",
+            "-c",
+            "n-ctx=4",
+            "-c",
+            "resume=false",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
@@ -88,38 +116,58 @@ def test_a_run_whose_only_other_node_has_a_broken_silo_stops_before_round_1(tmp_
     assert outcome.status == "setup-failed" and outcome.healthy_nodes == 1
     assert [f.node.endswith("(partition-1)") for f in outcome.failed_nodes] == [True]
     # nothing trained: no round was logged, no local prompt written
-    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    rounds = (
+        [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
     assert rounds == [] and not list(run_dir.rglob("local_state*"))
 
 
 def test_a_simulation_with_fewer_supernodes_than_clients_names_the_command_that_fixes_it(tmp_path, cache_dir):
-    from client_app.app import app as client_app
-    from common.config import RunConfig
-    from common.inprocess import InProcessGrid, full_run_config
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.common.config import RunConfig
+    from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app.runner import run_federation
 
-    config = full_run_config({"num-clients": 3, "min-clients": 2, "num-server-rounds": 1, "pretrained": "none",
-                              "run-dir": str(tmp_path / "run")})
+    config = full_run_config(
+        {
+            "num-clients": 3,
+            "min-clients": 2,
+            "num-server-rounds": 1,
+            "pretrained": "none",
+            "run-dir": str(tmp_path / "run"),
+        }
+    )
     grid = InProcessGrid(client_app, config, 2, {"num-threads": 1})  # 2 SuperNodes, num-clients 3
     with grid.identity(), pytest.raises(RunFailed) as err:
         run_federation(grid, RunConfig.from_flower(config))
     assert "0 node(s) passed" in str(err.value)
     assert str(err.value).count("--federation-config 'num-supernodes=3'") == 1  # one reason, both nodes named
-    assert "(partition-0), node " in str(err.value) and "(partition-1): the simulation runs 2 SuperNodes" in str(err.value)
+    assert "(partition-0), node " in str(err.value) and "(partition-1): the simulation runs 2 SuperNodes" in str(
+        err.value
+    )
 
 
 def test_flowers_wrapping_of_a_node_exception_is_removed():
-    inner = "<class 'client_app.app.NodeUnfit'>:<'partition-1: the silo\nfailed'>"
-    wrapped = "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. " \
-              f"Message: {inner}'>"
+    inner = "<class 'dpfpl.client_app.app.NodeUnfit'>:<'partition-1: the silo\nfailed'>"
+    wrapped = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+        f"Message: {inner}'>"
+    )
     # the simulation engine's: a Ray error whose text carries the traceback, the message after its last marker
-    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() File \"app.py\", "
-           "line 72, in _node raise _unfit(node_cfg, \"the silo\") client_app.app.NodeUnfit: partition-1: the silo "
-           "failed The above exception was the direct cause of the following exception: ClientAppException: "
-           "Exception ClientAppException occurred. Message: partition-1: the silo\nfailed'>")
-    assert client_error_text(inner) == client_error_text(wrapped) == client_error_text(ray) == \
-        "partition-1: the silo failed"
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() File \"app.py\", "
+        'line 72, in _node raise _unfit(node_cfg, "the silo") dpfpl.client_app.app.NodeUnfit: partition-1: the silo '
+        "failed The above exception was the direct cause of the following exception: ClientAppException: "
+        "Exception ClientAppException occurred. Message: partition-1: the silo\nfailed'>"
+    )
+    assert (
+        client_error_text(inner)
+        == client_error_text(wrapped)
+        == client_error_text(ray)
+        == "partition-1: the silo failed"
+    )
     assert client_error_text("plain words") == "plain words"
 
 
@@ -130,11 +178,14 @@ def test_the_outcome_file_is_validated(tmp_path):
 
 
 # ------------------------------------------------------------------ one-paragraph errors
-@pytest.mark.parametrize("overrides, expected", [
-    (["pretrained=/nowhere/open_clip_model.safetensors"], "weights file '/nowhere/open_clip_model.safetensors'"),
-    (["dataset=folder", "data-root=/nowhere"], "/nowhere"),
-    (["num-clients=0"], "invalid run config"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["pretrained=/nowhere/open_clip_model.safetensors"], "weights file '/nowhere/open_clip_model.safetensors'"),
+        (["dataset=folder", "data-root=/nowhere"], "/nowhere"),
+        (["num-clients=0"], "invalid run config"),
+    ],
+)
 def test_user_errors_are_one_paragraph_and_debug_shows_the_traceback(overrides, expected, capsys):
     argv = ["prepare"] + [a for o in overrides for a in ("-c", o)]
     with pytest.raises(SystemExit) as err:
@@ -151,7 +202,7 @@ def test_user_errors_are_one_paragraph_and_debug_shows_the_traceback(overrides, 
 
 def test_a_sweep_run_without_an_updated_round_is_not_done(tmp_path):
     """The sweep re-runs (and again reports as failed) a run that has a summary but no result."""
-    from common.sweep import is_done
+    from dpfpl.sweep import is_done
 
     for updated, done in ((0, False), (1, True)):
         (tmp_path / "summary.json").write_text(json.dumps({"rounds": 2, "rounds-run": 2, "rounds-updated": updated}))

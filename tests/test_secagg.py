@@ -8,12 +8,27 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from common.secagg import crypto, shamir
-from common.secagg.encoding import (EncodingError, client_sigma, ddg_tau, decode_sum, discrete_gaussian,
-                                    encode_update, effective_noise_multiplier)
-from common.secagg.field import HALF, PRIME, from_field, quantized_sensitivity, scale_factor, stochastic_round, to_field
-from common.secagg.protocol import ClientSession, SecAggError, ServerSession, threshold_for
-from common.secagg.simulate import run_round
+from dpfpl.common.secagg import crypto, shamir
+from dpfpl.common.secagg.encoding import (
+    EncodingError,
+    client_sigma,
+    ddg_tau,
+    decode_sum,
+    discrete_gaussian,
+    effective_noise_multiplier,
+    encode_update,
+)
+from dpfpl.common.secagg.field import (
+    HALF,
+    PRIME,
+    from_field,
+    quantized_sensitivity,
+    scale_factor,
+    stochastic_round,
+    to_field,
+)
+from dpfpl.common.secagg.protocol import ClientSession, SecAggError, ServerSession, threshold_for
+from dpfpl.secagg_simulate import run_round
 
 
 def _inputs(n: int, size: int, seed: int = 0, scale: int = 10**9) -> dict[int, np.ndarray]:
@@ -67,8 +82,9 @@ def test_dropout_during_unmasking_is_tolerated_while_t_remain():
     assert np.array_equal(total, np.sum(list(inputs.values()), axis=0))  # its input is in the sum
 
 
-@pytest.mark.parametrize("stage", ["drop_before_keys", "drop_before_shares", "drop_before_masked",
-                                   "drop_before_unmask"])
+@pytest.mark.parametrize(
+    "stage", ["drop_before_keys", "drop_before_shares", "drop_before_masked", "drop_before_unmask"]
+)
 def test_too_many_dropouts_fail_safely_at_every_stage(stage):
     inputs = _inputs(5, 16, seed=3)
     dropped = frozenset(sorted(inputs)[:2])  # 3 remain, threshold 4
@@ -157,13 +173,16 @@ def test_client_state_survives_a_process_restart():
     clients = {u: ClientSession.from_dict(c.to_dict()) for u, c in clients.items()}  # a fresh process each
     inbox = server.collect_shares({u: c.share_keys(roster, 2) for u, c in clients.items()})
     clients = {u: ClientSession.from_dict(c.to_dict()) for u, c in clients.items()}
-    survivors, dropped = server.collect_masked({u: c.masked_input(inbox[u], ids, inputs[u]) for u, c in clients.items()})
+    survivors, dropped = server.collect_masked(
+        {u: c.masked_input(inbox[u], ids, inputs[u]) for u, c in clients.items()}
+    )
     clients = {u: ClientSession.from_dict(c.to_dict()) for u, c in clients.items()}
     total = server.unmask({u: c.unmask(survivors, dropped) for u, c in clients.items()})
     assert np.array_equal(total, np.sum(list(inputs.values()), axis=0))
 
 
 # ---------------------------------------------------------------- encoding and distributed noise
+
 
 def test_stochastic_rounding_is_unbiased_and_within_one():
     rng = np.random.default_rng(0)
@@ -188,7 +207,7 @@ def test_discrete_gaussian_matches_its_pmf():
     sigma = 3.0
     x = discrete_gaussian(sigma, 200_000, rng)
     ks = np.arange(-12, 13)
-    pmf = np.exp(-ks.astype(float) ** 2 / (2 * sigma**2))
+    pmf = np.exp(-(ks.astype(float) ** 2) / (2 * sigma**2))
     pmf /= pmf.sum()
     counts = np.array([(x == k).sum() for k in ks])
     assert stats.chisquare(counts, pmf * counts.sum()).pvalue > 1e-3
@@ -202,8 +221,19 @@ def test_encoded_updates_sum_to_the_mean_with_the_full_global_noise():
     updates = [rng.normal(size=d) * 0.01 for _ in range(n)]
     sums = []
     for trial in range(40):
-        enc = [encode_update(u, bits=bits, clip_norm=clip, batch_size=batch, noise_multiplier=z, threshold=t,
-                             num_clients=n, rng=np.random.default_rng(100 + trial * n + i)) for i, u in enumerate(updates)]
+        enc = [
+            encode_update(
+                u,
+                bits=bits,
+                clip_norm=clip,
+                batch_size=batch,
+                noise_multiplier=z,
+                threshold=t,
+                num_clients=n,
+                rng=np.random.default_rng(100 + trial * n + i),
+            )
+            for i, u in enumerate(updates)
+        ]
         sums.append(np.sum(enc[:t], axis=0))  # exactly t survivors: the guaranteed minimum
     sums = np.array(sums, dtype=np.float64)
     gamma = scale_factor(bits, clip, batch)
@@ -218,19 +248,30 @@ def test_encoded_updates_sum_to_the_mean_with_the_full_global_noise():
 
 def test_encoding_without_noise_is_the_rounded_update_and_errors_are_clear():
     x = np.array([0.5, -0.25, 1e-6])
-    v = encode_update(x, bits=16, clip_norm=10.0, batch_size=32, noise_multiplier=0.0, threshold=2,
-                      num_clients=3, rng=np.random.default_rng(0))
+    v = encode_update(
+        x,
+        bits=16,
+        clip_norm=10.0,
+        batch_size=32,
+        noise_multiplier=0.0,
+        threshold=2,
+        num_clients=3,
+        rng=np.random.default_rng(0),
+    )
     gamma = scale_factor(16, 10.0, 32)
     assert np.all(np.abs(v - gamma * x) < 1)
     with pytest.raises(EncodingError, match="NaN"):
-        encode_update(np.array([np.nan]), bits=16, clip_norm=10.0, batch_size=32, noise_multiplier=0.0,
-                      threshold=2, num_clients=3)
+        encode_update(
+            np.array([np.nan]), bits=16, clip_norm=10.0, batch_size=32, noise_multiplier=0.0, threshold=2, num_clients=3
+        )
     with pytest.raises(EncodingError, match="quantization-bits"):
-        encode_update(np.zeros(4), bits=1, clip_norm=10.0, batch_size=32, noise_multiplier=0.5, threshold=9,
-                      num_clients=10)
+        encode_update(
+            np.zeros(4), bits=1, clip_norm=10.0, batch_size=32, noise_multiplier=0.5, threshold=9, num_clients=10
+        )
     with pytest.raises(OverflowError, match="quantization-bits"):
-        encode_update(np.full(2, 1e13), bits=16, clip_norm=10.0, batch_size=32, noise_multiplier=0.0,
-                      threshold=2, num_clients=3)
+        encode_update(
+            np.full(2, 1e13), bits=16, clip_norm=10.0, batch_size=32, noise_multiplier=0.0, threshold=2, num_clients=3
+        )
 
 
 def test_ddg_gap_is_negligible_at_working_noise():

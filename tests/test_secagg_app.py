@@ -9,12 +9,23 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.config import RunConfig
-from common.inprocess import InProcessGrid, full_run_config
+from dpfpl.common.config import RunConfig
+from dpfpl.inprocess import InProcessGrid, full_run_config
 
-BASE = {"method": "promptfl", "num-clients": 4, "classes-per-client": 2, "min-clients": 4, "num-server-rounds": 2,
-        "eval-every": 2, "eval-last": 1, "batch-size": 32, "lr-global": 0.05, "lr-local": 0.05,
-        "secagg-dropout-tolerance": 1, "resume": False}
+BASE = {
+    "method": "promptfl",
+    "num-clients": 4,
+    "classes-per-client": 2,
+    "min-clients": 4,
+    "num-server-rounds": 2,
+    "eval-every": 2,
+    "eval-last": 1,
+    "batch-size": 32,
+    "lr-global": 0.05,
+    "lr-local": 0.05,
+    "secagg-dropout-tolerance": 1,
+    "resume": False,
+}
 
 
 class Wiretap:
@@ -22,7 +33,7 @@ class Wiretap:
     ('drop out') on a chosen action in a chosen round."""
 
     def __init__(self, drop: dict[tuple[int, str], set[int]] | None = None) -> None:
-        from client_app.app import app
+        from dpfpl.client_app.app import app
 
         self.app, self.drop, self.replies = app, drop or {}, []
 
@@ -36,7 +47,7 @@ class Wiretap:
 
 
 def _run(tmp_path, overrides: dict, drop=None, nodes: int = 4):
-    from server_app.runner import run_federation
+    from dpfpl.server_app.runner import run_federation
 
     config = full_run_config({**BASE, "run-dir": str(tmp_path / "run"), **overrides})
     tap = Wiretap(drop)
@@ -48,7 +59,7 @@ def _run(tmp_path, overrides: dict, drop=None, nodes: int = 4):
 
 
 def _p_global(tmp_path):
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     return RunDirectory(tmp_path / "run").load().p_global
 
@@ -67,24 +78,28 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
     trains = [r for t, r in tap.replies if t == "train"]
     assert trains and all("arrays" not in r.content.array_records for r in trains)
     # nor any noise-free statistic of the training data (loss, realized batch size, step time)
-    from client_app.app import CLEAR_ONLY_TO_A_TRUSTED_SERVER
+    from dpfpl.client_app.app import CLEAR_ONLY_TO_A_TRUSTED_SERVER
 
     assert all(k not in r.content["metrics"] for r in trains for k in CLEAR_ONLY_TO_A_TRUSTED_SERVER)
     masked = [r.content["secagg"]["masked"].numpy() for t, r in tap.replies if t == "train.secagg_masked"]
     assert len(masked) == 8 and all(y.dtype == np.uint64 for y in masked)
     assert summary["final"]["local-acc"] == pytest.approx(
-        json.loads((tmp_path / "clear" / "run" / "summary.json").read_text())["final"]["local-acc"], abs=0.02)
+        json.loads((tmp_path / "clear" / "run" / "summary.json").read_text())["final"]["local-acc"], abs=0.02
+    )
 
 
 def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survivors(tmp_path, cache_dir):
     # node 3 dies after sending its shares (before its masked input) in round 1; min-clients 3 allows that
-    summary, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True,
-                                         "min-clients": 3}, drop={(1, "train.secagg_masked"): {3}})
+    summary, rounds, _ = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 3},
+        drop={(1, "train.secagg_masked"): {3}},
+    )
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1 and rounds[0]["secagg-masks-removed"] == 1
     assert rounds[1]["num-replies"] == 4 and rounds[1]["secagg-dropped"] == 0
     # the noise the sum carries is never below what the accountant is told: z sqrt(m / t) >= z_G
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     state = RunDirectory(tmp_path / "run").load()
     z = state.noise_multiplier_global
@@ -96,22 +111,28 @@ def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survi
 
 def test_fewer_masked_inputs_than_min_clients_update_nothing(tmp_path, cache_dir):
     """The threshold lets the protocol unmask 3 of 4, but the run asked for 4: as in a clear round, nothing moves."""
-    _, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 4},
-                        drop={(1, "train.secagg_masked"): {3}})
+    _, rounds, _ = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 4},
+        drop={(1, "train.secagg_masked"): {3}},
+    )
     assert [r["updated"] for r in rounds] == [False, True]
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     assert sorted(RunDirectory(tmp_path / "run").load().participation.values()) == [1, 1, 1, 1]
 
 
 def test_too_many_dropouts_fail_the_round_safely(tmp_path, cache_dir):
-    summary, rounds, tap = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
-                                drop={(1, "train.secagg_masked"): {2, 3}})
+    summary, rounds, tap = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True},
+        drop={(1, "train.secagg_masked"): {2, 3}},
+    )
     assert rounds[0]["updated"] is False and rounds[1]["updated"] is True
     # round 1 revealed no share: nobody was asked to unmask it
     unmasks = [r for t, r in tap.replies if t == "train.secagg_unmask"]
     assert len(unmasks) == 4  # round 2's four survivors only
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     assert sorted(RunDirectory(tmp_path / "run").load().participation.values()) == [1, 1, 1, 1]
 

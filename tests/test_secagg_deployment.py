@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from common.launch import submit_run
+from dpfpl.launch import submit_run
 from tests.test_deployment import CLASSES, federation  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.deployment
@@ -40,7 +40,11 @@ def _kill_when_round_two_keys_sent(tmp, nodes, stop: threading.Event, killed: li
                 log_text = (tmp / f"supernode-{i}.log").read_text(errors="replace")
             except (OSError, ValueError, KeyError):
                 continue
-            if session["context"].split("/")[1] == "2" and session["stage"] == "advertised" and _round_two_reply_sent(log_text):
+            if (
+                session["context"].split("/")[1] == "2"
+                and session["stage"] == "advertised"
+                and _round_two_reply_sent(log_text)
+            ):
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed.append(i)
                 return
@@ -56,18 +60,40 @@ def test_two_secure_rounds_with_a_supernode_dying_mid_round(federation):  # noqa
     watcher.start()
     started = time.time()
     try:
-        submit_run("org", {
-            "dataset": "silo", "classnames": ",".join(CLASSES), "model-name": "dpfpl-demo-tiny", "pretrained": "none",
-            "num-clients": 4, "min-clients": 3, "num-server-rounds": 2, "eval-every": 2, "eval-last": 0,
-            "batch-size": 8, "target-epsilon": 1.0, "round-timeout": 90.0, "secure-aggregation": True,
-            "secagg-dropout-tolerance": 1, "run-dir": str(run_dir), "resume": False,
-        }, env=env, timeout=900, stream=True, cwd=tmp)
+        submit_run(
+            "org",
+            {
+                "dataset": "silo",
+                "classnames": ",".join(CLASSES),
+                "model-name": "dpfpl-demo-tiny",
+                "pretrained": "none",
+                "num-clients": 4,
+                "min-clients": 3,
+                "num-server-rounds": 2,
+                "eval-every": 2,
+                "eval-last": 0,
+                "batch-size": 8,
+                "target-epsilon": 1.0,
+                "round-timeout": 90.0,
+                "secure-aggregation": True,
+                "secagg-dropout-tolerance": 1,
+                "run-dir": str(run_dir),
+                "resume": False,
+            },
+            env=env,
+            timeout=900,
+            stream=True,
+            cwd=tmp,
+        )
     finally:
         stop.set()
         watcher.join(timeout=5)
     print(f"secure deployment run wall time {time.time() - started:.1f} s; killed node {killed}")
-    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line).get("phase") == "train"]
+    rounds = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line).get("phase") == "train"
+    ]
     assert killed, "no SuperNode reached round 2's key advertisement"
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["secagg-dropped"] == 0

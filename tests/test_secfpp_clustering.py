@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.secfpp.kmeans import Decision, canonical, plaintext_kmeans, plaintext_rows, threshold_units
-from common.secfpp.lcc import LccParameterError
-from common.secfpp.protocol import _pack, secure_clustering
-from common.secfpp.quantize import quantize, to_field
-from common.secagg.field import PRIME
+from dpfpl.common.secagg.field import PRIME
+from dpfpl.common.secfpp.kmeans import Decision, canonical, plaintext_kmeans, plaintext_rows, threshold_units
+from dpfpl.common.secfpp.lcc import LccParameterError
+from dpfpl.common.secfpp.protocol import _pack, secure_clustering
+from dpfpl.common.secfpp.quantize import quantize, to_field
 
 BITS = 12
 
@@ -34,15 +34,18 @@ def _ari(a, b) -> float:
     return adjusted_rand_score(a, b)
 
 
-@pytest.mark.parametrize("seed,sizes,k,t,lam", [(0, [4, 3, 3], 2, 2, 0.5), (1, [5, 4], 1, 3, 0.5),
-                                                (2, [4, 4, 1], 1, 2, 0.3)])
+@pytest.mark.parametrize(
+    "seed,sizes,k,t,lam", [(0, [4, 3, 3], 2, 2, 0.5), (1, [5, 4], 1, 3, 0.5), (2, [4, 4, 1], 1, 2, 0.3)]
+)
 def test_secure_clustering_equals_plaintext_kmeans_on_quantized_data(seed, sizes, k, t, lam):
     """The third case has a lone outlier: its cluster is opened, then dissolved (min size 2) on both sides."""
     points, labels = _groups(seed, sizes)
     kwargs = dict(lam=lam, max_clusters=5, max_iter=20)
     secure, clients, relay = secure_clustering(points, num_slices=k, privacy=t, bits=BITS, context="test/1", **kwargs)
     quantized = np.stack([quantize(p, BITS) for p in points])
-    plain = plaintext_kmeans(quantized, threshold_units(kwargs["lam"], BITS), kwargs["max_clusters"], kwargs["max_iter"])
+    plain = plaintext_kmeans(
+        quantized, threshold_units(kwargs["lam"], BITS), kwargs["max_clusters"], kwargs["max_iter"]
+    )
     assert secure.history == plain.history and secure.assignment == plain.assignment
     real = [g for g, n in enumerate(sizes) if n >= 2]
     assert secure.num_clusters == plain.num_clusters == len(real)
@@ -76,14 +79,15 @@ def test_min_cluster_size_dissolves_a_lone_outlier():
 
 def test_relay_log_holds_no_plaintext():
     points, _ = _groups(4, [4, 3])
-    result, clients, relay = secure_clustering(points, num_slices=2, privacy=2, bits=BITS, lam=0.5, max_clusters=4,
-                                               max_iter=10, context="test/2")
+    result, clients, relay = secure_clustering(
+        points, num_slices=2, privacy=2, bits=BITS, lam=0.5, max_clusters=4, max_iter=10, context="test/2"
+    )
     kinds = {e["kind"] for e in relay.log}
     assert kinds == {"public-key", "share", "coded-distances", "decision"}
     blob = b"".join(e["payload"] for e in relay.log if isinstance(e["payload"], bytes))
     for c in clients:
         assert _pack(to_field(c.point, PRIME)) not in blob  # the quantized point
-        for owner, share in c._shares.items():  # the decrypted shares a user holds
+        for share in c._shares.values():  # the decrypted shares a user holds
             assert _pack(share) not in blob
         assert _pack(c.point[:4].astype(np.uint64) % PRIME) not in blob  # not even a few coordinates
     clear = [e["payload"] for e in relay.log if e["kind"] == "decision"]

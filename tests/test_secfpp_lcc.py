@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from common.secagg.field import PRIME
-from common.secfpp.lcc import Lcc, LccParameterError, interpolate
-from common.secfpp.quantize import check_range, from_field, to_field
+from dpfpl.common.secagg.field import PRIME
+from dpfpl.common.secfpp.lcc import Lcc, LccParameterError, interpolate
+from dpfpl.common.secfpp.quantize import check_range, from_field, to_field
 
 SMALL_P = 13
 
@@ -34,7 +34,7 @@ def test_any_t_shares_are_uniform_whatever_the_secret():
     draws = 5000
     for secret in (np.array([0, 0], dtype=object), np.array([7, 3], dtype=object)):
         for holders in itertools.combinations(range(5), lcc.privacy):
-            counts = _pair_histogram(lambda: lcc.encode(secret, rng), holders, draws)
+            counts = _pair_histogram(lambda secret=secret: lcc.encode(secret, rng), holders, draws)
             assert chisquare(counts).pvalue > 1e-4, (secret, holders)
     # the same T shares with zero padding are a deterministic function of the secret: far from uniform
     secret = np.array([7, 3], dtype=object)
@@ -42,7 +42,7 @@ def test_any_t_shares_are_uniform_whatever_the_secret():
     assert chisquare(_pair_histogram(zero_pad, (0, 1), 500)).pvalue < 1e-9
     # and T + 1 shares determine the secret slices (they are not uniform either)
     counts = _pair_histogram(lambda: lcc.encode(secret, rng), (0, 1, 2), 3000)
-    assert (counts > 0).sum() <= SMALL_P ** 2  # only p^T of the p^(T+1) triples can occur
+    assert (counts > 0).sum() <= SMALL_P**2  # only p^T of the p^(T+1) triples can occur
 
 
 def _users(rng, n_users, dim, bits=10):
@@ -110,7 +110,7 @@ def test_parameters_are_validated_up_front():
 def test_run_config_refuses_an_infeasible_secfpp_configuration():
     from pydantic import ValidationError
 
-    from common.config import RunConfig
+    from dpfpl.common.config import RunConfig
 
     RunConfig(method="secfpp", num_clients=5, secfpp_privacy=2)  # 2(1+2-1)+1 = 5 clients: feasible
     with pytest.raises(ValidationError, match="needs"):

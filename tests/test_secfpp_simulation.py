@@ -7,17 +7,29 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import RunConfig
-from common.data.demo import ANIMAL_CLASSES
-from common.node import run_partition
-from common.secfpp.protocol import Relay
-from common.secfpp.simulate import adjusted_rand_index, run_secfpp
+from dpfpl.common.config import RunConfig
+from dpfpl.common.data.demo import ANIMAL_CLASSES
+from dpfpl.common.node import run_partition
+from dpfpl.common.secfpp.protocol import Relay
+from dpfpl.secfpp_simulate import adjusted_rand_index, run_secfpp
 
 # The tests' backbone is pretrained for 60 steps only (conftest): its domains are closer together than the
 # demo backbone's, hence lambda 0.3 here (the default 1.5 is set for the demo backbone, docs/secfpp.md).
-SETTINGS = dict(partition="multi-domain", num_clients=6, dirichlet_alpha=1.0, dp=False, num_server_rounds=8,
-                eval_every=4, lr_global=0.1, lr_local=0.1, n_ctx=4, secfpp_privacy=2, secfpp_every=4, seed=3,
-                secfpp_threshold=0.3)
+SETTINGS = dict(
+    partition="multi-domain",
+    num_clients=6,
+    dirichlet_alpha=1.0,
+    dp=False,
+    num_server_rounds=8,
+    eval_every=4,
+    lr_global=0.1,
+    lr_local=0.1,
+    n_ctx=4,
+    secfpp_privacy=2,
+    secfpp_every=4,
+    seed=3,
+    secfpp_threshold=0.3,
+)
 
 
 def test_multi_domain_partition_gives_each_client_one_domain(cache_dir):
@@ -50,7 +62,7 @@ def test_two_domain_simulation_recovers_the_domains_and_beats_one_global_prompt(
 
 
 def test_server_log_of_the_clustering_holds_no_plaintext_prompt_values(runs):
-    from client_app.state import NodeState
+    from dpfpl.client_app.state import NodeState
 
     sec, _, relay, root = runs
     kinds = {e["kind"] for e in relay.log}
@@ -75,7 +87,7 @@ def _blobs(content) -> list[bytes]:
     out = []
     for _, record in content.config_records.items():
         for value in record.values():
-            for v in (value if isinstance(value, list) else [value]):
+            for v in value if isinstance(value, list) else [value]:
                 out.append(v if isinstance(v, bytes) else str(v).encode())
     for _, record in content.array_records.items():
         out.extend(record[k].numpy().tobytes() for k in record.keys())
@@ -86,9 +98,9 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
     """The ServerApp round loop + ClientApps (in-process transport): the clustering phase over Flower messages."""
     import json
 
-    from client_app.state import NodeState
-    from common.inprocess import InProcessGrid, node_id_for, run_inprocess
-    from common.secfpp.protocol import _pack
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.common.secfpp.protocol import _pack
+    from dpfpl.inprocess import InProcessGrid, node_id_for, run_inprocess
 
     seen = []
     deliver = InProcessGrid._deliver
@@ -101,8 +113,9 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
     monkeypatch.setattr(InProcessGrid, "_deliver", recording)
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "run-dir": str(run_dir), "resume": False},
-                  num_nodes=6)
+    run_inprocess(
+        {**overrides, "method": "secfpp", "min-clients": 6, "run-dir": str(run_dir), "resume": False}, num_nodes=6
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phases = [r for r in records if "secfpp-assignment" in r]
     assert [r["round"] for r in phases] == [4, 8]
@@ -127,16 +140,17 @@ def test_flower_run_clusters_the_domains_and_the_wire_carries_no_plaintext(tmp_p
             assert _pack(np.array(shares[:4], dtype=object)) not in blob
 
 
-def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clear_aggregation(tmp_path, cache_dir,
-                                                                                          monkeypatch):
+def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clear_aggregation(
+    tmp_path, cache_dir, monkeypatch
+):
     """secure-aggregation = true: each cluster is its own secure-aggregation group (roster, threshold, masks), so
     the server learns each cluster's sum and never a member's gradient; without noise the cluster prompts equal
     those of the clear run up to the (unbiased) quantization rounding."""
     import json
 
-    from common.inprocess import InProcessGrid, run_inprocess
-    from common.secagg.field import scale_factor
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.common.secagg.field import scale_factor
+    from dpfpl.inprocess import InProcessGrid, run_inprocess
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     replies = []
     deliver = InProcessGrid._deliver
@@ -147,8 +161,14 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
         return reply
 
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    run = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 6, "secfpp-min-cluster-size": 3,
-           "resume": False}
+    run = {
+        **overrides,
+        "method": "secfpp",
+        "min-clients": 6,
+        "num-server-rounds": 6,
+        "secfpp-min-cluster-size": 3,
+        "resume": False,
+    }
     run_inprocess({**run, "run-dir": str(tmp_path / "clear")}, num_nodes=6)
     monkeypatch.setattr(InProcessGrid, "_deliver", recording)
     run_inprocess({**run, "run-dir": str(tmp_path / "sec"), "secure-aggregation": True}, num_nodes=6)
@@ -163,7 +183,7 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
     assert sum(t == "train.secagg_masked" for t, _ in replies) == 36
 
     clear, sec = RunDirectory(tmp_path / "clear").load(), RunDirectory(tmp_path / "sec").load()
-    from client_app.state import node_key
+    from dpfpl.client_app.state import node_key
 
     def by_partition(run: str, state) -> list[int]:  # node keys are drawn per run: compare by partition
         return [state.assignment[str(node_key(tmp_path / run / "nodes" / f"node-{k}"))] for k in range(6)]
@@ -177,22 +197,48 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
 
 
 def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
-    from common.inprocess import full_run_config
+    from dpfpl.inprocess import full_run_config
 
     settings = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
     with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
-        RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
-                                               "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 1}))
-    RunConfig.from_flower(full_run_config({**settings, "method": "secfpp", "secure-aggregation": True,
-                                           "secfpp-min-cluster-size": 2, "secagg-dropout-tolerance": 0}))
+        RunConfig.from_flower(
+            full_run_config(
+                {
+                    **settings,
+                    "method": "secfpp",
+                    "secure-aggregation": True,
+                    "secfpp-min-cluster-size": 2,
+                    "secagg-dropout-tolerance": 1,
+                }
+            )
+        )
+    RunConfig.from_flower(
+        full_run_config(
+            {
+                **settings,
+                "method": "secfpp",
+                "secure-aggregation": True,
+                "secfpp-min-cluster-size": 2,
+                "secagg-dropout-tolerance": 0,
+            }
+        )
+    )
 
 
 def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
-    from server_app.checkpoint import RunDirectory, ServerState
+    from dpfpl.server_app.checkpoint import RunDirectory, ServerState
 
     prompts = {0: torch.randn(4, 8), 1: torch.randn(4, 8)}
-    state = ServerState(p_global=prompts[0], momentum=None, server_round=3, run_token="t", noise_multiplier_global=0.0,
-                        config_fingerprint="f", cluster_prompts=prompts, assignment={"11": 0, "12": 1})
+    state = ServerState(
+        p_global=prompts[0],
+        momentum=None,
+        server_round=3,
+        run_token="t",
+        noise_multiplier_global=0.0,
+        config_fingerprint="f",
+        cluster_prompts=prompts,
+        assignment={"11": 0, "12": 1},
+    )
     run_dir = RunDirectory(tmp_path)
     run_dir.save(state)
     loaded = run_dir.load()
@@ -202,11 +248,14 @@ def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):
 
 
 def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
-    from server_app.secfpp_round import PhaseFailed, _route
+    from dpfpl.server_app.secfpp_round import PhaseFailed, _route
 
     nodes = [101, 102, 103]
-    good = {101: {"dst": [1, 2], "ct": [b"a", b"b"]}, 102: {"dst": [0, 2], "ct": [b"c", b"d"]},
-            103: {"dst": [0, 1], "ct": [b"e", b"f"]}}
+    good = {
+        101: {"dst": [1, 2], "ct": [b"a", b"b"]},
+        102: {"dst": [0, 2], "ct": [b"c", b"d"]},
+        103: {"dst": [0, 1], "ct": [b"e", b"f"]},
+    }
     inbox = _route(nodes, good)
     assert inbox[0] == ([1, 2], [b"c", b"e"]) and inbox[2] == ([0, 1], [b"b", b"d"])
     with pytest.raises(PhaseFailed):
@@ -214,15 +263,16 @@ def test_the_relay_refuses_a_node_that_misaddresses_its_ciphertexts():
 
 
 @pytest.mark.parametrize("dropped,completes", [((2,), True), ((2, 3), False)])
-def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropped, completes, tmp_path, cache_dir,
-                                                                           monkeypatch):
+def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(
+    dropped, completes, tmp_path, cache_dir, monkeypatch
+):
     """N = 6, K = 1, T = 2: a distance decodes from 5 coded results. One node failing after the shares are out
     leaves 5 (the phase completes, the others recover the domains); two leave 4 (the phase aborts, nothing
     changes, training goes on)."""
     import json
 
-    from common.inprocess import node_id_for, run_inprocess
-    from common.secfpp.protocol import ClusteringClient
+    from dpfpl.common.secfpp.protocol import ClusteringClient
+    from dpfpl.inprocess import node_id_for, run_inprocess
 
     original = ClusteringClient.coded_distances
 
@@ -234,8 +284,17 @@ def test_clustering_phase_survives_dropouts_down_to_the_decoding_threshold(dropp
     monkeypatch.setattr(ClusteringClient, "coded_distances", failing)
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    summary = run_inprocess({**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 4,
-                             "run-dir": str(run_dir), "resume": False}, num_nodes=6)
+    summary = run_inprocess(
+        {
+            **overrides,
+            "method": "secfpp",
+            "min-clients": 6,
+            "num-server-rounds": 4,
+            "run-dir": str(run_dir),
+            "resume": False,
+        },
+        num_nodes=6,
+    )
     assert summary["rounds"] == 4
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phase = [r for r in records if r["round"] == 4][0]
@@ -254,16 +313,22 @@ def test_nodes_with_new_flower_ids_keep_their_cluster_after_a_resume(tmp_path, c
     """The assignment is kept by node key: when the run resumes and every node comes back under a new Flower node
     id (restarted SuperNodes, a resumed simulation), the server asks each node for its key and sends it its own
     cluster's prompt, not cluster 0's."""
-    import common.inprocess as inprocess
-    from client_app.state import node_key
-    from common.inprocess import InProcessGrid, run_inprocess
-    from server_app.checkpoint import RunDirectory
+    import dpfpl.inprocess as inprocess
+    from dpfpl.client_app.state import node_key
+    from dpfpl.inprocess import InProcessGrid, run_inprocess
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     run_dir = tmp_path / "run"
     overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
     # the phase is at round 4; round 5 moves the two new cluster prompts apart
-    base = {**overrides, "method": "secfpp", "min-clients": 6, "num-server-rounds": 5, "run-dir": str(run_dir),
-            "resume": False}
+    base = {
+        **overrides,
+        "method": "secfpp",
+        "min-clients": 6,
+        "num-server-rounds": 5,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
     run_inprocess(base, num_nodes=6)
     state = RunDirectory(run_dir).load()
     keys = {k: str(node_key(run_dir / "nodes" / f"node-{k}")) for k in range(6)}

@@ -1,27 +1,45 @@
-
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from common.config import RunConfig
-from common.runtag import run_tag
-from server_app.checkpoint import RunDirectory, ServerState
-from server_app.strategy import PromptStrategy
+from dpfpl.common.config import RunConfig
+from dpfpl.common.runtag import run_tag
+from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.strategy import PromptStrategy
 
 
 def _strategy(tmp_path, **overrides):
-    cfg = RunConfig(run_dir=str(tmp_path), num_clients=4, min_clients=2, batch_size=8, lr_global=1.0,
-                    target_epsilon=0, noise_multiplier_local=1.0, noise_multiplier_global=2.0, **overrides)
-    state = ServerState(p_global=torch.zeros(4, 16), momentum=None, server_round=0, run_token="t",
-                        noise_multiplier_global=2.0, config_fingerprint="f")
+    cfg = RunConfig(
+        run_dir=str(tmp_path),
+        num_clients=4,
+        min_clients=2,
+        batch_size=8,
+        lr_global=1.0,
+        target_epsilon=0,
+        noise_multiplier_local=1.0,
+        noise_multiplier_global=2.0,
+        **overrides,
+    )
+    state = ServerState(
+        p_global=torch.zeros(4, 16),
+        momentum=None,
+        server_round=0,
+        run_token="t",
+        noise_multiplier_global=2.0,
+        config_fingerprint="f",
+    )
     return PromptStrategy(cfg, state)
 
 
 def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):
     arrays = {"global-grad": grad, **(extra_arrays or {})}
-    content = RecordDict({"arrays": ArrayRecord(arrays),
-                          "metrics": MetricRecord({"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t")})})
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(arrays),
+            "metrics": MetricRecord({"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t")}),
+        }
+    )
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     request.metadata.__dict__["_src_node_id"] = 0
     msg = Message(content=content, reply_to=request)
@@ -43,20 +61,23 @@ def test_global_noise_std_is_z_c_over_b_n(tmp_path):
     assert abs(std - expected) / expected < 0.05
 
 
-@pytest.mark.parametrize("bad", [
-    lambda: _reply(torch.full((4, 16), float("nan"))),
-    lambda: _reply(torch.zeros(4, 17)),
-    lambda: _reply(torch.zeros(4, 16, dtype=torch.float64)),
-    lambda: _reply(torch.ones(4, 16) * 100.0),  # norm 800 > C_G = 10
-    lambda: _reply(torch.zeros(4, 16), server_round=7),
-    lambda: _reply(torch.zeros(4, 16), extra_arrays={"p-local": torch.zeros(4, 16)}),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda: _reply(torch.full((4, 16), float("nan"))),
+        lambda: _reply(torch.zeros(4, 17)),
+        lambda: _reply(torch.zeros(4, 16, dtype=torch.float64)),
+        lambda: _reply(torch.ones(4, 16) * 100.0),  # norm 800 > C_G = 10
+        lambda: _reply(torch.zeros(4, 16), server_round=7),
+        lambda: _reply(torch.zeros(4, 16), extra_arrays={"p-local": torch.zeros(4, 16)}),
+    ],
+)
 def test_invalid_replies_are_rejected_and_never_aggregated(tmp_path, bad):
     strategy = _strategy(tmp_path)
     good = [_reply(torch.zeros(4, 16), node=n) for n in (1, 2)]
     strategy.aggregate_train(1, good + [bad()])
     assert strategy.state.participation == {"1": 1, "2": 1}
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any refusal: a malformed reply may fail before validation)
         strategy.validate_train_reply(bad(), 1)
 
 
@@ -70,9 +91,16 @@ def test_too_few_valid_replies_leave_the_global_prompt_unchanged(tmp_path):
 
 def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
     run = RunDirectory(tmp_path)
-    state = ServerState(p_global=torch.randn(4, 16), momentum=torch.randn(4, 16), server_round=3, run_token="abc",
-                        noise_multiplier_global=1.5, config_fingerprint="f", node_sample_rates={"1": 0.1},
-                        participation={"1": 3})
+    state = ServerState(
+        p_global=torch.randn(4, 16),
+        momentum=torch.randn(4, 16),
+        server_round=3,
+        run_token="abc",
+        noise_multiplier_global=1.5,
+        config_fingerprint="f",
+        node_sample_rates={"1": 0.1},
+        participation={"1": 3},
+    )
     run.save(state)
     loaded = run.load()
     assert torch.equal(loaded.p_global, state.p_global) and torch.equal(loaded.momentum, state.momentum)
@@ -118,12 +146,20 @@ def test_global_noise_goes_on_the_global_prompt_of_every_sharing_method(tmp_path
 
 
 def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(tmp_path):
-    from server_app.runner import config_fingerprint, run_federation
+    from dpfpl.server_app.runner import config_fingerprint, run_federation
 
     cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=5, target_epsilon=0.4)
-    RunDirectory(tmp_path).save(ServerState(
-        p_global=torch.zeros(4, 16), momentum=None, server_round=3, run_token="t", noise_multiplier_global=2.0,
-        config_fingerprint=config_fingerprint(cfg), calibrated_rounds=3))
+    RunDirectory(tmp_path).save(
+        ServerState(
+            p_global=torch.zeros(4, 16),
+            momentum=None,
+            server_round=3,
+            run_token="t",
+            noise_multiplier_global=2.0,
+            config_fingerprint=config_fingerprint(cfg),
+            calibrated_rounds=3,
+        )
+    )
     with pytest.raises(RuntimeError, match="calibrated for 3 rounds"):
         run_federation(grid=None, cfg=cfg)  # refused before any node is contacted
     assert RunDirectory(tmp_path).load().server_round == 3  # nothing was touched
@@ -132,9 +168,9 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
 def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
     """A hung node must not stall the federation: each send_and_receive carries the configured timeout (the
     setup phase, the nodes' first contact, its own)."""
-    from client_app.app import app as client_app
-    from common.inprocess import InProcessGrid, full_run_config
-    from server_app.runner import run_federation
+    from dpfpl.client_app.app import app as client_app
+    from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app.runner import run_federation
 
     class RecordingGrid(InProcessGrid):
         timeouts: list = []
@@ -143,10 +179,23 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
             self.timeouts.append(timeout)
             return super().send_and_receive(messages, timeout=timeout)
 
-    config = full_run_config({"num-clients": 2, "classes-per-client": 2, "min-clients": 2, "num-server-rounds": 2,
-                              "dp": False, "pretrained": "none", "n-ctx": 4, "rank": 2, "batch-size": 8, "round-timeout": 42.0,
-                              "setup-timeout": 420.0,
-                              "run-dir": str(tmp_path / "run"), "resume": False})
+    config = full_run_config(
+        {
+            "num-clients": 2,
+            "classes-per-client": 2,
+            "min-clients": 2,
+            "num-server-rounds": 2,
+            "dp": False,
+            "pretrained": "none",
+            "n-ctx": 4,
+            "rank": 2,
+            "batch-size": 8,
+            "round-timeout": 42.0,
+            "setup-timeout": 420.0,
+            "run-dir": str(tmp_path / "run"),
+            "resume": False,
+        }
+    )
     grid = RecordingGrid(client_app, config, 2, {})
     with grid.identity():
         run_federation(grid, RunConfig.from_flower(config))
@@ -156,9 +205,9 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
 def test_server_class_list_needs_no_data_when_the_run_config_names_the_classes(tmp_path):
     """A deployed ServerApp has no images; with ``classnames`` in the run config it still checks every node's
     list, and without them it says how to fix the missing index files."""
-    from common.classlist import class_list_digest
-    from common.config import RunConfig
-    from server_app.strategy import _server_class_list
+    from dpfpl.common.classlist import class_list_digest
+    from dpfpl.common.config import RunConfig
+    from dpfpl.server_app.strategy import _server_class_list
 
     named = RunConfig(dataset="caltech101", data_root=str(tmp_path / "absent"), classnames="face,leopard,motorbike")
     assert class_list_digest(_server_class_list(named)) == class_list_digest(["face", "leopard", "motorbike"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data.silo import SiloError, load_silo
+from dpfpl.common.data.silo import SiloError, load_silo
 
 CLASSES = ["cat", "dog", "cow"]
 

@@ -5,16 +5,27 @@ from pathlib import Path
 
 import pytest
 
-from common.launch import run_simulation
+from dpfpl.launch import run_simulation
+
+pytestmark = pytest.mark.flower
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir):
     work = tmp_path_factory.mktemp("sim")
     config = {
-        "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 3, "eval-every": 1,
-        "dp": False, "lr-global": 0.05, "lr-local": 0.05, "batch-size": 64, "ctx-init": "",
-        "run-dir": str(work / "run"), "resume": False,
+        "num-clients": 3,
+        "classes-per-client": 2,
+        "min-clients": 3,
+        "num-server-rounds": 3,
+        "eval-every": 1,
+        "dp": False,
+        "lr-global": 0.05,
+        "lr-local": 0.05,
+        "batch-size": 64,
+        "ctx-init": "",
+        "run-dir": str(work / "run"),
+        "resume": False,
     }
     run_simulation(config, 3, work, stream=False, timeout=900)
     return work / "run"
@@ -47,14 +58,23 @@ def test_no_flower_process_is_left_running(finished_run):
 
 def test_resume_continues_from_the_checkpoint_without_repeating_rounds(finished_run):
     """A second launch on the same run directory with one more round runs only that round."""
-    from client_app.state import NodeState
-    from server_app.checkpoint import RunDirectory
+    from dpfpl.client_app.state import NodeState
+    from dpfpl.server_app.checkpoint import RunDirectory
 
     before = RunDirectory(finished_run).load()
     config = {
-        "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 4, "eval-every": 1,
-        "dp": False, "lr-global": 0.05, "lr-local": 0.05, "batch-size": 64, "ctx-init": "",
-        "run-dir": str(finished_run), "resume": True,
+        "num-clients": 3,
+        "classes-per-client": 2,
+        "min-clients": 3,
+        "num-server-rounds": 4,
+        "eval-every": 1,
+        "dp": False,
+        "lr-global": 0.05,
+        "lr-local": 0.05,
+        "batch-size": 64,
+        "ctx-init": "",
+        "run-dir": str(finished_run),
+        "resume": True,
     }
     run_simulation(config, 3, finished_run.parent / "resume", stream=False, timeout=900)
     after = RunDirectory(finished_run).load()
@@ -69,9 +89,18 @@ def test_resume_continues_from_the_checkpoint_without_repeating_rounds(finished_
 def test_a_method_that_shares_nothing_runs_through_real_flower_messages(tmp_path, cache_dir):
     """CoOp's messages carry no array at all (only config and metrics): Flower must carry them as they are."""
     config = {
-        "method": "coop", "num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 2,
-        "eval-every": 1, "dp": True, "target-epsilon": 1.0, "lr-local": 0.05, "batch-size": 32,
-        "run-dir": str(tmp_path / "run"), "resume": False,
+        "method": "coop",
+        "num-clients": 3,
+        "classes-per-client": 2,
+        "min-clients": 3,
+        "num-server-rounds": 2,
+        "eval-every": 1,
+        "dp": True,
+        "target-epsilon": 1.0,
+        "lr-local": 0.05,
+        "batch-size": 32,
+        "run-dir": str(tmp_path / "run"),
+        "resume": False,
     }
     run_simulation(config, 3, tmp_path, stream=False, timeout=900)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -7,18 +7,23 @@ import os
 import pytest
 import torch
 
-from client_app.state import STATE_FILE, NodeState
-from common.atomic import CorruptStateError, previous_path
-from common.privacy import PrivacyAccountant
-from server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
+from dpfpl.client_app.state import STATE_FILE, NodeState
+from dpfpl.common.atomic import CorruptStateError, previous_path
+from dpfpl.common.privacy import PrivacyAccountant
+from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
 
 
 def _node_state(round_: int) -> NodeState:
     acc = PrivacyAccountant(1e-5)
     for _ in range(round_):
         acc.record_step(2.0, 3.0, 0.1)
-    return NodeState(local={"p_local": torch.full((4, 8), float(round_))}, generator=torch.Generator().manual_seed(1),
-                     accountant=acc, last_round=round_, run_key="run")
+    return NodeState(
+        local={"p_local": torch.full((4, 8), float(round_))},
+        generator=torch.Generator().manual_seed(1),
+        accountant=acc,
+        last_round=round_,
+        run_key="run",
+    )
 
 
 def _flip_a_byte(path, offset_from_end=5):
@@ -69,8 +74,17 @@ def test_an_intact_state_round_trips_and_a_fresh_directory_has_none(tmp_path):
 def test_a_damaged_server_checkpoint_resumes_from_the_previous_round(tmp_path):
     run = RunDirectory(tmp_path)
     for r in (1, 2):
-        run.save(ServerState(p_global=torch.full((4, 8), float(r)), momentum=None, server_round=r, run_token="t",
-                             noise_multiplier_global=2.0, config_fingerprint="f", participation={"1": r}))
+        run.save(
+            ServerState(
+                p_global=torch.full((4, 8), float(r)),
+                momentum=None,
+                server_round=r,
+                run_token="t",
+                noise_multiplier_global=2.0,
+                config_fingerprint="f",
+                participation={"1": r},
+            )
+        )
     _flip_a_byte(tmp_path / CHECKPOINT)
     state = run.load()
     # round 2's p_G may have left before its checkpoint was lost: the resumed run releases round 2 again, so

@@ -1,4 +1,4 @@
-"""The in-process Grid (common.inprocess) and the experiment sweep (common.sweep): delivery and reply metadata,
+"""The in-process Grid (dpfpl.inprocess) and the experiment sweep (dpfpl.sweep): delivery and reply metadata,
 error replies, a tiny real sweep (2 methods x 2 epsilons x 2 seeds), resumability, and the table's numbers."""
 
 import csv
@@ -16,10 +16,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import MessageType
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from common.inprocess import InProcessGrid, node_id_for
-from common.sweep import SweepSpec, expand, run_dir_of, run_sweep
-from common.sweep_report import format_cell, report
-from server_app.checkpoint import RunDirectory
+from dpfpl.inprocess import InProcessGrid, node_id_for
+from dpfpl.server_app.checkpoint import RunDirectory
+from dpfpl.sweep import SweepSpec, expand, run_dir_of, run_sweep
+from dpfpl.sweep_report import format_cell, report
 
 # ------------------------------------------------------------------------------------------------ (a) the grid
 
@@ -34,8 +34,11 @@ def _tiny_train(msg: Message, context) -> Message:
     msg.content["arrays"]["w"].data = b"overwritten by the client"  # must not reach the server's message
     if msg.content["config"]["fail"]:
         raise RuntimeError("this node has no data")
-    metrics = {"partition-id": int(context.node_config["partition-id"]), "calls": calls,
-               "num-partitions": int(context.node_config["num-partitions"])}
+    metrics = {
+        "partition-id": int(context.node_config["partition-id"]),
+        "calls": calls,
+        "num-partitions": int(context.node_config["num-partitions"]),
+    }
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -43,8 +46,12 @@ def _instructions(grid: InProcessGrid, fail_partition: int) -> list[Message]:
     messages = []
     for node_id in grid.get_node_ids():
         partition = grid.contexts[node_id].node_config["partition-id"]
-        content = RecordDict({"arrays": ArrayRecord({"w": torch.arange(4.0)}),
-                              "config": ConfigRecord({"fail": partition == fail_partition})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": torch.arange(4.0)}),
+                "config": ConfigRecord({"fail": partition == fail_partition}),
+            }
+        )
         messages.append(Message(content, node_id, MessageType.TRAIN, group_id="7"))
     return messages
 
@@ -67,8 +74,11 @@ def test_in_process_grid_replies_like_flower_and_turns_exceptions_into_error_rep
             request = by_request[reply.metadata.reply_to_message_id]
             md = reply.metadata
             assert request.metadata.src_node_id == SUPERLINK_NODE_ID
-            assert (md.run_id, md.src_node_id, md.dst_node_id) == (grid.run.run_id, request.metadata.dst_node_id,
-                                                                   SUPERLINK_NODE_ID)
+            assert (md.run_id, md.src_node_id, md.dst_node_id) == (
+                grid.run.run_id,
+                request.metadata.dst_node_id,
+                SUPERLINK_NODE_ID,
+            )
             assert (md.message_type, md.group_id) == (MessageType.TRAIN, "7")
             assert md.message_id and md.message_id != request.metadata.message_id and md.ttl > 0
             # the client scribbled on its copy only
@@ -94,15 +104,33 @@ def test_in_process_grid_replies_like_flower_and_turns_exceptions_into_error_rep
 
 # ------------------------------------------------------------------------------------------------ (b, c) a tiny sweep
 
-TINY = {"num-clients": 3, "classes-per-client": 2, "min-clients": 3, "num-server-rounds": 2, "eval-every": 1,
-        "eval-last": 2, "batch-size": 8, "n-ctx": 4, "lr-global": 0.05, "lr-local": 0.05,
-        "pretrained": "none", "resume": True}
+TINY = {
+    "num-clients": 3,
+    "classes-per-client": 2,
+    "min-clients": 3,
+    "num-server-rounds": 2,
+    "eval-every": 1,
+    "eval-last": 2,
+    "batch-size": 8,
+    "n-ctx": 4,
+    "lr-global": 0.05,
+    "lr-local": 0.05,
+    "pretrained": "none",
+    "resume": True,
+}
 METHODS = ["dpfpl", "dpfpl-noresidual"]
 
 
 def _spec(out, **changes) -> SweepSpec:
-    fields = {"methods": METHODS, "epsilons": ["none", 1.0], "seeds": [0, 1], "ranks": [2], "base": TINY,
-              "out": str(out), "command": "dpfpl sweep (tests/test_sweep.py)"}
+    fields = {
+        "methods": METHODS,
+        "epsilons": ["none", 1.0],
+        "seeds": [0, 1],
+        "ranks": [2],
+        "base": TINY,
+        "out": str(out),
+        "command": "dpfpl sweep (tests/test_sweep.py)",
+    }
     return SweepSpec(**{**fields, **changes})
 
 
@@ -115,8 +143,9 @@ def sweep(tmp_path_factory, cache_dir):
 
 
 def test_expansion_zeroshot_once_per_seed_and_rank_only_for_factorized_methods():
-    spec = SweepSpec(methods=["zeroshot", "promptfl", "dpfpl"], epsilons=["none", 0.4], seeds=[0, 1],
-                     ranks=[2, 8], base={}, out="x")
+    spec = SweepSpec(
+        methods=["zeroshot", "promptfl", "dpfpl"], epsilons=["none", 0.4], seeds=[0, 1], ranks=[2, 8], base={}, out="x"
+    )
     names = [r.name for r in expand(spec)]
     assert len(names) == 2 * (1 + 2 + 2 * 2)
     assert "zeroshot_eps-none_rank-na_seed-1" in names and "promptfl_eps-0.4_rank-na_seed-0" in names
@@ -201,31 +230,48 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(sweep, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ (d) the table
 
+
 def _write_run(out, run, local, neighbor, zeroshot_local):
     run_dir = run_dir_of(out, run)
     run_dir.mkdir(parents=True)
     (run_dir / "sweep-run.json").write_text(json.dumps(run.label()))
-    summary = {"method": run.method, "model": "tiny", "rounds": 10, "num-clients": 4,
-               "zeroshot": {"local-acc": zeroshot_local, "neighbor-acc": 0.1},
-               "final": {"local-acc": local, "neighbor-acc": neighbor},
-               "last-rounds-mean": {"rounds": [6, 10], "evaluations": 5, "local-acc": local, "neighbor-acc": neighbor},
-               "privacy": {"dp": run.epsilon is not None, "delta": 1e-5, "calibrate-for": "each"}}
+    summary = {
+        "method": run.method,
+        "model": "tiny",
+        "rounds": 10,
+        "num-clients": 4,
+        "zeroshot": {"local-acc": zeroshot_local, "neighbor-acc": 0.1},
+        "final": {"local-acc": local, "neighbor-acc": neighbor},
+        "last-rounds-mean": {"rounds": [6, 10], "evaluations": 5, "local-acc": local, "neighbor-acc": neighbor},
+        "privacy": {"dp": run.epsilon is not None, "delta": 1e-5, "calibrate-for": "each"},
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    metrics = [{"round": 0, "phase": "zeroshot", "local-acc": zeroshot_local},
-               {"round": 10, "phase": "train", "local-acc": local, "neighbor-acc": neighbor}]
+    metrics = [
+        {"round": 0, "phase": "zeroshot", "local-acc": zeroshot_local},
+        {"round": 10, "phase": "train", "local-acc": local, "neighbor-acc": neighbor},
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
 LOCAL = {  # (method, epsilon) -> local accuracy of seeds 0, 1, 2 (None: that run never started)
-    ("promptfl", None): [0.50, 0.60, 0.70], ("dpfpl", None): [0.80, 0.82, 0.84],
-    ("promptfl", 0.4): [0.71, 0.73, 0.75], ("dpfpl", 0.4): [0.70, 0.70, 0.70],
-    ("promptfl", 0.1): [0.40, 0.40, 0.40], ("dpfpl", 0.1): [0.60, 0.62, None],
+    ("promptfl", None): [0.50, 0.60, 0.70],
+    ("dpfpl", None): [0.80, 0.82, 0.84],
+    ("promptfl", 0.4): [0.71, 0.73, 0.75],
+    ("dpfpl", 0.4): [0.70, 0.70, 0.70],
+    ("promptfl", 0.1): [0.40, 0.40, 0.40],
+    ("dpfpl", 0.1): [0.60, 0.62, None],
 }
 
 
 def test_table_cells_are_mean_and_std_over_seeds_with_the_best_in_bold(tmp_path):
-    spec = SweepSpec(methods=["zeroshot", "promptfl", "dpfpl"], epsilons=["none", 0.4, 0.1], seeds=[0, 1, 2],
-                     ranks=[8], base={}, out=str(tmp_path))
+    spec = SweepSpec(
+        methods=["zeroshot", "promptfl", "dpfpl"],
+        epsilons=["none", 0.4, 0.1],
+        seeds=[0, 1, 2],
+        ranks=[8],
+        base={},
+        out=str(tmp_path),
+    )
     (tmp_path / "sweep.json").write_text(spec.model_dump_json())
     for run in expand(spec):
         zeroshot_local = 0.30 + 0.01 * run.seed
@@ -238,8 +284,11 @@ def test_table_cells_are_mean_and_std_over_seeds_with_the_best_in_bold(tmp_path)
     report(tmp_path)
     table = (tmp_path / "table.md").read_text()
     local = table.split("## Local accuracy (%)")[1].split("##")[0]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
-            for line in local.splitlines() if line.startswith("|") and not line.startswith("|---")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+        for line in local.splitlines()
+        if line.startswith("|") and not line.startswith("|---")
+    }
     assert rows["ε"] == ["zeroshot", "promptfl", "dpfpl"]
     assert list(rows)[1:] == ["none (no DP)", "0.4", "0.1", "zero-shot"]
     assert rows["none (no DP)"] == ["31.00 ± 1.00", "60.00 ± 10.00", "**82.00 ± 2.00**"]
@@ -255,6 +304,7 @@ def test_table_cells_are_mean_and_std_over_seeds_with_the_best_in_bold(tmp_path)
         assert len(list(csv.DictReader(fh))) == 2 * (3 + 17)
 
 
+@pytest.mark.slow
 def test_parallel_workers_reproduce_the_sequential_non_dp_results(sweep, tmp_path):
     """Without DP a run is deterministic (seeded sampling), so two worker processes must give exactly the
     per-round accuracies of the sequential sweep."""
@@ -269,8 +319,9 @@ def test_parallel_workers_reproduce_the_sequential_non_dp_results(sweep, tmp_pat
         ours, theirs = _flat(ours), _flat(theirs)
         assert ours.keys() == theirs.keys()
         numbers = [k for k, v in theirs.items() if isinstance(v, float)]
-        assert {k: v for k, v in ours.items() if k not in numbers} == {k: v for k, v in theirs.items()
-                                                                      if k not in numbers}
+        assert {k: v for k, v in ours.items() if k not in numbers} == {
+            k: v for k, v in theirs.items() if k not in numbers
+        }
         assert [ours[k] for k in numbers] == pytest.approx([theirs[k] for k in numbers], rel=1e-5)
 
 
@@ -304,7 +355,7 @@ def test_zeroshot_runs_once_and_is_not_repeated_by_a_second_sweep(cache_dir, tmp
 def test_worst_client_and_published_epsilon_tables(tmp_path):
     """A mean can hide a collapsed node: the table shows each cell's worst client (worst seed) and the
     published prompt's epsilon the accountant reported."""
-    from common.evaluation import last_rounds_per_client, worst_client
+    from dpfpl.common.evaluation import last_rounds_per_client, worst_client
 
     zeroshot = {"partition-0": {"local-acc": 0.80}, "partition-1": {"local-acc": 0.90}}
     final = {"partition-0": {"local-acc": 0.95}, "partition-1": {"local-acc": 0.70}}
@@ -315,8 +366,9 @@ def test_worst_client_and_published_epsilon_tables(tmp_path):
     evals = [{"round": r, "per-client": {"partition-0": {"local-acc": a}}} for r, a in ((5, 0.1), (9, 0.6), (10, 0.8))]
     assert last_rounds_per_client(evals, 2)["partition-0"]["local-acc"] == pytest.approx(0.7)
 
-    spec = SweepSpec(methods=["zeroshot", "dpfpl"], epsilons=["none", 1.0], seeds=[0, 1], ranks=[2], base={},
-                     out=str(tmp_path))
+    spec = SweepSpec(
+        methods=["zeroshot", "dpfpl"], epsilons=["none", 1.0], seeds=[0, 1], ranks=[2], base={}, out=str(tmp_path)
+    )
     (tmp_path / "sweep.json").write_text(spec.model_dump_json())
     for run in expand(spec):
         _write_run(tmp_path, run, 0.9, 0.8, 0.85)
@@ -329,10 +381,12 @@ def test_worst_client_and_published_epsilon_tables(tmp_path):
             # partition-1 loses 1 + 2 x seed points on average over the last rounds (6-10); round 5 is outside
             drop = 0.01 + 0.02 * run.seed
             clients = lambda a: {"partition-0": {"local-acc": 0.95}, "partition-1": {"local-acc": a}}  # noqa: E731
-            metrics = [{"round": 0, "phase": "zeroshot", "per-client": clients(0.90)},
-                       {"round": 5, "phase": "train", "local-acc": 0.1, "per-client": clients(0.10)},
-                       {"round": 8, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90 - 2 * drop)},
-                       {"round": 10, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90)}]
+            metrics = [
+                {"round": 0, "phase": "zeroshot", "per-client": clients(0.90)},
+                {"round": 5, "phase": "train", "local-acc": 0.1, "per-client": clients(0.10)},
+                {"round": 8, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90 - 2 * drop)},
+                {"round": 10, "phase": "train", "local-acc": 0.9, "per-client": clients(0.90)},
+            ]
             (path.parent / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     report(tmp_path)
     table = (tmp_path / "table.md").read_text()

@@ -20,14 +20,24 @@ import numpy as np
 from .images import ArraySource, DatasetError, ImageDataset, clean_classname
 
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
 }
 
 CIFAR_LAYOUTS = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta",
-                "labels", "label_names"),
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "labels",
+        "label_names",
+    ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
 }
 
@@ -56,9 +66,11 @@ def load_cifar(name: str, data_root: str | Path) -> ImageDataset:
         raise DatasetError(f"unknown CIFAR variant '{name}'; known: {sorted(CIFAR_LAYOUTS)}")
     folder_name, train_files, test_files, meta_file, label_key, names_key = CIFAR_LAYOUTS[name]
     folder = Path(data_root) / folder_name
-    hint = (f"expected torchvision's layout: {folder}/ with {', '.join(train_files + test_files + [meta_file])} "
-            f"(e.g. from torchvision.datasets.{'CIFAR10' if name == 'cifar10' else 'CIFAR100'}(root, download=True) "
-            "on a machine with internet, then copy the folder)")
+    hint = (
+        f"expected torchvision's layout: {folder}/ with {', '.join(train_files + test_files + [meta_file])} "
+        f"(e.g. from torchvision.datasets.{'CIFAR10' if name == 'cifar10' else 'CIFAR100'}(root, download=True) "
+        "on a machine with internet, then copy the folder)"
+    )
     meta = _load_pickle(folder / meta_file, hint)
     if names_key not in meta:
         raise DatasetError(f"{folder / meta_file}: no '{names_key}' entry\n{hint}")
@@ -73,13 +85,20 @@ def load_cifar(name: str, data_root: str | Path) -> ImageDataset:
             data = np.asarray(batch["data"])
             lab = np.asarray(batch[label_key], dtype=np.int64)
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
-                raise DatasetError(f"{folder / fname}: 'data' must be uint8 (N, 3072) with N labels, found "
-                                   f"{data.dtype} {data.shape} and {len(lab)} labels")
+                raise DatasetError(
+                    f"{folder / fname}: 'data' must be uint8 (N, 3072) with N labels, found "
+                    f"{data.dtype} {data.shape} and {len(lab)} labels"
+                )
             if len(lab) and (lab.min() < 0 or lab.max() >= len(classnames)):
                 raise DatasetError(f"{folder / fname}: labels outside 0..{len(classnames) - 1}")
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(lab)
             is_test.append(np.full(len(lab), test))
     arrays = np.ascontiguousarray(np.concatenate(images))
-    return ImageDataset(name=name, classnames=classnames, labels=np.concatenate(labels),
-                        is_test=np.concatenate(is_test), source=ArraySource(arrays, name))
+    return ImageDataset(
+        name=name,
+        classnames=classnames,
+        labels=np.concatenate(labels),
+        is_test=np.concatenate(is_test),
+        source=ArraySource(arrays, name),
+    )

@@ -43,8 +43,10 @@ COOP_DATASETS: dict[str, CoopLayout] = {
 
 def _layout_hint(name: str, root: Path) -> str:
     lay = COOP_DATASETS[name]
-    return (f"expected CoOp's layout under data-root '{root}': {lay.folder}/{lay.image_dir}/ (the images) and "
-            f"{lay.folder}/{lay.split_file} (the split file from CoOp's DATASETS.md)")
+    return (
+        f"expected CoOp's layout under data-root '{root}': {lay.folder}/{lay.image_dir}/ (the images) and "
+        f"{lay.folder}/{lay.split_file} (the split file from CoOp's DATASETS.md)"
+    )
 
 
 def _read_split_file(path: Path, name: str, root: Path) -> dict[str, list]:
@@ -53,19 +55,29 @@ def _read_split_file(path: Path, name: str, root: Path) -> dict[str, list]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path} is not valid JSON ({err}); download it again ({_layout_hint(name, root)})") from None
+        raise DatasetError(
+            f"{path} is not valid JSON ({err}); download it again ({_layout_hint(name, root)})"
+        ) from None
     if not isinstance(data, dict) or not {"train", "test"} <= set(data):
-        raise DatasetError(f"{path}: expected a JSON object with 'train', 'val' and 'test' lists of "
-                           "[image path, label, class name]")
+        raise DatasetError(
+            f"{path}: expected a JSON object with 'train', 'val' and 'test' lists of [image path, label, class name]"
+        )
     for split in ("train", "test"):
         entries = data[split]
         if not isinstance(entries, list) or not entries:
             raise DatasetError(f"{path}: '{split}' must be a non-empty list of [image path, label, class name]")
         for k, item in enumerate(entries):
-            if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
-                    or not isinstance(item[1], int) or isinstance(item[1], bool) or not isinstance(item[2], str)):
-                raise DatasetError(f"{path}: {split}[{k}] = {item!r} is not [image path (str), label (int), "
-                                   "class name (str)]")
+            if (
+                not isinstance(item, list)
+                or len(item) != 3
+                or not isinstance(item[0], str)
+                or not isinstance(item[1], int)
+                or isinstance(item[1], bool)
+                or not isinstance(item[2], str)
+            ):
+                raise DatasetError(
+                    f"{path}: {split}[{k}] = {item!r} is not [image path (str), label (int), class name (str)]"
+                )
     return data
 
 
@@ -94,8 +106,14 @@ def load_coop_dataset(name: str, data_root: str | Path) -> ImageDataset:
         raise DatasetError(f"{split_path}: labels must be 0..C-1 without gaps, found {sorted(names)[:10]}...")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise DatasetError(f"{len(missing)} images listed in {split_path} are missing, e.g. {missing[:3]}\n"
-                           f"{_layout_hint(name, root)}")
+        raise DatasetError(
+            f"{len(missing)} images listed in {split_path} are missing, e.g. {missing[:3]}\n{_layout_hint(name, root)}"
+        )
     classnames = [clean_classname(names[i]) for i in range(len(names))]
-    return ImageDataset(name=name, classnames=classnames, labels=np.asarray(labels, dtype=np.int64),
-                        is_test=np.asarray(is_test, dtype=bool), source=FileSource(tuple(paths)))
+    return ImageDataset(
+        name=name,
+        classnames=classnames,
+        labels=np.asarray(labels, dtype=np.int64),
+        is_test=np.asarray(is_test, dtype=bool),
+        source=FileSource(tuple(paths)),
+    )

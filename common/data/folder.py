@@ -20,11 +20,14 @@ from .images import DatasetError, FileSource, ImageDataset, clean_classname, see
 from .silo import IMAGE_SUFFIXES, TEST_FRACTION, folder_entries, manifest_entries
 
 
-def _dataset_from_entries(name: str, where: Path, entries: list[tuple[Path, str, str | None]],
-                          classnames: list[str] | None, seed: int) -> ImageDataset:
+def _dataset_from_entries(
+    name: str, where: Path, entries: list[tuple[Path, str, str | None]], classnames: list[str] | None, seed: int
+) -> ImageDataset:
     if not entries:
-        raise DatasetError(f"no images found in {where}: expected train/<class>/*, test/<class>/* or <class>/* with "
-                           f"one of {sorted(IMAGE_SUFFIXES)}, or manifest.csv with 'path,label[,split]'")
+        raise DatasetError(
+            f"no images found in {where}: expected train/<class>/*, test/<class>/* or <class>/* with "
+            f"one of {sorted(IMAGE_SUFFIXES)}, or manifest.csv with 'path,label[,split]'"
+        )
     raw = sorted({label for _, label, _ in entries}) if not classnames else list(classnames)
     index = {label: i for i, label in enumerate(raw)}
     unknown = sorted({label for _, label, _ in entries if label not in index})
@@ -42,10 +45,17 @@ def _dataset_from_entries(name: str, where: Path, entries: list[tuple[Path, str,
     else:
         is_test = seeded_split(labels, TEST_FRACTION, seed)
     if is_test.all() or not is_test.any():
-        raise DatasetError(f"{where}: needs both train and test images (found {int((~is_test).sum())} train, "
-                           f"{int(is_test.sum())} test)")
-    return ImageDataset(name=name, classnames=[clean_classname(c) for c in raw], labels=labels, is_test=is_test,
-                        source=FileSource(tuple(p for p, _, _ in entries)))
+        raise DatasetError(
+            f"{where}: needs both train and test images (found {int((~is_test).sum())} train, "
+            f"{int(is_test.sum())} test)"
+        )
+    return ImageDataset(
+        name=name,
+        classnames=[clean_classname(c) for c in raw],
+        labels=labels,
+        is_test=is_test,
+        source=FileSource(tuple(p for p, _, _ in entries)),
+    )
 
 
 def load_folder_dataset(data_root: str | Path, classnames: list[str] | None = None, seed: int = 0) -> ImageDataset:
@@ -59,10 +69,14 @@ def load_manifest_dataset(data_root: str | Path, classnames: list[str] | None = 
     path = Path(data_root)
     manifest = path / "manifest.csv" if path.is_dir() else path
     if not manifest.is_file():
-        raise DatasetError(f"manifest not found: {manifest} (dataset = 'csv' expects data-root/manifest.csv or the "
-                           "CSV file itself, with a header 'path,label[,split]')")
+        raise DatasetError(
+            f"manifest not found: {manifest} (dataset = 'csv' expects data-root/manifest.csv or the "
+            "CSV file itself, with a header 'path,label[,split]')"
+        )
     try:
         entries = manifest_entries(manifest.parent, manifest)
     except (UnicodeDecodeError, KeyError) as err:
-        raise DatasetError(f"{manifest}: not a readable 'path,label[,split]' CSV ({type(err).__name__}: {err})") from None
+        raise DatasetError(
+            f"{manifest}: not a readable 'path,label[,split]' CSV ({type(err).__name__}: {err})"
+        ) from None
     return _dataset_from_entries("csv", manifest, entries, classnames, seed)

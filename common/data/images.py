@@ -10,9 +10,10 @@ Images are only decoded when their features are computed (once per image and vie
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -50,8 +51,10 @@ class FileSource:
         except FileNotFoundError:
             raise DatasetError(f"image file missing: {path}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(f"cannot decode image {path} ({type(err).__name__}: {err}); remove or replace the "
-                               "file (the data set's split/manifest lists it)") from None
+            raise DatasetError(
+                f"cannot decode image {path} ({type(err).__name__}: {err}); remove or replace the "
+                "file (the data set's split/manifest lists it)"
+            ) from None
 
     def describe(self, i: int) -> str:
         return str(self.paths[i])
@@ -99,7 +102,7 @@ class ImageDataset:
     source: ImageSource
     # A faster exact path from records to model input for in-memory data (the demo), else the model's
     # own preprocess is applied to each PIL image.
-    batch_pixels: Callable[[np.ndarray], "object"] | None = field(default=None, repr=False)
+    batch_pixels: Callable[[np.ndarray], object] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         n = len(self.source)
@@ -130,8 +133,10 @@ class ImageDataset:
         return np.flatnonzero(self.is_test)
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.classnames)} classes, {int((~self.is_test).sum())} train / "
-                f"{int(self.is_test.sum())} test images")
+        return (
+            f"{self.name}: {len(self.classnames)} classes, {int((~self.is_test).sum())} train / "
+            f"{int(self.is_test.sum())} test images"
+        )
 
 
 def seeded_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

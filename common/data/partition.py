@@ -47,26 +47,32 @@ def pathological_partition(num_classes: int, num_clients: int, classes_per_clien
     if classes_per_client == 0:
         per = max(1, round(num_classes / num_clients))
         if per * (num_clients - 1) >= num_classes:
-            raise DatasetError(f"pathological partition: {num_classes} classes cannot give each of {num_clients} "
-                               f"clients round(C/N) = {per} classes with some left for the last; use fewer clients")
-        parts = [order[i * per:(i + 1) * per] for i in range(num_clients - 1)] + [order[(num_clients - 1) * per:]]
+            raise DatasetError(
+                f"pathological partition: {num_classes} classes cannot give each of {num_clients} "
+                f"clients round(C/N) = {per} classes with some left for the last; use fewer clients"
+            )
+        parts = [order[i * per : (i + 1) * per] for i in range(num_clients - 1)] + [order[(num_clients - 1) * per :]]
         return [sorted(p) for p in parts]
     if num_clients * classes_per_client > num_classes:
         raise DatasetError(
             f"pathological partition needs num-clients x classes-per-client <= number of classes "
             f"({num_clients} x {classes_per_client} > {num_classes}); lower classes-per-client, or set it to 0 "
-            "(the papers' round(C/N) rule)")
-    return [sorted(order[i * classes_per_client:(i + 1) * classes_per_client]) for i in range(num_clients)]
+            "(the papers' round(C/N) rule)"
+        )
+    return [sorted(order[i * classes_per_client : (i + 1) * classes_per_client]) for i in range(num_clients)]
 
 
-def dirichlet_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, alpha: float,
-                        min_samples: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def dirichlet_partition(
+    train_labels: np.ndarray, test_labels: np.ndarray, num_clients: int, alpha: float, min_samples: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Positions into ``train_labels`` / ``test_labels`` for each client (train, test), label skew Dir(alpha)."""
     if alpha <= 0:
         raise DatasetError(f"dirichlet-alpha must be > 0, got {alpha}")
     if num_clients * min_samples > len(train_labels):
-        raise DatasetError(f"dirichlet partition: {num_clients} clients x min-samples-per-client {min_samples} > "
-                           f"{len(train_labels)} training records")
+        raise DatasetError(
+            f"dirichlet partition: {num_clients} clients x min-samples-per-client {min_samples} > "
+            f"{len(train_labels)} training records"
+        )
     rng = np.random.default_rng(seed)
     classes = np.unique(np.concatenate([train_labels, test_labels]))
     fair_share = len(train_labels) / num_clients
@@ -84,11 +90,15 @@ def dirichlet_partition(train_labels: np.ndarray, test_labels: np.ndarray, num_c
                 for k, chunk in enumerate(np.split(idx, (cum * len(idx)).astype(int))):
                     parts[k].extend(chunk.tolist())
         if min(len(p) for p in train_parts) >= min_samples:
-            return [(np.sort(np.array(a, dtype=np.int64)), np.sort(np.array(b, dtype=np.int64)))
-                    for a, b in zip(train_parts, test_parts)]
-    raise DatasetError(f"dirichlet partition: no draw in {MAX_DIRICHLET_DRAWS} gave every one of {num_clients} "
-                       f"clients >= {min_samples} training records at alpha = {alpha}; raise dirichlet-alpha, lower "
-                       "min-samples-per-client or use fewer clients")
+            return [
+                (np.sort(np.array(a, dtype=np.int64)), np.sort(np.array(b, dtype=np.int64)))
+                for a, b in zip(train_parts, test_parts)
+            ]
+    raise DatasetError(
+        f"dirichlet partition: no draw in {MAX_DIRICHLET_DRAWS} gave every one of {num_clients} "
+        f"clients >= {min_samples} training records at alpha = {alpha}; raise dirichlet-alpha, lower "
+        "min-samples-per-client or use fewer clients"
+    )
 
 
 def few_shot(indices: np.ndarray, labels: np.ndarray, shots: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -110,9 +120,16 @@ def domain_blocks(num_classes: int, num_domains: int) -> list[list[int]]:
     return [b.tolist() for b in np.array_split(np.arange(num_classes), num_domains)]
 
 
-def multi_domain_partition(labels: np.ndarray, is_test: np.ndarray, num_classes: int, num_clients: int,
-                           num_domains: int, alpha: float, min_samples: int,
-                           seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
+def multi_domain_partition(
+    labels: np.ndarray,
+    is_test: np.ndarray,
+    num_classes: int,
+    num_clients: int,
+    num_domains: int,
+    alpha: float,
+    min_samples: int,
+    seed: int,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[int]]:
     """(train, test) record indices per client and each client's domain (client k: domain k mod D)."""
     if num_clients < num_domains:
         raise DatasetError(f"multi-domain partition: {num_clients} clients cannot cover {num_domains} domains")
@@ -166,22 +183,36 @@ class Partition:
             head += f", {self.num_shots}-shot"
         lines = [head]
         if self.base_classes is not None:
-            lines.append(f"  base classes: {len(self.base_classes)}, novel classes: {len(self.novel_classes or [])} "
-                         "(never trained on)")
+            lines.append(
+                f"  base classes: {len(self.base_classes)}, novel classes: {len(self.novel_classes or [])} "
+                "(never trained on)"
+            )
         lines.append(f"  {'client':>6} {'classes':>7} {'train':>7} {'test':>6}  class names")
         for i, part in enumerate(self.clients):
             names = [self.classnames[c] for c in part.classes[:max_names]]
             more = f", ... (+{len(part.classes) - max_names})" if len(part.classes) > max_names else ""
             short = f"  [{len(part.short_classes)} classes below {self.num_shots} shots]" if part.short_classes else ""
             domain = f"  [domain {self.domains[i]}]" if self.domains is not None else ""
-            lines.append(f"  {i:>6} {len(part.classes):>7} {len(part.train):>7} {len(part.test):>6}  "
-                         f"{', '.join(names)}{more}{short}{domain}")
+            lines.append(
+                f"  {i:>6} {len(part.classes):>7} {len(part.train):>7} {len(part.test):>6}  "
+                f"{', '.join(names)}{more}{short}{domain}"
+            )
         return "\n".join(lines)
 
 
-def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[str], protocol: str,
-                      num_clients: int, seed: int, classes_per_client: int = 0, alpha: float = 0.3,
-                      min_samples: int = 10, num_shots: int = 0, num_domains: int = 2) -> Partition:
+def partition_dataset(
+    labels: np.ndarray,
+    is_test: np.ndarray,
+    classnames: list[str],
+    protocol: str,
+    num_clients: int,
+    seed: int,
+    classes_per_client: int = 0,
+    alpha: float = 0.3,
+    min_samples: int = 10,
+    num_shots: int = 0,
+    num_domains: int = 2,
+) -> Partition:
     """The partition of one data set (labels + test flags) for ``num_clients`` simulated clients."""
     train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     num_classes = len(classnames)
@@ -205,8 +236,10 @@ def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[
         try:
             local_order = pathological_partition(len(base), num_clients, classes_per_client, seed)
         except DatasetError as err:  # the split deals only the base half: say so
-            raise DatasetError(f"base-novel partition deals the {len(base)} base classes of {num_classes} "
-                               f"(the other {len(novel)} are novel) -- {err}") from None
+            raise DatasetError(
+                f"base-novel partition deals the {len(base)} base classes of {num_classes} "
+                f"(the other {len(novel)} are novel) -- {err}"
+            ) from None
         groups = [[base[c] for c in g] for g in local_order]
         return Partition(protocol, classnames, by_classes(groups), seed, base, novel, num_shots)
     if protocol == "dirichlet":
@@ -217,12 +250,20 @@ def partition_dataset(labels: np.ndarray, is_test: np.ndarray, classnames: list[
             parts.append(ClientPart(sorted(set(labels[train].tolist())), train, test_idx[te], short))
         return Partition(protocol, classnames, parts, seed, num_shots=num_shots, detail=f" (alpha {alpha:g})")
     if protocol == "multi-domain":
-        positions, domains = multi_domain_partition(labels, is_test, num_classes, num_clients, num_domains, alpha,
-                                                    min_samples, seed)
+        positions, domains = multi_domain_partition(
+            labels, is_test, num_classes, num_clients, num_domains, alpha, min_samples, seed
+        )
         parts = []
         for k, (tr, te) in enumerate(positions):
             train, short = shots(np.sort(tr), k)
             parts.append(ClientPart(sorted(set(labels[train].tolist())), train, np.sort(te), short))
-        return Partition(protocol, classnames, parts, seed, num_shots=num_shots,
-                         detail=f" ({num_domains} domains, alpha {alpha:g})", domains=domains)
+        return Partition(
+            protocol,
+            classnames,
+            parts,
+            seed,
+            num_shots=num_shots,
+            detail=f" ({num_domains} domains, alpha {alpha:g})",
+            domains=domains,
+        )
     raise DatasetError(f"unknown partition '{protocol}'; choose one of {PROTOCOLS}")

@@ -20,9 +20,14 @@ def demo_image_dataset() -> ImageDataset:
     from .demo import load_demo_dataset
 
     data = load_demo_dataset()
-    return ImageDataset(name="demo", classnames=list(data.classnames), labels=data.labels, is_test=data.is_test,
-                        source=ArraySource(data.images, "demo"),
-                        batch_pixels=lambda idx: demo_pixels(data.images[idx]))
+    return ImageDataset(
+        name="demo",
+        classnames=list(data.classnames),
+        labels=data.labels,
+        is_test=data.is_test,
+        source=ArraySource(data.images, "demo"),
+        batch_pixels=lambda idx: demo_pixels(data.images[idx]),
+    )
 
 
 @lru_cache(maxsize=4)
@@ -42,6 +47,8 @@ def load_dataset(name: str, data_root: str = "", classnames: tuple[str, ...] = (
     else:
         dataset = load_manifest_dataset(data_root, list(classnames) or None, seed)
     if classnames and name not in ("folder", "csv") and list(classnames) != dataset.classnames:
-        raise DatasetError(f"the run's classnames differ from {name}'s own class list: run {list(classnames)[:5]}..., "
-                           f"data set {dataset.classnames[:5]}...; leave classnames empty for {name}")
+        raise DatasetError(
+            f"the run's classnames differ from {name}'s own class list: run {list(classnames)[:5]}..., "
+            f"data set {dataset.classnames[:5]}...; leave classnames empty for {name}"
+        )
     return dataset

@@ -13,12 +13,11 @@ collected and reported together with the files or labels involved, before any tr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -55,7 +54,7 @@ class Silo:
 def folder_entries(root: Path) -> list[tuple[Path, str, str | None]]:
     entries = []
     split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
-    for base, split in ([(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]):
+    for base, split in [(d, d.name) for d in split_dirs] if split_dirs else [(root, None)]:
         for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
             for f in sorted(class_dir.iterdir()):
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
@@ -88,7 +87,8 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     if not entries:
         raise SiloError(
             f"the silo '{root}' holds no images: expected manifest.csv (path,label[,split]) or class folders "
-            f"(train/<class>/*.png, test/<class>/*.png, or <class>/*.png) with one of {sorted(IMAGE_SUFFIXES)}")
+            f"(train/<class>/*.png, test/<class>/*.png, or <class>/*.png) with one of {sorted(IMAGE_SUFFIXES)}"
+        )
     index = {name: i for i, name in enumerate(classnames)}
     unknown = sorted({label for _, label, _ in entries if label not in index})
     problems = []
@@ -122,7 +122,7 @@ def load_silo(data_dir: str | Path, classnames: list[str], seed: int = 0, check_
     return Silo(paths=paths, labels=labels, is_test=is_test)
 
 
-def load_images(paths: list[Path], preprocess) -> "torch.Tensor":
+def load_images(paths: list[Path], preprocess) -> torch.Tensor:
     import torch
 
     batch = []

@@ -1,4 +1,4 @@
-"""Prompt-learning methods on one engine; each differs in small, named pieces (SPEC section 5).
+"""Prompt-learning methods on one engine; each differs in small, named pieces.
 
 | method            | prompt                         | shared            | DP                          |
 |-------------------|--------------------------------|-------------------|-----------------------------|
@@ -12,7 +12,7 @@
 | secfpp            | p_G,c(i) + p_L (full rank)     | p_G's gradient to its cluster's p_G; LCC shares of a reduced vector | as fedotp |
 
 SecFPP's step is FedOTP's (a domain-level p_G plus a class-level full-rank p_L); what differs is around it: the
-server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``common.secfpp``.
+server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``dpfpl.common.secfpp``.
 """
 
 from .contrastive import ContrastiveLoss
@@ -21,16 +21,21 @@ from .engine import DpSettings, Method, PromptLearner, StepResult
 from .local import FullRankLocal, LocalPrompt, LowRankFactors, RefactorizedLocal, SgdSettings
 
 
-def build_method(name: str, rank: int = 8, contrastive_weight: float = 0.5,
-                 contrastive_temperature: float = 0.5) -> Method:
+def build_method(
+    name: str, rank: int = 8, contrastive_weight: float = 0.5, contrastive_temperature: float = 0.5
+) -> Method:
     """The method called ``name`` (the run config's ``method``), assembled from its pieces."""
     builders = {
         "zeroshot": lambda: Method(name, shares_global=False),
         "coop": lambda: Method(name, shares_global=False, local=FullRankLocal()),
         "promptfl": lambda: Method(name, shares_global=True),
         "fedotp": lambda: Method(name, shares_global=True, local=FullRankLocal()),
-        "fedpgp": lambda: Method(name, shares_global=True, local=LowRankFactors(rank),
-                                 contrastive=ContrastiveLoss(contrastive_weight, contrastive_temperature)),
+        "fedpgp": lambda: Method(
+            name,
+            shares_global=True,
+            local=LowRankFactors(rank),
+            contrastive=ContrastiveLoss(contrastive_weight, contrastive_temperature),
+        ),
         "dpfpl-noresidual": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=False)),
         "dpfpl": lambda: Method(name, shares_global=True, local=RefactorizedLocal(rank, residual=True)),
         "secfpp": lambda: Method(name, shares_global=True, local=FullRankLocal()),
@@ -40,6 +45,18 @@ def build_method(name: str, rank: int = 8, contrastive_weight: float = 0.5,
     return builders[name]()
 
 
-__all__ = ["ContrastiveLoss", "DpSettings", "FullRankLocal", "LocalPrompt", "LowRankFactors", "Method",
-           "PromptLearner", "RefactorizedLocal", "SgdSettings", "StepResult", "build_method", "factorize",
-           "rgp_reconstruct"]
+__all__ = [
+    "ContrastiveLoss",
+    "DpSettings",
+    "FullRankLocal",
+    "LocalPrompt",
+    "LowRankFactors",
+    "Method",
+    "PromptLearner",
+    "RefactorizedLocal",
+    "SgdSettings",
+    "StepResult",
+    "build_method",
+    "factorize",
+    "rgp_reconstruct",
+]

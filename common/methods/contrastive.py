@@ -1,4 +1,4 @@
-"""FedPGP's prompt-wise contrastive loss (Cui et al., ICML 2024, eq. 12-13; SPEC section 5).
+"""FedPGP's prompt-wise contrastive loss (Cui et al., ICML 2024, eq. 12-13).
 
     L_con = -log( e^{sim(z_G, z_C)/tau} / (e^{sim(z_G, z_C)/tau} + e^{sim(z_G, z_i)/tau}) ), per class, averaged
 
@@ -31,8 +31,9 @@ class ContrastiveLoss:
         logits = torch.stack([pos, neg], dim=-1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
-    def gradients(self, encoder: PromptTextEncoder, p_global: torch.Tensor, prompt: torch.Tensor,
-                  z_handcrafted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(
+        self, encoder: PromptTextEncoder, p_global: torch.Tensor, prompt: torch.Tensor, z_handcrafted: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu dL_con/dp_G through z_G, mu dL_con/dp through z_i), p being the forward prompt p_G + U V.
         The total derivative w.r.t. p_G is their sum; the local factors see only the second."""
         a = p_global.detach().requires_grad_(True)

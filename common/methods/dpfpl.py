@@ -2,7 +2,7 @@
 
 The step itself is the shared engine (``engine.py``) with ``local.RefactorizedLocal``:
 
-One local step on a Poisson minibatch (SPEC section 3):
+One local step on a Poisson minibatch:
  1. factorize p_L at rank k with one power-iteration step: U (n_ctx x k), v (k x d), residual r;
  2. forward with p = p_G + U v + r (numerically p_G + p_L; ``dpfpl-noresidual`` drops r);
  3. per-sample gradients g_j = dloss_j/dp; factor gradients gU_j = g_j v^T, gv_j = U^T g_j (matmuls);
@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 
 
-def factorize(p_local: torch.Tensor, rank: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factorize(
+    p_local: torch.Tensor, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-step power iteration: U = orth(p_L V0), v = orth(p_L^T U)^T, r = p_L - U v."""
     n_ctx, d = p_local.shape
     if rank > min(n_ctx, d):

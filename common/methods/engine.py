@@ -1,4 +1,4 @@
-"""One training engine for every method; a method is a few named pieces (SPEC section 5):
+"""One training engine for every method; a method is a few named pieces:
 
 - ``shares_global``: is there a global prompt p_G whose clipped gradient goes to the server (GDP there)?
 - ``local``: the node's private part (``LocalPrompt``) and so where LDP noise goes, or ``None``;
@@ -25,7 +25,6 @@ from ..privacy import add_gaussian_noise, clip_per_sample, clip_per_sample_joint
 from ..prompt import CONTEXT_INIT_STD, PromptTextEncoder
 from .contrastive import ContrastiveLoss
 from .local import LocalPrompt, SgdSettings, Tensors
-
 
 MEMORY_FRACTION = 0.25  # of the memory available at the step, for the per-sample backward's working set
 
@@ -62,7 +61,7 @@ class DpSettings:
     noise_multiplier_local: float
     max_grad_norm_local: float
     max_grad_norm_global: float
-    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``common.privacy.standard_normal``)
+    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``dpfpl.common.privacy.standard_normal``)
 
 
 @dataclass(frozen=True)
@@ -90,16 +89,18 @@ class StepResult:
 class PromptLearner:
     """Runs a method's step and builds its personalized prompt, for one node's text encoder."""
 
-    def __init__(self, method: Method, encoder: PromptTextEncoder, logit_scale: float,
-                 chunk_size: int | None = None) -> None:
+    def __init__(
+        self, method: Method, encoder: PromptTextEncoder, logit_scale: float, chunk_size: int | None = None
+    ) -> None:
         self.method = method
         self.encoder = encoder
         self.logit_scale = logit_scale
         self.chunk_size = chunk_size  # None: sized per step to the memory available (memory_chunk_size)
         self._handcrafted: torch.Tensor | None = None
 
-    def init_local(self, generator: torch.Generator, std: float = CONTEXT_INIT_STD,
-                   text_context: torch.Tensor | None = None) -> Tensors:
+    def init_local(
+        self, generator: torch.Generator, std: float = CONTEXT_INIT_STD, text_context: torch.Tensor | None = None
+    ) -> Tensors:
         """The node's fresh local part. A method whose whole prompt is local (CoOp) starts it at
         ``text_context`` (the ``ctx-init`` text's embeddings) when given; otherwise the local part is drawn
         at scale ``std`` and added to p_G (which carries the text init)."""
@@ -128,8 +129,9 @@ class PromptLearner:
         ctx = self.method.local.eval_context(local) if self.method.local is not None and local else None
         return self._compose(p_global, ctx)
 
-    def text_features(self, p_global: torch.Tensor | None, local: Tensors,
-                      encoder: PromptTextEncoder | None = None) -> torch.Tensor:
+    def text_features(
+        self, p_global: torch.Tensor | None, local: Tensors, encoder: PromptTextEncoder | None = None
+    ) -> torch.Tensor:
         """Text features of the personalized prompt for the training classes, or for another class list
         (``encoder``: e.g. the novel classes of a base-to-novel evaluation; same context, other names)."""
         encoder = encoder or self.encoder
@@ -140,6 +142,7 @@ class PromptLearner:
         def fn(prompt: torch.Tensor) -> torch.Tensor:
             logits = self.logit_scale * features @ self.encoder(prompt).t()
             return F.cross_entropy(logits, labels, reduction="none")
+
         return fn
 
     def _regularizer(self, p_global: torch.Tensor | None, prompt: torch.Tensor):
@@ -153,9 +156,18 @@ class PromptLearner:
         via_global, via_prompt = self.method.contrastive.gradients(self.encoder, p_global, prompt, self._handcrafted)
         return via_global + via_prompt, via_prompt
 
-    def train_step(self, p_global: torch.Tensor | None, local: Tensors, momentum: Tensors, features: torch.Tensor,
-                   labels: torch.Tensor, expected_batch: int, dp: DpSettings, opt: SgdSettings,
-                   generator: torch.Generator) -> StepResult:
+    def train_step(
+        self,
+        p_global: torch.Tensor | None,
+        local: Tensors,
+        momentum: Tensors,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        expected_batch: int,
+        dp: DpSettings,
+        opt: SgdSettings,
+        generator: torch.Generator,
+    ) -> StepResult:
         method = self.method
         if not method.trains:
             raise ValueError(f"method '{method.name}' does not train")
@@ -179,25 +191,34 @@ class PromptLearner:
         if dp.enabled:
             chunk = self.chunk_size or memory_chunk_size(self.encoder, b, prompt.device)
             g, losses = per_sample_grads(loss_fn, prompt, chunk)  # (b, n_ctx, d)
-            global_sum = clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0) if method.shares_global else None
+            global_sum = (
+                clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0) if method.shares_global else None
+            )
             local_sums = []
             if method.local is not None:
                 per_sample = method.local.param_grads(g + extra_local, aux, local)
                 noise_std = dp.noise_multiplier_local * dp.max_grad_norm_local
-                local_sums = [add_gaussian_noise(c.sum(0), noise_std, generator, dp.secure_noise)
-                              for c in clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)]
+                local_sums = [
+                    add_gaussian_noise(c.sum(0), noise_std, generator, dp.secure_noise)
+                    for c in clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)
+                ]
         else:
             leaf = prompt.requires_grad_(True)
             losses = loss_fn(leaf)
             (g_sum,) = torch.autograd.grad(losses.sum(), leaf) if b else (torch.zeros_like(prompt),)
             losses = losses.detach()
             global_sum = g_sum + b * extra_global if method.shares_global else None
-            local_sums = method.local.param_grads(g_sum + b * extra_local, aux, local) if method.local is not None else []
+            local_sums = (
+                method.local.param_grads(g_sum + b * extra_local, aux, local) if method.local is not None else []
+            )
         # Divide by the *expected* batch size: with Poisson sampling the actual size is data-dependent and
         # dividing by it would break the sensitivity bound.
         global_grad = None if global_sum is None else (global_sum / expected_batch).detach()
         local_grads = [s / expected_batch for s in local_sums]
-        new_local, new_momentum = (method.local.apply(local, local_grads, aux, momentum, opt)
-                                   if method.local is not None else (local, momentum))
+        new_local, new_momentum = (
+            method.local.apply(local, local_grads, aux, momentum, opt)
+            if method.local is not None
+            else (local, momentum)
+        )
         loss = float(losses.mean()) if b else float("nan")
         return StepResult(global_grad, new_local, new_momentum, loss, b, local_grads)

@@ -1,4 +1,4 @@
-"""What a node keeps to itself: the local part of each method's prompt (SPEC section 5).
+"""What a node keeps to itself: the local part of each method's prompt.
 
 Every method's forward prompt is ``p_G + local context`` (or one of the two). The loss depends on the local
 parameters only through that context, so their gradients are linear maps of the context gradient g
@@ -33,8 +33,9 @@ def sgd_step(params: Tensors, grads: Tensors, momentum: Tensors, opt: SgdSetting
     """One SGD step on every named tensor, each with its own momentum buffer."""
     new_params, new_momentum = dict(params), dict(momentum)
     for name, grad in grads.items():
-        new_params[name], buf = sgd_update(params[name], grad, momentum.get(name), opt.lr, opt.momentum,
-                                           opt.weight_decay)
+        new_params[name], buf = sgd_update(
+            params[name], grad, momentum.get(name), opt.lr, opt.momentum, opt.weight_decay
+        )
         if buf is not None:
             new_momentum[name] = buf
     return {k: v.detach() for k, v in new_params.items()}, {k: v.detach() for k, v in new_momentum.items()}
@@ -73,8 +74,9 @@ class LocalPrompt(ABC):
         """Gradients of the trainable local parameters from the context gradient g (batched or not)."""
 
     @abstractmethod
-    def apply(self, state: Tensors, grads: list[torch.Tensor], aux: Any, momentum: Tensors,
-              opt: SgdSettings) -> tuple[Tensors, Tensors]:
+    def apply(
+        self, state: Tensors, grads: list[torch.Tensor], aux: Any, momentum: Tensors, opt: SgdSettings
+    ) -> tuple[Tensors, Tensors]:
         """Step the local state with the (already clipped, noised and averaged) parameter gradients."""
 
     def eval_context(self, state: Tensors) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Why PLD: the paper's epsilon grid goes down to 0.01. RDP with default orders cannot certify epsilon below
 about 0.19 at delta = 1e-5, and Opacus' PRV accountant over-noises 13x at epsilon = 0.01 (a discretisation
-artefact); the PLD accountant is tight across the whole grid (SPEC section 4).
+artefact); the PLD accountant is tight across the whole grid.
 
 Neighbouring relation: add/remove one record. Every mechanism here is a Poisson-subsampled Gaussian:
 each record of a client is in a step's batch with probability q = B / n_i, and the sum of its clipped
@@ -155,7 +155,7 @@ class PrivacyAccountant:
         if not groups:
             return 0.0
         if len(groups) == 1:
-            ((z, q), n), = groups.items()
+            (((z, q), n),) = groups.items()
             return epsilon_for(z, q, n, self.delta)
         return _epsilon_of([(z, q, n) for (z, q), n in groups.items()], self.delta)
 
@@ -172,7 +172,7 @@ class PrivacyAccountant:
         return {"delta": self.delta, "history": [list(h) for h in self.history]}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "PrivacyAccountant":
+    def from_state_dict(cls, state: dict) -> PrivacyAccountant:
         acc = cls(float(state["delta"]))
         acc.history = [tuple(h) for h in state["history"]]
         return acc

@@ -86,8 +86,9 @@ def secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def standard_normal(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype,
-                    secure: bool = False) -> torch.Tensor:
+def standard_normal(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype, secure: bool = False
+) -> torch.Tensor:
     """N(0, 1) noise of ``shape`` on the CPU.
 
     Default: torch's Mersenne Twister (``generator``, OS-seeded under DP) and its floating-point Gaussian.

@@ -32,19 +32,25 @@ NONCE_BYTES = 12
 
 def generate_private_key() -> bytes:
     return X25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
 
 
 def public_key(private_key: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(private_key)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
 
 
 def agree(private_key: bytes, peer_public_key: bytes, info: bytes) -> bytes:
     """A 32-byte key shared by the two owners of the key pairs, bound to ``info``."""
     if len(peer_public_key) != KEY_BYTES:
         raise ValueError(f"X25519 public keys are {KEY_BYTES} bytes, got {len(peer_public_key)}")
-    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+    shared = X25519PrivateKey.from_private_bytes(private_key).exchange(
+        X25519PublicKey.from_public_bytes(peer_public_key)
+    )
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(shared)
 
 

@@ -63,7 +63,7 @@ def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.n
 
 def ddg_tau(client_sigma: float, num_summands: int) -> float:
     """Kairouz-Liu-Steinke's additive gap between a sum of discrete Gaussians and one discrete Gaussian."""
-    return 10.0 * sum(math.exp(-2 * math.pi ** 2 * client_sigma ** 2 * k / (k + 1)) for k in range(1, num_summands))
+    return 10.0 * sum(math.exp(-2 * math.pi**2 * client_sigma**2 * k / (k + 1)) for k in range(1, num_summands))
 
 
 def client_sigma(noise_multiplier: float, bits: int, dim: int, threshold: int) -> float:
@@ -76,8 +76,17 @@ def effective_noise_multiplier(noise_multiplier: float, survivors: int, threshol
     return noise_multiplier * math.sqrt(survivors / threshold)
 
 
-def encode_update(grad: np.ndarray, *, bits: int, clip_norm: float, batch_size: int, noise_multiplier: float,
-                  threshold: int, num_clients: int, rng: np.random.Generator | None = None) -> np.ndarray:
+def encode_update(
+    grad: np.ndarray,
+    *,
+    bits: int,
+    clip_norm: float,
+    batch_size: int,
+    noise_multiplier: float,
+    threshold: int,
+    num_clients: int,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
     """Signed int64 vector R(gamma x) + N_Z(0, sigma_c^2): what the client masks and sends.
 
     ``grad`` is x = sum_j clip(g_j) / B (any shape; flattened). ``noise_multiplier`` 0 adds no noise (no DP).
@@ -89,15 +98,19 @@ def encode_update(grad: np.ndarray, *, bits: int, clip_norm: float, batch_size: 
     gamma = scale_factor(bits, clip_norm, batch_size)
     scaled = gamma * x
     if scaled.size and np.abs(scaled).max() > HALF / max(1, num_clients):  # before the int64 cast could wrap
-        raise OverflowError(f"a scaled coordinate ({np.abs(scaled).max():.3g}) exceeds the per-client field range; "
-                            "lower secagg-quantization-bits")
+        raise OverflowError(
+            f"a scaled coordinate ({np.abs(scaled).max():.3g}) exceeds the per-client field range; "
+            "lower secagg-quantization-bits"
+        )
     values = stochastic_round(scaled, rng)
     if noise_multiplier > 0:
         sigma = client_sigma(noise_multiplier, bits, x.size, threshold)
         if sigma < MIN_CLIENT_SIGMA:
-            raise EncodingError(f"each client's noise share has std {sigma:.3g} integer units (< {MIN_CLIENT_SIGMA}); "
-                                "the discrete-Gaussian sum would not be close to one Gaussian: raise "
-                                "secagg-quantization-bits")
+            raise EncodingError(
+                f"each client's noise share has std {sigma:.3g} integer units (< {MIN_CLIENT_SIGMA}); "
+                "the discrete-Gaussian sum would not be close to one Gaussian: raise "
+                "secagg-quantization-bits"
+            )
         values = values + discrete_gaussian(sigma, x.size, rng)
     check_fits(values, num_clients)
     return values

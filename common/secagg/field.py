@@ -69,13 +69,13 @@ def is_field_vector(values: np.ndarray) -> bool:
 
 def scale_factor(bits: int, clip_norm: float, batch_size: int) -> float:
     """gamma: one record's contribution to x = sum clip(g_j) / B (L2 <= C / B) becomes 2^bits integer units."""
-    return (2.0 ** bits) * batch_size / clip_norm
+    return (2.0**bits) * batch_size / clip_norm
 
 
 def quantized_sensitivity(bits: int, dim: int) -> float:
     """L2 bound between the stochastically rounded, scaled vectors of two neighbouring inputs under one
     rounding draw: 2^bits from the record, < 1 per coordinate from the rounding (see the module docstring)."""
-    return 2.0 ** bits + math.sqrt(dim)
+    return 2.0**bits + math.sqrt(dim)
 
 
 def stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -91,4 +91,5 @@ def check_fits(values: np.ndarray, num_clients: int) -> None:
     if values.size and int(np.abs(values).max()) > limit:
         raise OverflowError(
             f"a quantized coordinate ({int(np.abs(values).max())}) exceeds the per-client field range {limit}; "
-            "lower secagg-quantization-bits")
+            "lower secagg-quantization-bits"
+        )

@@ -42,9 +42,11 @@ class SecAggError(RuntimeError):
 
 def check_threshold(t: int, num_clients: int) -> None:
     if t < 2 or 2 * t <= num_clients or t > num_clients:
-        raise SecAggError(f"threshold {t} for {num_clients} clients: secure aggregation needs 2 <= t <= N and "
-                          "t > N / 2 (too many clients were lost before the round could start, or the "
-                          "dropout tolerance is too high)")
+        raise SecAggError(
+            f"threshold {t} for {num_clients} clients: secure aggregation needs 2 <= t <= N and "
+            "t > N / 2 (too many clients were lost before the round could start, or the "
+            "dropout tolerance is too high)"
+        )
 
 
 def threshold_for(num_clients: int, dropout_tolerance: int) -> int:
@@ -54,7 +56,8 @@ def threshold_for(num_clients: int, dropout_tolerance: int) -> int:
         raise SecAggError(
             f"{num_clients} clients with secagg-dropout-tolerance {dropout_tolerance} give a threshold of {t}; "
             "secure aggregation needs at least 2 and more than half of the clients (tolerate fewer dropouts "
-            "or add clients)")
+            "or add clients)"
+        )
     return t
 
 
@@ -130,8 +133,11 @@ class ClientSession:
                 self.received[dst] = (s_shares[index][1], b_shares[index][1])
                 continue
             key = crypto.agree(self.c_sk, roster[dst][0], crypto.pair_info("enc", self.context, self.node_id, dst))
-            out[dst] = crypto.encrypt(key, _share_plaintext(self.node_id, dst, s_shares[index][1], b_shares[index][1]),
-                                      _aad(self.context, self.node_id, dst))
+            out[dst] = crypto.encrypt(
+                key,
+                _share_plaintext(self.node_id, dst, s_shares[index][1], b_shares[index][1]),
+                _aad(self.context, self.node_id, dst),
+            )
         self.stage = "shared"
         return out
 
@@ -144,8 +150,10 @@ class ClientSession:
             raise SecAggError(f"masked-input request in stage '{self.stage}'")
         u2 = sorted(set(masked_with))
         if self.node_id not in u2 or not set(u2) <= set(self.roster) or len(u2) < self.threshold:
-            raise SecAggError(f"the server's list of {len(u2)} share-senders is not a subset of the roster "
-                              f"containing this client with at least t = {self.threshold} members")
+            raise SecAggError(
+                f"the server's list of {len(u2)} share-senders is not a subset of the roster "
+                f"containing this client with at least t = {self.threshold} members"
+            )
         if set(ciphertexts) != set(u2) - {self.node_id}:
             raise SecAggError("the relayed shares do not come from exactly the other share-senders")
         for src, ciphertext in ciphertexts.items():
@@ -157,7 +165,7 @@ class ClientSession:
             if struct.unpack(">QQ", plain[:16]) != (src, self.node_id):
                 raise SecAggError(f"the share from node {src} is addressed to another pair")
             body = plain[16:]
-            self.received[src] = (body[:shamir.SHARE_BYTES], body[shamir.SHARE_BYTES:])
+            self.received[src] = (body[: shamir.SHARE_BYTES], body[shamir.SHARE_BYTES :])
         y = field_add(to_field(values), crypto.mask(self.b_seed, values.size))
         for v in u2:
             if v == self.node_id:
@@ -174,13 +182,16 @@ class ClientSession:
             raise SecAggError(f"unmask request in stage '{self.stage}'")
         survivors, dropped = sorted(set(survivors)), sorted(set(dropped))
         if self.stage == "unmasked" and (survivors, dropped) != self._answered:
-            raise SecAggError("unmask requested twice with different survivor sets: refused (it could reveal "
-                              "both secrets of one client)")
+            raise SecAggError(
+                "unmask requested twice with different survivor sets: refused (it could reveal "
+                "both secrets of one client)"
+            )
         if set(survivors) & set(dropped) or sorted(survivors + dropped) != self.masked_with:
             raise SecAggError("survivors and dropped clients must split the share-senders exactly")
         if self.node_id not in survivors or len(survivors) < self.threshold:
-            raise SecAggError(f"{len(survivors)} survivors, fewer than the threshold t = {self.threshold}: "
-                              "no share is revealed")
+            raise SecAggError(
+                f"{len(survivors)} survivors, fewer than the threshold t = {self.threshold}: no share is revealed"
+            )
         self.stage, self._answered = "unmasked", (survivors, dropped)
         return ({v: self.received[v][1] for v in survivors}, {v: self.received[v][0] for v in dropped})
 
@@ -190,22 +201,35 @@ class ClientSession:
     def to_dict(self) -> dict:
         hexed = lambda b: b.hex()  # noqa: E731
         return {
-            "node_id": self.node_id, "context": self.context, "stage": self.stage, "c_sk": hexed(self.c_sk),
-            "s_sk": hexed(self.s_sk), "b_seed": hexed(self.b_seed), "threshold": self.threshold,
+            "node_id": self.node_id,
+            "context": self.context,
+            "stage": self.stage,
+            "c_sk": hexed(self.c_sk),
+            "s_sk": hexed(self.s_sk),
+            "b_seed": hexed(self.b_seed),
+            "threshold": self.threshold,
             "roster": {str(k): [v[0].hex(), v[1].hex()] for k, v in self.roster.items()},
             "received": {str(k): [v[0].hex(), v[1].hex()] for k, v in self.received.items()},
-            "masked_with": self.masked_with, "masked": hexed(self.masked),
+            "masked_with": self.masked_with,
+            "masked": hexed(self.masked),
             "answered": [list(self._answered[0]), list(self._answered[1])],
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClientSession":
+    def from_dict(cls, d: dict) -> ClientSession:
         session = cls(
-            node_id=int(d["node_id"]), context=d["context"], stage=d["stage"], c_sk=bytes.fromhex(d["c_sk"]),
-            s_sk=bytes.fromhex(d["s_sk"]), b_seed=bytes.fromhex(d["b_seed"]), threshold=int(d["threshold"]),
+            node_id=int(d["node_id"]),
+            context=d["context"],
+            stage=d["stage"],
+            c_sk=bytes.fromhex(d["c_sk"]),
+            s_sk=bytes.fromhex(d["s_sk"]),
+            b_seed=bytes.fromhex(d["b_seed"]),
+            threshold=int(d["threshold"]),
             roster={int(k): (bytes.fromhex(v[0]), bytes.fromhex(v[1])) for k, v in d["roster"].items()},
             received={int(k): (bytes.fromhex(v[0]), bytes.fromhex(v[1])) for k, v in d["received"].items()},
-            masked_with=[int(v) for v in d["masked_with"]], masked=bytes.fromhex(d["masked"]))
+            masked_with=[int(v) for v in d["masked_with"]],
+            masked=bytes.fromhex(d["masked"]),
+        )
         session._answered = (list(d["answered"][0]), list(d["answered"][1]))
         return session
 
@@ -225,8 +249,10 @@ class ServerSession:
 
     def _need(self, count: int, stage: str) -> None:
         if count < self.threshold:
-            raise SecAggError(f"{stage}: {count} clients answered, the threshold is {self.threshold}; the round is "
-                              "abandoned and nothing is unmasked")
+            raise SecAggError(
+                f"{stage}: {count} clients answered, the threshold is {self.threshold}; the round is "
+                "abandoned and nothing is unmasked"
+            )
 
     # ---- stage 1
     def set_roster(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, tuple[bytes, bytes]]:

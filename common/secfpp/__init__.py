@@ -1,4 +1,4 @@
-"""SecFPP (issue 10): hierarchical prompts P_i = P_G,c(i) + P_L,i with secret-shared adaptive clustering.
+"""SecFPP: hierarchical prompts P_i = P_G,c(i) + P_L,i with secret-shared adaptive clustering.
 
 - ``lcc``: Lagrange coded computing over a prime field (shares, thresholds, decoding);
 - ``quantize``: fixed-point embedding and the no-wrap-around check;

@@ -78,8 +78,15 @@ def decide(row: Sequence[int], sizes: Sequence[int], threshold: int, exclude: fr
 RowsFn = Callable[[list[int], frozenset[int]], list]
 
 
-def adaptive_kmeans(num_users: int, rows: RowsFn, threshold: int, max_clusters: int, max_iter: int,
-                    initial: Sequence[int] | None = None, min_size: int = 2) -> ClusteringResult:
+def adaptive_kmeans(
+    num_users: int,
+    rows: RowsFn,
+    threshold: int,
+    max_clusters: int,
+    max_iter: int,
+    initial: Sequence[int] | None = None,
+    min_size: int = 2,
+) -> ClusteringResult:
     """Run the rule. ``rows(assignment, exclude)`` returns every user's Decision (secure run: each user decided
     on its own decoded row) or its scaled-distance row (plaintext reference); ``exclude``: clusters being
     dissolved, which nobody may choose. The server's side is only this function."""
@@ -128,8 +135,15 @@ def plaintext_rows(points: np.ndarray, assignment: Sequence[int]) -> list[list[i
     return [[sum((n * x - s) ** 2 for x, s in zip(p, sums[c])) for c, n in enumerate(sizes)] for p in pts]
 
 
-def plaintext_kmeans(points: np.ndarray, threshold: int, max_clusters: int, max_iter: int,
-                     initial: Sequence[int] | None = None, min_size: int = 2) -> ClusteringResult:
+def plaintext_kmeans(
+    points: np.ndarray,
+    threshold: int,
+    max_clusters: int,
+    max_iter: int,
+    initial: Sequence[int] | None = None,
+    min_size: int = 2,
+) -> ClusteringResult:
     """The same rule on the quantized points in the clear."""
-    return adaptive_kmeans(len(points), lambda a, _exclude: plaintext_rows(points, a), threshold, max_clusters,
-                           max_iter, initial, min_size)
+    return adaptive_kmeans(
+        len(points), lambda a, _exclude: plaintext_rows(points, a), threshold, max_clusters, max_iter, initial, min_size
+    )

@@ -15,7 +15,7 @@ gives f(X_k). Linear functions (sums) need K+T results, squared distances 2(K+T-
 interpolation is of the wrong polynomial and the value is garbage (``decode`` refuses).
 
 Arithmetic: elements are Python ints in numpy object arrays, so any prime works (the default is the
-project's Mersenne prime 2^61 - 1 from ``common.secagg.field``) and a product never overflows; the vectors
+project's Mersenne prime 2^61 - 1 from ``dpfpl.common.secagg.field``) and a product never overflows; the vectors
 here are small (a reduced prompt of a few dozen coordinates), so the speed of object arithmetic is no issue.
 """
 
@@ -71,8 +71,10 @@ def uniform_field(size: int, prime: int, rng: np.random.Generator | None = None)
     if rng is not None:
         values = rng.integers(0, prime, size=size, dtype=np.int64) if prime < 2**63 else None
         if values is None:
-            return np.array([int(rng.integers(0, 2**62)) * 2 + int(rng.integers(0, 2)) for _ in range(size)],
-                            dtype=object) % prime
+            return (
+                np.array([int(rng.integers(0, 2**62)) * 2 + int(rng.integers(0, 2)) for _ in range(size)], dtype=object)
+                % prime
+            )
         return values.astype(object)
     if prime == PRIME:
         return mask(os.urandom(32), size).astype(object)
@@ -127,7 +129,8 @@ class Lcc:
         if n < need:
             raise LccParameterError(
                 f"{n} holders cannot decode a degree-{deg} function of shares with K={k} slices and privacy T={t}: "
-                f"that needs (K+T-1)*{deg}+1 = {need} results; lower K or T, or add clients")
+                f"that needs (K+T-1)*{deg}+1 = {need} results; lower K or T, or add clients"
+            )
         if not is_prime(p):
             raise LccParameterError(f"the field modulus {p} is not prime")
         if p < n + k + t:
@@ -174,8 +177,10 @@ class Lcc:
         if len(set(holders)) != len(holders) or not all(0 <= h < self.num_holders for h in holders):
             raise LccParameterError(f"holder indices must be distinct, in [0, {self.num_holders}): {holders}")
         if len(holders) < need:
-            raise LccParameterError(f"{len(holders)} results cannot decode a degree-{degree or self.degree} "
-                                    f"function with K={self.num_slices}, T={self.privacy}: {need} are needed")
+            raise LccParameterError(
+                f"{len(holders)} results cannot decode a degree-{degree or self.degree} "
+                f"function with K={self.num_slices}, T={self.privacy}: {need} are needed"
+            )
         use = list(holders)[:need]
         values = np.asarray(results, dtype=object)[:need]
-        return interpolate([self.alphas[h] for h in use], values, self.betas[:self.num_slices], self.prime)
+        return interpolate([self.alphas[h] for h in use], values, self.betas[: self.num_slices], self.prime)

@@ -55,8 +55,9 @@ class Relay:
 class ClusteringClient:
     """One user's side of the phase. Its reduced prompt never leaves it in clear."""
 
-    def __init__(self, index: int, reduced: np.ndarray, lcc: Lcc, bits: int, context: str,
-                 rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self, index: int, reduced: np.ndarray, lcc: Lcc, bits: int, context: str, rng: np.random.Generator | None = None
+    ) -> None:
         self.index, self.lcc, self.bits, self.context, self.rng = index, lcc, bits, context, rng
         self.point = quantize(reduced, bits)
         self._private = crypto.generate_private_key()
@@ -69,15 +70,20 @@ class ClusteringClient:
         """The state between the messages of a phase (a deployed node runs each message in a fresh process).
         It holds this phase's private key and the shares of others: the node keeps it on its own disk only."""
         lcc = self.lcc
-        return {"index": self.index, "bits": self.bits, "context": self.context,
-                "lcc": [lcc.num_holders, lcc.num_slices, lcc.privacy, lcc.degree, lcc.prime],
-                "point": [int(v) for v in self.point], "private": self._private.hex(),
-                "roster": {str(k): v.hex() for k, v in getattr(self, "roster", {}).items()},
-                "shares": {str(k): [int(x) for x in v] for k, v in self._shares.items()},
-                "own-coded": None if getattr(self, "_own_coded", None) is None else [int(x) for x in self._own_coded]}
+        return {
+            "index": self.index,
+            "bits": self.bits,
+            "context": self.context,
+            "lcc": [lcc.num_holders, lcc.num_slices, lcc.privacy, lcc.degree, lcc.prime],
+            "point": [int(v) for v in self.point],
+            "private": self._private.hex(),
+            "roster": {str(k): v.hex() for k, v in getattr(self, "roster", {}).items()},
+            "shares": {str(k): [int(x) for x in v] for k, v in self._shares.items()},
+            "own-coded": None if getattr(self, "_own_coded", None) is None else [int(x) for x in self._own_coded],
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ClusteringClient":
+    def from_dict(cls, data: dict) -> ClusteringClient:
         self = cls.__new__(cls)
         self.index, self.bits, self.context, self.rng = int(data["index"]), int(data["bits"]), data["context"], None
         self.lcc = Lcc(*[int(v) for v in data["lcc"]])
@@ -93,8 +99,9 @@ class ClusteringClient:
 
     def _key(self, peer: int, roster: dict[int, bytes]) -> bytes:
         if peer not in self._keys:
-            self._keys[peer] = crypto.agree(self._private, roster[peer],
-                                            crypto.pair_info(PURPOSE, self.context, self.index, peer))
+            self._keys[peer] = crypto.agree(
+                self._private, roster[peer], crypto.pair_info(PURPOSE, self.context, self.index, peer)
+            )
         return self._keys[peer]
 
     def _ad(self, kind: str, src: int, dst: int) -> bytes:
@@ -105,20 +112,26 @@ class ClusteringClient:
         self.roster = roster
         shares = self.lcc.encode(to_field(self.point, self.lcc.prime), self.rng)
         self._shares[self.index] = shares[self.index]
-        return {j: crypto.encrypt(self._key(j, roster), _pack(shares[j]), self._ad("share", self.index, j))
-                for j in roster if j != self.index}
+        return {
+            j: crypto.encrypt(self._key(j, roster), _pack(shares[j]), self._ad("share", self.index, j))
+            for j in roster
+            if j != self.index
+        }
 
     def receive_shares(self, ciphertexts: dict[int, bytes]) -> None:
         for src, ct in ciphertexts.items():
-            self._shares[src] = _unpack(crypto.decrypt(self._key(src, self.roster), ct, self._ad("share", src, self.index)))
+            self._shares[src] = _unpack(
+                crypto.decrypt(self._key(src, self.roster), ct, self._ad("share", src, self.index))
+            )
 
     def coded_distances(self, assignment: list[int], round_id: int) -> dict[int, bytes]:
         """For each user i (by index): the C coded values g_{i,s,self}, encrypted for i."""
         p, sizes = self.lcc.prime, counts(assignment)
         owners = sorted(self._shares)
         held = np.stack([self._shares[o] for o in owners])  # (N, m) object array
-        sums = np.stack([held[[k for k, o in enumerate(owners) if assignment[o] == s]].sum(0) % p
-                         for s in range(len(sizes))])
+        sums = np.stack(
+            [held[[k for k, o in enumerate(owners) if assignment[o] == s]].sum(0) % p for s in range(len(sizes))]
+        )
         out, own = {}, None
         for k, i in enumerate(owners):
             diff = (np.array(sizes, dtype=object)[:, None] * held[k][None, :] - sums) % p
@@ -126,16 +139,23 @@ class ClusteringClient:
             if i == self.index:
                 own = g
             else:
-                out[i] = crypto.encrypt(self._key(i, self.roster), _pack(g),
-                                        self._ad(f"dist{round_id}", self.index, i))
+                out[i] = crypto.encrypt(self._key(i, self.roster), _pack(g), self._ad(f"dist{round_id}", self.index, i))
         self._own_coded = own
         return out
 
-    def decide(self, ciphertexts: dict[int, bytes], assignment: list[int], round_id: int, threshold: int,
-               exclude: frozenset[int] = frozenset()) -> Decision:
+    def decide(
+        self,
+        ciphertexts: dict[int, bytes],
+        assignment: list[int],
+        round_id: int,
+        threshold: int,
+        exclude: frozenset[int] = frozenset(),
+    ) -> Decision:
         """Decode this user's row from the holders' coded values (its own included); report only the decision."""
-        results = {h: _unpack(crypto.decrypt(self._key(h, self.roster), ct, self._ad(f"dist{round_id}", h, self.index)))
-                   for h, ct in ciphertexts.items()}
+        results = {
+            h: _unpack(crypto.decrypt(self._key(h, self.roster), ct, self._ad(f"dist{round_id}", h, self.index)))
+            for h, ct in ciphertexts.items()
+        }
         results[self.index] = self._own_coded
         holders = sorted(results)
         decoded = self.lcc.decode(holders, np.stack([results[h] for h in holders]), degree=2)  # (K, C)
@@ -155,10 +175,22 @@ def validate(num_users: int, reduced_dim: int, num_slices: int, privacy: int, bi
     return lcc
 
 
-def secure_clustering(reduced: list[np.ndarray], *, num_slices: int, privacy: int, bits: int, lam: float,
-                      max_clusters: int, max_iter: int, context: str, relay: Relay | None = None,
-                      prime: int = crypto.PRIME, initial: list[int] | None = None, min_size: int = 2,
-                      rng: np.random.Generator | None = None) -> tuple[ClusteringResult, list[ClusteringClient], Relay]:
+def secure_clustering(
+    reduced: list[np.ndarray],
+    *,
+    num_slices: int,
+    privacy: int,
+    bits: int,
+    lam: float,
+    max_clusters: int,
+    max_iter: int,
+    context: str,
+    relay: Relay | None = None,
+    prime: int = crypto.PRIME,
+    initial: list[int] | None = None,
+    min_size: int = 2,
+    rng: np.random.Generator | None = None,
+) -> tuple[ClusteringResult, list[ClusteringClient], Relay]:
     """Run one phase in-process among ``len(reduced)`` users with ``relay`` as the server."""
     from .kmeans import threshold_units
 
@@ -169,8 +201,9 @@ def secure_clustering(reduced: list[np.ndarray], *, num_slices: int, privacy: in
     roster = {c.index: relay.receive(c.index, "public-key", c.public) for c in clients}
     outgoing = {c.index: c.share(roster) for c in clients}
     for c in clients:
-        c.receive_shares({src: relay.relay(src, c.index, "share", cts[c.index])
-                          for src, cts in outgoing.items() if src != c.index})
+        c.receive_shares(
+            {src: relay.relay(src, c.index, "share", cts[c.index]) for src, cts in outgoing.items() if src != c.index}
+        )
     threshold = threshold_units(lam, bits)
     counter = iter(range(1, 10**9))
 
@@ -179,8 +212,9 @@ def secure_clustering(reduced: list[np.ndarray], *, num_slices: int, privacy: in
         coded = {c.index: c.coded_distances(assignment, round_id) for c in clients}
         out = []
         for c in clients:
-            received = {h: relay.relay(h, c.index, "coded-distances", cts[c.index])
-                        for h, cts in coded.items() if h != c.index}
+            received = {
+                h: relay.relay(h, c.index, "coded-distances", cts[c.index]) for h, cts in coded.items() if h != c.index
+            }
             d = c.decide(received, assignment, round_id, threshold, exclude)
             out.append(relay.receive(c.index, "decision", d))
         return out

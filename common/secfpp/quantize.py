@@ -32,7 +32,8 @@ def check_range(dim: int, num_clients: int, bits: int, prime: int) -> None:
         raise LccParameterError(
             f"quantized distances reach {bound} (d'={dim}, N={num_clients}, q={bits} bits), beyond the field's "
             f"centered range (p - 1) / 2 = {(prime - 1) // 2}: they would wrap around; lower the bits or the "
-            "reduced dimension, or use a larger prime")
+            "reduced dimension, or use a larger prime"
+        )
 
 
 def quantize(x: np.ndarray, bits: int) -> np.ndarray:

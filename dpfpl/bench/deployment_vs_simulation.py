@@ -1,0 +1,50 @@
+"""Seconds per round of the same silo-mode DP-FPL run in Flower's simulation engine, for comparison with
+the deployment test (``pytest -s -m deployment`` prints its rounds). Writes the silos like the test does.
+
+    python dpfpl/bench/deployment_vs_simulation.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dpfpl.launch import run_simulation  # noqa: E402
+from tests.test_deployment import CLASSES, _write_silo  # noqa: E402
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for i in range(3):
+            _write_silo(tmp / "silos" / str(i), CLASSES[2 * i : 2 * i + 2], seed=i)
+        config = {
+            "dataset": "silo",
+            "classnames": ",".join(CLASSES),
+            "silo-root": str(tmp / "silos"),
+            "model-name": "dpfpl-demo-tiny",
+            "pretrained": "none",
+            "num-clients": 3,
+            "min-clients": 3,
+            "num-server-rounds": 2,
+            "eval-every": 1,
+            "batch-size": 8,
+            "target-epsilon": 1.0,
+            "run-dir": str(tmp / "run"),
+            "resume": False,
+        }
+        started = time.time()
+        run_simulation(config, 3, tmp, stream=False, timeout=900)
+        print(f"simulation run wall time {time.time() - started:.1f} s")
+        for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            print(f"simulation round {r['round']}: {r.get('round-seconds', '-')} s")
+
+
+if __name__ == "__main__":
+    main()

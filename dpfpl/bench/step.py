@@ -1,0 +1,725 @@
+"""Benchmark of a DP-FPL client step and of whole rounds: prints a table and writes JSON.
+
+    dpfpl bench                                # = python -m dpfpl.bench.step: everything, CPU (an hour or more on
+                                               # 2 shared cores: the ViT-B-16 step case alone took 19 min)
+    dpfpl bench --quick                        # fewer repeats/rounds, no ViT-B-16 ablation
+    python -m dpfpl.bench.step --only step,scaling   # parts: step, scaling, client, flower
+    python -m dpfpl.bench.step --device cuda         # the same on a GPU
+
+Every case runs in a fresh subprocess (``--case``), so its peak resident memory is its own; inside a case,
+variants are timed interleaved (ours, plain, naive, ...) in the same process, and peak memory is reset
+before each variant (Linux ``/proc/self/clear_refs``; on CUDA ``reset_peak_memory_stats``), so every time
+has its own peak next to it. Ratios within a case are what to read when the machine is shared.
+
+Sections:
+  step     our DP step vs our non-private step vs the naive reference (``dpfpl/bench/reference.py``), embedded
+           default model (C = 20) and ViT-B-16 (random weights) at C = 100, B = 32, n_ctx = 16, rank 8;
+           ablation: our DP step without the shared prefix (truncation + batched per-sample grads only).
+  scaling  step time over C (10, 100, 1000 at B = 32) and B (8, 32, 128 at C = 100).
+  client   seconds per round and peak RSS of one client (PromptNode.train), cold (model, features,
+           calibration) and warm rounds: embedded default and ViT-B-16 at C = 100.
+  flower   wall time per round of the embedded default in Flower's simulation (10 clients) and in a
+           deployment (SuperLink + 2 SuperNodes on loopback), against the summed client compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = "dpfpl-demo-tiny"
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _status(key: str) -> float:
+    """VmRSS / VmHWM of this process in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return math.nan
+
+
+class Peak:
+    """Peak memory of a block: resident set (CPU) or allocated (CUDA), reset at entry."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def __enter__(self) -> Peak:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.rss_before = _status("VmRSS")
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.cuda_peak_mib = torch.cuda.max_memory_allocated() / 2**20
+        self.seconds = time.perf_counter() - self.t0
+        self.peak_rss_mib = _status("VmHWM")
+        self.delta_mib = self.peak_rss_mib - self.rss_before
+
+    def record(self) -> dict:
+        out = {
+            "seconds": self.seconds,
+            "peak_rss_mib": round(self.peak_rss_mib),
+            "peak_delta_mib": round(self.delta_mib),
+        }
+        if self.device.type == "cuda":
+            out["cuda_peak_mib"] = round(self.cuda_peak_mib)
+        return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = math.nan
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(mem, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+    }
+
+
+def classnames(count: int) -> list[str]:
+    """Real class names (ImageNet's, as OpenCLIP ships them), cycled with a suffix beyond 1000."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    names = list(IMAGENET_CLASSNAMES)
+    return [names[i % len(names)] + ("" if i < len(names) else f" {i // len(names)}") for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------ step case
+def case_step(spec: dict) -> dict:
+    """One (model, C, B): variants of the DP-FPL client step, interleaved, each with its peak memory."""
+    import torch
+    import torch.nn.functional as F
+
+    from dpfpl.bench.reference import FullContextEncoder, naive_dpfpl_step
+    from dpfpl.common.methods import DpSettings, PromptLearner, SgdSettings, build_method
+    from dpfpl.common.methods.engine import memory_chunk_size
+    from dpfpl.common.models import load_clip
+    from dpfpl.common.prompt import PromptTextEncoder, random_context
+
+    device = torch.device(spec["device"])
+    model = load_clip(spec["model"], "none")
+    model.model.to(device)
+    names, batch, n_ctx = classnames(spec["classes"]), spec["batch"], spec["n_ctx"]
+    gen = torch.Generator().manual_seed(0)
+    dim = model.model.text_projection.shape[1]
+    # Our step reads cached image features (computed once per image, untimed here: the values do not change
+    # the compute); the batch is the whole feature set at rate 1, so every variant sees exactly B samples.
+    feats = F.normalize(torch.randn(batch, dim, generator=gen), dim=-1).to(device)
+    labels = torch.randint(0, len(names), (batch,), generator=gen).to(device)
+    width = model.model.token_embedding.weight.shape[1]
+    p_global = random_context(n_ctx, width, gen).to(device)
+    method = build_method("dpfpl", rank=spec["rank"])
+    scale = float(model.model.logit_scale.exp())
+    opt = SgdSettings(1e-3)
+    dp_on = DpSettings(True, 1.0, 10.0, 10.0)
+    dp_off = DpSettings(False, 0.0, 10.0, 10.0)
+    encoders = {"shared": PromptTextEncoder(model.model, model.tokenizer, names, n_ctx).to(device)}
+    learners = {"shared": PromptLearner(method, encoders["shared"], scale)}
+    local = learners["shared"].init_local(gen)
+    local = {k: v.to(device) for k, v in local.items()}
+
+    def ours(key: str, dp: DpSettings):
+        def run():
+            return learners[key].train_step(
+                p_global, local, {}, feats, labels, batch, dp, opt, torch.Generator().manual_seed(1)
+            )
+
+        return run
+
+    variants = {"ours-dp": ours("shared", dp_on), "ours-plain": ours("shared", dp_off)}
+    if spec.get("ablation"):
+        encoders["full"] = PromptTextEncoder(model.model, model.tokenizer, names, n_ctx, share_prefix=False).to(device)
+        learners["full"] = PromptLearner(method, encoders["full"], scale)
+        variants["no-shared-prefix-dp"] = ours("full", dp_on)
+        variants["no-shared-prefix-plain"] = ours("full", dp_off)
+    naive_info = {}
+    if spec.get("naive"):
+        size = model.model.visual.image_size
+        size = size if isinstance(size, int) else size[0]
+        pixels = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        full_enc = FullContextEncoder(model.model, model.tokenizer, names, n_ctx).to(device)
+
+        def naive():
+            out = naive_dpfpl_step(
+                model.model,
+                full_enc,
+                pixels,
+                labels,
+                batch,
+                p_global,
+                local["p_local"],
+                spec["rank"],
+                1.0,
+                10.0,
+                10.0,
+                1e-3,
+                torch.Generator().manual_seed(1),
+                scale,
+                spec.get("naive_samples"),
+            )
+            naive_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, bool))})
+            return out
+
+        variants["naive-dp"] = naive
+
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    if spec.get("warmup", True):
+        for name, fn in variants.items():
+            if name != "naive-dp":
+                fn()
+    for _ in range(spec["repeats"]):
+        for name, fn in variants.items():
+            with Peak(device) as peak:
+                out = fn()
+            rec = peak.record()
+            if name == "naive-dp":  # the reference reports its own (possibly extrapolated) total
+                rec["measured_seconds"] = rec["seconds"]
+                rec["seconds"] = out["seconds"]
+            results[name].append(rec)
+    summary = {}
+    for name, recs in results.items():
+        summary[name] = {
+            "seconds": statistics.median(r["seconds"] for r in recs),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in recs),
+            "peak_delta_mib": max(r["peak_delta_mib"] for r in recs),
+            "runs": recs,
+        }
+        if device.type == "cuda":
+            summary[name]["cuda_peak_mib"] = max(r["cuda_peak_mib"] for r in recs)
+    if naive_info:
+        summary["naive-dp"].update(naive_info)
+    enc = encoders["shared"]
+    return {
+        "variants": summary,
+        "sequence_length": enc.sequence_length,
+        "context_length": int(full_tokens(model)),
+        "shared_prefix": enc.share_prefix,
+        "chunk_size": memory_chunk_size(enc, batch, device),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def full_tokens(model) -> int:
+    return model.model.context_length if hasattr(model.model, "context_length") else 77
+
+
+# ------------------------------------------------------------------------------------------ client case
+def _write_silo(root: Path, classes: list[str], train: int, test: int, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def case_client(spec: dict) -> dict:
+    """One client's rounds (PromptNode.train, as the ClientApp runs it): cold first round, warm rounds."""
+    import torch
+
+    from dpfpl.client_app.node import PromptNode
+    from dpfpl.common.config import NodeConfig, RunConfig
+    from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.inprocess import full_run_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-"))
+    overrides = dict(spec["config"])
+    node_cfg = {"partition-id": 0, "cache-dir": str(tmp / "cache")} if spec.get("silo") else {"partition-id": 0}
+    if spec.get("silo"):
+        names = classnames(spec["classes"])
+        _write_silo(tmp / "silo", names[: spec["silo_classes"]], spec["silo_train"], 2, seed=0)
+        overrides.update({"dataset": "silo", "classnames": ",".join(names)})
+        node_cfg["data-dir"] = str(tmp / "silo")
+    cfg = RunConfig.from_flower(full_run_config({**overrides, "run-dir": str(tmp / "run")}))
+    device = torch.device(spec["device"])
+    node_cfg["device"] = spec["device"]
+    rounds = []
+    with Peak(device) as cold:
+        node = PromptNode(cfg, NodeConfig.from_flower(node_cfg))
+        p_global = initial_global_prompt(cfg)
+        node.train(p_global, 1, "bench", 5.0)
+    for r in range(2, spec["rounds"] + 2):
+        with Peak(device) as warm:
+            node.train(p_global, r, "bench", 5.0)
+        rounds.append(warm.record())
+    return {
+        "cold_first_round": cold.record(),
+        "warm_rounds": rounds,
+        "warm_seconds": statistics.median(x["seconds"] for x in rounds),
+        "peak_rss_mib": max([cold.peak_rss_mib] + [x["peak_rss_mib"] for x in rounds]),
+        "num_train": node.data.num_train,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ flower cases
+def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
+    """Per training round without evaluation (the last round also evaluates: left out): the round's wall time
+    at the server and the clients' own compute in it (``client-seconds`` each ClientApp reports: building the
+    node from its caches + the step), summed and the slowest."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [
+        {
+            "round": r["round"],
+            "seconds": r["round-seconds"],
+            "client_sum": r.get("client-seconds-sum"),
+            "client_max": r.get("client-seconds-max"),
+        }
+        for r in rows
+        if r.get("phase") == "train" and r["round"] < last_round and "local-acc" not in r
+    ]
+
+
+def case_simulation(spec: dict) -> dict:
+    from dpfpl.launch import run_simulation
+
+    tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-sim-"))
+    config = {**spec["config"], "run-dir": str(tmp / "run"), "resume": False}
+    started = time.time()
+    # num-cpus per client = all cores: Ray runs one ClientApp at a time, so the round's wall time and the
+    # summed client compute are comparable (no overlap between clients)
+    # on CUDA each ClientApp gets the whole GPU (Ray hides GPUs from actors that ask for none)
+    run_simulation(
+        config,
+        spec["clients"],
+        tmp,
+        num_cpus_per_client=os.cpu_count() or 1,
+        stream=False,
+        timeout=3600,
+        num_gpus_per_client=1.0 if spec.get("device") == "cuda" else 0.0,
+    )
+    return {
+        "wall_seconds": time.time() - started,
+        "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+    }
+
+
+def case_deployment(spec: dict) -> dict:
+    """SuperLink + N SuperNodes (insecure, loopback) started with deploy/'s scripts; silo data per node."""
+    import signal
+
+    from dpfpl.launch import free_port, stop_tagged_processes, submit_run, wait_for_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-dep-"))
+    tag = f"bench-{os.getpid()}-{time.time_ns()}"
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "DPFPL_LAUNCH_TAG": tag,
+        "DPFPL_INSECURE": "1",
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+    }
+    port = free_port()
+    procs = []
+    names = spec["classnames"]
+
+    def start(args, log):
+        proc = subprocess.Popen(
+            args, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp
+        )
+        procs.append(proc)
+        return proc
+
+    try:
+        link = start(
+            [
+                "bash",
+                str(ROOT / "deploy" / "start-superlink.sh"),
+                "-",
+                "127.0.0.1",
+                str(port),
+                str(tmp / "superlink.db"),
+            ],
+            tmp / "superlink.log",
+        )
+        wait_for_port(port, link, tmp / "superlink.log")
+        (tmp / "flwr-home").mkdir(exist_ok=True)
+        (tmp / "flwr-home" / "config.toml").write_text(
+            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        for i in range(spec["clients"]):
+            silo = tmp / f"org{i}" / "data"
+            _write_silo(silo, names[2 * i : 2 * i + 2], spec["silo_train"], 2, seed=i)
+            start(
+                [
+                    "bash",
+                    str(ROOT / "deploy" / "start-supernode.sh"),
+                    f"127.0.0.1:{port}",
+                    str(silo),
+                    str(tmp / f"org{i}" / "state"),
+                    "-",
+                    "-",
+                    str(free_port()),
+                    spec.get("device", "cpu"),
+                ],
+                tmp / f"supernode-{i}.log",
+            )
+        config = {**spec["config"], "run-dir": str(tmp / "run"), "resume": False}
+        started = time.time()
+        submit_run("bench", config, env=env, timeout=3600, stream=False, cwd=tmp)
+        return {
+            "wall_seconds": time.time() - started,
+            "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+        }
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        stop_tagged_processes(tag)
+
+
+CASES = {"step": case_step, "client": case_client, "simulation": case_simulation, "deployment": case_deployment}
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_case(kind: str, spec: dict, threads: int) -> dict:
+    """Run one case in a fresh interpreter; its last stdout line is the JSON result."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+    }
+    started = time.time()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpfpl.bench.step",
+            "--case",
+            json.dumps({"kind": kind, **spec}),
+            "--threads",
+            str(threads),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if out.returncode != 0:
+        print(out.stdout[-3000:], out.stderr[-3000:], file=sys.stderr)
+        return {
+            "error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
+            "spec": spec,
+        }
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result.update({"spec": spec, "case_wall_seconds": round(time.time() - started, 1)})
+    return result
+
+
+def _fmt_s(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def plan(args) -> list[tuple[str, str, dict]]:
+    dev, quick = args.device, args.quick
+    base = {"device": dev, "n_ctx": 16, "rank": 8}
+    vit_naive = None if dev == "cuda" else args.naive_samples
+    cases: list[tuple[str, str, dict]] = []
+    if "step" in args.only:
+        cases.append(
+            (
+                "step",
+                "demo C=20 B=32",
+                {**base, "model": DEMO, "classes": 20, "batch": 32, "repeats": 3, "naive": True, "ablation": True},
+            )
+        )
+        cases.append(
+            (
+                "step",
+                "ViT-B-16 C=100 B=32",
+                {
+                    **base,
+                    "model": "ViT-B-16",
+                    "classes": 100,
+                    "batch": 32,
+                    "repeats": 1 if quick else 2,
+                    "naive": True,
+                    "naive_samples": vit_naive,
+                    "ablation": not quick,
+                    "warmup": False,
+                },
+            )
+        )
+    if "scaling" in args.only:
+        model = "ViT-B-16" if args.scaling_model == "vit" else DEMO
+        for c in (10, 100, 1000):
+            cases.append(
+                (
+                    "step",
+                    f"scaling {model} C={c} B=32",
+                    {**base, "model": model, "classes": c, "batch": 32, "repeats": 2},
+                )
+            )
+        for b in (8, 128):  # B = 32 at C = 100 is the row above
+            cases.append(
+                (
+                    "step",
+                    f"scaling {model} C=100 B={b}",
+                    {**base, "model": model, "classes": 100, "batch": b, "repeats": 2},
+                )
+            )
+    rounds = 3 if quick else 5
+    demo_cfg = {"lr-global": 0.1, "lr-local": 0.1, "num-server-rounds": 100}  # the demo preset's run config
+    if "client" in args.only or "flower" in args.only:
+        cases.append(
+            ("client", "client: demo default (1 of 10)", {"device": dev, "config": demo_cfg, "rounds": rounds})
+        )
+    if "client" in args.only:
+        cases.append(
+            (
+                "client",
+                "client: ViT-B-16 C=100",
+                {
+                    "device": dev,
+                    "rounds": 2,
+                    "silo": True,
+                    "classes": 100,
+                    "silo_classes": 8,
+                    "silo_train": 8,
+                    "config": {"model-name": "ViT-B-16", "pretrained": "none"},
+                },
+            )
+        )
+    if "flower" in args.only:
+        sim_rounds = rounds + 1
+        cases.append(
+            (
+                "simulation",
+                "flower simulation: demo default, 10 clients",
+                {
+                    "clients": 10,
+                    "device": dev,
+                    "config": {**demo_cfg, "num-server-rounds": sim_rounds, "eval-every": 1000, "eval-last": 0},
+                },
+            )
+        )
+        dep_names = classnames(4)
+        dep_cfg = {
+            "dataset": "silo",
+            "classnames": ",".join(dep_names),
+            "model-name": DEMO,
+            "pretrained": "none",
+            "num-clients": 2,
+            "min-clients": 2,
+            "num-server-rounds": sim_rounds,
+            "eval-every": 1000,
+            "eval-last": 0,
+            "batch-size": 32,
+        }
+        cases.append(
+            (
+                "deployment",
+                "flower deployment: SuperLink + 2 SuperNodes",
+                {"clients": 2, "device": dev, "classnames": dep_names, "silo_train": 64, "config": dep_cfg},
+            )
+        )
+    return cases
+
+
+BOUND_NOTE = """\
+  bound (1+2B)/3: the non-private step is one forward and one backward of the text tower over the batch;
+  counting a backward as 2 forward-equivalents (the usual rule), that is 3. The DP step needs B per-sample
+  gradients: one shared forward and B backward passes (one per sample's loss) = 1 + 2B. So a DP step that
+  does no worse than B separate backward passes costs at most (1+2B)/3 non-private steps; "of it" is the
+  measured ratio over that bound (target <= 1.5). With frozen weights a backward only propagates to the input
+  (no weight gradients), closer to 1 forward-equivalent, which would give the tighter (1+B)/2."""
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    steps = [r for r in results if r["kind"] == "step" and "variants" in r]
+    if steps:
+        lines.append(f"{'case':<30}{'variant':<24}{'s/step':>10}{'peak RSS MiB':>14}{'+MiB':>8}  note")
+        for r in steps:
+            v, b = r["variants"], r["spec"]["batch"]
+            for name, rec in v.items():
+                note = ""
+                if name == "naive-dp" and rec.get("extrapolated"):
+                    note = f"per-sample loop timed on {rec['samples_timed']} of {rec['batch']} samples, x{rec['batch'] / rec['samples_timed']:.0f}"
+                lines.append(
+                    f"{r['label']:<30}{name:<24}{rec['seconds']:>10.3f}{rec['peak_rss_mib']:>14}"
+                    f"{rec['peak_delta_mib']:>8}  {note}"
+                )
+            dp, plain = v["ours-dp"]["seconds"], v["ours-plain"]["seconds"]
+            bound = (1 + 2 * b) / 3
+            extra = f"; naive/ours-dp = {v['naive-dp']['seconds'] / dp:.1f}x" if "naive-dp" in v else ""
+            if "no-shared-prefix-dp" in v:
+                extra += f"; shared prefix speed-up (DP) = {v['no-shared-prefix-dp']['seconds'] / dp:.1f}x"
+            lines.append(
+                f"{'':<30}=> ours-dp/ours-plain = {dp / plain:.2f} (bound (1+2B)/3 = {bound:.1f}, "
+                f"{dp / plain / bound:.2f} of it){extra}; L = {r['sequence_length']} of "
+                f"{r['context_length']}, chunk {r['chunk_size']}"
+            )
+    if steps:
+        lines.append(BOUND_NOTE)
+    clients = {r["label"]: r for r in results if r["kind"] == "client" and "warm_seconds" in r}
+    if clients:
+        lines.append("")
+        lines.append(f"{'client':<40}{'cold 1st round s':>18}{'warm s/round':>14}{'peak RSS MiB':>14}")
+        for label, r in clients.items():
+            lines.append(
+                f"{label:<40}{r['cold_first_round']['seconds']:>18.2f}{r['warm_seconds']:>14.3f}"
+                f"{r['peak_rss_mib']:>14.0f}"
+            )
+    fl = [r for r in results if r["kind"] in ("simulation", "deployment") and r.get("round_seconds")]
+    if fl:
+        lines.append("")
+        lines.append(
+            f"{'flower (median warm round)':<46}{'s/round':>9}{'clients sum':>13}{'slowest':>9}"
+            f"{'overhead':>10}{'share':>7}"
+        )
+        for r in fl:
+            # round 1 is cold (every node builds its model, features and noise calibration): left out
+            rows = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
+            # simulation: one ClientApp at a time (each takes all cores), so the clients' compute adds up;
+            # deployment: the SuperNodes train in parallel, so the round cannot be shorter than the slowest
+            key = "client_sum" if r["kind"] == "simulation" else "client_max"
+            mid = sorted(rows, key=lambda x: 1 - x[key] / x["seconds"])[len(rows) // 2]  # the median round
+            per_round, total, slowest = mid["seconds"], mid["client_sum"], mid["client_max"]
+            floor = mid[key]
+            r["summary"] = {
+                "round": mid["round"],
+                "seconds_per_round": per_round,
+                "summed_client_compute": total,
+                "slowest_client": slowest,
+                "overhead_seconds": per_round - floor,
+                "overhead_share": 1 - floor / per_round,
+            }
+            lines.append(
+                f"{r['label']:<46}{per_round:>9.2f}{total:>13.2f}{slowest:>9.2f}"
+                f"{per_round - floor:>10.2f}{1 - floor / per_round:>7.0%}"
+            )
+        lines.append(
+            "  overhead = s/round - clients sum (simulation: clients run one after another) or - slowest "
+            "(deployment: nodes run in parallel)"
+        )
+    for r in results:
+        if "error" in r:
+            lines.append(f"FAILED {r['label']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="dpfpl bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--only", default="step,scaling,client,flower", help="comma-separated sections")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per case (default: all cores)")
+    ap.add_argument(
+        "--naive-samples",
+        type=int,
+        default=4,
+        help="ViT-B-16 on CPU: time the naive per-sample loop on this many samples and extrapolate "
+        "linearly to B (0: all B, slow)",
+    )
+    ap.add_argument("--scaling-model", default="demo", choices=("demo", "vit"))
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and rounds")
+    ap.add_argument("--out", default=None, help="JSON file (default dpfpl/bench/results/step-<device>.json)")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if args.case:  # child: one case, JSON on the last line
+        spec = json.loads(args.case)
+        print(json.dumps(CASES[spec.pop("kind")](spec), default=float))
+        return
+    if args.naive_samples == 0:
+        args.naive_samples = None
+    args.only = set(args.only.split(","))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU visible to torch on this machine")
+    info = machine()
+    info["torch_threads"] = threads
+    results = []
+    for kind, label, spec in plan(args):
+        print(f"[{time.strftime('%H:%M:%S')}] {label} ...", flush=True)
+        r = run_case(kind, spec, threads)
+        r.update({"kind": kind, "label": label})
+        results.append(r)
+    table = report(results)
+    print()
+    print(
+        f"machine: {info['cpu']}, nproc {info['nproc']}, torch {info['torch']} with {threads} threads, "
+        f"device {args.device}, load average at start {info['loadavg_at_start']}"
+    )
+    print(table)
+    out = Path(args.out or ROOT / "dpfpl" / "bench" / "results" / f"step-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "machine": info,
+                "command": " ".join(["dpfpl bench"] + (argv or sys.argv[1:])),
+                "table": table,
+                "results": results,
+            },
+            indent=1,
+            default=float,
+        )
+    )
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""``dpfpl export``, ``dpfpl predict`` and ``dpfpl attack``: what a node publishes, what a user of the
+published prompt does with it, and what an attacker who obtains it learns about the node's records.
+
+Kept out of ``cli.py`` so that the argument parsing there stays one screen; each function takes the parsed
+arguments and prints what a user reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+
+from .common.atomic import write_bytes
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("export", help="write a node's personalized prompt (safetensors + manifest with its epsilon)")
+    p.add_argument("run_dir", help="the run directory (checkpoint.safetensors, config.json)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--node", type=int, help="simulated node index (its state is RUN_DIR/nodes/node-I)")
+    where.add_argument("--state-dir", help="a deployed node's own state directory")
+    p.add_argument("--out", required=True, help="output file, e.g. prompt.safetensors")
+    p = sub.add_parser("predict", help="classify images with an exported prompt and the OpenCLIP model it names")
+    p.add_argument("prompt", help="an exported prompt file (dpfpl export)")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("-k", "--top-k", type=int, default=1)
+    p.add_argument("--pretrained", help="the same weights at another path/tag than the manifest names")
+    p.add_argument("--model", help="the OpenCLIP model you expect; checked against the prompt's manifest")
+    p.add_argument("--classnames", help="comma-separated class list you expect; checked against the manifest")
+    p.add_argument("--out", help="write the predictions to this .csv or .json file instead of printing them")
+    p.add_argument("--batch-size", type=int, default=128)
+    p = sub.add_parser("attack", help="membership inference (shadow-model + loss-threshold) vs epsilon")
+    p.add_argument("--methods", default="dpfpl,coop", help="comma-separated methods (the engine's)")
+    p.add_argument("--epsilons", default="none,8,1,0.1", help="target epsilons of the published prompt; 'none': no DP")
+    p.add_argument("--classes", help="comma-separated demo classes (default: the ten animal classes)")
+    p.add_argument("--members", type=int, help="records the target trains on (as many non-members)")
+    p.add_argument("--shadows", type=int, help="shadow prompts per (method, epsilon)")
+    p.add_argument("--steps", type=int, help="training steps (one Poisson batch each)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--n-ctx", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the 95%% confidence intervals")
+    p.add_argument("--out", default="runs/attack")
+
+
+def export(args: argparse.Namespace) -> None:
+    from .publish import export_node_prompt
+
+    try:
+        published = export_node_prompt(args.run_dir, args.node, args.state_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"dpfpl export: {err}") from None
+    path = published.save(args.out)
+    m = published.manifest
+    print(
+        f"wrote {path}: {m.method} prompt, n_ctx {m.n_ctx}"
+        + (f", rank {m.rank}" if m.rank else "")
+        + f", {len(m.classnames)} classes, model {m.model_name} ({m.pretrained}, sha256 {m.weights_sha256[:12]}...)"
+    )
+    print(
+        f"parts: {', '.join(['prompt', *published.parts])} (the local prompt's factors, optimizer state and "
+        "data are not in the file)"
+    )
+    print(privacy_line(published))
+
+
+def privacy_line(published) -> str:
+    pr = published.manifest.privacy
+    if not pr.dp:
+        return "privacy: trained WITHOUT differential privacy: the prompt carries no guarantee for its records"
+    fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+    line = (
+        f"privacy ({pr.accountant}; {pr.neighbouring_relation}; delta = {pr.delta:g}): epsilon of the published "
+        f"prompt {fmt(pr.epsilon)} for this node's records (LDP mechanism alone {fmt(pr.epsilon_local)}; p_G "
+        f"{fmt(pr.epsilon_global)}, GDP mechanism alone {fmt(pr.epsilon_gdp_mechanism)}), p_G "
+        f"{fmt(pr.epsilon_other_clients)} for other clients' records; {pr.noisy_steps} noisy steps"
+    )
+    return line + "".join(f"\n  not covered: {text}" for text in pr.excludes)
+
+
+def predict(args: argparse.Namespace) -> None:
+    from .predict import PromptClassifier, image_paths, load_model_for
+    from .publish import PromptMismatchError, PublishedPromptError, load_prompt
+
+    try:
+        published = load_prompt(args.prompt)
+        if args.model and args.model != published.manifest.model_name:
+            raise PromptMismatchError(
+                f"you asked for model '{args.model}', but the prompt was trained for "
+                f"'{published.manifest.model_name}': a prompt only works with its own model"
+            )
+        classnames = [c.strip() for c in args.classnames.split(",") if c.strip()] if args.classnames else None
+        paths = image_paths(args.images)
+        classifier = PromptClassifier(published, load_model_for(published, args.pretrained), classnames)
+        predictions = classifier.predict_files(paths, args.top_k, args.batch_size)
+    except (PublishedPromptError, PromptMismatchError, FileNotFoundError) as err:
+        raise SystemExit(f"dpfpl predict: {err}") from None
+    rows = [
+        {"image": p.source, "rank": r + 1, "label": label, "probability": prob}
+        for p in predictions
+        for r, (label, prob) in enumerate(zip(p.labels, p.probabilities))
+    ]
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() == ".json":
+            data = json.dumps(
+                [{"image": p.source, "labels": p.labels, "probabilities": p.probabilities} for p in predictions],
+                indent=2,
+            ).encode()
+        else:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=["image", "rank", "label", "probability"])
+            writer.writeheader()
+            writer.writerows(rows)
+            data = buf.getvalue().encode()
+        write_bytes(out, data)
+        print(f"{len(predictions)} images classified; predictions written to {out}")
+        return
+    width = max(len(p.source) for p in predictions)
+    for p in predictions:
+        print(
+            f"{p.source:<{width}}  "
+            + "  ".join(f"{label} {prob:.3f}" for label, prob in zip(p.labels, p.probabilities))
+        )
+
+
+def attack(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from .attack.experiment import NO_DP, AttackSpec, run_attack_experiment, table
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    fields = {"methods": split(args.methods), "out": args.out, "epsilons": split(args.epsilons)}
+    if args.classes:
+        fields["classes"] = split(args.classes)
+    for key in ("members", "shadows", "steps", "lr", "batch_size", "n_ctx", "rank", "seed", "bootstrap"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    try:
+        fields["epsilons"] = [NO_DP if e.lower() == NO_DP else float(e) for e in fields["epsilons"]]
+        spec = AttackSpec(**fields)
+        result = run_attack_experiment(spec)
+    except ValidationError as err:
+        raise SystemExit(f"dpfpl attack: invalid arguments:\n{err}") from None
+    except ValueError as err:
+        raise SystemExit(f"dpfpl attack: {err}") from None
+    print(table(result))
+    out = Path(spec.out)
+    print(f"results: {out / 'results.json'}, {out / 'table.md'}, plot: {out / 'attack_vs_epsilon.png'}")
