@@ -84,32 +84,13 @@ def run_simulation(
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = tag or uuid.uuid4().hex
     env = launch_env(flwr_home, tag)
-    log_file = work_dir / "superlink.log"
-    superlink = subprocess.Popen(
-        [
-            _bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(work_dir / "superlink.db"),
-        ],
-        env=env,
-        stdout=open(log_file, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    superlink = None
     try:
-        wait_for_port(port, superlink, log_file)
+        superlink = start_superlink(port, work_dir / "superlink.db", env, work_dir / "superlink.log", simulation=True)
         submit_run("dpfpl-sim", run_config, env=env, timeout=timeout, stream=stream, cwd=work_dir)
     finally:
-        _stop(superlink)
+        if superlink is not None:
+            _stop(superlink)
         stop_tagged_processes(tag)
 
 
@@ -126,14 +107,16 @@ def launch_env(flwr_home: Path, tag: str) -> dict:
     }
 
 
-def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> subprocess.Popen:
-    """An insecure deployment-mode SuperLink on 127.0.0.1:``port`` (one port for nodes, CLI and apps) whose
-    state lives in ``database``: a SuperLink restarted on the same database knows its SuperNodes and runs.
-    Insecure: loopback tests only (deploy/start-superlink.sh starts the TLS one)."""
+def start_superlink(port: int, database: Path, env: dict, log_file: Path, simulation: bool = False) -> subprocess.Popen:
+    """An insecure SuperLink on 127.0.0.1:``port`` (one port for nodes, CLI and apps) whose state lives in
+    ``database``: a SuperLink restarted on the same database knows its SuperNodes and runs. ``simulation``:
+    Flower's simulation engine runs the nodes. Insecure: loopback and local simulation only
+    (deploy/start-superlink.sh starts the TLS one). A SuperLink that never opens its port is stopped."""
     proc = subprocess.Popen(
         [
             _bin("flower-superlink"),
             "--insecure",
+            *(["--simulation"] if simulation else []),
             "--isolation",
             "subprocess",
             "--host",
@@ -149,7 +132,11 @@ def start_superlink(port: int, database: Path, env: dict, log_file: Path) -> sub
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    wait_for_port(port, proc, log_file)
+    try:
+        wait_for_port(port, proc, log_file)
+    except BaseException:
+        _stop(proc)
+        raise
     return proc
 
 
