@@ -196,9 +196,16 @@ class PromptTextEncoder(nn.Module):
         A public scale (the frozen model's own) against which prompt perturbations are measured."""
         cached = getattr(self, "_reference_norm", None)
         if cached is None:  # the frozen embeddings never change: computed once per encoder
-            rows = self.tower.token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
-            cached = self._reference_norm = float(rows) * self.n_ctx**0.5
+            cached = self._reference_norm = reference_context_norm(self.tower.token_embedding, self.n_ctx)
         return cached
+
+
+@torch.no_grad()
+def reference_context_norm(token_embedding: nn.Embedding, n_ctx: int) -> float:
+    """sqrt(n_ctx) x the RMS norm of the frozen token embeddings: the norm of a typical n_ctx-token context,
+    a public scale for the noise-bounded steps of the nodes (p_L) and of the server (p_G)."""
+    rows = token_embedding.weight.float().pow(2).sum(1).mean().sqrt()
+    return float(rows) * n_ctx**0.5
 
 
 CONTEXT_INIT_STD = 0.02  # CoOp / DP-FPL / FedPGP: learnable prompt tensors start at N(0, 0.02^2)

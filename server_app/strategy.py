@@ -122,10 +122,9 @@ def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Meth
 @lru_cache(maxsize=4)
 def _reference_context_norm(model_name: str, pretrained: str, n_ctx: int) -> float:
     from dpfpl.common.models import cached_clip
-    from dpfpl.common.prompt import PromptTextEncoder
+    from dpfpl.common.prompt import TextTower, reference_context_norm
 
-    model = cached_clip(model_name, pretrained, None)
-    return PromptTextEncoder(model.model, model.tokenizer, ["x"], n_ctx).reference_context_norm()
+    return reference_context_norm(TextTower.of(cached_clip(model_name, pretrained, None).model).token_embedding, n_ctx)
 
 
 def global_learning_rate(cfg: RunConfig, noise_multiplier: float, num_replies: int, shape: tuple[int, ...]) -> float:

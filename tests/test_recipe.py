@@ -130,3 +130,21 @@ def test_validation_split_never_reads_test_images():
     assert set(run_partition(RunConfig()).clients[0].test.tolist()) <= test
     with pytest.raises(ValueError, match="base-novel"):
         RunConfig(evaluation="validation", partition="base-novel")
+
+
+def test_the_server_bounds_its_noise_walk_on_the_global_prompt_by_the_same_rule():
+    from dpfpl.common.models import cached_clip
+    from dpfpl.common.prompt import reference_context_norm
+    from dpfpl.server_app.strategy import global_learning_rate
+
+    cfg = _demo_config(pretrained="none")
+    model = cached_clip(cfg.model_name, cfg.pretrained, None).model  # the model the server reads its scale from
+    shape = (cfg.n_ctx, model.token_embedding.weight.shape[1])
+    lr = global_learning_rate(cfg, 43.0, 10, shape)  # z_G of the demo at epsilon 0.1: the rule binds
+    reference = reference_context_norm(model.token_embedding, cfg.n_ctx)
+    walk = lr * 43.0 * cfg.max_grad_norm_global * math.sqrt(cfg.num_server_rounds * math.prod(shape))
+    assert lr < cfg.lr_global
+    assert walk / (cfg.batch_size * 10) == pytest.approx(cfg.global_noise_radius * reference, rel=1e-6)
+    # off, or without DP: the configured step
+    assert global_learning_rate(cfg.model_copy(update={"global_noise_radius": 0.0}), 43.0, 10, shape) == cfg.lr_global
+    assert global_learning_rate(cfg.model_copy(update={"dp": False}), 43.0, 10, shape) == cfg.lr_global
