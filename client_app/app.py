@@ -1,134 +1,67 @@
-"""ClientApp: thin Flower handlers around ``PromptNode``.
+"""ClientApp: a thin adapter between Flower's messages and this node's handlers.
 
-What leaves the node: for methods with a global prompt, the ``global-grad`` array (the clipped, averaged
-global gradient); for every method, numeric metrics. Never p_L, its factors, features, labels or raw data.
+Each message becomes a ``NodeRequest``. On a deployed node with a resident worker (``dpfpl worker``, started by
+``deploy/start-supernode.sh``), the request is forwarded over the node's own Unix socket and the worker's
+reply is sent back: the worker keeps the model and the features warm across messages, while Flower starts a
+fresh ClientApp process for every message. Without a worker (simulation, or a node started without one), the
+ClientApp runs the same handler itself. Either way the reply is the handler's, so what leaves the node does not
+depend on who computed it (``client_app/prompt_handlers.py`` says what that is).
+
+This module imports flwr and the standard library only; torch is loaded only where a handler that needs it
+runs in this process.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfpl.common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
-from dpfpl.common.config import NodeConfig, RunConfig
-from dpfpl.common.data.images import DatasetError
-from dpfpl.common.data.silo import SiloError
-from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
-from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
+from dpfpl.common.config import NodeConfig
 
-from . import secagg, secfpp
-from .node import PromptNode
+from .handlers import handle, state_dir
+from .request import OPERATIONS, NodeRequest
+from .worker_link import forward, socket_path
 
 app = ClientApp()
-
-# Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
-# realized size, and the step's wall time (which grows with that size). In the central mode the server sees the
-# clear clipped gradient anyway and is trusted; under secure aggregation it is not, so they are left out there.
-CLEAR_ONLY_TO_A_TRUSTED_SERVER = ("train-loss", "batch-size", "client-seconds")
 log = logging.getLogger("dpfpl.client")
 
 
-def _check_classes(msg: Message, context: Context) -> None:
-    """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
-    cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
-    config = msg.content["config"]
-    own, source = node_cfg.own_class_list(cfg)
-    try:
-        check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
-    except ClassListMismatch as err:
-        log.error("%s; this node's classes: %s", err, own)
-        raise
-
-
-class NodeUnfit(RuntimeError):
-    """This node cannot take part in the run (its model, data or simulation setup is wrong). The message is
-    what the server's setup summary shows for the node: it names the node's partition in simulation (where
-    Flower's node ids are random) and says what to fix, without the node's private details."""
-
-
-def _unfit(node_cfg: NodeConfig, reason: str) -> NodeUnfit:
-    where = f"partition-{node_cfg.partition_id}: " if node_cfg.partition_id is not None else ""
-    return NodeUnfit(where + reason)
-
-
-def _node(context: Context) -> PromptNode:
-    cfg, node_cfg = RunConfig.from_flower(dict(context.run_config)), NodeConfig.from_flower(dict(context.node_config))
-    torch.set_num_threads(node_cfg.num_threads)
-    if node_cfg.num_partitions is not None and node_cfg.num_partitions != cfg.num_clients:
-        # a simulation with fewer SuperNodes than clients would silently train only some of the partitions
-        raise _unfit(
-            node_cfg,
-            f"the simulation runs {node_cfg.num_partitions} SuperNodes but num-clients is "
-            f"{cfg.num_clients}; give each client its own SuperNode: flwr run . --federation-config "
-            f"'num-supernodes={cfg.num_clients}' (dpfpl simulate matches them itself)",
+def answer(request: NodeRequest) -> RecordDict:
+    """The reply's content for ``request``: from this node's worker when it has one, else computed here."""
+    directory = state_dir(request)
+    content = forward(request, directory)
+    if content is not None:
+        return content
+    if NodeConfig.from_flower(request.node_config).state_dir:  # a deployed node (simulation has no workers)
+        log.warning(
+            "no node worker answers at %s: this ClientApp answers %s itself (slower: it loads the model for this "
+            "one message); start `dpfpl worker --state-dir %s` to keep it warm",
+            socket_path(directory),
+            request.operation,
+            directory,
         )
-    try:
-        return PromptNode(cfg, node_cfg)
-    except SiloError as err:
-        # The details name this organization's files and labels: they stay in the node's own log. The
-        # server (which receives the exception text as the error reply) only learns that the check failed.
-        log.error("%s", err)
-        raise _unfit(
-            node_cfg,
-            "this node's data silo failed its checks against the run's class list; "
-            "the node's own log lists the files and labels involved",
-        ) from None
-    except (WeightsUnavailableError, WeightsMismatchError, DatasetError) as err:
-        log.error("%s", err)
-        raise _unfit(node_cfg, " ".join(str(err).split())) from err
+    return handle(request)
 
 
-def _global_prompt(msg: Message) -> torch.Tensor | None:
-    """The server's p_G, or None for methods without a global prompt (the message then carries no arrays)."""
-    if "arrays" not in msg.content.array_records:
-        return None
-    return torch.from_numpy(msg.content["arrays"]["global-prompt"].numpy().copy())
+def _serve(msg: Message, context: Context) -> Message:
+    return Message(content=answer(NodeRequest.from_flower(msg, context)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    _check_classes(msg, context)
-    started = time.perf_counter()
-    node = _node(context)
-    config = msg.content["config"]
-    outcome = node.train(
-        _global_prompt(msg),
-        int(config["server-round"]),
-        str(config["run-token"]),
-        float(config["noise-multiplier-global"]),
-    )
-    # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
-    # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)
-    metrics = {
-        **outcome.metrics,
-        RUN_TAG_KEY: run_tag(str(config["run-token"])),
-        "client-seconds": time.perf_counter() - started,
-    }
-    if node.cfg.secure_aggregation and outcome.global_grad is not None:
-        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py).
-        # The server is not trusted here, so nothing computed from the training data without noise goes in clear.
-        metrics = {k: v for k, v in metrics.items() if k not in CLEAR_ONLY_TO_A_TRUSTED_SERVER}
-        return secagg.advertise_reply(msg, context, outcome.global_grad, metrics)
-    records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
-    if outcome.global_grad is not None:
-        records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
-    return Message(content=RecordDict(records), reply_to=msg)
+    return _serve(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _check_classes(msg, context)
-    node = _node(context)
-    config = msg.content["config"]
-    metrics = node.evaluate(_global_prompt(msg), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot")
-    metrics = {**metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])), "server-round": int(config["server-round"])}
-    content = RecordDict({"metrics": MetricRecord(metrics)})
-    return Message(content=content, reply_to=msg)
+    return _serve(msg, context)
 
 
-secagg.register(app)  # train.secagg_shares / train.secagg_masked / train.secagg_unmask
-secfpp.register(app)  # train.secfpp_keys / _shares / _distances / _decide (the clustering phase)
+# secure aggregation's stages and SecFPP's clustering phase: actions of the train message type, and the node-key
+# query (the handlers are in client_app/secagg.py and client_app/secfpp.py)
+for _operation in OPERATIONS:
+    _kind, _, _action = _operation.partition(".")
+    if _action:
+        getattr(app, _kind)(_action)(_serve)

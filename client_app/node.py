@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -25,10 +26,15 @@ from dpfpl.common.prompt import PromptTextEncoder
 from .state import STATE_FILE, NodeState, node_key
 
 log = logging.getLogger("dpfpl.client")
+# Backbone loads in this process, per "model/pretrained": a resident worker reports them (client_app/worker.py),
+# so that "loaded once per node per run" is a number an operator and a test can read.
+MODEL_LOADS: Counter[str] = Counter()
 
 
 @lru_cache(maxsize=4)
 def _model(model_name: str, pretrained: str, cache: str | None, device: torch.device) -> LoadedModel:
+    MODEL_LOADS[f"{model_name}/{pretrained}"] += 1
+    log.info("loading %s (%s) on %s", model_name, pretrained, device)
     model = cached_clip(model_name, pretrained, cache)
     model.model.to(device)
     return model

@@ -2,9 +2,12 @@
 
 After the local step the node encodes its clipped global gradient (quantized, plus its discrete-Gaussian share
 of the global noise, ``dpfpl.common.secagg.encoding``) and keeps it on its own disk together with the protocol state
-(``ClientSession``): in deployment every message starts a fresh ClientApp process, so the state between the four
-messages of a round lives in one atomically written file in the node's state directory (mode 0600: it holds
-this round's private keys). The clear gradient never leaves the node; the masked vector does, once.
+(``ClientSession``): the four messages of a round may each be served by another process (a fresh ClientApp,
+or the node's worker restarted in between), so the state between them lives in one atomically written file in
+the node's state directory (mode 0600: it holds this round's private keys). The clear gradient never leaves
+the node; the masked vector does, once.
+
+The three later stages need numpy and cryptography only: this module does not import torch.
 """
 
 from __future__ import annotations
@@ -14,20 +17,21 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dpfpl.common.atomic import write_json
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.secagg.encoding import encode_update
 from dpfpl.common.secagg.protocol import ClientSession, SecAggError
 
+from .request import NodeRequest
+
 SESSION_FILE = "secagg_session.json"
 
 
-def _path(context: Context) -> tuple[RunConfig, Path]:
-    cfg = RunConfig.from_flower(dict(context.run_config))
-    return cfg, NodeConfig.from_flower(dict(context.node_config)).resolved_state_dir(cfg.run_dir) / SESSION_FILE
+def _path(request: NodeRequest) -> tuple[RunConfig, Path]:
+    cfg = RunConfig.from_flower(request.run_config)
+    return cfg, NodeConfig.from_flower(request.node_config).resolved_state_dir(cfg.run_dir) / SESSION_FILE
 
 
 def _round_context(config) -> str:
@@ -56,17 +60,17 @@ def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
     return session, np.asarray(saved["values"], dtype=np.int64)
 
 
-def advertise_reply(msg: Message, context: Context, global_grad, metrics: dict) -> Message:
+def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict) -> RecordDict:
     """The train reply under secure aggregation: metrics and two public keys, never the gradient."""
-    cfg, path = _path(context)
-    config = msg.content["config"]
+    cfg, path = _path(request)
+    config = request.content["config"]
     round_context = _round_context(config)
     try:
         session, values = _load(path, round_context)  # a re-sent train message: same keys, same input
     except SecAggError:
         threshold, num_clients = int(config["secagg-threshold"]), int(config["secagg-num-clients"])
         values = encode_update(
-            global_grad.numpy(),
+            global_grad,
             bits=cfg.secagg_quantization_bits,
             clip_norm=cfg.max_grad_norm_global,
             batch_size=cfg.batch_size,
@@ -74,17 +78,14 @@ def advertise_reply(msg: Message, context: Context, global_grad, metrics: dict) 
             threshold=threshold,
             num_clients=num_clients,
         )
-        session = ClientSession(node_id=msg.metadata.dst_node_id, context=round_context, threshold=threshold)
+        session = ClientSession(node_id=request.node_id, context=round_context, threshold=threshold)
     c_pk, s_pk = session.advertise()
     _save(path, session, values)
-    return Message(
-        content=RecordDict(
-            {
-                "metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])}),
-                "secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk}),
-            }
-        ),
-        reply_to=msg,
+    return RecordDict(
+        {
+            "metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])}),
+            "secagg": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk}),
+        }
     )
 
 
@@ -95,56 +96,43 @@ def _roster(config) -> dict[int, tuple[bytes, bytes]]:
     return {int(u): (bytes(c), bytes(s)) for u, c, s in zip(nodes, c_pk, s_pk)}
 
 
-def share_keys(msg: Message, context: Context) -> Message:
-    _, path = _path(context)
-    config = msg.content["config"]
+def share_keys(request: NodeRequest) -> RecordDict:
+    _, path = _path(request)
+    config = request.content["config"]
     session, values = _load(path, _round_context(config))
     ciphertexts = session.share_keys(_roster(config), int(config["secagg-threshold"]))
     _save(path, session, values)
     order = sorted(ciphertexts)
-    return Message(
-        content=RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})}),
-        reply_to=msg,
-    )
+    return RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})})
 
 
-def masked_input(msg: Message, context: Context) -> Message:
-    _, path = _path(context)
-    config = msg.content["config"]
+def masked_input(request: NodeRequest) -> RecordDict:
+    _, path = _path(request)
+    config = request.content["config"]
     session, values = _load(path, _round_context(config))
     src, ct = list(config["src"]), list(config["ct"])
     if len(src) != len(ct):
         raise SecAggError("the relayed share lists differ in length")
     y = session.masked_input({int(s): bytes(c) for s, c in zip(src, ct)}, [int(u) for u in config["senders"]], values)
     _save(path, session, values)
-    return Message(content=RecordDict({"secagg": ArrayRecord({"masked": Array.from_numpy_ndarray(y)})}), reply_to=msg)
+    return RecordDict({"secagg": ArrayRecord({"masked": Array.from_numpy_ndarray(y)})})
 
 
-def unmask(msg: Message, context: Context) -> Message:
-    _, path = _path(context)
-    config = msg.content["config"]
+def unmask(request: NodeRequest) -> RecordDict:
+    _, path = _path(request)
+    config = request.content["config"]
     session, values = _load(path, _round_context(config))
     b_shares, s_shares = session.unmask([int(u) for u in config["survivors"]], [int(u) for u in config["dropped"]])
     _save(path, session, values)
-    return Message(
-        content=RecordDict(
-            {
-                "secagg": ConfigRecord(
-                    {
-                        "b-owner": list(b_shares),
-                        "b-share": list(b_shares.values()),
-                        "s-owner": list(s_shares),
-                        "s-share": list(s_shares.values()),
-                    }
-                )
-            }
-        ),
-        reply_to=msg,
+    return RecordDict(
+        {
+            "secagg": ConfigRecord(
+                {
+                    "b-owner": list(b_shares),
+                    "b-share": list(b_shares.values()),
+                    "s-owner": list(s_shares),
+                    "s-share": list(s_shares.values()),
+                }
+            )
+        }
     )
-
-
-def register(app: ClientApp) -> None:
-    """Route the three secure-aggregation actions of the train message type to their handlers."""
-    app.train("secagg_shares")(share_keys)
-    app.train("secagg_masked")(masked_input)
-    app.train("secagg_unmask")(unmask)

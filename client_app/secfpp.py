@@ -4,8 +4,8 @@ The node computes its clustering vector (its domain gradient at the public initi
 public basis and normalized: ``dpfpl.common.secfpp``), LCC-encodes it and from then on only handles ciphertexts
 and field elements; the vector leaves the node only as shares, each encrypted for one other node. The state
 between the messages of a phase (this phase's private key, the shares it holds) lives in one file in the
-node's state directory (mode 0600), as for secure aggregation: in deployment every message starts a fresh
-ClientApp process.
+node's state directory (mode 0600), as for secure aggregation: the messages of a phase may each be served by
+another process. Only the first (``advertise``: the model's gradient) needs torch; it is imported there.
 """
 
 from __future__ import annotations
@@ -14,18 +14,15 @@ import json
 import os
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import ConfigRecord, RecordDict
 
 from dpfpl.common.atomic import write_json
 from dpfpl.common.config import NodeConfig, RunConfig
-from dpfpl.common.prompt import initial_global_prompt
 from dpfpl.common.secfpp.kmeans import threshold_units
 from dpfpl.common.secfpp.protocol import ClusteringClient, validate
 from dpfpl.common.secfpp.reduce import public_basis, reduce
-from dpfpl.common.secfpp.signal import domain_gradient
 
-from .node import PromptNode
+from .request import NodeRequest
 from .state import node_key
 
 SESSION_FILE = "secfpp_session.json"
@@ -35,9 +32,9 @@ class SecfppError(RuntimeError):
     pass
 
 
-def _setup(context: Context) -> tuple[RunConfig, NodeConfig, Path]:
-    cfg = RunConfig.from_flower(dict(context.run_config))
-    node = NodeConfig.from_flower(dict(context.node_config))
+def _setup(request: NodeRequest) -> tuple[RunConfig, NodeConfig, Path]:
+    cfg = RunConfig.from_flower(request.run_config)
+    node = NodeConfig.from_flower(request.node_config)
     return cfg, node, node.resolved_state_dir(cfg.run_dir) / SESSION_FILE
 
 
@@ -56,15 +53,20 @@ def _load(path: Path, phase: str) -> ClusteringClient:
     return client
 
 
-def _reply(msg: Message, values: dict) -> Message:
-    return Message(content=RecordDict({"secfpp": ConfigRecord(values)}), reply_to=msg)
+def _reply(values: dict) -> RecordDict:
+    return RecordDict({"secfpp": ConfigRecord(values)})
 
 
-def advertise(msg: Message, context: Context) -> Message:
+def advertise(request: NodeRequest) -> RecordDict:
     """Compute and encode the clustering vector; reply with this phase's public key only."""
-    cfg, node_cfg, path = _setup(context)
-    config = msg.content["config"]
-    node = PromptNode(cfg, node_cfg)
+    from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.common.secfpp.signal import domain_gradient
+
+    from .prompt_handlers import prompt_node
+
+    cfg, _, path = _setup(request)
+    config = request.content["config"]
+    node = prompt_node(request.run_config, request.node_config)
     reference = initial_global_prompt(cfg)  # public: from the run seed, the same on every party
     vector = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
     basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
@@ -81,41 +83,41 @@ def advertise(msg: Message, context: Context) -> Message:
     )
     _save(path, client)
     # the node key lets the server keep this node's cluster across a restart (server_app/secfpp_round.py)
-    return _reply(msg, {"pk": client.public, "node-key": node_key(path.parent)})
+    return _reply({"pk": client.public, "node-key": node_key(path.parent)})
 
 
-def identify(msg: Message, context: Context) -> Message:
+def identify(request: NodeRequest) -> RecordDict:
     """This node's stable key, so that the server can route its cluster's prompt to a new Flower node id (after a
     restart of the SuperNode or a resumed run). No model, no data: the key is all it reads."""
-    _, _, path = _setup(context)
-    return Message(content=RecordDict({"identity": ConfigRecord({"node-key": node_key(path.parent)})}), reply_to=msg)
+    _, _, path = _setup(request)
+    return RecordDict({"identity": ConfigRecord({"node-key": node_key(path.parent)})})
 
 
-def share(msg: Message, context: Context) -> Message:
-    _, _, path = _setup(context)
-    config = msg.content["config"]
+def share(request: NodeRequest) -> RecordDict:
+    _, _, path = _setup(request)
+    config = request.content["config"]
     client = _load(path, str(config["phase"]))
     cts = client.share({i: bytes(pk) for i, pk in enumerate(config["pks"])})
     _save(path, client)
     order = sorted(cts)
-    return _reply(msg, {"dst": order, "ct": [cts[d] for d in order]})
+    return _reply({"dst": order, "ct": [cts[d] for d in order]})
 
 
-def distances(msg: Message, context: Context) -> Message:
-    _, _, path = _setup(context)
-    config = msg.content["config"]
+def distances(request: NodeRequest) -> RecordDict:
+    _, _, path = _setup(request)
+    config = request.content["config"]
     client = _load(path, str(config["phase"]))
     if "src" in config:  # the first iteration carries the relayed shares
         client.receive_shares({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])})
     cts = client.coded_distances([int(a) for a in config["assignment"]], int(config["iteration"]))
     _save(path, client)
     order = sorted(cts)
-    return _reply(msg, {"dst": order, "ct": [cts[d] for d in order]})
+    return _reply({"dst": order, "ct": [cts[d] for d in order]})
 
 
-def decide(msg: Message, context: Context) -> Message:
-    cfg, _, path = _setup(context)
-    config = msg.content["config"]
+def decide(request: NodeRequest) -> RecordDict:
+    cfg, _, path = _setup(request)
+    config = request.content["config"]
     client = _load(path, str(config["phase"]))
     decision = client.decide(
         {int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},
@@ -125,13 +127,4 @@ def decide(msg: Message, context: Context) -> Message:
         frozenset(int(e) for e in config["exclude"]),
     )
     _save(path, client)
-    return _reply(msg, {"cluster": decision.cluster, "far": int(decision.far)})
-
-
-def register(app: ClientApp) -> None:
-    """Route the four actions of the clustering phase (train message type) and the key query to their handlers."""
-    app.train("secfpp_keys")(advertise)
-    app.train("secfpp_shares")(share)
-    app.train("secfpp_distances")(distances)
-    app.train("secfpp_decide")(decide)
-    app.query("node_key")(identify)
+    return _reply({"cluster": decision.cluster, "far": int(decision.far)})

@@ -5,6 +5,9 @@ must survive anything (a node's local prompt, the server's checkpoint) goes furt
 SHA-256 digest in their metadata, and the file it replaces is kept as ``<name>.prev``. Reading checks the
 digest and falls back to the previous file when the current one is damaged (a disk that lied about fsync,
 a copy cut short, a bit flip), so a damaged write costs one step, never the state.
+
+torch and safetensors are imported where tensors are written or read: the JSON writes serve messages (secure
+aggregation's later stages, SecFPP's phases) that a node answers without loading torch.
 """
 
 from __future__ import annotations
@@ -16,11 +19,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("dpfpl.state")
 DIGEST_KEY = "sha256"
@@ -54,6 +56,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 def tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """SHA-256 over every tensor (name, dtype, shape, bytes) and the metadata, in a fixed order."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -77,6 +81,9 @@ def write_state(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
 
 
 def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     try:
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
@@ -122,6 +129,8 @@ def read_state(path: Path) -> StateFile | None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
     path = Path(path)
     tmp_dir = path.parent
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -138,4 +147,6 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     return load_file(str(path))

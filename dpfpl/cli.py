@@ -388,6 +388,10 @@ def _main(argv: list[str]) -> None:
 
         bench_main(argv[1:])
         return
+    if argv[:1] == ["worker"]:  # a node's resident worker: its own options (dpfpl worker --help)
+        from .client_app.worker import main as worker_main
+
+        sys.exit(worker_main(argv[1:]))
     parser = argparse.ArgumentParser(
         prog="dpfpl",
         description=__doc__,
@@ -430,6 +434,7 @@ def _main(argv: list[str]) -> None:
     p.add_argument("--preset", help=preset_help)
     p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
     sub.add_parser("presets", help="list the named presets (the papers' settings)")
+    sub.add_parser("worker", help="a deployed node's resident worker (`dpfpl worker --state-dir DIR`)")
     sub.add_parser("bench", help="benchmark of the DP-FPL step and of rounds (table + JSON; `dpfpl bench --help`)")
     p = sub.add_parser("report")
     p.add_argument("run_dir")

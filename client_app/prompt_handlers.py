@@ -1,0 +1,130 @@
+"""The train and evaluate handlers: a node's prompt-learning step and its evaluation (``PromptNode``).
+
+What leaves the node: for methods with a global prompt, the ``global-grad`` array (the clipped, averaged
+global gradient); for every method, numeric metrics. Never p_L, its factors, features, labels or raw data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+
+from dpfpl.common.classlist import DIGEST_KEY, ClassListMismatch, check_class_list
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.data.images import DatasetError
+from dpfpl.common.data.silo import SiloError
+from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
+from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
+
+from . import secagg
+from .node import PromptNode
+from .request import NodeRequest
+
+# Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
+# realized size, and the step's wall time (which grows with that size). In the central mode the server sees the
+# clear clipped gradient anyway and is trusted; under secure aggregation it is not, so they are left out there.
+CLEAR_ONLY_TO_A_TRUSTED_SERVER = ("train-loss", "batch-size", "client-seconds")
+log = logging.getLogger("dpfpl.client")
+
+
+def _check_classes(request: NodeRequest) -> None:
+    """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
+    cfg, node_cfg = RunConfig.from_flower(request.run_config), NodeConfig.from_flower(request.node_config)
+    config = request.content["config"]
+    own, source = node_cfg.own_class_list(cfg)
+    try:
+        check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
+    except ClassListMismatch as err:
+        log.error("%s; this node's classes: %s", err, own)
+        raise
+
+
+class NodeUnfit(RuntimeError):
+    """This node cannot take part in the run (its model, data or simulation setup is wrong). The message is
+    what the server's setup summary shows for the node: it names the node's partition in simulation (where
+    Flower's node ids are random) and says what to fix, without the node's private details."""
+
+
+def _unfit(node_cfg: NodeConfig, reason: str) -> NodeUnfit:
+    where = f"partition-{node_cfg.partition_id}: " if node_cfg.partition_id is not None else ""
+    return NodeUnfit(where + reason)
+
+
+def prompt_node(run_config: dict, node_config: dict) -> PromptNode:
+    """This node for the run: its model, data and encoder from the process's caches (built on first use)."""
+    cfg, node_cfg = RunConfig.from_flower(run_config), NodeConfig.from_flower(node_config)
+    torch.set_num_threads(node_cfg.num_threads)
+    if node_cfg.num_partitions is not None and node_cfg.num_partitions != cfg.num_clients:
+        # a simulation with fewer SuperNodes than clients would silently train only some of the partitions
+        raise _unfit(
+            node_cfg,
+            f"the simulation runs {node_cfg.num_partitions} SuperNodes but num-clients is "
+            f"{cfg.num_clients}; give each client its own SuperNode: flwr run . --federation-config "
+            f"'num-supernodes={cfg.num_clients}' (dpfpl simulate matches them itself)",
+        )
+    try:
+        return PromptNode(cfg, node_cfg)
+    except SiloError as err:
+        # The details name this organization's files and labels: they stay in the node's own log. The
+        # server (which receives the exception text as the error reply) only learns that the check failed.
+        log.error("%s", err)
+        raise _unfit(
+            node_cfg,
+            "this node's data silo failed its checks against the run's class list; "
+            "the node's own log lists the files and labels involved",
+        ) from None
+    except (WeightsUnavailableError, WeightsMismatchError, DatasetError) as err:
+        log.error("%s", err)
+        raise _unfit(node_cfg, " ".join(str(err).split())) from err
+
+
+def _global_prompt(content: RecordDict) -> torch.Tensor | None:
+    """The server's p_G, or None for methods without a global prompt (the message then carries no arrays)."""
+    if "arrays" not in content.array_records:
+        return None
+    return torch.from_numpy(content["arrays"]["global-prompt"].numpy().copy())
+
+
+def train(request: NodeRequest) -> RecordDict:
+    _check_classes(request)
+    started = time.perf_counter()
+    node = prompt_node(request.run_config, request.node_config)
+    config = request.content["config"]
+    outcome = node.train(
+        _global_prompt(request.content),
+        int(config["server-round"]),
+        str(config["run-token"]),
+        float(config["noise-multiplier-global"]),
+    )
+    # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
+    # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)
+    metrics = {
+        **outcome.metrics,
+        RUN_TAG_KEY: run_tag(str(config["run-token"])),
+        "client-seconds": time.perf_counter() - started,
+    }
+    if request.clientapp_age is not None:  # the ClientApp process's start-up share (says nothing about data)
+        metrics["clientapp-age-seconds"] = request.clientapp_age
+    if node.cfg.secure_aggregation and outcome.global_grad is not None:
+        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py).
+        # The server is not trusted here, so nothing computed from the training data without noise goes in clear.
+        metrics = {k: v for k, v in metrics.items() if k not in CLEAR_ONLY_TO_A_TRUSTED_SERVER}
+        return secagg.advertise_reply(request, outcome.global_grad.numpy(), metrics)
+    records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
+    if outcome.global_grad is not None:
+        records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
+    return RecordDict(records)
+
+
+def evaluate(request: NodeRequest) -> RecordDict:
+    _check_classes(request)
+    node = prompt_node(request.run_config, request.node_config)
+    config = request.content["config"]
+    metrics = node.evaluate(
+        _global_prompt(request.content), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot"
+    )
+    metrics = {**metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])), "server-round": int(config["server-round"])}
+    return RecordDict({"metrics": MetricRecord(metrics)})

@@ -1,0 +1,261 @@
+"""The resident node worker: one long-lived process per node that answers the ClientApp's messages.
+
+    dpfpl worker --state-dir STATE [--supervise]
+
+What it keeps between messages is what is expensive to build and safe to keep: the imported libraries, the
+OpenCLIP model on its device (loaded once per model), the text encoders and the node's encoded features.
+What it does not keep in memory is the node's private state: p_L, its optimizer state, the accountant and the
+secure-aggregation and SecFPP round state are read from the state directory at each message and written back
+atomically, exactly as a ClientApp answering in its own process does. So a worker killed at any point loses
+nothing, a restarted worker and a ClientApp that answers while the worker is away see the same books, and a
+repeated message is answered from disk (the reply already sent), never with a second step.
+
+The worker runs the same handlers as the ClientApp (``client_app/handlers.py``), under the same per-node lock,
+and enforces the privacy budget the same way (``PromptNode.train`` refuses a step the budget does not cover).
+The link's rules (the socket, the handshake, the frames) are in ``client_app/worker_link.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+
+from dpfpl.common.atomic import write_json
+
+from . import handlers
+from .request import OPERATIONS
+from .worker_link import (
+    PROTOCOL_VERSION,
+    SOCKET_PATH_MAX,
+    STATUS_FILE,
+    LinkError,
+    app_identity,
+    encode_content,
+    mismatch_text,
+    recv_frame,
+    request_from,
+    send_frame,
+    socket_path,
+)
+
+EXIT_CONFIG = 78  # a setup error (EX_CONFIG): restarting would not help, so supervisors do not restart
+READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
+LOCK_NAME = "worker.lock"
+log = logging.getLogger("dpfpl.worker")
+
+
+class WorkerSetupError(RuntimeError):
+    """The worker cannot serve this state directory (another worker holds it, the path is too long, the
+    platform has no peer credentials)."""
+
+
+class _Stop(Exception):
+    pass
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+def _model_loads() -> int:
+    node = sys.modules.get(f"{__package__}.node")
+    return int(sum(node.MODEL_LOADS.values())) if node is not None else 0
+
+
+class NodeWorker:
+    """Serves one state directory on ``<state-dir>/worker.sock``, one message at a time."""
+
+    def __init__(self, state_dir: Path, peer_uid: int | None = None) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.peer_uid = os.getuid() if peer_uid is None else peer_uid  # who may connect: this worker's own user
+        self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
+        self.status: dict = {
+            "pid": os.getpid(),
+            "started": time.time(),
+            **self.identity,
+            "requests": {},
+            "errors": 0,
+            "refused": 0,
+            "model-loads": 0,
+        }
+        self._busy = False
+        self._stop_after_message = False
+        self._lock_fd: int | None = None
+        self._listener: socket.socket | None = None
+
+    # -------------------------------------------------------------------------------- setup
+    def bind(self) -> None:
+        """Take the directory (one worker per node), then listen. Listening comes before the heavy imports, so
+        a ClientApp that connects while the worker starts waits in the backlog instead of answering itself."""
+        if not hasattr(socket, "SO_PEERCRED"):
+            raise WorkerSetupError("the node worker needs Linux (SO_PEERCRED, to check who connects)")
+        path = socket_path(self.state_dir)
+        if len(str(path).encode()) > SOCKET_PATH_MAX:
+            raise WorkerSetupError(
+                f"the socket path {path} is longer than the {SOCKET_PATH_MAX} bytes a Unix socket allows; "
+                "give the node a shorter state-dir"
+            )
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # the node's private state: its owner only
+        fd = os.open(self.state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WorkerSetupError(
+                f"another node worker already serves {self.state_dir}; stop it first (each SuperNode has one worker)"
+            ) from None
+        self._lock_fd = fd
+        path.unlink(missing_ok=True)  # a socket left by a killed worker
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        self._listener = listener
+        log.info("node worker %d listening on %s (dpfpl %s, code %s)", os.getpid(), path, *self._version())
+
+    def _version(self) -> tuple[str, str]:
+        return self.identity["version"], self.identity["code"]
+
+    def warm(self) -> None:
+        """Import what every train and evaluate message needs (torch, OpenCLIP): once, before the first message."""
+        started = time.perf_counter()
+        from . import prompt_handlers  # noqa: F401
+
+        log.info("libraries imported in %.1f s", time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            socket_path(self.state_dir).unlink(missing_ok=True)
+            self._listener = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # -------------------------------------------------------------------------------- serving
+    def _on_term(self, *_: object) -> None:
+        if self._busy:  # finish the message (its state write and its reply), then stop
+            self._stop_after_message = True
+        else:
+            raise _Stop
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        self._write_status()
+        try:
+            while not self._stop_after_message:
+                conn, _ = self._listener.accept()
+                self._busy = True
+                try:
+                    with conn:
+                        self.serve_one(conn)
+                finally:
+                    self._busy = False
+        except _Stop:
+            pass
+        finally:
+            log.info("node worker %d stopping", os.getpid())
+            self.close()
+
+    def serve_one(self, conn: socket.socket) -> None:
+        """One ClientApp's connection: the handshake, then one message."""
+        conn.settimeout(READ_TIMEOUT_SECONDS)
+        uid = _peer_uid(conn)
+        if uid != self.peer_uid:
+            log.warning("refused a connection from uid %d (only uid %d may connect)", uid, self.peer_uid)
+            self.status["refused"] += 1
+            self._write_status()
+            return
+        try:
+            header, _ = recv_frame(conn)
+            if header.get("op") != "hello":
+                raise LinkError(f"expected the handshake, got {header.get('op')!r}")
+            app = {k: header.get(k) for k in ("version", "code", "protocol")}
+            if app != self.identity:
+                log.error("%s", mismatch_text(self.identity, app, self.state_dir))
+                self.status["refused"] += 1
+                self._write_status()
+                send_frame(conn, {"op": "refused", "worker": self.identity})
+                return
+            send_frame(conn, {"op": "ok"})
+            header, payload = recv_frame(conn)
+            if header.get("op") != "call" or header.get("operation") not in OPERATIONS:
+                raise LinkError(f"this node does not answer {header.get('operation')!r}")
+            reply = self._answer(request_from(header, payload))
+            self._write_status()  # before the reply: whoever reads the reply finds the counters up to date
+            send_frame(conn, *reply)
+        except (LinkError, OSError, ValueError, KeyError) as err:
+            log.warning("dropped a connection: %s", err)
+            self._write_status()
+
+    def _answer(self, request) -> tuple[dict, bytes]:
+        requests = self.status["requests"]
+        requests[request.operation] = requests.get(request.operation, 0) + 1
+        own = handlers.state_dir(request).absolute()
+        if own != self.state_dir:
+            self.status["errors"] += 1
+            return {"op": "error", "message": f"this worker serves {self.state_dir}, the message is for {own}"}, b""
+        started = time.perf_counter()
+        try:
+            content = handlers.handle(request)
+        except Exception as err:  # noqa: BLE001 - the ClientApp raises it on its side, as if it had run it
+            log.exception("%s failed", request.operation)
+            self.status["errors"] += 1
+            return {"op": "error", "message": str(err) or type(err).__name__}, b""
+        log.info("%s answered in %.2f s", request.operation, time.perf_counter() - started)
+        return {"op": "reply"}, encode_content(content)
+
+    def _write_status(self) -> None:
+        self.status["model-loads"] = _model_loads()
+        self.status["updated"] = time.time()
+        with contextlib.suppress(OSError):
+            write_json(self.state_dir / STATUS_FILE, self.status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dpfpl worker",
+        description="Serve this node's ClientApp messages from one long-lived process (see docs/deployment.md).",
+    )
+    parser.add_argument("--state-dir", required=True, help="the node's state directory (its SuperNode's state-dir)")
+    parser.add_argument(
+        "--supervise", action="store_true", help="run the worker as a child and restart it whenever it dies"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.supervise:
+        from .worker_supervisor import supervise
+
+        return supervise([sys.executable, "-m", "dpfpl.client_app.worker", "--state-dir", args.state_dir])
+    worker = NodeWorker(Path(args.state_dir))
+    try:
+        worker.bind()
+    except WorkerSetupError as err:
+        log.error("%s", err)
+        return EXIT_CONFIG
+    try:
+        worker.warm()
+        worker.serve_forever()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

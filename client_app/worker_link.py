@@ -1,0 +1,223 @@
+"""The link between a node's ClientApp and its resident worker: one Unix socket in the node's state directory.
+
+Why a worker: a deployed SuperNode starts a fresh ClientApp process for every message, and that process would
+import torch and OpenCLIP (seconds) and load the model and the node's features again each time. The worker is
+one long-lived process per node that keeps them; the ClientApp only forwards. This module is both ends'
+shared vocabulary and the ClientApp's end; it imports flwr and the standard library only.
+
+The link, message by message (one connection per message):
+  1. the ClientApp sends ``hello`` with the link's protocol version and its code's identity (``app_identity``);
+     the worker answers ``ok`` or refuses a mismatch (then nothing else is sent);
+  2. the ClientApp sends one ``call``: the message type, the run and node configuration, Flower's node id, and
+     the message's content (Flower's own protobuf encoding of the RecordDict);
+  3. the worker answers with the reply's content, or with the handler's error text.
+A frame is a 4-byte header length, the JSON header, an 8-byte payload length, the payload.
+
+Trust: the socket is the node's own (mode 0600 in a 0700 directory) and the worker checks that the peer runs
+as its own user (``SO_PEERCRED``). It answers the ClientApp's message types only and replies exactly what the
+ClientApp would send, so the socket is no new way to read the node's local prompt, features or data.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import socket
+import struct
+import time
+from importlib import metadata
+from pathlib import Path
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from .request import NodeRequest
+
+PROTOCOL_VERSION = 1
+SOCKET_NAME = "worker.sock"
+STATUS_FILE = "worker.json"  # the worker's own counters (requests, model loads), for its operator
+MAX_HEADER = 1 << 24
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, with the terminating NUL
+# After a worker died mid-message its supervisor restarts it within a second or two; the ClientApp waits this
+# long for the socket to accept again before it answers the message itself.
+RESTART_WAIT_SECONDS = 20.0
+log = logging.getLogger("dpfpl.client")
+
+
+class LinkError(RuntimeError):
+    """The link broke: a frame cut short, a peer that closed, an unreadable header."""
+
+
+class WorkerMismatch(RuntimeError):
+    """The worker runs other code than this ClientApp (another dpfpl version, or the same version edited)."""
+
+
+class WorkerHandlerError(RuntimeError):
+    """The worker's handler raised: the text is the error the ClientApp would have raised itself."""
+
+
+def socket_path(state_dir: Path) -> Path:
+    return Path(state_dir) / SOCKET_NAME
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("dpfpl")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def app_identity() -> dict[str, str]:
+    """The dpfpl version and a digest of the code a handler runs (``dpfpl.client_app`` and ``dpfpl.common``, as
+    loaded in this process). The digest catches what a version number misses: an app bundle or a checkout
+    edited without a new version."""
+    import dpfpl.client_app
+    import dpfpl.common
+
+    digest = hashlib.sha256()
+    for package in (dpfpl.common, dpfpl.client_app):
+        for root in package.__path__:
+            root = Path(root)
+            for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".json") and p.is_file()):
+                if "__pycache__" in path.parts:
+                    continue
+                digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+    return {"version": _package_version(), "code": digest.hexdigest()[:16]}
+
+
+def mismatch_text(worker: dict, app: dict, state_dir: Path | str) -> str:
+    """What the refusal says, on either end: what differs and what to restart."""
+    return (
+        f"the node worker serving {state_dir} runs dpfpl {worker.get('version')} (code {worker.get('code')}, link "
+        f"protocol {worker.get('protocol')}), but this run's ClientApp is dpfpl {app.get('version')} (code "
+        f"{app.get('code')}, link protocol {app.get('protocol')}). Restart the node's worker so that it loads the "
+        "code the run uses (systemctl restart dpfpl-worker, or restart deploy/start-supernode.sh, which starts "
+        "it), after installing on this node the dpfpl version the run's app bundle was built from"
+    )
+
+
+# ------------------------------------------------------------------------------------------ frames
+def send_frame(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    head = json.dumps(header).encode()
+    sock.sendall(struct.pack(">I", len(head)) + head + struct.pack(">Q", len(payload)))
+    if payload:
+        sock.sendall(payload)
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        try:
+            chunk = sock.recv(min(n - got, 1 << 20))
+        except ConnectionError as err:
+            raise LinkError(f"the peer reset the link after {got} of {n} bytes") from err
+        if not chunk:
+            raise LinkError(f"the peer closed the link after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
+    (head_len,) = struct.unpack(">I", _exactly(sock, 4))
+    if head_len > MAX_HEADER:
+        raise LinkError(f"a frame header of {head_len} bytes (at most {MAX_HEADER})")
+    try:
+        header = json.loads(_exactly(sock, head_len))
+    except ValueError as err:
+        raise LinkError(f"an unreadable frame header: {err}") from err
+    if not isinstance(header, dict):
+        raise LinkError("a frame header that is not a JSON object")
+    (payload_len,) = struct.unpack(">Q", _exactly(sock, 8))
+    return header, _exactly(sock, payload_len) if payload_len else b""
+
+
+def encode_content(content: RecordDict) -> bytes:
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def decode_content(data: bytes) -> RecordDict:
+    return recorddict_from_proto(ProtoRecordDict.FromString(data))
+
+
+def call_header(request: NodeRequest) -> dict:
+    return {
+        "op": "call",
+        "operation": request.operation,
+        "run-config": request.run_config,
+        "node-config": request.node_config,
+        "node-id": request.node_id,
+        "clientapp-age": request.clientapp_age,
+    }
+
+
+def request_from(header: dict, payload: bytes) -> NodeRequest:
+    return NodeRequest(
+        operation=str(header["operation"]),
+        content=decode_content(payload),
+        run_config=dict(header["run-config"]),
+        node_config=dict(header["node-config"]),
+        node_id=int(header["node-id"]),
+        clientapp_age=None if header.get("clientapp-age") is None else float(header["clientapp-age"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the ClientApp's end
+def _connect(path: Path, wait: float) -> socket.socket | None:
+    """A connection to the worker; None when no worker answers within ``wait`` seconds (no socket file, or a
+    stale one left by a worker that was killed and not restarted)."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except OSError as err:
+            sock.close()
+            if err.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.1)
+
+
+def _exchange(sock: socket.socket, request: NodeRequest, state_dir: Path) -> RecordDict:
+    app = {**app_identity(), "protocol": PROTOCOL_VERSION}
+    send_frame(sock, {"op": "hello", **app})
+    header, _ = recv_frame(sock)
+    if header.get("op") == "refused":
+        raise WorkerMismatch(mismatch_text(header.get("worker", {}), app, state_dir))
+    if header.get("op") != "ok":
+        raise LinkError(f"the worker answered the handshake with {header.get('op')!r}")
+    send_frame(sock, call_header(request), encode_content(request.content))
+    header, payload = recv_frame(sock)
+    if header.get("op") == "reply":
+        return decode_content(payload)
+    if header.get("op") == "error":
+        raise WorkerHandlerError(str(header.get("message", "the worker's handler failed")))
+    raise LinkError(f"the worker answered the call with {header.get('op')!r}")
+
+
+def forward(request: NodeRequest, state_dir: Path, restart_wait: float = RESTART_WAIT_SECONDS) -> RecordDict | None:
+    """The worker's reply to ``request``, or None when this node has no worker to answer it (the caller then
+    answers itself). A worker that dies mid-message is asked again once its supervisor has restarted it: every
+    handler is safe to repeat, since a node's state is on disk and a repeated train message gets the reply
+    already sent, not a second step (``PromptNode.train``)."""
+    path = socket_path(state_dir)
+    if not path.exists():
+        return None
+    for attempt in (1, 2):
+        sock = _connect(path, restart_wait)
+        if sock is None:
+            return None
+        with sock:
+            try:
+                return _exchange(sock, request, state_dir)
+            except (LinkError, ConnectionError) as err:
+                log.warning(
+                    "the node worker at %s broke off %s (attempt %d: %s)", path, request.operation, attempt, err
+                )
+    return None
