@@ -25,9 +25,7 @@ from dpfpl.client_app.worker_link import STATUS_FILE, WorkerMismatch, recv_frame
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import RunConfig
 
-RUN = dict(
-    num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, pretrained="none", n_ctx=4, rank=2
-)
+RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, pretrained="none", n_ctx=4, rank=2)
 DIGEST = class_list_digest(RunConfig().class_list())
 
 
@@ -123,7 +121,9 @@ def test_a_worker_answers_exactly_as_the_clientapp_would_and_loads_the_model_onc
     # Without DP the step is seeded: the same node answered by the worker and by a ClientApp on its own (no
     # socket in its state directory) must send identical replies, array for array and metric for metric.
     for server_round in (1, 2):
-        via_worker = client_module.train(_message(MessageType.TRAIN, server_round), _context(tmp_path, served, dp=False))
+        via_worker = client_module.train(
+            _message(MessageType.TRAIN, server_round), _context(tmp_path, served, dp=False)
+        )
         by_itself = client_module.train(_message(MessageType.TRAIN, server_round), _context(tmp_path, alone, dp=False))
         np.testing.assert_array_equal(
             via_worker.content["arrays"]["global-grad"].numpy(), by_itself.content["arrays"]["global-grad"].numpy()
@@ -159,9 +159,7 @@ def test_a_worker_of_another_version_is_refused_with_what_to_restart(tmp_path, s
 def test_the_link_answers_only_the_clientapps_message_types(tmp_path, start_worker):
     state_dir = tmp_path / "node"
     start_worker(state_dir)
-    request = client_module.NodeRequest.from_flower(
-        _message(MessageType.TRAIN, 1), _context(tmp_path, state_dir)
-    )
+    request = client_module.NodeRequest.from_flower(_message(MessageType.TRAIN, 1), _context(tmp_path, state_dir))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(str(socket_path(state_dir)))
         send_frame(sock, {"op": "hello", **worker_link.app_identity(), "protocol": worker_link.PROTOCOL_VERSION})
