@@ -197,7 +197,11 @@ class NodeWorker:
             header, payload = recv_frame(conn)
             if header.get("op") != "call" or header.get("operation") not in OPERATIONS:
                 raise LinkError(f"this node does not answer {header.get('operation')!r}")
-            reply = self._answer(request_from(header, payload))
+            try:
+                request = request_from(header, payload)
+            except Exception as err:  # noqa: BLE001 - a malformed request (header fields, protobuf) is dropped
+                raise LinkError(f"an unreadable request: {type(err).__name__}: {err}") from err
+            reply = self._answer(request)
             self._write_status()  # before the reply: whoever reads the reply finds the counters up to date
             send_frame(conn, *reply)
         except (LinkError, OSError, ValueError, KeyError) as err:

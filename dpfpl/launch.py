@@ -140,10 +140,28 @@ def start_superlink(port: int, database: Path, env: dict, log_file: Path, simula
     return proc
 
 
-def start_supernode(superlink_port: int, node_config: dict, env: dict, log_file: Path) -> subprocess.Popen:
+def start_node_worker(state_dir: Path, env: dict, log_file: Path) -> subprocess.Popen:
+    """A node's resident worker (``dpfpl worker --supervise``) on its state directory: restarted when it dies,
+    stopped with the launch (its processes carry the launch's tag)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpfpl.client_app.worker", "--supervise", "--state-dir", str(state_dir)],
+        env=env,
+        stdout=open(log_file, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def start_supernode(
+    superlink_port: int, node_config: dict, env: dict, log_file: Path, worker: bool = True
+) -> subprocess.Popen:
     """An insecure SuperNode on loopback that retries its SuperLink for as long as it takes (a restarted
-    SuperLink finds it again)."""
+    SuperLink finds it again), with its resident worker beside it (``worker``; it needs ``state-dir``)."""
     config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    if worker:
+        state_dir = Path(node_config["state-dir"])
+        state_dir.mkdir(parents=True, exist_ok=True)
+        start_node_worker(state_dir, env, state_dir / "worker.log")
     return subprocess.Popen(
         [
             _bin("flower-supernode"),
@@ -322,12 +340,14 @@ def app_dir() -> Path:
     return folder
 
 
-def start_run(connection: str, run_config: dict, env: dict | None = None, cwd: Path | None = None) -> int:
-    """Submit this app to an existing SuperLink connection (``$FLWR_HOME/config.toml``) and return its run id
-    without waiting for it."""
+def start_run(
+    connection: str, run_config: dict, env: dict | None = None, cwd: Path | None = None, app: Path | None = None
+) -> int:
+    """Submit this app (or the app folder ``app``) to an existing SuperLink connection (``$FLWR_HOME/config.toml``)
+    and return its run id without waiting for it."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", **(env or {})}
     overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    cmd = [_bin("flwr"), "run", str(app_dir()), connection, "--format", "json"]
+    cmd = [_bin("flwr"), "run", str(app or app_dir()), connection, "--format", "json"]
     if overrides:
         cmd += ["--run-config", overrides]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
@@ -356,9 +376,10 @@ def submit_run(
     timeout: float = 3600,
     stream: bool = True,
     cwd: Path | None = None,
+    app: Path | None = None,
 ) -> int:
-    """Submit this app to an existing SuperLink connection, follow it, and fail unless it completed. Returns
-    the run id."""
-    run_id = start_run(connection, run_config, env, cwd)
+    """Submit this app (or ``app``) to an existing SuperLink connection, follow it, and fail unless it completed.
+    Returns the run id."""
+    run_id = start_run(connection, run_config, env, cwd, app)
     wait_run(run_id, connection, env, timeout, stream, cwd)
     return run_id

@@ -174,6 +174,9 @@ def summarize_node_metrics(rows: list[dict]) -> dict[str, float]:
     seconds = [float(m["client-seconds"]) for m in rows if "client-seconds" in m]
     if seconds:  # the clients' own compute this round, against the round's wall time
         out["client-seconds-sum"], out["client-seconds-max"] = float(sum(seconds)), float(max(seconds))
+    ages = [float(m["clientapp-age-seconds"]) for m in rows if "clientapp-age-seconds" in m]
+    if ages:  # deployment: how old each fresh ClientApp process was when its handler ran
+        out["clientapp-age-max"] = float(max(ages))
     losses = [m["train-loss"] for m in rows if "train-loss" in m and not math.isnan(m["train-loss"])]
     if losses:
         out["train-loss"] = float(np.mean(losses))

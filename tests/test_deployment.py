@@ -1,13 +1,18 @@
 """Deployment with real processes: a SuperLink and three SuperNodes on 127.0.0.1 with TLS and node
-authentication, each SuperNode on its own silo of real image files, a 2-round DP-FPL run submitted with
-``flwr run``. Marked ``deployment`` (run alone with ``pytest -m deployment``); it also runs in CI."""
+authentication, each SuperNode on its own silo of real image files and with its resident worker (the start
+script's default), a 3-round DP-FPL run submitted with ``flwr run``. While it runs one node's worker is frozen
+and SIGKILLed with a message in its socket; its supervisor restarts it and the run's books must not notice.
+Then a run from an edited copy of the app meets workers running the old code and must be refused with what to
+restart. Marked ``deployment`` (run alone with ``pytest -m deployment``); it also runs in CI."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dpfpl.client_app.state import NodeState, node_key
+from dpfpl.common.outcome import RunOutcome
 from dpfpl.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
+from dpfpl.server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment
 DEPLOY = PROJECT_ROOT / "deploy"
@@ -111,34 +119,72 @@ def federation(tmp_path, request):
         stop_tagged_processes(tag)
 
 
-def test_two_round_dpfpl_across_three_authenticated_supernodes(federation):
+def _worker_status(tmp: Path, i: int) -> dict:
+    return json.loads((tmp / f"org{i}" / "state" / "worker.json").read_text())
+
+
+def _freeze_and_kill_worker(tmp: Path, i: int, stop: threading.Event, killed: list[int]) -> None:
+    """Once node i's worker has answered round 1's train message: SIGSTOP it, let the next message reach its
+    socket, then SIGKILL it. The ClientApp holding that message sees the link break and asks the worker its
+    supervisor starts next."""
+    while not stop.is_set():
+        try:
+            status = _worker_status(tmp, i)
+        except (OSError, ValueError):
+            status = {}
+        if status.get("requests", {}).get("train", 0) >= 1:
+            os.kill(status["pid"], signal.SIGSTOP)
+            stop.wait(6)  # the SuperNode polls every 3 s: a message arrives while the worker is frozen
+            os.kill(status["pid"], signal.SIGKILL)
+            killed.append(status["pid"])
+            return
+        time.sleep(0.05)
+
+
+def _edited_app(tmp: Path) -> Path:
+    """A copy of the app with one handler file edited (a comment): what an organization meets when the app is
+    updated and its worker still runs the old code."""
+    app = tmp / "app-edited"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("dpfpl", "common", "server_app", "client_app"):
+        shutil.copytree(PROJECT_ROOT / name, app / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, app / name)
+    with open(app / "client_app" / "prompt_handlers.py", "a") as fh:
+        fh.write("# edited after the workers started\n")
+    return app
+
+
+def test_three_rounds_across_three_authenticated_supernodes_with_resident_workers(federation):
     tmp, env = federation["tmp"], federation["env"]
     run_dir = tmp / "server-run"
+    config = {
+        "dataset": "silo",
+        "classnames": ",".join(CLASSES),
+        "model-name": "dpfpl-demo-tiny",
+        "pretrained": "none",
+        "num-clients": 3,
+        "min-clients": 3,
+        "num-server-rounds": 3,
+        "eval-every": 1,
+        "batch-size": 8,
+        "target-epsilon": 1.0,
+        "round-timeout": 120.0,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_freeze_and_kill_worker, args=(tmp, 1, stop, killed), daemon=True)
+    killer.start()
     started = time.time()
-    submit_run(
-        "org",
-        {
-            "dataset": "silo",
-            "classnames": ",".join(CLASSES),
-            "model-name": "dpfpl-demo-tiny",
-            "pretrained": "none",
-            "num-clients": 3,
-            "min-clients": 3,
-            "num-server-rounds": 2,
-            "eval-every": 1,
-            "batch-size": 8,
-            "target-epsilon": 1.0,
-            "run-dir": str(run_dir),
-            "resume": False,
-        },
-        env=env,
-        timeout=600,
-        stream=False,
-        cwd=tmp,
-    )
+    try:
+        submit_run("org", config, env=env, timeout=600, stream=False, cwd=tmp)
+    finally:
+        stop.set()
+        killer.join(timeout=10)
     print(f"deployment run wall time {time.time() - started:.1f} s")
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    for record in records:
         print(f"deployment round {record['round']}: {record.get('round-seconds', '-')} s")
 
     # the unregistered SuperNode was refused and exited
@@ -152,5 +198,40 @@ def test_two_round_dpfpl_across_three_authenticated_supernodes(federation):
     assert not list((tmp / "org3" / "state").rglob("local_state*.safetensors"))
     assert (run_dir / "checkpoint.safetensors").is_file()
     assert not list(run_dir.rglob("local_state*"))
-    metrics = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    assert len(metrics) == 3  # zero-shot + 2 rounds
+    assert len(records) == 4  # zero-shot + 3 rounds
+    assert all(r["updated"] and r["num-replies"] == 3 for r in records if r.get("phase") == "train")
+
+    # the workers answered every message, each loading the model once; node 1's worker was killed once
+    assert killed, "node 1's worker never reached round 1"
+    for i in range(3):
+        status = _worker_status(tmp, i)
+        assert status["model-loads"] == 1 and status["errors"] == 0
+        if i != 1:
+            assert status["requests"] == {"evaluate": 4, "train": 3}
+    assert _worker_status(tmp, 1)["pid"] not in killed  # a new worker took over
+    assert "restarting it" in (tmp / "org1" / "state" / "worker.log").read_text()
+
+    # the books: each node's accountant took exactly the steps the server booked for it, one per round
+    books = RunDirectory(run_dir).load()
+    for i in range(3):
+        node_state = NodeState.load(tmp / f"org{i}" / "state")
+        assert len(node_state.accountant.history) == books.participation[str(node_key(tmp / f"org{i}" / "state"))]
+        assert len(node_state.accountant.history) == 3
+
+    # an app edited after the workers started: every node refuses it, and the run says what to restart
+    edited_dir = tmp / "server-run-edited"
+    with pytest.raises(RuntimeError):
+        submit_run(
+            "org",
+            {**config, "run-dir": str(edited_dir), "setup-timeout": 120.0},
+            env=env,
+            timeout=300,
+            stream=False,
+            cwd=tmp,
+            app=_edited_app(tmp),
+        )
+    outcome = RunOutcome.read(edited_dir)
+    assert outcome is not None and outcome.status == "setup-failed"
+    assert "Restart the node's worker" in outcome.paragraph()
+    assert all(_worker_status(tmp, i)["refused"] >= 1 for i in range(3))
+    assert len(NodeState.load(tmp / "org0" / "state").accountant.history) == 3  # nothing ran

@@ -1,6 +1,7 @@
 """Fault injection with real processes: a SuperLink and three SuperNodes on 127.0.0.1, a 3-round DP-FPL run
-submitted with ``flwr run``. While it runs, one SuperNode is SIGKILLed (it and its ClientApp) and later started
-again on its own state directory; the SuperLink (with its ServerApp) is SIGKILLed once and restarted on its
+submitted with ``flwr run``, every SuperNode with its resident worker (``dpfpl.launch.start_supernode``). While it
+runs, one node is SIGKILLed (its SuperNode, its ClientApp, its worker and the worker's supervisor) and later
+started again on its own state directory; the SuperLink (with its ServerApp) is SIGKILLed once and restarted on its
 database, and the run is submitted again with ``resume = true``.
 
 What must hold afterwards: the run completed every round exactly once; the server's books (participation per
@@ -9,9 +10,9 @@ exactly the steps the server booked for it (at most one more for the killed node
 before the reply left); the privacy report is the accountant's for those books; no local prompt was lost (the
 killed node's history from before the kill is the start of its history after).
 
-Marked ``deployment`` (run alone with ``pytest -m deployment``). Each round starts a ClientApp process per
-node, so on 2 CPU cores a round takes 25-40 s: about 3-5 minutes in all, the round the dead node misses
-waiting up to ``round-timeout`` (generous, so that a slow but live node is never cut off on a loaded machine).
+Marked ``deployment`` (run alone with ``pytest -m deployment``). About 3-5 minutes on 2 CPU cores, the round
+the dead node misses waiting up to ``round-timeout`` (generous, so that a slow but live node is never cut off
+on a loaded machine).
 """
 
 from __future__ import annotations

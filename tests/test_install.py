@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {"PATH": "/usr/bin:/bin", "FLWR_TELEMETRY_ENABLED": "0"}
 
 
-@pytest.mark.parametrize("command", [["bench", "--help"], ["presets"], ["partition", "--help"]])
+@pytest.mark.parametrize("command", [["bench", "--help"], ["presets"], ["partition", "--help"], ["worker", "--help"]])
 def test_commands_import_from_the_install_outside_the_checkout(tmp_path, command):
     result = subprocess.run(
         [sys.executable, "-m", "dpfpl.cli", *command],

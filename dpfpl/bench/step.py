@@ -312,6 +312,7 @@ def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
             "seconds": r["round-seconds"],
             "client_sum": r.get("client-seconds-sum"),
             "client_max": r.get("client-seconds-max"),
+            "clientapp_age_max": r.get("clientapp-age-max"),
         }
         for r in rows
         if r.get("phase") == "train" and r["round"] < last_round and "local-acc" not in r
@@ -343,7 +344,9 @@ def case_simulation(spec: dict) -> dict:
 
 
 def case_deployment(spec: dict) -> dict:
-    """SuperLink + N SuperNodes (insecure, loopback) started with deploy/'s scripts; silo data per node."""
+    """SuperLink + N SuperNodes (insecure, loopback) started with deploy/'s scripts; silo data per node; each
+    node with its resident worker (``spec["worker"]``, the script's default) or without (every ClientApp
+    process then loads torch and the model for its one message)."""
     import signal
 
     from dpfpl.launch import free_port, stop_tagged_processes, submit_run, wait_for_port
@@ -357,6 +360,7 @@ def case_deployment(spec: dict) -> dict:
         "FLWR_TELEMETRY_ENABLED": "0",
         "DPFPL_LAUNCH_TAG": tag,
         "DPFPL_INSECURE": "1",
+        "DPFPL_NODE_WORKER": "1" if spec.get("worker", True) else "0",
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
     }
@@ -408,9 +412,13 @@ def case_deployment(spec: dict) -> dict:
         config = {**spec["config"], "run-dir": str(tmp / "run"), "resume": False}
         started = time.time()
         submit_run("bench", config, env=env, timeout=3600, stream=False, cwd=tmp)
+        loads = [
+            json.loads(p.read_text()).get("model-loads") for p in sorted(tmp.glob("org*/state/worker.json"))
+        ]  # one per node and run when the workers stayed up
         return {
             "wall_seconds": time.time() - started,
             "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+            "worker_model_loads": loads,
         }
     finally:
         for proc in procs:
@@ -563,13 +571,47 @@ def plan(args) -> list[tuple[str, str, dict]]:
             "eval-last": 0,
             "batch-size": 32,
         }
-        cases.append(
-            (
-                "deployment",
-                "flower deployment: SuperLink + 2 SuperNodes",
-                {"clients": 2, "device": dev, "classnames": dep_names, "silo_train": 64, "config": dep_cfg},
+        for worker in (False, True):
+            cases.append(
+                (
+                    "deployment",
+                    f"deployment: 2 SuperNodes, {'with' if worker else 'no'} worker",
+                    {
+                        "clients": 2,
+                        "device": dev,
+                        "classnames": dep_names,
+                        "silo_train": 64,
+                        "config": dep_cfg,
+                        "worker": worker,
+                    },
+                )
             )
-        )
+        secure_names = classnames(6)
+        secure_cfg = {
+            **dep_cfg,
+            "classnames": ",".join(secure_names),
+            "num-clients": 3,
+            "min-clients": 3,
+            "num-server-rounds": 4 if quick else 5,
+            "secure-aggregation": True,
+            "secagg-dropout-tolerance": 1,
+            "round-timeout": 300.0,
+        }
+        for worker in (False, True):
+            cases.append(
+                (
+                    "deployment",
+                    f"secure aggregation: 3 SuperNodes, {'with' if worker else 'no'} worker",
+                    {
+                        "clients": 3,
+                        "device": dev,
+                        "classnames": secure_names,
+                        "silo_train": 64,
+                        "config": secure_cfg,
+                        "worker": worker,
+                    },
+                )
+            )
     return cases
 
 
@@ -580,6 +622,29 @@ BOUND_NOTE = """\
   does no worse than B separate backward passes costs at most (1+2B)/3 non-private steps; "of it" is the
   measured ratio over that bound (target <= 1.5). With frozen weights a backward only propagates to the input
   (no weight gradients), closer to 1 forward-equivalent, which would give the tighter (1+B)/2."""
+
+
+def _round_summary(r: dict) -> dict:
+    """The median warm round of a Flower case: its wall time against the clients' own compute."""
+    # round 1 is cold (every node builds its model, features and noise calibration): left out
+    rows = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
+    # simulation: one ClientApp at a time (each takes all cores), so the clients' compute adds up;
+    # deployment: the SuperNodes train in parallel, so the round cannot be shorter than the slowest
+    key = "client_sum" if r["kind"] == "simulation" else "client_max"
+    if all(x[key] is not None for x in rows):
+        mid = sorted(rows, key=lambda x: 1 - x[key] / x["seconds"])[len(rows) // 2]  # the median round
+    else:  # no client seconds (secure aggregation): the median round by wall time
+        mid = sorted(rows, key=lambda x: x["seconds"])[len(rows) // 2]
+    floor = mid[key]
+    return {
+        "round": mid["round"],
+        "seconds_per_round": mid["seconds"],
+        "summed_client_compute": mid["client_sum"],
+        "slowest_client": mid["client_max"],
+        "overhead_seconds": None if floor is None else mid["seconds"] - floor,
+        "overhead_share": None if floor is None else 1 - floor / mid["seconds"],
+        "clientapp_age_max": mid.get("clientapp_age_max"),
+    }
 
 
 def report(results: list[dict]) -> str:
@@ -623,32 +688,22 @@ def report(results: list[dict]) -> str:
         lines.append("")
         lines.append(
             f"{'flower (median warm round)':<46}{'s/round':>9}{'clients sum':>13}{'slowest':>9}"
-            f"{'overhead':>10}{'share':>7}"
+            f"{'overhead':>10}{'share':>7}{'app age':>9}"
         )
         for r in fl:
-            # round 1 is cold (every node builds its model, features and noise calibration): left out
-            rows = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
-            # simulation: one ClientApp at a time (each takes all cores), so the clients' compute adds up;
-            # deployment: the SuperNodes train in parallel, so the round cannot be shorter than the slowest
-            key = "client_sum" if r["kind"] == "simulation" else "client_max"
-            mid = sorted(rows, key=lambda x: 1 - x[key] / x["seconds"])[len(rows) // 2]  # the median round
-            per_round, total, slowest = mid["seconds"], mid["client_sum"], mid["client_max"]
-            floor = mid[key]
-            r["summary"] = {
-                "round": mid["round"],
-                "seconds_per_round": per_round,
-                "summed_client_compute": total,
-                "slowest_client": slowest,
-                "overhead_seconds": per_round - floor,
-                "overhead_share": 1 - floor / per_round,
-            }
+            r["summary"] = _round_summary(r)
+            m = r["summary"]
             lines.append(
-                f"{r['label']:<46}{per_round:>9.2f}{total:>13.2f}{slowest:>9.2f}"
-                f"{per_round - floor:>10.2f}{1 - floor / per_round:>7.0%}"
+                f"{r['label']:<46}{m['seconds_per_round']:>9.2f}{_fmt_s(m['summed_client_compute']):>13}"
+                f"{_fmt_s(m['slowest_client']):>9}{_fmt_s(m['overhead_seconds']):>10}"
+                f"{'-' if m['overhead_share'] is None else format(m['overhead_share'], '.0%'):>7}"
+                f"{_fmt_s(m['clientapp_age_max']):>9}"
             )
         lines.append(
             "  overhead = s/round - clients sum (simulation: clients run one after another) or - slowest "
-            "(deployment: nodes run in parallel)"
+            "(deployment: nodes run in parallel);\n  app age = how old the oldest ClientApp process was when its "
+            "handler ran (deployment: a fresh process per message); secure aggregation reports no client "
+            "seconds (nothing measured on the data goes to an untrusted server in clear)"
         )
     for r in results:
         if "error" in r:
