@@ -1,8 +1,9 @@
 """Node-local state on disk: the method's local tensors (p_L, or FedPGP's U and V), their optimizer state,
 the node's RNG and accountant.
 
-In deployment every message starts a fresh ClientApp process, so nothing may live in module globals;
-the local prompt must survive restarts and never leave the node. One safetensors file holds the tensors
+In deployment every message may be answered by another process (a fresh ClientApp, or the node's worker,
+restarted in between), so the private state lives here and not in memory: the local prompt must survive
+restarts and never leave the node. One safetensors file holds the tensors
 and (as metadata) the JSON bookkeeping; it is written atomically, so a crash mid-write keeps the previous
 state.
 """

@@ -40,6 +40,8 @@ COMPOSITION = (
     "tests/test_privacy_mechanisms.py::test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting"
 )
 P_GLOBAL = "tests/test_privacy_books.py::test_p_global_epsilon_composes_both_releases_where_the_reply_reads_local_state"
+WORKER_PEER = "tests/test_worker.py::test_a_worker_turns_away_a_peer_of_another_user"
+WORKER_OPERATIONS = "tests/test_worker.py::test_the_link_answers_only_the_clientapps_message_types"
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,20 @@ MUTATIONS = (
         'out["epsilon-published-max"] if has_local else',
         'out["epsilon-gdp-mechanism-max"] if has_local else',
         (P_GLOBAL,),
+    ),
+    Mutation(
+        "the node worker answers any local user",
+        "client_app/worker.py",
+        "if uid != self.peer_uid:",
+        "if False:",
+        (WORKER_PEER,),
+    ),
+    Mutation(
+        "the node worker takes calls beyond the ClientApp's message types",
+        "client_app/worker.py",
+        'if header.get("op") != "call" or header.get("operation") not in OPERATIONS:',
+        'if header.get("op") != "call":',
+        (WORKER_OPERATIONS,),
     ),
 )
 

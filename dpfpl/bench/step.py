@@ -625,20 +625,22 @@ BOUND_NOTE = """\
 
 
 def _round_summary(r: dict) -> dict:
-    """The median warm round of a Flower case: its wall time against the clients' own compute."""
+    """The median warm round of a Flower case (by wall time) against the clients' own compute, and the mean and
+    range of the warm rounds: in a deployment a round's time steps with the phase of Flower's 3 s polls."""
     # round 1 is cold (every node builds its model, features and noise calibration): left out
     rows = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
     # simulation: one ClientApp at a time (each takes all cores), so the clients' compute adds up;
     # deployment: the SuperNodes train in parallel, so the round cannot be shorter than the slowest
     key = "client_sum" if r["kind"] == "simulation" else "client_max"
-    if all(x[key] is not None for x in rows):
-        mid = sorted(rows, key=lambda x: 1 - x[key] / x["seconds"])[len(rows) // 2]  # the median round
-    else:  # no client seconds (secure aggregation): the median round by wall time
-        mid = sorted(rows, key=lambda x: x["seconds"])[len(rows) // 2]
+    mid = sorted(rows, key=lambda x: x["seconds"])[len(rows) // 2]  # the median round (the upper one of two)
     floor = mid[key]
+    seconds = [x["seconds"] for x in rows]
     return {
         "round": mid["round"],
         "seconds_per_round": mid["seconds"],
+        "mean_seconds_per_round": sum(seconds) / len(seconds),
+        "min_seconds_per_round": min(seconds),
+        "max_seconds_per_round": max(seconds),
         "summed_client_compute": mid["client_sum"],
         "slowest_client": mid["client_max"],
         "overhead_seconds": None if floor is None else mid["seconds"] - floor,
@@ -687,14 +689,16 @@ def report(results: list[dict]) -> str:
     if fl:
         lines.append("")
         lines.append(
-            f"{'flower (median warm round)':<46}{'s/round':>9}{'clients sum':>13}{'slowest':>9}"
+            f"{'flower (median warm round)':<46}{'s/round':>9}{'mean':>7}{'range':>13}{'clients sum':>13}{'slowest':>9}"
             f"{'overhead':>10}{'share':>7}{'app age':>9}"
         )
         for r in fl:
             r["summary"] = _round_summary(r)
             m = r["summary"]
+            spread = f"{m['min_seconds_per_round']:.1f}-{m['max_seconds_per_round']:.1f}"
             lines.append(
-                f"{r['label']:<46}{m['seconds_per_round']:>9.2f}{_fmt_s(m['summed_client_compute']):>13}"
+                f"{r['label']:<46}{m['seconds_per_round']:>9.2f}{m['mean_seconds_per_round']:>7.2f}{spread:>13}"
+                f"{_fmt_s(m['summed_client_compute']):>13}"
                 f"{_fmt_s(m['slowest_client']):>9}{_fmt_s(m['overhead_seconds']):>10}"
                 f"{'-' if m['overhead_share'] is None else format(m['overhead_share'], '.0%'):>7}"
                 f"{_fmt_s(m['clientapp_age_max']):>9}"
