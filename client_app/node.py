@@ -23,7 +23,8 @@ from dpfpl.common.optim import noise_bounded_lr
 from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
 from dpfpl.common.prompt import PromptTextEncoder
 
-from .state import STATE_FILE, NodeState, node_key
+from .identity import node_key
+from .state import STATE_FILE, NodeState
 
 log = logging.getLogger("dpfpl.client")
 # Backbone loads in this process, per "model/pretrained": a resident worker reports them (client_app/worker.py),

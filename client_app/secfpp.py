@@ -22,8 +22,8 @@ from dpfpl.common.secfpp.kmeans import threshold_units
 from dpfpl.common.secfpp.protocol import ClusteringClient, validate
 from dpfpl.common.secfpp.reduce import public_basis, reduce
 
+from .identity import node_key
 from .request import NodeRequest
-from .state import node_key
 
 SESSION_FILE = "secfpp_session.json"
 

@@ -229,3 +229,17 @@ def test_without_a_worker_a_deployed_clientapp_answers_itself_and_says_so(tmp_pa
     assert reply.content["metrics"]["noisy-steps"] == 1.0
     lines = [r.getMessage() for r in caplog.records if "no node worker" in r.getMessage()]
     assert len(lines) == 1 and str(socket_path(state_dir)) in lines[0]
+
+
+def test_the_clientapp_and_the_torch_free_handlers_load_without_torch():
+    """A ClientApp process that forwards, and one that answers secure aggregation's later stages or SecFPP's
+    phase messages itself, never pays torch's import (seconds per message in a deployment)."""
+    code = (
+        "import sys\n"
+        "import dpfpl.client_app.app, dpfpl.client_app.secagg, dpfpl.client_app.secfpp\n"
+        "import dpfpl.client_app.worker_link, dpfpl.client_app.handlers\n"
+        "heavy = sorted(m for m in ('torch', 'open_clip', 'dp_accounting') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == ""
