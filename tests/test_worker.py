@@ -222,6 +222,21 @@ def test_a_worker_killed_holding_a_message_is_restarted_and_the_step_is_taken_on
     assert not socket_path(state_dir).exists()
 
 
+def test_a_worker_refuses_a_step_beyond_the_nodes_budget(tmp_path, start_worker):
+    """The budget is enforced where the step is taken: the worker refuses the step its noise was not calibrated
+    for, and the ClientApp sends that refusal as its error."""
+    state_dir = tmp_path / "node"
+    start_worker(state_dir)
+    for server_round in (1, 2):
+        client_module.train(
+            _message(MessageType.TRAIN, server_round), _context(tmp_path, state_dir, num_server_rounds=2)
+        )
+    with pytest.raises(worker_link.WorkerHandlerError, match="privacy budget spent"):
+        client_module.train(_message(MessageType.TRAIN, 3), _context(tmp_path, state_dir, num_server_rounds=2))
+    assert len(NodeState.load(state_dir).accountant.history) == 2
+    assert _status(state_dir)["errors"] == 1
+
+
 def test_without_a_worker_a_deployed_clientapp_answers_itself_and_says_so(tmp_path, cache_dir, caplog):
     state_dir = tmp_path / "node"
     with caplog.at_level("WARNING", logger="dpfpl.client"):
