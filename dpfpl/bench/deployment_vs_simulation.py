@@ -1,28 +1,27 @@
 """Seconds per round of the same silo-mode DP-FPL run in Flower's simulation engine, for comparison with
 the deployment test (``pytest -s -m deployment`` prints its rounds). Writes the silos like the test does.
 
-    python dpfpl/bench/deployment_vs_simulation.py
+    python -m dpfpl.bench.deployment_vs_simulation
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from dpfpl.bench.step import _write_silo
+from dpfpl.launch import run_simulation
 
-from dpfpl.launch import run_simulation  # noqa: E402
-from tests.test_deployment import CLASSES, _write_silo  # noqa: E402
+CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]  # the deployment test's classes and silos
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for i in range(3):
-            _write_silo(tmp / "silos" / str(i), CLASSES[2 * i : 2 * i + 2], seed=i)
+            _write_silo(tmp / "silos" / str(i), CLASSES[2 * i : 2 * i + 2], 12, 4, seed=i)
         config = {
             "dataset": "silo",
             "classnames": ",".join(CLASSES),
