@@ -52,6 +52,16 @@ def _node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, device: tor
     return load_node_data(cfg, node, model, node.cache_dir).to(device)
 
 
+def release_run_caches() -> None:
+    """Drop the per-run caches (the node's features on its device, the text encoders), keep the model. A
+    resident worker calls this when a new run starts, so that a worker serving run after run for weeks holds
+    one run's features, not the last sixteen; they come back from the feature cache on disk when needed."""
+    _node_data.cache_clear()
+    _encoder.cache_clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _digest(p_global: torch.Tensor | None) -> str:
     """Identifies the global prompt a reply answered (a re-sent round gets the old reply only for the same p_G)."""
     if p_global is None:

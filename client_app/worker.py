@@ -87,7 +87,9 @@ class NodeWorker:
             "errors": 0,
             "refused": 0,
             "model-loads": 0,
+            "runs": 0,  # distinct runs served: each new one releases the previous run's features
         }
+        self._run_token: str | None = None
         self._busy = False
         self._stop_after_message = False
         self._lock_fd: int | None = None
@@ -215,6 +217,7 @@ class NodeWorker:
         if own != self.state_dir:
             self.status["errors"] += 1
             return {"op": "error", "message": f"this worker serves {self.state_dir}, the message is for {own}"}, b""
+        self._follow_run(request)
         started = time.perf_counter()
         try:
             content = handlers.handle(request)
@@ -224,6 +227,20 @@ class NodeWorker:
             return {"op": "error", "message": str(err) or type(err).__name__}, b""
         log.info("%s answered in %.2f s", request.operation, time.perf_counter() - started)
         return {"op": "reply"}, encode_content(content)
+
+    def _follow_run(self, request) -> None:
+        """A message of a new run: release the previous run's features and encoders (the model stays)."""
+        config = request.content.config_records.get("config")
+        token = None if config is None or "run-token" not in config else str(config["run-token"])
+        if token is None or token == self._run_token:
+            return
+        if self._run_token is not None:
+            node = sys.modules.get(f"{__package__}.node")
+            if node is not None:
+                node.release_run_caches()
+                log.info("a new run: released the previous run's features and encoders")
+        self._run_token = token
+        self.status["runs"] += 1
 
     def _write_status(self) -> None:
         self.status["model-loads"] = _model_loads()

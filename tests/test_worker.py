@@ -40,7 +40,7 @@ def _context(tmp_path, state_dir, partition_id=0, **run) -> Context:
     )
 
 
-def _message(message_type: str, server_round: int, **config) -> Message:
+def _message(message_type: str, server_round: int, token: str = "tok", **config) -> Message:
     p_global = torch.randn(4, 128, generator=torch.Generator().manual_seed(0)) * 0.02
     content = RecordDict(
         {
@@ -48,7 +48,7 @@ def _message(message_type: str, server_round: int, **config) -> Message:
             "config": ConfigRecord(
                 {
                     "server-round": server_round,
-                    "run-token": "tok",
+                    "run-token": token,
                     "noise-multiplier-global": 2.0,
                     DIGEST_KEY: DIGEST,
                     **config,
@@ -141,6 +141,18 @@ def test_a_worker_answers_exactly_as_the_clientapp_would_and_loads_the_model_onc
     assert status["requests"] == {"train": 2, "evaluate": 1}
     assert status["model-loads"] == 1  # three messages, one backbone load
     assert status["errors"] == 0
+
+
+def test_a_new_run_releases_the_previous_runs_data_and_keeps_the_model(tmp_path, start_worker):
+    state_dir = tmp_path / "node"
+    start_worker(state_dir)
+    client_module.train(_message(MessageType.TRAIN, 1, token="run-a"), _context(tmp_path, state_dir))
+    client_module.train(_message(MessageType.TRAIN, 1, token="run-b"), _context(tmp_path, state_dir, seed=1))
+    reply = client_module.train(_message(MessageType.TRAIN, 2, token="run-b"), _context(tmp_path, state_dir, seed=1))
+    assert reply.content["metrics"]["noisy-steps"] == 2.0  # run b's own books (run a's state was moved aside)
+    status = _status(state_dir)
+    assert status["runs"] == 2 and status["model-loads"] == 1
+    assert "released the previous run's features" in (tmp_path / "worker-0.log").read_text()
 
 
 def test_a_worker_of_another_version_is_refused_with_what_to_restart(tmp_path, start_worker):
