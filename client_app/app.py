@@ -42,7 +42,7 @@ def answer(request: NodeRequest) -> RecordDict:
             request.operation,
             directory,
         )
-    return handle(request)
+    return handle(request, directory)
 
 
 def _serve(msg: Message, context: Context) -> Message:

@@ -60,11 +60,12 @@ def node_lock(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def handle(request: NodeRequest) -> RecordDict:
-    """Answer one message: the reply's content."""
+def handle(request: NodeRequest, directory: Path | None = None) -> RecordDict:
+    """Answer one message: the reply's content. ``directory``: the request's state directory, when the caller
+    has already resolved it."""
     if request.operation not in ROUTES:
         raise UnknownOperation(f"this node does not answer '{request.operation}' messages")
     module, function = ROUTES[request.operation]
     handler = getattr(importlib.import_module(f"{__package__}.{module}"), function)
-    with node_lock(state_dir(request)):
+    with node_lock(directory or state_dir(request)):
         return handler(request)

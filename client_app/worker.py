@@ -67,8 +67,13 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+def _node_module():
+    """``client_app.node`` once a handler has imported it (the worker itself does not need torch to start)."""
+    return sys.modules.get(f"{__package__}.node")
+
+
 def _model_loads() -> int:
-    node = sys.modules.get(f"{__package__}.node")
+    node = _node_module()
     return int(sum(node.MODEL_LOADS.values())) if node is not None else 0
 
 
@@ -220,7 +225,7 @@ class NodeWorker:
         self._follow_run(request)
         started = time.perf_counter()
         try:
-            content = handlers.handle(request)
+            content = handlers.handle(request, self.state_dir)
         except Exception as err:  # noqa: BLE001 - the ClientApp raises it on its side, as if it had run it
             log.exception("%s failed", request.operation)
             self.status["errors"] += 1
@@ -235,7 +240,7 @@ class NodeWorker:
         if token is None or token == self._run_token:
             return
         if self._run_token is not None:
-            node = sys.modules.get(f"{__package__}.node")
+            node = _node_module()
             if node is not None:
                 node.release_run_caches()
                 log.info("a new run: released the previous run's features and encoders")
