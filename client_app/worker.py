@@ -46,8 +46,8 @@ from .worker_link import (
     send_frame,
     socket_path,
 )
+from .worker_supervisor import EXIT_CONFIG  # a setup error: the supervisors (ours, systemd's) do not restart it
 
-EXIT_CONFIG = 78  # a setup error (EX_CONFIG): restarting would not help, so supervisors do not restart
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
 LOCK_NAME = "worker.lock"
 log = logging.getLogger("dpfpl.worker")

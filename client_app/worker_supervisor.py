@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-EXIT_CONFIG = 78  # the worker's "setup error": restarting would fail the same way
+EXIT_CONFIG = 78  # the worker's exit status for a setup error (EX_CONFIG): restarting would fail the same way
 RESTART_DELAY_SECONDS = 0.5  # after a worker that had run a while; doubled for each quick death, up to a minute
 QUICK_DEATH_SECONDS = 10.0
 log = logging.getLogger("dpfpl.worker")
