@@ -12,7 +12,6 @@ from functools import lru_cache
 
 import torch
 
-from dpfpl.common.atomic import previous_path
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
 from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
@@ -20,11 +19,12 @@ from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.models import LoadedModel, cached_clip
 from dpfpl.common.node import NOVEL, NodeData, load_node_data
 from dpfpl.common.optim import noise_bounded_lr
-from dpfpl.common.privacy import PrivacyAccountant, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.privacy import PrivacyAccountant, calibration, dp_generator
+from dpfpl.common.privacy.ledger import PrivacyLedger
 from dpfpl.common.prompt import PromptTextEncoder
 
 from .identity import node_key
-from .state import STATE_FILE, NodeState
+from .state import NodeState, activate_run, load_run_state
 
 log = logging.getLogger("dpfpl.client")
 # Backbone loads in this process, per "model/pretrained": a resident worker reports them (client_app/worker.py),
@@ -80,23 +80,38 @@ class TrainOutcome:
 
 
 def local_noise_multiplier(cfg: RunConfig, sample_rate: float, z_global: float, method: Method) -> float:
-    """z_L for this node: given directly, or calibrated by the accountant for this node's q and the planned
-    number of rounds. With calibrate-for = "published", z_L is chosen so that the published prompt
-    (LDP and GDP on the same batch, combined multiplier) meets the target. ``inf`` when the method has no
-    local release (PromptFL)."""
+    """z_L for this node: given directly, or calibrated by the accountant for this node's declared q and the
+    planned number of rounds (``dpfpl.common.privacy.calibration``). ``inf`` when the method has no local
+    release (PromptFL)."""
     if not cfg.dp:
         return 0.0
     if method.local is None:
         return math.inf
     if not cfg.uses_calibration:
         return cfg.noise_multiplier_local
-    if cfg.calibrate_for == "each":
-        return calibrate_noise_multiplier(cfg.target_epsilon, sample_rate, cfg.num_server_rounds, cfg.delta)
-    z_eff = calibrate_noise_multiplier(cfg.target_epsilon, sample_rate, cfg.num_server_rounds, cfg.delta)
-    rest = 1.0 / z_eff**2 - (1.0 / z_global**2 if 0 < z_global else 0.0)  # z_G = inf (CoOp): nothing shared
-    if rest <= 0:
-        raise ValueError("the global noise alone already exceeds the published-prompt budget; check z_G")
-    return 1.0 / math.sqrt(rest)
+    return calibration.local_noise_multiplier(
+        cfg.target_epsilon, sample_rate, cfg.num_server_rounds, cfg.delta, cfg.calibrate_for, z_global
+    )
+
+
+def declared_sample_rate(cfg: RunConfig, node: NodeConfig, planned_size: int) -> float:
+    """This node's Poisson sample rate, public by declaration: its node config's ``sample-rate``, else the run
+    config's, else (simulation only: the node has a partition id) B / its partition's planned size, the
+    simulated operator's declaration. Never recomputed from the records a deployed node holds."""
+    if node.sample_rate is not None:
+        return node.sample_rate
+    if cfg.sample_rate > 0:
+        return cfg.sample_rate
+    if node.partition_id is not None:
+        return min(1.0, cfg.batch_size / max(planned_size, 1))
+    if not cfg.dp:
+        return min(1.0, cfg.batch_size / max(planned_size, 1))  # no guarantee to keep: follow the data
+    raise ValueError(
+        "this node has no declared sample rate: under DP the Poisson rate q is public and must not be computed "
+        "from the records. Declare it in the node config, chosen without reading the data, e.g. "
+        f"--node-config 'sample-rate=0.05' (batch-size {cfg.batch_size} / a public, approximate silo size), "
+        "or set the run config's sample-rate"
+    )
 
 
 class PromptNode:
@@ -115,7 +130,8 @@ class PromptNode:
 
     @property
     def sample_rate(self) -> float:
-        return min(1.0, self.cfg.batch_size / self.data.num_train)
+        """q, public by declaration (``declared_sample_rate``): the rate the Poisson sample and the accountant use."""
+        return declared_sample_rate(self.cfg, self.node, self.data.num_train)
 
     @property
     def _seed(self) -> int:
@@ -141,14 +157,13 @@ class PromptNode:
         )
 
     def _state(self, run_token: str, z_global: float) -> NodeState:
-        state = NodeState.load(self.state_dir)
-        if state is not None and state.run_key == run_token:
-            return state
+        state = activate_run(self.state_dir, run_token)
         if state is not None:
-            backup = self.state_dir / f"local_state.{state.run_key or 'old'}.safetensors"
-            (self.state_dir / STATE_FILE).replace(backup)
-            previous_path(self.state_dir / STATE_FILE).unlink(missing_ok=True)  # the old run's, too
-            log.warning("state of another run moved to %s; starting a fresh local prompt", backup)
+            if state.from_previous and self.cfg.dp:
+                # the previous copy's generator would replay the lost step's Poisson sample and noise, which the
+                # books charge as a fresh, independent step: draw a fresh secret seed instead
+                state.generator = dp_generator(True, 0)
+            return state
         # The local init may follow the seed; the noise and the Poisson sample may not under DP (dp_generator).
         local = self._fresh_local()
         gen = dp_generator(self.cfg.dp, self._seed + 7919)
@@ -160,9 +175,90 @@ class PromptNode:
             run_key=run_token,
         )
 
+    # ------------------------------------------------------------------ the node's own line
+    def run_limit(self) -> float | None:
+        """The composed epsilon this run may spend on this node (None: no target; only the lifetime applies)."""
+        if not self.cfg.uses_calibration:
+            return None
+        return calibration.run_epsilon_limit(
+            self.cfg.target_epsilon,
+            self.sample_rate,
+            self.cfg.num_server_rounds,
+            self.cfg.delta,
+            self.cfg.calibrate_for,
+            self.method.local is not None,
+            self.method.shares_global,
+        )
+
+    def _planned_mechanism(self) -> tuple[float, float, float]:
+        """(z_L, z_G, q) a run's every step is expected to use, for the setup check against the lifetime: the
+        calibration's combined multiplier (as one release) or the configured multipliers."""
+        q = self.sample_rate
+        z_l = math.inf if self.method.local is None else self.cfg.noise_multiplier_local
+        z_g = math.inf if not self.method.shares_global else self.cfg.noise_multiplier_global
+        if self.cfg.uses_calibration:
+            limit = self.run_limit()
+            z = calibration.calibrate_noise_multiplier(limit, q, self.cfg.num_server_rounds, self.cfg.delta)
+            return z, math.inf, q
+        return z_l, z_g, q
+
+    def check_lifetime_at_setup(self, run_token: str) -> None:
+        """Refuse a run whose planned releases, composed with everything in the ledger, would go past the node's
+        lifetime-epsilon (the run's own earlier steps count once: they are in the ledger)."""
+        if not self.cfg.dp or self.node.lifetime_epsilon is None:
+            return
+        ledger = PrivacyLedger.of(self.state_dir)
+        done = ledger.runs[run_token].count if run_token in ledger.runs else 0
+        remaining = max(self.cfg.num_server_rounds - done, 0)
+        planned = ledger.epsilon_with(self.node.lifetime_delta, {self._planned_mechanism(): remaining})
+        if not calibration.within(planned, self.node.lifetime_epsilon):
+            raise PrivacyBudgetSpent(
+                f"refused at setup: this run's {remaining} planned noisy steps would bring the composed epsilon of "
+                f"this node's records to {planned:.4f} (delta {self.node.lifetime_delta:g}), past its "
+                f"lifetime-epsilon {self.node.lifetime_epsilon:g}. The node's ledger:\n"
+                + ledger.describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
+            )
+
+    def check_release(self, state: NodeState, z_global: float) -> None:
+        """Before a noisy release: with this node's own accountant and the noise this step really adds (its
+        z_L, the z_G the server says it adds or this node adds its share of, its declared q), the epsilon of
+        everything released so far plus this step must stay within the run's limit and the node's lifetime.
+        Whatever the server sends (a lower z_G, a round more, another q), a release past either is refused."""
+        step = (state.noise_multiplier_local, z_global, self.sample_rate)
+        limit = self.run_limit()
+        if limit is not None:
+            after = PrivacyAccountant(self.cfg.delta)
+            after.history = [*state.accountant.history, step]
+            spent = after.epsilon_published()
+            if not calibration.within(spent, limit):
+                raise PrivacyBudgetSpent(
+                    f"privacy budget spent, release refused: after {len(state.accountant.history)} noisy steps, one more with z_L = "
+                    f"{step[0]:.4g}, z_G = {z_global:.4g}, q = {step[2]:.4g} would bring this run's published "
+                    f"epsilon to {spent:.4f}, past its limit {limit:.4f} (target-epsilon {self.cfg.target_epsilon}, "
+                    f"calibrate-for {self.cfg.calibrate_for}, {self.cfg.num_server_rounds} rounds, delta "
+                    f"{self.cfg.delta:g}). Nothing was released; the node trains no further in this run"
+                )
+        if self.node.lifetime_epsilon is not None:
+            ledger = PrivacyLedger.of(self.state_dir)
+            total = ledger.epsilon_with(self.node.lifetime_delta, {step: 1})
+            if not calibration.within(total, self.node.lifetime_epsilon):
+                raise PrivacyBudgetSpent(
+                    f"privacy budget spent, release refused: one more step would bring the composed epsilon of this node's records to "
+                    f"{total:.4f}, past its lifetime-epsilon {self.node.lifetime_epsilon:g}. The ledger:\n"
+                    + ledger.describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
+                )
+
+    def _charge_ahead(self, run_token: str, state: NodeState, z_global: float) -> None:
+        """Write the step into the node's ledger before anything of it is released (see PrivacyLedger)."""
+        ledger = PrivacyLedger.of(self.state_dir)
+        ledger.charge(run_token, state.noise_multiplier_local, z_global, self.sample_rate)
+        ledger.save()
+
     def train(self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
+        if self.cfg.dp and not (z_global > 0 or (not self.method.shares_global and math.isinf(z_global))):
+            raise PrivacyBudgetSpent(f"release refused: the server's global noise multiplier {z_global!r} is no noise")
         state = self._state(run_token, z_global)
         asked = _digest(p_global)
         if (
@@ -174,14 +270,9 @@ class PromptNode:
             # that round): send the same reply again. No new step, no new noise, nothing new released.
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
-        if self.cfg.uses_calibration and len(state.accountant.history) >= self.cfg.num_server_rounds:
-            # Whatever the server asks: the noise was calibrated for this many steps, one more would exceed
-            # the target epsilon this node agreed to.
-            raise PrivacyBudgetSpent(
-                f"privacy budget spent: this node took {len(state.accountant.history)} noisy steps, the number "
-                f"its noise was calibrated for (target epsilon {self.cfg.target_epsilon}); it trains no further "
-                "in this run"
-            )
+        if self.cfg.dp:
+            self.check_release(state, z_global)
+            self._charge_ahead(run_token, state, z_global)
         dp = DpSettings(
             self.cfg.dp,
             state.noise_multiplier_local,
@@ -202,6 +293,7 @@ class PromptNode:
                 self.local_learning_rate(state.noise_multiplier_local), self.cfg.momentum, self.cfg.weight_decay
             ),
             state.generator,
+            sample_rate=self.sample_rate,
         )
         cpu = lambda ts: {k: v.cpu() for k, v in ts.items()}  # noqa: E731
         state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round
@@ -214,10 +306,11 @@ class PromptNode:
             result.loss,
             result.batch_size,
         )
+        # What leaves: the node's key, its declared (public) sample rate and z_L, and its books (functions of the
+        # noise it added and the steps the server asked for). Not its training-set size, not its Poisson batch.
         metrics: dict[str, float] = {
             "node-key": node_key(self.state_dir),
-            "num-examples": float(self.data.num_train),
-            "batch-size": float(result.batch_size),
+            "sample-rate": self.sample_rate,
             "noise-multiplier-local": state.noise_multiplier_local,
         }
         if self.cfg.dp:
@@ -228,9 +321,9 @@ class PromptNode:
                 metrics["epsilon-local"] = state.accountant.epsilon_local()
             metrics["epsilon-published"] = state.accountant.epsilon_published()
         else:
-            # Without DP there is no guarantee to protect; with DP the batch loss is a non-private function
-            # of the training data and stays on the node.
+            # Without DP there is no guarantee to protect: the batch's loss and size help the user follow training.
             metrics["train-loss"] = result.loss
+            metrics["batch-size"] = float(result.batch_size)
         global_grad = None if result.global_grad is None else result.global_grad.cpu()
         state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
         state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
@@ -240,6 +333,8 @@ class PromptNode:
     def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
         """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not
         trained yet (no local state of this run) is evaluated with the method's freshly initialized local part."""
+        if zeroshot:  # the setup phase: a run the node's lifetime budget cannot cover is refused here
+            self.check_lifetime_at_setup(run_token)
         d = self.data
         encoders = {"task": self.encoder}
         if d.novel_classnames:
@@ -248,11 +343,8 @@ class PromptNode:
             if zeroshot or not self.method.trains:
                 text = {k: enc.handcrafted_features() for k, enc in encoders.items()}
             else:
-                state = NodeState.load(self.state_dir)
-                if state is not None and state.run_key == run_token:
-                    local = state.local
-                else:
-                    local = self._fresh_local()
+                state = load_run_state(self.state_dir, run_token)
+                local = state.local if state is not None else self._fresh_local()
                 p_g = None if p_global is None else p_global.to(self.device)
                 local = {k: v.to(self.device) for k, v in local.items()}
                 text = {k: self.learner.text_features(p_g, local, enc) for k, enc in encoders.items()}
@@ -260,8 +352,12 @@ class PromptNode:
         metrics[LOCAL_LOSS] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
         if d.protocol == "base-novel":
             metrics[HM] = harmonic_mean([metrics[LOCAL_ACC], metrics[BASE_ACC], metrics[NOVEL_ACC]])
-        metrics["num-examples"] = float(d.num_train)
+        # public by declaration: the rate the server calibrates z_G for (never the training-set size)
+        metrics["sample-rate"] = self.sample_rate
         metrics["node-key"] = node_key(self.state_dir)  # the key the server books this node under
+        if self.cfg.dp:  # the steps this node took in this run (counted by the server's books, even unaccepted ones)
+            state = load_run_state(self.state_dir, run_token)
+            metrics["noisy-steps"] = float(len(state.accountant.history)) if state is not None else 0.0
         if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table
             metrics["partition-id"] = float(self.node.partition_id)
         return metrics

@@ -24,9 +24,9 @@ from .node import PromptNode
 from .request import NodeRequest
 
 # Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
-# realized size, and the step's wall time (which grows with that size). In the central mode the server sees the
-# clear clipped gradient anyway and is trusted; under secure aggregation it is not, so they are left out there.
-CLEAR_ONLY_TO_A_TRUSTED_SERVER = ("train-loss", "batch-size", "client-seconds")
+# realized size, and the step's wall time (which grows with that size). No epsilon covers them, so they leave a
+# node only when there is no guarantee to keep: never under DP, never under secure aggregation.
+OUTSIDE_EPSILON_TRAIN_METRICS = ("train-loss", "batch-size", "client-seconds")
 log = logging.getLogger("dpfpl.client")
 
 
@@ -108,10 +108,10 @@ def train(request: NodeRequest) -> RecordDict:
     }
     if request.clientapp_age is not None:  # the ClientApp process's start-up share (says nothing about data)
         metrics["clientapp-age-seconds"] = request.clientapp_age
+    if node.cfg.dp or node.cfg.secure_aggregation:
+        metrics = {k: v for k, v in metrics.items() if k not in OUTSIDE_EPSILON_TRAIN_METRICS}
     if node.cfg.secure_aggregation and outcome.global_grad is not None:
-        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py).
-        # The server is not trusted here, so nothing computed from the training data without noise goes in clear.
-        metrics = {k: v for k, v in metrics.items() if k not in CLEAR_ONLY_TO_A_TRUSTED_SERVER}
+        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py)
         return secagg.advertise_reply(request, outcome.global_grad.numpy(), metrics)
     records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
     if outcome.global_grad is not None:

@@ -10,18 +10,23 @@ state.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from dpfpl.common.atomic import read_state, write_state
+from dpfpl.common.atomic import fsync_directory, previous_path, read_state, write_state
 from dpfpl.common.privacy import PrivacyAccountant
 
 from .identity import NODE_KEY_FILE, node_key  # noqa: F401  (the node's identity lives next to its state)
 
 STATE_FILE = "local_state.safetensors"
+RUNS_DIR = "runs"  # every other run's state, kept: a run that comes back resumes where it left off
+log = logging.getLogger("dpfpl.client")
 
 
 @dataclass
@@ -35,6 +40,7 @@ class NodeState:
     last_round: int = 0
     run_key: str = ""
     extra: dict = field(default_factory=dict)
+    from_previous: bool = False  # loaded from the previous copy (the current file was damaged); not saved
 
     def save(self, directory: Path) -> None:
         tensors = {"rng_state": self.generator.get_state()}
@@ -73,4 +79,51 @@ class NodeState:
             last_round=int(meta["last_round"]),
             run_key=meta["run_key"],
             extra=meta.get("extra", {}),
+            from_previous=loaded.from_previous,
         )
+
+
+def archive_dir(state_dir: Path, run_key: str) -> Path:
+    """Where a run's state waits while another run is active (named by a digest: run keys are the server's)."""
+    return Path(state_dir) / RUNS_DIR / hashlib.sha256(run_key.encode()).hexdigest()[:16]
+
+
+def _move_state(src_dir: Path, dst_dir: Path) -> None:
+    """Move a state file and its previous copy (the previous first: a crash in between leaves the current file
+    where it was, and the next message retries)."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    src, dst = src_dir / STATE_FILE, dst_dir / STATE_FILE
+    if previous_path(src).exists():
+        os.replace(previous_path(src), previous_path(dst))
+    if src.exists():
+        os.replace(src, dst)
+    fsync_directory(dst_dir)
+    fsync_directory(src_dir)
+
+
+def activate_run(state_dir: Path, run_key: str) -> NodeState | None:
+    """The state of ``run_key``, made the active one: the active state of another run is kept under
+    ``runs/`` (never overwritten), and a run that was kept there comes back with its p_L, optimizer state and
+    books (A -> B -> A resumes A). None: this run has no state on this node yet."""
+    state_dir = Path(state_dir)
+    active = NodeState.load(state_dir)
+    if active is not None and active.run_key == run_key:
+        return active
+    if active is not None:
+        _move_state(state_dir, archive_dir(state_dir, active.run_key or "old"))
+        log.info("state of run %s kept under %s", active.run_key, RUNS_DIR)
+    kept = archive_dir(state_dir, run_key)
+    if (kept / STATE_FILE).exists() or previous_path(kept / STATE_FILE).exists():
+        _move_state(kept, state_dir)
+        log.info("run %s comes back: its state restored", run_key)
+        return NodeState.load(state_dir)
+    return None
+
+
+def load_run_state(state_dir: Path, run_key: str) -> NodeState | None:
+    """Read-only: the state of ``run_key``, whether it is the active run or one kept under ``runs/``."""
+    active = NodeState.load(Path(state_dir))
+    if active is not None and active.run_key == run_key:
+        return active
+    kept = archive_dir(state_dir, run_key)
+    return NodeState.load(kept) if kept.is_dir() else None

@@ -88,12 +88,20 @@ class RunConfig(BaseModel):
 
     dp: bool = True
     target_epsilon: float = Field(0.4, ge=0)
-    calibrate_for: Literal["each", "published"] = "each"
+    # "published" (default): the noise is calibrated so that what a user takes away, the personalized prompt
+    # p_G + p_L (and p_G, which reads it), meets target-epsilon; "each": every mechanism on its own meets it
+    # (the published prompt then composes to more; the summary prints how much)
+    calibrate_for: Literal["each", "published"] = "published"
     noise_multiplier_local: float = Field(0.0, ge=0)
     noise_multiplier_global: float = Field(0.0, ge=0)
     max_grad_norm_local: float = Field(10.0, gt=0)
     max_grad_norm_global: float = Field(10.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # The Poisson sample rate q, public by declaration (docs/privacy.md): > 0 is every node's rate unless its
+    # node config declares its own ``sample-rate``; 0: each node's node config must declare one (deployment),
+    # or, in simulation, the simulated operator declares B / (its partition's planned size) at setup. q is never
+    # recomputed from the records a node holds, so the add/remove-one guarantee is true for the rate in force.
+    sample_rate: float = Field(0.0, ge=0, le=1)
     # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
     # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, dpfpl/bench/secure_noise.py)
     secure_noise: bool = False
@@ -227,6 +235,15 @@ class NodeConfig(BaseModel):
     classnames: str | None = None
     device: str = "auto"  # "cpu", "cuda", "cuda:1"; "auto": a GPU when present
     num_threads: int = Field(1, ge=1)  # torch's intra-op threads for this node's work
+    # This organization's Poisson sample rate, public by declaration: chosen by its operator without reading
+    # the records (e.g. batch-size / a public, approximate size of the silo) and sent to the server at setup.
+    # Overrides the run config's ``sample-rate``; under DP, a deployed node needs one of the two.
+    sample_rate: float | None = Field(None, gt=0, le=1)
+    # The node's own privacy ceiling over every run it ever takes part in, on the same records: each release
+    # is composed with all earlier ones (the node's ledger, ``dpfpl ledger``) and a run or a step that would
+    # go past it is refused, whatever the server asks. None: only each run's own target is enforced.
+    lifetime_epsilon: float | None = Field(None, gt=0)
+    lifetime_delta: float = Field(1e-5, gt=0, lt=1)  # the delta the ledger's composed epsilon is stated at
 
     def resolved_device(self) -> torch.device:
         import torch

@@ -32,7 +32,7 @@ from dpfpl.common.methods import Method, build_method
 from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
 from dpfpl.common.optim import noise_bounded_lr, sgd_update
 from dpfpl.common.outcome import client_error_text
-from dpfpl.common.privacy import add_gaussian_noise, calibrate_noise_multiplier, dp_generator
+from dpfpl.common.privacy import add_gaussian_noise, calibration, dp_generator
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
@@ -52,6 +52,10 @@ def client_label(node_id: int | str, metrics: dict) -> str:
 
 class InvalidReply(ValueError):
     pass
+
+
+# How far beyond its declared size a node's data set may have grown before its reply's norm is implausible
+REPLY_BATCH_SLACK = 2.0
 
 
 @dataclass
@@ -104,19 +108,22 @@ def _server_class_list(cfg: RunConfig) -> list[str]:
 
 
 def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Method) -> float:
-    """z_G: given, or calibrated for the worst-case (largest) sample rate among the nodes; ``inf`` when the
-    method shares nothing (CoOp: no global release)."""
+    """z_G: given, or calibrated for the largest declared sample rate among the nodes
+    (``dpfpl.common.privacy.calibration``); ``inf`` when the method shares nothing (CoOp: no global release)."""
     if not cfg.dp:
         return 0.0
     if not method.shares_global:
         return math.inf
     if not cfg.uses_calibration:
         return cfg.noise_multiplier_global
-    z = calibrate_noise_multiplier(cfg.target_epsilon, max_sample_rate, cfg.num_server_rounds, cfg.delta)
-    if cfg.calibrate_for == "each" or method.local is None:
-        return z
-    # "published": z_L and z_G share the budget of the combined mechanism equally (1/z_eff^2 = 2/z^2)
-    return z * math.sqrt(2.0)
+    return calibration.global_noise_multiplier(
+        cfg.target_epsilon,
+        max_sample_rate,
+        cfg.num_server_rounds,
+        cfg.delta,
+        cfg.calibrate_for,
+        method.local is not None,
+    )
 
 
 @lru_cache(maxsize=4)
@@ -284,10 +291,12 @@ class PromptStrategy(Strategy):
         if not torch.isfinite(grad).all():
             raise InvalidReply("global-grad contains NaN or Inf")
         if self.cfg.dp:
-            # the Poisson batch cannot exceed the node's data set (B / q_i)
+            # A reply is a sum of clipped per-record gradients over B: its norm is at most C_G |batch| / B. The
+            # server knows neither the batch nor the data set's size (both private); it knows the declared rate
+            # q_i = B / (the operator's size estimate), so a batch beyond REPLY_BATCH_SLACK x B / q_i records
+            # marks the reply as malformed. A robustness check only: the noise is calibrated to C_G / B per record.
             q = self.sample_rate(node_key(msg, metrics), metrics)
-            batch = min(float(metrics.get("batch-size", math.inf)), self.cfg.batch_size / q)
-            bound = self.cfg.max_grad_norm_global * batch / self.cfg.batch_size
+            bound = self.cfg.max_grad_norm_global * REPLY_BATCH_SLACK / q
             if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:
                 raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")
         return grad, metrics
@@ -382,9 +391,12 @@ class PromptStrategy(Strategy):
         }
         if not rows:
             return None
-        if server_round == 0:  # setup: the nodes' sample rates feed the accountant
+        if server_round == 0:  # setup: the nodes' declared sample rates feed the accountant
             for key, m in rows:
                 self.state.node_sample_rates[key] = self.sample_rate(None, m)
+        elif self.cfg.dp:  # the steps each node says it took, also those whose replies never reached the books
+            for key, m in rows:
+                self.book_steps(key, m)
         # unweighted mean over the clients that have the metric (a silo has no neighbor test set)
         out = {"num-clients": float(len(rows))}
         for k in EVALUATION_KEYS:
@@ -398,19 +410,19 @@ class PromptStrategy(Strategy):
 
     # ---------------------------------------------------------------- accounting
     def sample_rate(self, key: str | None, metrics: dict) -> float:
-        """q_i = B / n_i: as booked for this node, else from the training-set size its reply reports (as in the
-        setup phase), else 1 (the worst case)."""
+        """q_i as booked for this node, else the rate it declares (public by declaration: node or run config, never
+        its training-set size), else 1 (the worst case)."""
         if key is not None and key in self.state.node_sample_rates:
             return self.state.node_sample_rates[key]
-        n = metrics.get("num-examples")
-        if isinstance(n, (int, float)) and math.isfinite(n) and n >= 1:
-            return min(1.0, self.cfg.batch_size / float(n))
+        q = metrics.get("sample-rate")
+        if isinstance(q, (int, float)) and not isinstance(q, bool) and math.isfinite(q) and 0 < q <= 1:
+            return float(q)
         return 1.0
 
     def book(self, key: str, metrics: dict, released_global: bool = True) -> None:
         """Enter one aggregated reply in the accountant's books (under DP): one more round whose release holds
-        the node's data, its sample rate (a node that missed the setup phase is booked with the rate it reports
-        now), its z_L and the noisy steps it says it took (both taken on trust, like its training-set size)."""
+        the node's data, its sample rate (a node that missed the setup phase is booked with the rate it declares
+        now), its z_L and the noisy steps it says it took (both taken on trust from an admitted node)."""
         if not self.cfg.dp:
             return
         books = self.state
@@ -420,8 +432,16 @@ class PromptStrategy(Strategy):
         z_local = metrics.get("noise-multiplier-local")
         if isinstance(z_local, (int, float)) and not isinstance(z_local, bool):
             books.node_noise_local[key] = float(z_local)
+        self.book_steps(key, metrics)
+
+    def book_steps(self, key: str, metrics: dict) -> None:
+        """A node's noisy steps in the books: the most it ever reported (train or evaluation reply), and at least
+        the rounds it was aggregated in."""
+        books = self.state
+        if key not in books.node_sample_rates and key not in books.participation:
+            return  # a node never booked (it never trained) has nothing to add
         steps = metrics.get("noisy-steps")
-        steps = int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) else 0
+        steps = int(steps) if isinstance(steps, (int, float)) and math.isfinite(steps) and steps >= 0 else 0
         books.node_steps[key] = max(books.node_steps.get(key, 0), steps, books.participation.get(key, 0))
 
     def privacy_maxima(self) -> dict[str, float]:

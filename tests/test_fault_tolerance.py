@@ -181,11 +181,10 @@ def _strategy(tmp_path) -> PromptStrategy:
     return PromptStrategy(cfg, state)
 
 
-def _reply(node: int, key, num_examples: float = 80.0, batch: float = 8.0) -> Message:
+def _reply(node: int, key, sample_rate: float = 0.1) -> Message:
     metrics = {
         "server-round": 1,
-        "batch-size": batch,
-        "num-examples": num_examples,
+        "sample-rate": sample_rate,
         "run-tag": run_tag("t"),
         "noise-multiplier-local": 1.0,
     }
@@ -221,8 +220,8 @@ def test_a_malformed_node_key_is_rejected(tmp_path, key):
 def test_a_node_that_missed_the_setup_phase_is_booked_with_its_own_sample_rate(tmp_path):
     strategy = _strategy(tmp_path)
     strategy.state.node_sample_rates = {"111": 0.1}
-    # 20 samples: q = 8/20, so a Poisson batch of 12 is within B/q and its bound C_G * 12/8 holds
-    strategy.aggregate_train(1, [_reply(1, 111), _reply(2, 222, num_examples=20.0, batch=12.0)])
+    # the rate it declares (public), never a training-set size
+    strategy.aggregate_train(1, [_reply(1, 111), _reply(2, 222, sample_rate=0.4)])
     assert strategy.state.participation == {"111": 1, "222": 1}
     assert strategy.state.node_sample_rates == {"111": 0.1, "222": pytest.approx(0.4)}
     books = strategy.privacy_maxima()

@@ -78,9 +78,9 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
     trains = [r for t, r in tap.replies if t == "train"]
     assert trains and all("arrays" not in r.content.array_records for r in trains)
     # nor any noise-free statistic of the training data (loss, realized batch size, step time)
-    from dpfpl.client_app.prompt_handlers import CLEAR_ONLY_TO_A_TRUSTED_SERVER
+    from dpfpl.client_app.prompt_handlers import OUTSIDE_EPSILON_TRAIN_METRICS
 
-    assert all(k not in r.content["metrics"] for r in trains for k in CLEAR_ONLY_TO_A_TRUSTED_SERVER)
+    assert all(k not in r.content["metrics"] for r in trains for k in OUTSIDE_EPSILON_TRAIN_METRICS)
     masked = [r.content["secagg"]["masked"].numpy() for t, r in tap.replies if t == "train.secagg_masked"]
     assert len(masked) == 8 and all(y.dtype == np.uint64 for y in masked)
     assert summary["final"]["local-acc"] == pytest.approx(

@@ -167,14 +167,19 @@ class PromptLearner:
         dp: DpSettings,
         opt: SgdSettings,
         generator: torch.Generator,
+        sample_rate: float | None = None,
     ) -> StepResult:
+        """One step. ``sample_rate``: the Poisson rate q, public by declaration in a node (default B / n, for
+        experiments that treat the size as public); sums are divided by ``expected_batch`` B either way, a
+        public constant, so one record moves a release by at most C / B."""
         method = self.method
         if not method.trains:
             raise ValueError(f"method '{method.name}' does not train")
         if method.shares_global and p_global is None:
             raise ValueError(f"method '{method.name}' needs the global prompt")
         n = len(labels)
-        idx = poisson_sample(n, min(1.0, expected_batch / n), generator).to(labels.device)
+        q = min(1.0, expected_batch / n) if sample_rate is None else sample_rate
+        idx = poisson_sample(n, q, generator).to(labels.device)
         if features.dim() == 3:  # (views, N, D): one augmented view per sampled record, drawn by the node
             view = torch.randint(features.shape[0], (len(idx),), generator=generator).to(labels.device)
             feats = features[view, idx]

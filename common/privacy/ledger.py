@@ -1,0 +1,181 @@
+"""A node's privacy ledger: every noisy release it ever made from its records, across every run.
+
+Why a ledger beside each run's accountant: every run trains on the same records, so their charges compose.
+A run's own accountant (in its node state) says what that run spent; only the ledger says what the records
+have spent in all, and only the ledger can refuse a run that would go past the node's ``lifetime-epsilon``.
+
+It is written *ahead* of each release (``charge`` before the step's reply is built): a crash between the
+charge and the reply over-counts by one step, never under-counts. The file is JSON, written atomically
+(temporary file, fsync, rename, directory fsync), with the previous version kept as ``ledger.json.prev`` and
+a SHA-256 digest over its content. A damaged current file falls back to the previous one, charged one
+extra step of its most recent mechanism (the step whose entry may have been lost): a damaged ledger can
+cost budget, never hide a release. A ledger that neither copy can read stops the node with a clear error:
+starting from zero would forget what was released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..atomic import CorruptStateError, previous_path, write_json
+from .accountant import _epsilon_of, accounting_sample_rate, combined_noise_multiplier
+
+LEDGER_FILE = "ledger.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunEntry:
+    """One run's releases: (z_L, z_G, q) -> how many steps used that mechanism."""
+
+    first: str
+    last: str
+    steps: dict[tuple[float, float, float], int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.steps.values())
+
+    def to_json(self) -> dict:
+        return {
+            "first": self.first,
+            "last": self.last,
+            "steps": [[z_l, z_g, q, n] for (z_l, z_g, q), n in sorted(self.steps.items())],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> RunEntry:
+        steps = {(float(z_l), float(z_g), float(q)): int(n) for z_l, z_g, q, n in obj["steps"]}
+        return cls(str(obj["first"]), str(obj["last"]), steps)
+
+
+def composed_epsilon(groups: dict[tuple[float, float, float], int], delta: float) -> float:
+    """epsilon of every release in ``groups`` on the same records, each step one Poisson-subsampled Gaussian with
+    the combined multiplier of its two releases (the published-prompt mechanism, which bounds both)."""
+    merged: dict[tuple[float, float], int] = {}
+    for (z_l, z_g, q), n in groups.items():
+        key = (combined_noise_multiplier(z_l, z_g), accounting_sample_rate(q))
+        merged[key] = merged.get(key, 0) + n
+    merged = {k: n for k, n in merged.items() if n > 0 and k[0] != float("inf")}
+    if not merged:
+        return 0.0
+    if any(z <= 0 for z, _ in merged):
+        return float("inf")
+    return _epsilon_of([(z, q, n) for (z, q), n in merged.items()], delta)
+
+
+class PrivacyLedger:
+    """The node's ledger in ``STATE/ledger.json``. Load it, ``charge`` a step, ``save`` -- in that order, before
+    the release."""
+
+    def __init__(self, path: Path, runs: dict[str, RunEntry] | None = None) -> None:
+        self.path = Path(path)
+        self.runs: dict[str, RunEntry] = runs or {}
+
+    @classmethod
+    def of(cls, state_dir: Path) -> PrivacyLedger:
+        return cls.load(Path(state_dir) / LEDGER_FILE)
+
+    # ------------------------------------------------------------------ disk
+    @staticmethod
+    def _digest(runs: dict) -> str:
+        return hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def _read(cls, path: Path) -> dict[str, RunEntry]:
+        obj = json.loads(path.read_text())
+        if obj.get("sha256") != cls._digest(obj["runs"]):
+            raise ValueError("digest mismatch")
+        return {key: RunEntry.from_json(entry) for key, entry in obj["runs"].items()}
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        path = Path(path)
+        prev = previous_path(path)
+        if not path.exists() and not prev.exists():
+            return cls(path)
+        try:
+            return cls(path, cls._read(path))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            try:
+                runs = cls._read(prev)
+            except (OSError, ValueError, KeyError, TypeError):
+                raise CorruptStateError(
+                    f"the privacy ledger {path} is damaged ({err}) and so is its previous copy {prev.name}; the "
+                    "node refuses to train rather than forget what it released. Restore the file from a backup "
+                    "(or, knowingly, move it away to start a new ledger)"
+                ) from err
+            ledger = cls(path, runs)
+            last = max(runs.values(), key=lambda r: r.last, default=None)
+            if last is not None and last.steps:
+                # the lost write may have charged one more step: charge it again, conservatively
+                mechanism = max(last.steps, key=lambda m: last.steps[m])
+                last.steps[mechanism] += 1
+            return ledger
+
+    def save(self) -> None:
+        runs = {key: entry.to_json() for key, entry in self.runs.items()}
+        if self.path.exists():
+            os.replace(self.path, previous_path(self.path))
+        write_json(self.path, {"runs": runs, "sha256": self._digest(runs)})
+
+    # ------------------------------------------------------------------ books
+    def charge(self, run_key: str, z_local: float, z_global: float, sample_rate: float, count: int = 1) -> None:
+        now = _now()
+        entry = self.runs.setdefault(run_key, RunEntry(now, now))
+        mechanism = (float(z_local), float(z_global), float(sample_rate))
+        entry.steps[mechanism] = entry.steps.get(mechanism, 0) + count
+        entry.last = now
+
+    def epsilon(self, delta: float, run_key: str | None = None) -> float:
+        """The composed epsilon of one run (``run_key``) or of every run."""
+        groups: dict[tuple[float, float, float], int] = {}
+        for key, entry in self.runs.items():
+            if run_key is None or key == run_key:
+                for mechanism, n in entry.steps.items():
+                    groups[mechanism] = groups.get(mechanism, 0) + n
+        return composed_epsilon(groups, delta)
+
+    def epsilon_with(
+        self, delta: float, extra: dict[tuple[float, float, float], int], run_key: str | None = None
+    ) -> float:
+        """The composed epsilon if ``extra`` steps were added (to ``run_key`` or to the whole ledger)."""
+        groups = dict(extra)
+        for key, entry in self.runs.items():
+            if run_key is None or key == run_key:
+                for mechanism, n in entry.steps.items():
+                    groups[mechanism] = groups.get(mechanism, 0) + n
+        return composed_epsilon(groups, delta)
+
+    def rows(self, delta: float) -> list[dict]:
+        """One row per run, oldest first: what ``dpfpl ledger`` prints."""
+        out = []
+        for key, entry in sorted(self.runs.items(), key=lambda kv: kv[1].first):
+            out.append(
+                {
+                    "run": key,
+                    "first": entry.first,
+                    "last": entry.last,
+                    "steps": entry.count,
+                    "epsilon": self.epsilon(delta, key),
+                }
+            )
+        return out
+
+    def describe(self, delta: float, limit: float | None = None) -> str:
+        lines = [f"{'run':<18} {'steps':>6} {'epsilon':>9}  first / last release (UTC)"]
+        for row in self.rows(delta):
+            lines.append(f"{row['run']:<18} {row['steps']:>6} {row['epsilon']:>9.4f}  {row['first']} / {row['last']}")
+        total = self.epsilon(delta)
+        lines.append(f"{'composed, all runs':<18} {sum(r.count for r in self.runs.values()):>6} {total:>9.4f}")
+        if limit is not None:
+            lines.append(f"lifetime-epsilon {limit:g} (delta {delta:g})")
+        return "\n".join(lines)
