@@ -163,21 +163,6 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     fsync_directory(path.parent)
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable: without it a power loss can undo the rename even though the
-    file's own data was fsynced (POSIX leaves directory entries to the directory's own fsync)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a platform without directory handles: the rename is as durable as it gets there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

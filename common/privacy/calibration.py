@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from .accountant import calibrate_noise_multiplier, combined_noise_multiplier, epsilon_for, accounting_sample_rate
+from .accountant import accounting_sample_rate, calibrate_noise_multiplier, combined_noise_multiplier, epsilon_for
 
 # A node refuses a release whose epsilon exceeds its limit by more than this relative margin: the limit and the
 # calibration come from the same accountant, and the margin only absorbs its floating-point resolution
