@@ -9,7 +9,8 @@
 # SuperNode's own API port (default 9094; give every SuperNode on one host its own, and its own STATE_DIR:
 # each gets its own worker); DEVICE: cpu, cuda, cuda:1, or auto (default: a GPU when present).
 # The worker is supervised (restarted if it dies; it logs to STATE_DIR/worker.log) and stops with the
-# SuperNode. DPFPL_NODE_WORKER=0 starts the SuperNode alone (each ClientApp then does its own work).
+# SuperNode. DPFPL_SAMPLE_RATE=0.05 declares the node's public sample rate, DPFPL_LIFETIME_EPSILON=8 its budget
+# over every run (both go into the node config). DPFPL_NODE_WORKER=0 starts the SuperNode alone (each ClientApp then does its own work).
 # Insecure (no TLS, no authentication), only for a trusted test network:
 #   DPFPL_INSECURE=1 deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR - - [LOCAL_PORT]
 set -euo pipefail
@@ -22,8 +23,12 @@ LINK=$1; DATA=$2; STATE=$3; C=$4; KEY=$5; LOCAL_PORT=${6:-9094}; DEVICE=${7:-aut
 mkdir -p "$STATE"
 chmod 700 "$STATE"
 STATE=$(cd "$STATE" && pwd)   # absolute: the ClientApp finds the worker's socket through it
-ARGS=(--superlink "$LINK" --port "$LOCAL_PORT"
-      --node-config "data-dir=\"$DATA\" state-dir=\"$STATE\" cache-dir=\"$STATE/cache\" device=\"$DEVICE\"")
+NODE_CONFIG="data-dir=\"$DATA\" state-dir=\"$STATE\" cache-dir=\"$STATE/cache\" device=\"$DEVICE\""
+# The organization's own privacy declarations (docs/privacy.md): its public Poisson sample rate, chosen without
+# reading the records (batch-size / a public, approximate silo size), and its lifetime budget over every run.
+if [ -n "${DPFPL_SAMPLE_RATE:-}" ]; then NODE_CONFIG+=" sample-rate=$DPFPL_SAMPLE_RATE"; fi
+if [ -n "${DPFPL_LIFETIME_EPSILON:-}" ]; then NODE_CONFIG+=" lifetime-epsilon=$DPFPL_LIFETIME_EPSILON"; fi
+ARGS=(--superlink "$LINK" --port "$LOCAL_PORT" --node-config "$NODE_CONFIG")
 if [ "${DPFPL_INSECURE:-0}" = "1" ]; then
   echo "WARNING: DPFPL_INSECURE=1: no TLS and no node authentication; use only on a trusted network" >&2
   ARGS+=(--insecure)

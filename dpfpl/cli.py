@@ -438,6 +438,10 @@ def _main(argv: list[str]) -> None:
     sub.add_parser("bench", help="benchmark of the DP-FPL step and of rounds (table + JSON; `dpfpl bench --help`)")
     p = sub.add_parser("report")
     p.add_argument("run_dir")
+    p = sub.add_parser("ledger", help="a node's privacy ledger: every run's epsilon, steps and dates, and the total")
+    p.add_argument("--state-dir", required=True, help="the node's state directory (node config state-dir)")
+    p.add_argument("--delta", type=float, default=1e-5, help="the delta the epsilons are stated at (default 1e-5)")
+    p.add_argument("--lifetime-epsilon", type=float, default=None, help="print the node's lifetime budget beside it")
     p = sub.add_parser("sweep", help="methods x epsilons x seeds (x ranks), resumable, tabulated as in the papers")
     p.add_argument("--methods", default="dpfpl", help="comma-separated, in the table's column order")
     p.add_argument("--epsilons", default="none,0.4", help="comma-separated target epsilons; 'none': DP off")
@@ -491,6 +495,13 @@ def _main(argv: list[str]) -> None:
         prepare(cfg) if args.command == "prepare" else show_partition(cfg)
     elif args.command == "sweep":
         sys.exit(sweep(args, argv))
+    elif args.command == "ledger":
+        from dpfpl.common.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+        if not (Path(args.state_dir) / LEDGER_FILE).exists():
+            sys.exit(f"dpfpl: no privacy ledger in {args.state_dir} (this node has released nothing under DP)")
+        print(f"privacy ledger of {args.state_dir} (dp-accounting PLD, add/remove one record, delta {args.delta:g})")
+        print(PrivacyLedger.of(Path(args.state_dir)).describe(args.delta, args.lifetime_epsilon))
     elif args.command == "report":
         print(report(Path(args.run_dir)))
         print(f"curves: {plot(Path(args.run_dir))}")

@@ -169,6 +169,7 @@ def test_three_rounds_across_three_authenticated_supernodes_with_resident_worker
         "eval-every": 1,
         "batch-size": 8,
         "target-epsilon": 1.0,
+        "sample-rate": 0.34,  # public, declared: batch-size 8 / about 24 training images per silo
         "round-timeout": 120.0,
         "run-dir": str(run_dir),
         "resume": False,

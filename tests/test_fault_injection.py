@@ -126,6 +126,7 @@ def test_a_killed_node_and_a_restarted_superlink_lose_no_round_and_no_local_prom
         "eval-last": 0,
         "batch-size": 8,
         "target-epsilon": 1.0,
+        "sample-rate": 0.34,  # public, declared: batch-size 8 / about 24 training images per silo
         "round-timeout": 90.0,
         "setup-timeout": 300.0,
         "run-dir": str(run_dir),

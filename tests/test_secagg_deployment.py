@@ -74,6 +74,7 @@ def test_two_secure_rounds_with_a_supernode_dying_mid_round(federation):  # noqa
                 "eval-last": 0,
                 "batch-size": 8,
                 "target-epsilon": 1.0,
+                "sample-rate": 0.34,  # public, declared: batch-size 8 / about 24 images per silo
                 "round-timeout": 90.0,
                 "secure-aggregation": True,
                 "secagg-dropout-tolerance": 1,
