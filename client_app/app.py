@@ -13,12 +13,15 @@ runs in this process.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl.common.config import NodeConfig
+from dpfpl.common.wire import INVENTORY, check_reply
 
 from .handlers import handle, state_dir
 from .request import OPERATIONS, NodeRequest
@@ -28,8 +31,35 @@ app = ClientApp()
 log = logging.getLogger("dpfpl.client")
 
 
+# An operator's audit log of what leaves this node: with DPFPL_WIRE_LOG=PATH set, every reply appends one JSON
+# line to PATH naming its operation and each field with its privacy class (names only, never values).
+WIRE_LOG_ENV = "DPFPL_WIRE_LOG"
+
+
+def _fields(content: RecordDict) -> dict[str, list[str]]:
+    return {name: list(record.keys()) for name, record in content.items()}
+
+
+def leave(request: NodeRequest, content: RecordDict) -> RecordDict:
+    """The last check before a reply leaves: every field must be in the inventory (``dpfpl.common.wire``)."""
+    fields = _fields(content)
+    check_reply(request.operation, fields)
+    if path := os.environ.get(WIRE_LOG_ENV):
+        line = {
+            "operation": request.operation,
+            "fields": [[r, k, INVENTORY[(request.operation, r, k)][0]] for r, keys in fields.items() for k in keys],
+        }
+        with open(path, "a") as fh:  # one short line per reply: O_APPEND keeps concurrent nodes' lines whole
+            fh.write(json.dumps(line) + "\n")
+    return content
+
+
 def answer(request: NodeRequest) -> RecordDict:
     """The reply's content for ``request``: from this node's worker when it has one, else computed here."""
+    return leave(request, _compute(request))
+
+
+def _compute(request: NodeRequest) -> RecordDict:
     directory = state_dir(request)
     content = forward(request, directory)
     if content is not None:

@@ -297,7 +297,8 @@ def export_node_prompt(
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
     node's private state (``RUN_DIR/nodes/node-I`` in simulation, ``state_dir`` on a deployed node)."""
     from dpfpl.client_app.state import STATE_FILE, NodeState
-    from dpfpl.server_app.books import SECFPP_EXCLUSION, privacy_maxima
+    from dpfpl.common.wire import outside_epsilon
+    from dpfpl.server_app.books import privacy_maxima
     from dpfpl.server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory
 
     from .common.config import RunConfig
@@ -349,7 +350,7 @@ def export_node_prompt(
         state.noise_multiplier_local,
         server.noise_multiplier_global if method.shares_global else None,
         others,
-        [SECFPP_EXCLUSION] if cfg.method == "secfpp" else None,
+        outside_epsilon(cfg.method, cfg.dp),
     )
     source = {
         "run-dir": str(run_dir.resolve()),

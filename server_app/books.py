@@ -8,8 +8,7 @@ server publishes, for one client's records, is the composition of both releases 
 published-prompt mechanism: one subsampled Gaussian with z = (z_L^-2 + z_G^-2)^-1/2). Only where the reply
 reads no local state (PromptFL) is the GDP-only epsilon p_G's guarantee.
 
-The books hold, per node key: the sample rate q_i = B / n_i (n_i as the node reports it: q is treated as
-public), the rounds whose p_G contains the node's reply (``participation``), the node's z_L and the number
+The books hold, per node key: the sample rate q_i the node declares (public by declaration), the rounds whose p_G contains the node's reply (``participation``), the node's z_L and the number
 of noisy steps it says it took (a step whose reply the server never aggregated still moved p_L). Every
 epsilon is the PLD accountant's for those books; maxima run over every node ever booked, so a node absent
 from the last round, or a last round that failed, cannot lower them.
@@ -33,14 +32,10 @@ COVERS = {
     "epsilon-published-max": "the published personalized prompt p_G + p_L (LDP and GDP composed), worst client",
 }
 SAMPLE_RATE_NOTE = (
-    "q_i = B/n_i is treated as public: each node sends its training-set size n_i in clear, so "
-    "the guarantee protects the records, not how many a client has; epsilon is computed at q "
-    "rounded up to two significant digits (an upper bound on the epsilon at the true rate)"
-)
-SECFPP_EXCLUSION = (
-    "SecFPP's clustering is not covered: the clustering vector is computed from the training "
-    "features without noise and decides which p_G a node receives; the printed epsilon covers "
-    "the gradient releases only"
+    "q_i is public by declaration (the node's or the run's sample-rate; in simulation B / the partition's planned "
+    "size), never computed from the records a node holds and never its training-set size, so the add/remove-one "
+    "guarantee holds for the rate in force; epsilon is computed at q rounded up to two significant digits (an "
+    "upper bound)"
 )
 
 

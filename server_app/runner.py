@@ -19,7 +19,9 @@ from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
 from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
 from dpfpl.common.prompt import initial_global_prompt
 
-from .books import COVERS, SAMPLE_RATE_NOTE, SECFPP_EXCLUSION
+from dpfpl.common.wire import outside_epsilon
+
+from .books import COVERS, SAMPLE_RATE_NOTE
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
@@ -353,7 +355,7 @@ def privacy_block(cfg: RunConfig, strategy: PromptStrategy) -> dict:
     """Each epsilon (worst case over every node in the server's books), what it covers, and what it does not."""
     if not cfg.dp:
         return {key: None for key in COVERS}
-    excludes = [SECFPP_EXCLUSION] if cfg.method == "secfpp" else []
+    excludes = outside_epsilon(cfg.method, cfg.dp)  # what leaves the nodes that no epsilon covers
     return {
         **strategy.privacy_maxima(),
         "epsilon-covers": dict(COVERS),

@@ -17,8 +17,12 @@ from dpfpl.client_app.node import PrivacyBudgetSpent, declared_sample_rate
 from dpfpl.client_app.state import NodeState, load_run_state
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import NodeConfig, RunConfig
-from dpfpl.common.privacy import accounting_sample_rate, calibrate_noise_multiplier, combined_noise_multiplier
-from dpfpl.common.privacy import epsilon_for
+from dpfpl.common.privacy import (
+    accounting_sample_rate,
+    calibrate_noise_multiplier,
+    combined_noise_multiplier,
+    epsilon_for,
+)
 from dpfpl.common.privacy.calibration import global_noise_multiplier
 from dpfpl.common.privacy.ledger import LEDGER_FILE, PrivacyLedger
 

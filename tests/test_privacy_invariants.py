@@ -186,7 +186,7 @@ def test_the_server_calibrates_z_g_for_the_largest_declared_sample_rate(tmp_path
     from dpfpl.server_app.checkpoint import RunDirectory
     from dpfpl.server_app.runner import run_federation
 
-    target, rounds, rates = 2.0, 1, (0.05, 0.3)
+    target, rounds, rates = 2.0, 1, (0.02, 0.08)
     config = full_run_config(
         {
             "num-clients": 2,
