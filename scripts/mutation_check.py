@@ -42,6 +42,17 @@ COMPOSITION = (
 P_GLOBAL = "tests/test_privacy_books.py::test_p_global_epsilon_composes_both_releases_where_the_reply_reads_local_state"
 WORKER_PEER = "tests/test_worker.py::test_a_worker_turns_away_a_peer_of_another_user"
 WORKER_OPERATIONS = "tests/test_worker.py::test_the_link_answers_only_the_clientapps_message_types"
+INVARIANTS = "tests/test_privacy_invariants.py::"
+POISSON = INVARIANTS + "test_poisson_batch_size_is_binomial_and_every_record_is_included_with_probability_q"
+Z_G_FOR_Q_MAX = INVARIANTS + "test_the_server_calibrates_z_g_for_the_largest_declared_sample_rate"
+ROUNDING = INVARIANTS + "test_the_accounting_rate_is_q_rounded_up_to_two_significant_digits"
+CALIBRATION = INVARIANTS + "test_the_calibrated_noise_is_the_smallest_that_meets_the_target_in_dp_accounting"
+NODE_RECORDS = INVARIANTS + "test_the_node_books_its_step_with_the_noise_it_added_and_reports_the_stacked_gaussian"
+DP_REPLY = INVARIANTS + "test_a_dp_train_reply_carries_nothing_outside_the_epsilon"
+SECURE_REPLAY = INVARIANTS + "test_secure_noise_is_the_scaled_sum_of_four_draws_of_a_63_bit_os_seeded_generator"
+SECURE_SEEDS = INVARIANTS + "test_secure_generators_do_not_repeat_their_seeds"
+NODE_FALLBACK = "tests/test_state_integrity.py::test_a_damaged_local_state_falls_back_to_the_previous_round[flip]"
+SERVER_FALLBACK = "tests/test_privacy_books.py::test_falling_back_to_the_previous_checkpoint_charges_the_lost_round"
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,104 @@ MUTATIONS = (
         'if header.get("op") != "call" or header.get("operation") not in OPERATIONS:',
         'if header.get("op") != "call":',
         (WORKER_OPERATIONS,),
+    ),
+    Mutation(
+        "fixed-size instead of Poisson sampling",
+        "common/privacy/mechanisms.py",
+        "    mask = torch.rand(num_examples, generator=generator) < sample_rate\n    return mask.nonzero().flatten()\n",
+        "    return torch.randperm(num_examples, generator=generator)[: round(sample_rate * num_examples)]\n",
+        (POISSON, STEP_REFERENCE),
+    ),
+    Mutation(
+        "z_G calibrated for the smallest declared sample rate",
+        "server_app/runner.py",
+        "q_max = max(state.node_sample_rates.values())",
+        "q_max = min(state.node_sample_rates.values())",
+        (Z_G_FOR_Q_MAX,),
+    ),
+    Mutation(
+        "server noise divided by B n^2 instead of B n",
+        "server_app/strategy.py",
+        "cfg.max_grad_norm_global / (cfg.batch_size * n) if cfg.dp",
+        "cfg.max_grad_norm_global / (cfg.batch_size * n * n) if cfg.dp",
+        (SERVER_NOISE,),
+    ),
+    Mutation(
+        "global clip applied to the sum instead of per sample",
+        "common/methods/engine.py",
+        "clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0)",
+        "clip_per_sample((g + extra_global).sum(0, keepdim=True), dp.max_grad_norm_global)[0]",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "local clip applied to the sums instead of per sample",
+        "common/methods/engine.py",
+        "for c in clip_per_sample_jointly(per_sample, dp.max_grad_norm_local)",
+        "for c in clip_per_sample_jointly([p.sum(0, keepdim=True) for p in per_sample], dp.max_grad_norm_local)",
+        (STEP_REFERENCE,),
+    ),
+    Mutation(
+        "the node's accountant books twice the z_G the server adds",
+        "client_app/node.py",
+        "state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)",
+        "state.accountant.record_step(state.noise_multiplier_local, 2 * z_global, self.sample_rate)",
+        (NODE_RECORDS,),
+    ),
+    Mutation(
+        "the step's PLD built with twice the noise multiplier",
+        "common/privacy/accountant.py",
+        "standard_deviation=noise_multiplier,",
+        "standard_deviation=2 * noise_multiplier,",
+        (COMPOSITION,),
+    ),
+    Mutation(
+        "accounting sample rate rounded down instead of up",
+        "common/privacy/accountant.py",
+        "math.ceil(sample_rate / scale - 1e-9)",
+        "math.floor(sample_rate / scale + 1e-9)",
+        (ROUNDING,),
+    ),
+    Mutation(
+        "calibration returns the low end of the bracket",
+        "common/privacy/accountant.py",
+        "            high = mid\n    return high\n",
+        "            high = mid\n    return low\n",
+        (CALIBRATION,),
+    ),
+    Mutation(
+        "a damaged node state's lost step not charged again",
+        "client_app/state.py",
+        "            accountant.history.append(accountant.history[-1])\n",
+        "            pass\n",
+        (NODE_FALLBACK,),
+    ),
+    Mutation(
+        "a damaged server checkpoint's lost round not charged",
+        "server_app/checkpoint.py",
+        "            charge_lost_round(state)\n",
+        "            pass\n",
+        (SERVER_FALLBACK,),
+    ),
+    Mutation(
+        "clear-only train metrics leave a DP node",
+        "client_app/prompt_handlers.py",
+        "        metrics = {k: v for k, v in metrics.items() if k not in OUTSIDE_EPSILON_TRAIN_METRICS}\n",
+        "        pass\n",
+        (DP_REPLY,),
+    ),
+    Mutation(
+        "secure noise from one draw instead of the sum of four",
+        "common/privacy/mechanisms.py",
+        "SECURE_DRAWS = 4  #",
+        "SECURE_DRAWS = 1  #",
+        (SECURE_REPLAY,),
+    ),
+    Mutation(
+        "secure generator seeded with 16 bits",
+        "common/privacy/mechanisms.py",
+        "return torch.Generator().manual_seed(secrets.randbits(63))\n",
+        "return torch.Generator().manual_seed(secrets.randbits(16))\n",
+        (SECURE_SEEDS, SECURE_REPLAY),
     ),
 )
 

@@ -18,7 +18,6 @@ from dpfpl.common.evaluation import last_rounds_per_client, worst_client
 from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
 from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
 from dpfpl.common.prompt import initial_global_prompt
-
 from dpfpl.common.wire import outside_epsilon
 
 from .books import COVERS, SAMPLE_RATE_NOTE

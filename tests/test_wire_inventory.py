@@ -24,6 +24,7 @@ BASE = {
     "batch-size": 16,
     "target-epsilon": 4.0,
     "n-ctx": 4,
+    "rank": 2,
     "resume": False,
 }
 SECFPP = {
@@ -34,6 +35,11 @@ SECFPP = {
     "secfpp-privacy": 1,
     "secfpp-reduced-dim": 8,
     "secfpp-max-iter": 2,
+    "min-clients": 4,
+    # explicit multipliers (no target): a run without a calibrated round count may be resumed for one more round
+    "target-epsilon": 0.0,
+    "noise-multiplier-local": 2.0,
+    "noise-multiplier-global": 2.0,
 }
 
 
@@ -49,7 +55,7 @@ def wire(tmp_path_factory, cache_dir):
         run_simulation({**BASE, "run-dir": str(work / "dpfpl")}, 6, work / "sim-a", stream=False, timeout=900)
         secfpp = {**BASE, **SECFPP, "run-dir": str(work / "secfpp")}
         run_simulation(secfpp, 6, work / "sim-b", stream=False, timeout=900)
-        resumed = {**secfpp, "num-server-rounds": 3, "resume": True, "target-epsilon": 4.0}
+        resumed = {**secfpp, "num-server-rounds": 3, "resume": True}
         run_simulation(resumed, 6, work / "sim-c", stream=False, timeout=900)
     finally:
         mp.undo()
