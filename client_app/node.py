@@ -19,7 +19,7 @@ from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.models import LoadedModel, cached_clip
 from dpfpl.common.node import NOVEL, NodeData, load_node_data
 from dpfpl.common.optim import noise_bounded_lr
-from dpfpl.common.privacy import PrivacyAccountant, calibration, dp_generator
+from dpfpl.common.privacy import PrivacyAccountant, calibration, combined_noise_multiplier, dp_generator
 from dpfpl.common.privacy.ledger import PrivacyLedger
 from dpfpl.common.prompt import PromptTextEncoder
 
@@ -248,6 +248,29 @@ class PromptNode:
                     + ledger.describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
                 )
 
+    def _charge_rerelease(self, run_token: str, state: NodeState, z_global: float) -> None:
+        """A re-sent reply released again with fresh global noise: the last step becomes one release of its batch
+        at the combined global multiplier (z_G_first^-2 + z_G^-2)^-1/2, in the run's books and in the ledger,
+        checked against both limits first (a re-send past them is refused like a step)."""
+        if not state.accountant.history:
+            return
+        z_l, z_g, q = state.accountant.history[-1]
+        again = (z_l, combined_noise_multiplier(z_g, z_global), q)
+        limit = self.run_limit()
+        after = PrivacyAccountant(self.cfg.delta)
+        after.history = [*state.accountant.history[:-1], again]
+        if limit is not None and not calibration.within(after.epsilon_published(), limit):
+            raise PrivacyBudgetSpent(
+                f"privacy budget spent, re-send refused: the server re-runs a round this node answered, and a second "
+                f"release of that reply with fresh noise would bring this run's published epsilon to "
+                f"{after.epsilon_published():.4f}, past its limit {limit:.4f}"
+            )
+        ledger = PrivacyLedger.of(self.state_dir)
+        ledger.move(run_token, state.accountant.history[-1], again)
+        ledger.save()
+        state.accountant.history[-1] = again
+        state.save(self.state_dir)
+
     def _charge_ahead(self, run_token: str, state: NodeState, z_global: float) -> None:
         """Write the step into the node's ledger before anything of it is released (see PrivacyLedger)."""
         ledger = PrivacyLedger.of(self.state_dir)
@@ -266,9 +289,12 @@ class PromptNode:
             and state.extra.get("reply-round") == server_round
             and state.extra.get("reply-to") == asked
         ):
-            # The server re-sent a round this node already answered (it restarted from the checkpoint before
-            # that round): send the same reply again. No new step, no new noise, nothing new released.
+            # The server re-sent a round this node already answered (it fell back to the checkpoint before that
+            # round): send the same reply again. No new step and no new local noise; but in the central mode the
+            # server adds fresh global noise to it, so this node books that second release of the same batch.
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
+            if self.cfg.dp and self.method.shares_global and not self.cfg.secure_aggregation:
+                self._charge_rerelease(run_token, state, z_global)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.dp:
             self.check_release(state, z_global)

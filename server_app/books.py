@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 from dpfpl.common.privacy import accounted_epsilon, combined_noise_multiplier
+from dpfpl.common.privacy.accountant import epsilon_of_groups
 
 from .checkpoint import ServerState
 
@@ -40,16 +41,33 @@ SAMPLE_RATE_NOTE = (
 
 
 def node_epsilons(
-    z_local: float, z_global: float, sample_rate: float, local_steps: int, global_rounds: int, delta: float
+    z_local: float,
+    z_global: float,
+    sample_rate: float,
+    local_steps: int,
+    global_rounds: int,
+    delta: float,
+    rereleased: int = 0,
 ) -> dict[str, float]:
     """One node's epsilons from its books. The composed mechanism is charged for every step the node took
-    (its reply may have been dropped, but the step still moved p_L), the GDP one for the rounds aggregated."""
+    (its reply may have been dropped, but the step still moved p_L), the GDP one for the rounds aggregated.
+    ``rereleased`` of those rounds went out twice with fresh noise on the same reply: they are booked as one
+    release at the combined multiplier z_G / sqrt(2) (``checkpoint.charge_lost_round``)."""
     steps = max(local_steps, global_rounds)
+    again = min(rereleased, max(global_rounds, 1))
+    z_twice = combined_noise_multiplier(z_global, z_global)
+
+    def eps(pairs: list[tuple[float, int]]) -> float:
+        return epsilon_of_groups([(z, sample_rate, n) for z, n in pairs], delta)
+
     return {
         "epsilon-local-max": accounted_epsilon(z_local, sample_rate, steps, delta),
-        "epsilon-gdp-mechanism-max": accounted_epsilon(z_global, sample_rate, global_rounds, delta),
-        "epsilon-published-max": accounted_epsilon(
-            combined_noise_multiplier(z_local, z_global), sample_rate, steps, delta
+        "epsilon-gdp-mechanism-max": eps([(z_global, max(global_rounds - again, 0)), (z_twice, again)]),
+        "epsilon-published-max": eps(
+            [
+                (combined_noise_multiplier(z_local, z_global), max(steps - again, 0)),
+                (combined_noise_multiplier(z_local, z_twice), again),
+            ]
         ),
     }
 
@@ -67,6 +85,7 @@ def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_glo
             state.node_steps.get(key, 0),
             state.participation.get(key, 0),
             delta,
+            state.rereleased.get(key, 0),
         )
         for name, value in eps.items():
             out[name] = max(out[name], value)

@@ -34,6 +34,8 @@ class ServerState:
     participation: dict[str, int] = field(default_factory=dict)  # node_id -> noisy rounds
     node_noise_local: dict[str, float] = field(default_factory=dict)  # node_id -> z_L (as the node reports it)
     node_steps: dict[str, int] = field(default_factory=dict)  # node_id -> noisy steps (as the node reports them)
+    # node_id -> rounds whose replies were released twice (a checkpoint fallback re-ran them with fresh noise)
+    rereleased: dict[str, int] = field(default_factory=dict)
     # the last round whose evaluation ran: a crash may come between a round's checkpoint and its evaluation
     # (None: a checkpoint written before this was kept, whose rounds were saved after their evaluation)
     evaluated_round: int | None = None
@@ -47,11 +49,13 @@ class ServerState:
 
 def charge_lost_round(state: ServerState) -> None:
     """The checkpoint fell back to the copy before the last write: the lost round's p_G may already have
-    left the server, and the resumed run releases that round again with fresh noise. Charge every booked
-    node one more round (as a node charges its lost step again), so the books can only over-count."""
-    for books in (state.participation, state.node_steps):
-        for key in books:
-            books[key] += 1
+    left the server, and the resumed run releases that round again with fresh noise on the *same* replies (a node
+    re-sends the reply it gave, from the same Poisson batch). Two Gaussian releases of one batch are one Gaussian
+    with multiplier z_G / sqrt(2), not two independent subsampled steps (which would under-count: independent
+    samples amplify more). So every booked node gets one round booked at that combined multiplier
+    (``books.node_epsilons``); its nodes charge themselves the same way (``PromptNode.train``)."""
+    for key in set(state.participation) | set(state.node_steps):
+        state.rereleased[key] = state.rereleased.get(key, 0) + 1
 
 
 class RunDirectory:

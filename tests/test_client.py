@@ -175,6 +175,13 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
     same = lambda m: {k: v for k, v in dict(m.content["metrics"]).items() if k != "client-seconds"}  # noqa: E731
     assert same(first) == same(again)
     assert len(after_again.accountant.history) == 1
+    # the server adds fresh global noise to the re-sent reply: the step is booked as one release of its batch at
+    # the combined global multiplier 2 / sqrt(2), in the run's books and in the node's ledger
+    assert after_again.accountant.history[0][1] == pytest.approx(2.0 / np.sqrt(2.0))
+    assert after_again.accountant.epsilon_published() > after_first.accountant.epsilon_published()
+    from dpfpl.common.privacy.ledger import PrivacyLedger
+
+    assert [m[1] for m in PrivacyLedger.of(state_dir).runs["tok"].steps] == [pytest.approx(2.0 / np.sqrt(2.0))]
     assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
     client_module.train(_train_msg(p_global + 1.0, 1), ctx)  # same round, another p_G: a real step
     assert len(NodeState.load(state_dir).accountant.history) == 2

@@ -110,7 +110,9 @@ def test_summary_maxima_are_over_every_node_even_when_the_last_round_failed(tmp_
         assert privacy[key] == pytest.approx(value)
     assert privacy["epsilon-global-max"] == pytest.approx(worst["epsilon-published-max"])
     assert set(COVERS) <= set(privacy["epsilon-covers"]) and "public" in privacy["sample-rate"]
-    assert privacy["excludes"] == []
+    # a DP-FPL run: what leaves outside epsilon is its evaluation metrics and its reply timing, named as such
+    assert privacy["excludes"] == outside_epsilon("dpfpl", True)
+    assert [text.split(":")[0] for text in privacy["excludes"]] == ["evaluation replies", "reply timing"]
 
 
 def test_secfpp_says_its_epsilon_does_not_cover_the_clustering(tmp_path):
@@ -154,7 +156,21 @@ def test_falling_back_to_the_previous_checkpoint_charges_the_lost_round(tmp_path
     _damage(run)
     state = run.load()
     assert state.server_round == 2  # round 3 runs again, with fresh noise: its first p_G is already out
-    assert state.participation == {"a": 3} and state.node_steps == {"a": 3}
+    # round 3's replies will be released a second time: booked as one same-batch release at z_G / sqrt(2)
+    assert state.participation == {"a": 2} and state.node_steps == {"a": 2} and state.rereleased == {"a": 1}
+
+
+def test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier():
+    """Two releases of one batch with fresh noise are one Gaussian at z / sqrt(2) on that batch: more than the
+    single release, and more than two independently subsampled steps (which would under-count)."""
+    from dpfpl.common.privacy import accounted_epsilon
+    from dpfpl.server_app.books import node_epsilons
+
+    z, q = 2.0, 0.1
+    once = node_epsilons(1.5, z, q, 3, 3, 1e-5)
+    twice = node_epsilons(1.5, z, q, 3, 3, 1e-5, rereleased=1)
+    assert twice["epsilon-gdp-mechanism-max"] > accounted_epsilon(z, q, 4, 1e-5) > once["epsilon-gdp-mechanism-max"]
+    assert twice["epsilon-published-max"] > once["epsilon-published-max"]
 
 
 def test_losing_a_rounds_second_checkpoint_loses_no_release(tmp_path):

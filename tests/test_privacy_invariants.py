@@ -16,7 +16,7 @@ from flwr.common import MessageType
 
 from dpfpl.common.privacy import calibrate_noise_multiplier, poisson_sample
 from dpfpl.common.privacy.accountant import accounting_sample_rate
-from dpfpl.common.privacy.mechanisms import SECURE_DRAWS, secure_generator, standard_normal
+from dpfpl.common.privacy.mechanisms import secure_generator, standard_normal
 
 DELTA = 1e-5
 
@@ -97,11 +97,10 @@ def test_secure_noise_is_the_scaled_sum_of_four_draws_of_a_63_bit_os_seeded_gene
 
     monkeypatch.setattr(secrets, "randbits", randbits)
     got = standard_normal((64, 32), torch.Generator().manual_seed(0), torch.float32, secure=True)
-    assert asked == [63]
+    assert len(asked) == 1 and asked[0] >= 63
     replay = torch.Generator().manual_seed(seed)
     draws = [torch.randn((64, 32), generator=replay, dtype=torch.float32) for _ in range(4)]
     torch.testing.assert_close(got, sum(draws) / 2.0, rtol=0, atol=1e-6)
-    assert SECURE_DRAWS == 4
 
 
 def test_secure_generators_do_not_repeat_their_seeds():
@@ -123,6 +122,7 @@ def dp_train(tmp_path_factory, cache_dir):
     from dpfpl.client_app.state import NodeState
     from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
     from dpfpl.common.config import RunConfig
+    from dpfpl.common.prompt import initial_global_prompt
 
     run_dir = tmp_path_factory.mktemp("dp-reply") / "run"
     cfg = RunConfig(
@@ -146,8 +146,6 @@ def dp_train(tmp_path_factory, cache_dir):
         state=RecordDict(),
         run_config=cfg.to_flower(),
     )
-    from dpfpl.common.prompt import initial_global_prompt
-
     content = RecordDict(
         {
             "arrays": ArrayRecord({"global-prompt": initial_global_prompt(cfg)}),
@@ -199,7 +197,7 @@ def test_the_server_calibrates_z_g_for_the_largest_declared_sample_rate(tmp_path
     from dpfpl.server_app.checkpoint import RunDirectory
     from dpfpl.server_app.runner import run_federation
 
-    target, rounds, rates = 1.0, 1, (0.02, 0.08)
+    target, rounds, rates = 1.0, 2, (0.02, 0.08)
     config = full_run_config(
         {
             "num-clients": 2,
@@ -226,6 +224,6 @@ def test_the_server_calibrates_z_g_for_the_largest_declared_sample_rate(tmp_path
     state = RunDirectory(tmp_path / "run").load()
     assert sorted(state.node_sample_rates.values()) == pytest.approx(sorted(rates))
     assert state.noise_multiplier_global == pytest.approx(calibrate_noise_multiplier(target, max(rates), rounds, DELTA))
-    assert _pld_epsilon(1.0 / state.noise_multiplier_global, max(rates), rounds) <= target * 1.001
-    assert sum(state.participation.values()) == len(rates)  # both nodes trained: none had to refuse z_G
+    assert _certified_epsilon(state.noise_multiplier_global, max(rates), rounds) <= target
+    assert sorted(state.participation.values()) == [rounds] * len(rates)  # no node had to refuse z_G
     assert summary["privacy"]["epsilon-gdp-mechanism-max"] <= target * (1 + 1e-6)

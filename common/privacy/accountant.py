@@ -67,6 +67,24 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return _epsilon_of([(noise_multiplier, sample_rate, steps)], delta)
 
 
+def epsilon_of_groups(groups: list[tuple[float, float, int]], delta: float) -> float:
+    """epsilon of composing (noise_multiplier, sample_rate, count) groups at the rounded-up rates; groups with
+    no step or no release (z = inf) cost nothing, a group without noise costs inf."""
+    merged: dict[tuple[float, float], int] = {}
+    for z, q, n in groups:
+        if n > 0 and q > 0 and not math.isinf(z):
+            key = (z, accounting_sample_rate(q))
+            merged[key] = merged.get(key, 0) + n
+    if not merged:
+        return 0.0
+    if any(z <= 0 for z, _ in merged):
+        return math.inf
+    if len(merged) == 1:
+        (((z, q), n),) = merged.items()
+        return epsilon_for(z, q, n, delta)
+    return _epsilon_of([(z, q, n) for (z, q), n in merged.items()], delta)
+
+
 def accounting_sample_rate(sample_rate: float) -> float:
     """The sample rate calibration and reporting use: q rounded *up* to two significant digits.
 

@@ -135,6 +135,17 @@ class PrivacyLedger:
         entry.steps[mechanism] = entry.steps.get(mechanism, 0) + count
         entry.last = now
 
+    def move(self, run_key: str, old: tuple[float, float, float], new: tuple[float, float, float]) -> None:
+        """Re-book one step of ``run_key`` from mechanism ``old`` to ``new`` (a second release of its batch made it
+        a stronger mechanism); a step the ledger does not hold is charged as ``new``."""
+        entry = self.runs.setdefault(run_key, RunEntry(_now(), _now()))
+        old = tuple(float(x) for x in old)
+        if entry.steps.get(old, 0) > 0:
+            entry.steps[old] -= 1
+            if not entry.steps[old]:
+                del entry.steps[old]
+        self.charge(run_key, *new)
+
     def epsilon(self, delta: float, run_key: str | None = None) -> float:
         """The composed epsilon of one run (``run_key``) or of every run."""
         groups: dict[tuple[float, float, float], int] = {}
