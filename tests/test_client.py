@@ -163,11 +163,11 @@ def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, c
 def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_dir, p_global):
     """After a server restart the last round may be sent again: the node answers with what it already sent,
     so the local prompt is not stepped twice and the accountant counts one release."""
-    ctx = _context(tmp_path, 4)
+    ctx = _context(tmp_path, 4, num_server_rounds=20)  # room in the budget for the re-release
     first = client_module.train(_train_msg(p_global, 1), ctx)
     state_dir = tmp_path / "run" / "nodes" / "node-4"
     after_first = NodeState.load(state_dir)
-    again = client_module.train(_train_msg(p_global, 1), _context(tmp_path, 4))  # a fresh process
+    again = client_module.train(_train_msg(p_global, 1), _context(tmp_path, 4, num_server_rounds=20))  # a fresh process
     after_again = NodeState.load(state_dir)
     sent = lambda m: m.content["arrays"]["global-grad"].numpy()  # noqa: E731
     np.testing.assert_array_equal(sent(first), sent(again))
