@@ -164,6 +164,8 @@ def report(run_dir: Path) -> str:
         if "sample-rate" in priv:
             lines.append(f"  sample rate: {priv['sample-rate']}")
         lines += [f"  NOT COVERED: {text}" for text in priv.get("excludes", [])]
+        if "approximation" in priv:
+            lines.append(f"  APPROXIMATION: {priv['approximation']}")
     else:
         lines.append("privacy: DP disabled (no guarantee)")
     return "\n".join(lines)

@@ -40,6 +40,14 @@ SAMPLE_RATE_NOTE = (
 )
 
 
+DISCRETE_GAUSSIAN_NOTE = (
+    "secure aggregation: the nodes' distributed discrete-Gaussian noise is accounted as the continuous Gaussian of "
+    "the same variance (an approximation: the discrete Gaussian has the continuous one's zCDP/Renyi guarantee, and "
+    "the sum of the shares is within Kairouz-Liu-Steinke's tau of one discrete Gaussian, but the subsampled PLD "
+    "of the discrete mechanism is not computed; docs/secure-aggregation.md)"
+)
+
+
 def node_epsilons(
     z_local: float,
     z_global: float,

@@ -20,7 +20,7 @@ from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
 from dpfpl.common.prompt import initial_global_prompt
 from dpfpl.common.wire import outside_epsilon
 
-from .books import COVERS, SAMPLE_RATE_NOTE
+from .books import COVERS, DISCRETE_GAUSSIAN_NOTE, SAMPLE_RATE_NOTE
 from .checkpoint import RunDirectory, ServerState
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
@@ -361,4 +361,5 @@ def privacy_block(cfg: RunConfig, strategy: PromptStrategy) -> dict:
         "sample-rate": SAMPLE_RATE_NOTE,
         "excludes": excludes,
         "secure-noise": cfg.secure_noise,
+        **({"approximation": DISCRETE_GAUSSIAN_NOTE} if cfg.secure_aggregation else {}),
     }
