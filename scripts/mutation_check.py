@@ -49,8 +49,8 @@ ROUNDING = INVARIANTS + "test_the_accounting_rate_is_q_rounded_up_to_two_signifi
 CALIBRATION = INVARIANTS + "test_the_calibrated_noise_is_the_smallest_that_meets_the_target_in_dp_accounting"
 NODE_RECORDS = INVARIANTS + "test_the_node_books_its_step_with_the_noise_it_added_and_reports_the_stacked_gaussian"
 DP_REPLY = INVARIANTS + "test_a_dp_train_reply_carries_nothing_outside_the_epsilon"
-SECURE_REPLAY = INVARIANTS + "test_secure_noise_is_the_scaled_sum_of_four_draws_of_a_63_bit_os_seeded_generator"
-SECURE_SEEDS = INVARIANTS + "test_secure_generators_do_not_repeat_their_seeds"
+SECURE_REPLAY = INVARIANTS + "test_secure_noise_is_the_scaled_sum_of_four_float64_draws_from_the_os_csprng"
+SECURE_SEEDS = INVARIANTS + "test_secure_noise_is_standard_normal_and_never_repeats"
 NODE_FALLBACK = "tests/test_state_integrity.py::test_a_damaged_local_state_falls_back_to_the_previous_round[flip]"
 SERVER_FALLBACK = "tests/test_privacy_books.py::test_falling_back_to_the_previous_checkpoint_charges_the_lost_round"
 
@@ -262,10 +262,10 @@ MUTATIONS = (
         (SECURE_REPLAY,),
     ),
     Mutation(
-        "secure generator seeded with 16 bits",
+        "secure noise from a generator seeded with 16 bits instead of the OS CSPRNG",
         "common/privacy/mechanisms.py",
-        "return torch.Generator().manual_seed(secrets.randbits(63))\n",
-        "return torch.Generator().manual_seed(secrets.randbits(16))\n",
+        "np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64)",
+        "np.frombuffer(np.random.default_rng(secrets.randbits(16)).bytes(16 * pairs), dtype=np.uint64)",
         (SECURE_SEEDS, SECURE_REPLAY),
     ),
 )

@@ -6,7 +6,6 @@ books for it, and the server's z_G for the largest declared sample rate."""
 from __future__ import annotations
 
 import math
-import secrets
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from flwr.common import MessageType
 
 from dpfpl.common.privacy import calibrate_noise_multiplier, poisson_sample
 from dpfpl.common.privacy.accountant import accounting_sample_rate
-from dpfpl.common.privacy.mechanisms import secure_generator, standard_normal
+from dpfpl.common.privacy.mechanisms import standard_normal
 
 DELTA = 1e-5
 
@@ -85,29 +84,40 @@ def test_the_calibrated_noise_is_the_smallest_that_meets_the_target_in_dp_accoun
 
 
 # ------------------------------------------------------------------ secure noise
-def test_secure_noise_is_the_scaled_sum_of_four_draws_of_a_63_bit_os_seeded_generator(monkeypatch):
-    """Replay the secure sampler with the OS seed pinned: the release is (sum of 4 draws) / 2 of a generator
-    seeded with the 63 bits asked of ``secrets`` (Holohan & Braghin 2021, Opacus' secure_mode)."""
-    asked: list[int] = []
-    seed = 0x5DEECE66D1234567  # 63 bits: any truncation of it seeds another stream
+def test_secure_noise_is_the_scaled_sum_of_four_float64_draws_from_the_os_csprng(monkeypatch):
+    """Replay the secure sampler with the OS's bytes pinned: the release is (sum of 4 Box-Muller draws) / 2, every
+    bit from ``os.urandom`` (no seeded stream), summed in float64 (Holohan & Braghin 2021, Opacus' secure_mode)."""
+    import os
 
-    def randbits(k: int) -> int:
-        asked.append(k)
-        return seed & ((1 << k) - 1)
+    import numpy as np
 
-    monkeypatch.setattr(secrets, "randbits", randbits)
-    got = standard_normal((64, 32), torch.Generator().manual_seed(0), torch.float32, secure=True)
-    assert len(asked) == 1 and asked[0] >= 63
-    replay = torch.Generator().manual_seed(seed)
-    draws = [torch.randn((64, 32), generator=replay, dtype=torch.float32) for _ in range(4)]
-    torch.testing.assert_close(got, sum(draws) / 2.0, rtol=0, atol=1e-6)
+    stream = np.random.default_rng(7).bytes(1 << 20)
+    taken: list[int] = []
+
+    def urandom(n: int) -> bytes:
+        start = sum(taken)
+        taken.append(n)
+        return stream[start : start + n]
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    got = standard_normal((64, 32), torch.Generator().manual_seed(0), torch.float64, secure=True)
+    assert taken == [16 * 1024] * 4  # 128 random bits per pair of draws, four draws
+    expected = np.zeros(2048)
+    for i in range(4):
+        words = np.frombuffer(stream[i * 16384 : (i + 1) * 16384], dtype=np.uint64).reshape(2, 1024) >> np.uint64(11)
+        u1, u2 = (words[0] + 0.5) / 2.0**53, (words[1] + 0.5) / 2.0**53
+        r = np.sqrt(-2 * np.log(u1))
+        expected += np.concatenate([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)])
+    torch.testing.assert_close(got, torch.from_numpy(expected / 2.0).reshape(64, 32), rtol=0, atol=1e-12)
 
 
-def test_secure_generators_do_not_repeat_their_seeds():
-    """Each release's generator is seeded from the OS with enough bits that seeds never meet: among 5000
-    generators no two start alike (a seed of 24 bits or fewer would repeat here with probability > 0.5)."""
-    firsts = [float(torch.rand(1, generator=secure_generator(), dtype=torch.float64)) for _ in range(5000)]
-    assert len(set(firsts)) == len(firsts)
+def test_secure_noise_is_standard_normal_and_never_repeats():
+    """Two releases never share a draw (no seed to collide), and the draws are N(0, 1) in float64."""
+    a = standard_normal((100_000,), None, torch.float64, secure=True)
+    b = standard_normal((100_000,), None, torch.float64, secure=True)
+    assert not torch.isin(a, b).any()
+    assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02
+    assert abs(float((a**4).mean()) - 3) < 0.15  # Gaussian kurtosis
 
 
 # ------------------------------------------------------------------ a node's DP train reply and its books

@@ -14,9 +14,11 @@ silently falls back to a per-sample loop). The batch is processed in chunks so m
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -81,9 +83,16 @@ def dp_generator(dp: bool, seed: int) -> torch.Generator:
 SECURE_DRAWS = 4  # Holohan & Braghin (2021): the sum of 4 draws / 2, as Opacus' secure_mode
 
 
-def secure_generator() -> torch.Generator:
-    """A generator for one release, seeded with 63 bits from the OS CSPRNG (``secrets``)."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def csprng_standard_normal(size: int) -> np.ndarray:
+    """``size`` independent N(0, 1) draws in float64, every bit of randomness from the OS CSPRNG (``os.urandom``;
+    no seeded stream at all, so nothing spans two releases and there is no state to recover). Box-Muller on two
+    uniforms of 53 random bits each, centred in their grid cells so that log(0) cannot occur."""
+    pairs = (size + 1) // 2
+    words = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs) >> np.uint64(11)
+    u1 = (words[0].astype(np.float64) + 0.5) / 2.0**53
+    u2 = (words[1].astype(np.float64) + 0.5) / 2.0**53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:size]
 
 
 def standard_normal(
@@ -94,18 +103,16 @@ def standard_normal(
     Default: torch's Mersenne Twister (``generator``, OS-seeded under DP) and its floating-point Gaussian.
     ``secure``: why and what -- floating-point Gaussian samplers leak through the gaps of their output
     grid (Mironov 2012; Jin et al. 2022), and a Mersenne Twister's state can be recovered from enough of its
-    outputs. Each release then draws from its own generator, seeded from the OS CSPRNG (so no stream spans
-    two releases), and returns the sum of four draws divided by two (still exactly N(0, 1)); summing
-    independent samples fills the gaps a single floating-point sample leaves (Holohan & Braghin 2021, the
-    defence Opacus' ``secure_mode`` uses). The caller's generator is not advanced.
+    outputs. Each release then draws every bit from the OS CSPRNG (``csprng_standard_normal``, float64), and
+    returns the sum of four draws divided by two (still exactly N(0, 1)), summed in float64 and only then cast;
+    summing independent samples fills the gaps a single floating-point sample leaves (Holohan & Braghin 2021,
+    the defence Opacus' ``secure_mode`` uses). The caller's generator is not advanced.
     """
     if not secure:
         return torch.randn(shape, generator=generator, dtype=dtype, device="cpu")
-    gen = secure_generator()
-    total = torch.randn(shape, generator=gen, dtype=dtype, device="cpu")
-    for _ in range(SECURE_DRAWS - 1):
-        total += torch.randn(shape, generator=gen, dtype=dtype, device="cpu")
-    return total / math.sqrt(SECURE_DRAWS)
+    size = math.prod(shape)
+    total = sum(csprng_standard_normal(size) for _ in range(SECURE_DRAWS)) / math.sqrt(SECURE_DRAWS)
+    return torch.from_numpy(np.asarray(total, dtype=np.float64).reshape(tuple(shape))).to(dtype)
 
 
 def add_gaussian_noise(
