@@ -55,6 +55,20 @@ NODE_FALLBACK = "tests/test_state_integrity.py::test_a_damaged_local_state_falls
 SERVER_FALLBACK = "tests/test_privacy_books.py::test_falling_back_to_the_previous_checkpoint_charges_the_lost_round"
 
 
+BOUNDARY = "tests/test_node_boundary.py::"
+HALF_Z = BOUNDARY + "test_a_node_refuses_half_the_global_noise_and_loses_nothing"
+EXTRA_ROUND = BOUNDARY + "test_a_node_refuses_one_round_more_than_calibrated"
+DECLARED_Q = BOUNDARY + "test_the_sample_rate_is_declared_never_computed_from_the_records"
+NO_SIZE_ON_WIRE = BOUNDARY + "test_train_and_evaluate_replies_carry_the_declared_rate_and_not_the_training_set_size"
+LEDGER = BOUNDARY + "test_the_ledger_composes_every_run_on_the_same_records"
+LIFETIME = BOUNDARY + "test_a_run_past_the_lifetime_epsilon_is_refused_at_setup_with_the_ledger"
+ABA = BOUNDARY + "test_a_to_b_to_a_resumes_a_with_its_prompt_optimizer_and_books"
+RESEED = BOUNDARY + "test_a_fallback_to_the_previous_state_draws_a_fresh_secret_seed"
+WIRE_CHECK = BOUNDARY + "test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify"
+RESENT = "tests/test_client.py::test_a_re_sent_round_gets_the_same_reply_without_a_new_step"
+REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
+
+
 @dataclass(frozen=True)
 class Mutation:
     name: str
@@ -267,6 +281,89 @@ MUTATIONS = (
         "np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64)",
         "np.frombuffer(np.random.default_rng(secrets.randbits(16)).bytes(16 * pairs), dtype=np.uint64)",
         (SECURE_SEEDS, SECURE_REPLAY),
+    ),
+    Mutation(
+        "the node accepts a smaller z_G (checks its release against twice what the server adds)",
+        "client_app/node.py",
+        "step = (state.noise_multiplier_local, z_global, self.sample_rate)",
+        "step = (state.noise_multiplier_local, 2 * z_global, self.sample_rate)",
+        (HALF_Z,),
+    ),
+    Mutation(
+        "the node's budget stop disabled",
+        "client_app/node.py",
+        "            if not calibration.within(spent, limit):",
+        "            if False:",
+        (EXTRA_ROUND, HALF_Z),
+    ),
+    Mutation(
+        "n_i back on the wire (train reply)",
+        "client_app/node.py",
+        '            "sample-rate": self.sample_rate,\n            "noise-multiplier-local"',
+        '            "sample-rate": self.sample_rate,\n            "num-examples": float(self.data.num_train),\n'
+        '            "noise-multiplier-local"',
+        (NO_SIZE_ON_WIRE,),
+    ),
+    Mutation(
+        "a deployed node's sample rate computed from its records",
+        "client_app/node.py",
+        "    if not cfg.dp:\n        return min(1.0, cfg.batch_size / max(planned_size, 1))",
+        "    if True:\n        return min(1.0, cfg.batch_size / max(planned_size, 1))",
+        (DECLARED_Q,),
+    ),
+    Mutation(
+        "the ledger does not compose a new release with earlier runs",
+        "common/privacy/ledger.py",
+        "        groups = dict(extra)\n        for key, entry in self.runs.items():",
+        "        groups = dict(extra)\n        for key, entry in list(self.runs.items())[:0]:",
+        (LIFETIME,),
+    ),
+    Mutation(
+        "the ledger's total is one run's",
+        "common/privacy/ledger.py",
+        "            if run_key is None or key == run_key:\n                for mechanism, n in entry.steps.items():\n"
+        "                    groups[mechanism] = groups.get(mechanism, 0) + n\n        return composed_epsilon(groups, delta)"
+        "\n\n    def epsilon_with",
+        "            if key == run_key or (run_key is None and key == next(iter(self.runs))):\n"
+        "                for mechanism, n in entry.steps.items():\n"
+        "                    groups[mechanism] = groups.get(mechanism, 0) + n\n        return composed_epsilon(groups, delta)"
+        "\n\n    def epsilon_with",
+        (LEDGER,),
+    ),
+    Mutation(
+        "a run switch starts over instead of restoring the run's kept state",
+        "client_app/state.py",
+        "    if (kept / STATE_FILE).exists() or previous_path(kept / STATE_FILE).exists():",
+        "    if False:",
+        (ABA,),
+    ),
+    Mutation(
+        "no fresh seed after a fallback to the previous state",
+        "client_app/node.py",
+        "                state.generator = dp_generator(True, 0)",
+        "                pass",
+        (RESEED,),
+    ),
+    Mutation(
+        "the ClientApp's wire check removed",
+        "client_app/app.py",
+        "    check_reply(request.operation, fields)",
+        "    pass",
+        (WIRE_CHECK,),
+    ),
+    Mutation(
+        "a re-sent reply's second release not charged on the node",
+        "client_app/node.py",
+        "                self._charge_rerelease(run_token, state, z_global)",
+        "                pass",
+        (RESENT,),
+    ),
+    Mutation(
+        "the server books a re-released round as an independent step",
+        "server_app/books.py",
+        "    z_twice = combined_noise_multiplier(z_global, z_global)",
+        "    z_twice = z_global",
+        (REBOOKED,),
     ),
 )
 

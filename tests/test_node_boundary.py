@@ -238,3 +238,20 @@ def test_each_calibration_limits_the_node_to_what_its_own_calibration_promises(t
     with pytest.raises(PrivacyBudgetSpent):
         _train(ctx, 2, p_global, z_global=z * 0.5)
     assert math.isfinite(NodeState.load(tmp_path / "node").accountant.epsilon_published())
+
+
+def test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify():
+    from flwr.app import MetricRecord
+
+    from dpfpl.client_app.app import leave
+    from dpfpl.client_app.request import NodeRequest
+    from dpfpl.common.wire import UnclassifiedField
+
+    request = NodeRequest(
+        content=RecordDict(), run_config={}, node_config={}, node_id=1, operation="train", clientapp_age=None
+    )
+    ok = RecordDict({"metrics": MetricRecord({"server-round": 1, "sample-rate": 0.1})})
+    assert leave(request, ok) is ok
+    leaking = RecordDict({"metrics": MetricRecord({"server-round": 1, "num-examples": 640.0})})
+    with pytest.raises(UnclassifiedField, match="metrics/num-examples"):
+        leave(request, leaking)
