@@ -146,14 +146,14 @@ class PromptNode:
         if not self.cfg.dp:
             return self.cfg.lr_local
         return noise_bounded_lr(
-            self.cfg.lr_local,
-            self.cfg.local_noise_radius,
-            self.encoder.reference_context_norm(),
-            noise_multiplier_local,
-            self.cfg.max_grad_norm_local,
-            self.cfg.batch_size,
-            self.cfg.num_server_rounds,
-            self.learner.noised_size(),
+            lr=self.cfg.lr_local,
+            radius=self.cfg.local_noise_radius,
+            reference_norm=self.encoder.reference_context_norm(),
+            noise_multiplier=noise_multiplier_local,
+            max_grad_norm=self.cfg.max_grad_norm_local,
+            expected_batch=self.cfg.batch_size,
+            steps=self.cfg.num_server_rounds,
+            noised_size=self.learner.noised_size(),
         )
 
     def _state(self, run_token: str, z_global: float) -> NodeState:

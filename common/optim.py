@@ -26,6 +26,7 @@ def sgd_update(
 
 
 def noise_bounded_lr(
+    *,
     lr: float,
     radius: float,
     reference_norm: float,
@@ -41,8 +42,9 @@ def noise_bounded_lr(
     ``steps`` steps the noise is a random walk of expected norm lr z C sqrt(steps * noised_size) / B. A node
     with a small data set has a large sample rate, so a large z, and at a fixed lr its noise outgrows the
     prompt it is added to (its prompt then collapses). Bounding the walk's norm keeps every node within a
-    radius of its initialization. Only public quantities enter (z follows from epsilon, q and the planned
-    steps, which the node reports anyway), so choosing the step this way costs no privacy.
+    radius of its initialization. Only public quantities enter (z follows from epsilon, the declared q and the
+    planned steps), so choosing the step this way costs no privacy. Keyword-only: eight numbers by position
+    invite a swap that no type checker catches.
     """
     if radius <= 0 or noise_multiplier <= 0 or noise_multiplier == float("inf") or noised_size <= 0:
         return lr

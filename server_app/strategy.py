@@ -142,14 +142,14 @@ def global_learning_rate(cfg: RunConfig, noise_multiplier: float, num_replies: i
         return cfg.lr_global
     reference = _reference_context_norm(cfg.model_name, cfg.pretrained, cfg.n_ctx)
     return noise_bounded_lr(
-        cfg.lr_global,
-        cfg.global_noise_radius,
-        reference,
-        noise_multiplier,
-        cfg.max_grad_norm_global,
-        cfg.batch_size * num_replies,
-        cfg.num_server_rounds,
-        math.prod(shape),
+        lr=cfg.lr_global,
+        radius=cfg.global_noise_radius,
+        reference_norm=reference,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm_global,
+        expected_batch=cfg.batch_size * num_replies,
+        steps=cfg.num_server_rounds,
+        noised_size=math.prod(shape),
     )
 
 

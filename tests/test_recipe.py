@@ -24,9 +24,21 @@ def _demo_config(**overrides) -> RunConfig:
     return RunConfig.from_flower({**RunConfig.defaults(), **DEMO_PRESET, **overrides})
 
 
+NAMES = (
+    "lr",
+    "radius",
+    "reference_norm",
+    "noise_multiplier",
+    "max_grad_norm",
+    "expected_batch",
+    "steps",
+    "noised_size",
+)
+
+
 def test_noise_bounded_lr_bounds_the_expected_noise_walk():
     lr = noise_bounded_lr(
-        0.1,
+        lr=0.1,
         radius=0.2,
         reference_norm=0.5,
         noise_multiplier=6.95,
@@ -42,9 +54,11 @@ def test_noise_bounded_lr_bounds_the_expected_noise_walk():
     )
     assert float(walks.pow(2).mean().sqrt()) == pytest.approx(0.2 * 0.5, rel=0.05)
     # off, or nothing noised: the configured lr
-    assert noise_bounded_lr(0.1, 0.0, 0.5, 6.95, 1.0, 32, 50, 264) == 0.1
-    assert noise_bounded_lr(0.1, 0.2, 0.5, math.inf, 1.0, 32, 50, 264) == 0.1
-    assert noise_bounded_lr(1e-6, 0.2, 0.5, 6.95, 1.0, 32, 50, 264) == 1e-6  # never above the configured lr
+    assert noise_bounded_lr(**dict(zip(NAMES, (0.1, 0.0, 0.5, 6.95, 1.0, 32, 50, 264)))) == 0.1
+    assert noise_bounded_lr(**dict(zip(NAMES, (0.1, 0.2, 0.5, math.inf, 1.0, 32, 50, 264)))) == 0.1
+    assert (
+        noise_bounded_lr(**dict(zip(NAMES, (1e-6, 0.2, 0.5, 6.95, 1.0, 32, 50, 264)))) == 1e-6
+    )  # never above the configured lr
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +93,14 @@ def test_a_small_node_under_heavy_local_noise_stays_near_its_init(recipe_encoder
     assert cfg.dp and cfg.local_noise_radius > 0 and cfg.ctx_init
     reference = recipe_encoder.reference_context_norm()
     lr = noise_bounded_lr(
-        cfg.lr_local,
-        cfg.local_noise_radius,
-        reference,
-        SMALL_NODE_Z,
-        cfg.max_grad_norm_local,
-        cfg.batch_size,
-        cfg.num_server_rounds,
-        build_method("dpfpl", cfg.rank).local.noised_size(cfg.n_ctx, recipe_encoder.width),
+        lr=cfg.lr_local,
+        radius=cfg.local_noise_radius,
+        reference_norm=reference,
+        noise_multiplier=SMALL_NODE_Z,
+        max_grad_norm=cfg.max_grad_norm_local,
+        expected_batch=cfg.batch_size,
+        steps=cfg.num_server_rounds,
+        noised_size=build_method("dpfpl", cfg.rank).local.noised_size(cfg.n_ctx, recipe_encoder.width),
     )
     scale = float(tiny_model.model.logit_scale.exp())
     dim = tiny_model.model.text_projection.shape[1]
