@@ -570,6 +570,7 @@ def plan(args) -> list[tuple[str, str, dict]]:
             "eval-every": 1000,
             "eval-last": 0,
             "batch-size": 32,
+            "sample-rate": 0.25,  # declared (public): batch-size 32 / the 2 x 64 training images of each silo
         }
         for worker in (False, True):
             cases.append(
