@@ -365,6 +365,13 @@ MUTATIONS = (
         "    z_twice = z_global",
         (REBOOKED,),
     ),
+    Mutation(
+        "the steps a node reports in its evaluation reply not booked",
+        "server_app/strategy.py",
+        "            for key, m in rows:\n                self.book_steps(key, m)",
+        "            for key, m in rows:\n                pass",
+        (BOUNDARY + "test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluation_reply",),
+    ),
 )
 
 

@@ -255,3 +255,24 @@ def test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify()
     leaking = RecordDict({"metrics": MetricRecord({"server-round": 1, "num-examples": 640.0})})
     with pytest.raises(UnclassifiedField, match="metrics/num-examples"):
         leave(request, leaking)
+
+
+def test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluation_reply():
+    """A node's last train replies may be rejected or lost; the evaluation reply reports its step count, and the
+    server's books (and so epsilon-published-max) take it."""
+    from flwr.app import MetricRecord
+
+    from dpfpl.common.runtag import run_tag
+
+    from .test_reply_validation import ROUND, _strategy
+
+    strategy = _strategy()
+    before = strategy.privacy_maxima()["epsilon-published-max"]
+    request = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.EVALUATE)
+    request.metadata.__dict__["_src_node_id"] = 0
+    metrics = {"server-round": ROUND, "run-tag": run_tag("t"), "noisy-steps": 4.0, "local-acc": 0.5}
+    reply = Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=request)
+    reply.metadata.__dict__["_src_node_id"] = 1
+    strategy.aggregate_evaluate(ROUND, [reply])
+    assert strategy.state.node_steps["1"] == 4
+    assert strategy.privacy_maxima()["epsilon-published-max"] > before
