@@ -277,9 +277,7 @@ class PromptNode:
         ledger.charge(run_token, state.noise_multiplier_local, z_global, self.sample_rate)
         ledger.save()
 
-    def train(
-        self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float, message_id: str = ""
-    ) -> TrainOutcome:
+    def train(self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         if self.cfg.dp and not (z_global > 0 or (not self.method.shares_global and math.isinf(z_global))):
@@ -291,14 +289,11 @@ class PromptNode:
             and state.extra.get("reply-round") == server_round
             and state.extra.get("reply-to") == asked
         ):
-            # This round was already answered: send the same reply again. No new step and no new local noise. The
-            # same message delivered twice (a ClientApp retrying with a restarted worker) releases nothing new; a
-            # new message for the round (the server fell back to the checkpoint before it) gets fresh global noise
-            # in the central mode, so this node books that second release of the same batch. An unknown message id
-            # counts as a new message.
+            # The server re-sent a round this node already answered (it fell back to the checkpoint before that
+            # round): send the same reply again. No new step and no new local noise; but in the central mode the
+            # server adds fresh global noise to it, so this node books that second release of the same batch.
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
-            same_message = bool(message_id) and state.extra.get("reply-message") == message_id
-            if self.cfg.dp and self.method.shares_global and not self.cfg.secure_aggregation and not same_message:
+            if self.cfg.dp and self.method.shares_global and not self.cfg.secure_aggregation:
                 self._charge_rerelease(run_token, state, z_global)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.dp:
@@ -357,9 +352,7 @@ class PromptNode:
             metrics["batch-size"] = float(result.batch_size)
         global_grad = None if result.global_grad is None else result.global_grad.cpu()
         state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
-        state.extra.update(
-            {"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked, "reply-message": message_id}
-        )
+        state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
         state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
         return TrainOutcome(global_grad, metrics)
 

@@ -98,7 +98,6 @@ def train(request: NodeRequest) -> RecordDict:
         int(config["server-round"]),
         str(config["run-token"]),
         float(config["noise-multiplier-global"]),
-        message_id=request.message_id,
     )
     # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
     # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)

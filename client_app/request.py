@@ -43,9 +43,6 @@ class NodeRequest:
     # how long the ClientApp process had been alive when the message reached its handler: the share of a
     # deployed round that is process start-up, reported next to the handler's own seconds
     clientapp_age: float | None = None
-    # Flower's id of the message: the same message delivered twice (a ClientApp retrying with a restarted worker)
-    # keeps it, a round the server sends again is a new message
-    message_id: str = ""
 
     @classmethod
     def from_flower(cls, msg: Message, context: Context) -> NodeRequest:
@@ -56,7 +53,6 @@ class NodeRequest:
             node_config=dict(context.node_config),
             node_id=int(msg.metadata.dst_node_id),
             clientapp_age=process_age() if _own_clientapp_process() else None,
-            message_id=str(msg.metadata.message_id or ""),
         )
 
 

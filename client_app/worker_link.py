@@ -153,7 +153,6 @@ def call_header(request: NodeRequest) -> dict:
         "node-config": request.node_config,
         "node-id": request.node_id,
         "clientapp-age": request.clientapp_age,
-        "message-id": request.message_id,
     }
 
 
@@ -165,7 +164,6 @@ def request_from(header: dict, payload: bytes) -> NodeRequest:
         node_config=dict(header["node-config"]),
         node_id=int(header["node-id"]),
         clientapp_age=None if header.get("clientapp-age") is None else float(header["clientapp-age"]),
-        message_id=str(header.get("message-id") or ""),
     )
 
 

@@ -276,21 +276,3 @@ def test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluat
     strategy.aggregate_evaluate(ROUND, [reply])
     assert strategy.state.node_steps["1"] == 4
     assert strategy.privacy_maxima()["epsilon-published-max"] > before
-
-
-def test_the_same_message_twice_releases_nothing_new_a_new_message_for_the_round_does(tmp_path, cache_dir, p_global):
-    """A ClientApp that retries one message (its worker restarted) gets the stored reply and charges nothing more;
-    a new message for an answered round (the server fell back and re-runs it) is a second release of that batch."""
-
-    def sent(message_id):  # 30 planned rounds: room in the budget for the second release
-        msg = _msg(MessageType.TRAIN, 1, p_global=p_global, z_global=_calibrated_z_global(rounds=30))
-        msg.metadata.__dict__["_message_id"] = message_id
-        return client_module.train(msg, _context(tmp_path, num_server_rounds=30))
-
-    sent("m-1")
-    first = NodeState.load(tmp_path / "node").accountant.history
-    sent("m-1")  # delivered again
-    assert NodeState.load(tmp_path / "node").accountant.history == first
-    sent("m-2")  # the round re-run by the server
-    again = NodeState.load(tmp_path / "node").accountant.history
-    assert len(again) == 1 and again[0][1] == pytest.approx(first[0][1] / 2**0.5)
