@@ -277,7 +277,9 @@ class PromptNode:
         ledger.charge(run_token, state.noise_multiplier_local, z_global, self.sample_rate)
         ledger.save()
 
-    def train(self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float) -> TrainOutcome:
+    def train(
+        self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float, rerelease: bool = False
+    ) -> TrainOutcome:
         if self.method.shares_global and p_global is None:
             raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
         if self.cfg.dp and not (z_global > 0 or (not self.method.shares_global and math.isinf(z_global))):
@@ -289,11 +291,15 @@ class PromptNode:
             and state.extra.get("reply-round") == server_round
             and state.extra.get("reply-to") == asked
         ):
-            # The server re-sent a round this node already answered (it fell back to the checkpoint before that
-            # round): send the same reply again. No new step and no new local noise; but in the central mode the
-            # server adds fresh global noise to it, so this node books that second release of the same batch.
+            # This round was already answered: send the same reply again, no new step and no new local noise. A
+            # round cut short (the server or the SuperLink died before the round's checkpoint) released nothing.
+            # A round the server runs again after falling back to an older checkpoint (``rerelease``) may have
+            # been released: in the central mode the server adds fresh global noise to the same reply, and this
+            # node books that second release of the same batch. (The server's word on this is trusted as its word
+            # on the noise it adds is: the central mode trusts the aggregator; secure aggregation does not need it.)
             log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
-            if self.cfg.dp and self.method.shares_global and not self.cfg.secure_aggregation:
+            central = self.method.shares_global and not self.cfg.secure_aggregation
+            if self.cfg.dp and central and rerelease:
                 self._charge_rerelease(run_token, state, z_global)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.dp:

@@ -98,6 +98,7 @@ def train(request: NodeRequest) -> RecordDict:
         int(config["server-round"]),
         str(config["run-token"]),
         float(config["noise-multiplier-global"]),
+        rerelease=bool(config.get("rerelease", False)),
     )
     # client-seconds: this handler's own compute (node from its caches + the step), so the server can tell
     # Flower's share of a round from the clients' (dpfpl/bench/step.py, docs/performance.md)

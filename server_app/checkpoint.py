@@ -36,6 +36,9 @@ class ServerState:
     node_steps: dict[str, int] = field(default_factory=dict)  # node_id -> noisy steps (as the node reports them)
     # node_id -> rounds whose replies were released twice (a checkpoint fallback re-ran them with fresh noise)
     rereleased: dict[str, int] = field(default_factory=dict)
+    # the round that runs again after such a fallback: its train message tells the nodes that a reply they re-send
+    # is released a second time (a round cut short before its checkpoint released nothing and is not flagged)
+    rerelease_round: int = 0
     # the last round whose evaluation ran: a crash may come between a round's checkpoint and its evaluation
     # (None: a checkpoint written before this was kept, whose rounds were saved after their evaluation)
     evaluated_round: int | None = None
@@ -56,6 +59,7 @@ def charge_lost_round(state: ServerState) -> None:
     (``books.node_epsilons``); its nodes charge themselves the same way (``PromptNode.train``)."""
     for key in set(state.participation) | set(state.node_steps):
         state.rereleased[key] = state.rereleased.get(key, 0) + 1
+    state.rerelease_round = state.server_round + 1
 
 
 class RunDirectory:

@@ -245,7 +245,12 @@ class PromptStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        cfg = {**dict(config), "noise-multiplier-global": self.state.noise_multiplier_global}
+        cfg = {
+            **dict(config),
+            "noise-multiplier-global": self.state.noise_multiplier_global,
+            # this round ran before and its p_G may have left: a node's re-sent reply is released a second time
+            "rerelease": server_round == self.state.rerelease_round,
+        }
         return self._messages(server_round, arrays, cfg, grid, MessageType.TRAIN)
 
     def configure_evaluate(

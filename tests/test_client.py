@@ -29,7 +29,7 @@ def _context(tmp_path, partition_id, **run):
     )
 
 
-def _train_msg(p_global, server_round, token="tok", z_global=2.0, digest=DEMO_DIGEST):
+def _train_msg(p_global, server_round, token="tok", z_global=2.0, digest=DEMO_DIGEST, rerelease=False):
     content = RecordDict(
         {
             "arrays": ArrayRecord({"global-prompt": p_global}),
@@ -38,6 +38,7 @@ def _train_msg(p_global, server_round, token="tok", z_global=2.0, digest=DEMO_DI
                     "server-round": server_round,
                     "run-token": token,
                     "noise-multiplier-global": z_global,
+                    "rerelease": rerelease,
                     DIGEST_KEY: digest,
                 }
             ),
@@ -162,7 +163,8 @@ def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, c
 
 def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_dir, p_global):
     """After a server restart the last round may be sent again: the node answers with what it already sent,
-    so the local prompt is not stepped twice and the accountant counts one release."""
+    so the local prompt is not stepped twice and the accountant counts one release. A round the server re-runs
+    after falling back to an older checkpoint is flagged: that reply is released a second time, and booked so."""
     ctx = _context(tmp_path, 4, num_server_rounds=20)  # room in the budget for the re-release
     first = client_module.train(_train_msg(p_global, 1), ctx)
     state_dir = tmp_path / "run" / "nodes" / "node-4"
@@ -174,15 +176,18 @@ def test_a_re_sent_round_gets_the_same_reply_without_a_new_step(tmp_path, cache_
     # the same metrics, except the handler's own wall time (client-seconds, the benchmark's measure)
     same = lambda m: {k: v for k, v in dict(m.content["metrics"]).items() if k != "client-seconds"}  # noqa: E731
     assert same(first) == same(again)
-    assert len(after_again.accountant.history) == 1
-    # the server adds fresh global noise to the re-sent reply: the step is booked as one release of its batch at
-    # the combined global multiplier 2 / sqrt(2), in the run's books and in the node's ledger
-    assert after_again.accountant.history[0][1] == pytest.approx(2.0 / np.sqrt(2.0))
-    assert after_again.accountant.epsilon_published() > after_first.accountant.epsilon_published()
+    assert after_again.accountant.history == after_first.accountant.history  # a round cut short: nothing new
+    assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
+    # the server fell back and re-runs round 1: the same reply gets fresh global noise, booked as one release of
+    # the batch at the combined multiplier 2 / sqrt(2), in the run's books and in the node's ledger
+    client_module.train(_train_msg(p_global, 1, rerelease=True), ctx)
+    rebooked = NodeState.load(state_dir)
+    assert len(rebooked.accountant.history) == 1
+    assert rebooked.accountant.history[0][1] == pytest.approx(2.0 / np.sqrt(2.0))
+    assert rebooked.accountant.epsilon_published() > after_first.accountant.epsilon_published()
     from dpfpl.common.privacy.ledger import PrivacyLedger
 
     assert [m[1] for m in PrivacyLedger.of(state_dir).runs["tok"].steps] == [pytest.approx(2.0 / np.sqrt(2.0))]
-    assert torch.equal(after_again.local["p_local"], after_first.local["p_local"])
     client_module.train(_train_msg(p_global + 1.0, 1), ctx)  # same round, another p_G: a real step
     assert len(NodeState.load(state_dir).accountant.history) == 2
     client_module.train(_train_msg(p_global, 2), ctx)  # the next round trains as usual

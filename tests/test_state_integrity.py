@@ -87,7 +87,9 @@ def test_a_damaged_server_checkpoint_resumes_from_the_previous_round(tmp_path):
         )
     _flip_a_byte(tmp_path / CHECKPOINT)
     state = run.load()
-    # round 2's p_G may have left before its checkpoint was lost: the resumed run releases round 2 again, so
-    # the books charge it (the node charges its lost step the same way)
-    assert state.server_round == 1 and state.participation == {"1": 2}
+    # round 2's p_G may have left before its checkpoint was lost: the resumed run releases round 2 again with
+    # fresh noise on the same replies, so the books charge that round as a second release of its batch, and the
+    # round's train message tells the nodes so (they book their re-sent reply the same way)
+    assert state.server_round == 1 and state.participation == {"1": 1}
+    assert state.rereleased == {"1": 1} and state.rerelease_round == 2
     assert torch.equal(state.p_global, torch.full((4, 8), 1.0))
