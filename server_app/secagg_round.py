@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -36,11 +37,13 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 
 from dpfpl.common.metrics import GLOBAL_NOISE_STD
+from dpfpl.common.secagg.crypto import KEY_BYTES
 from dpfpl.common.secagg.encoding import decode_sum, effective_noise_multiplier
 from dpfpl.common.secagg.field import quantized_sensitivity, scale_factor
 from dpfpl.common.secagg.protocol import SecAggError, ServerSession, threshold_for
 
-from .strategy import InvalidReply, PromptStrategy, Reply
+from .replies import InvalidReply, blob, config_fields, id_to_blob, masked_input, reply_metrics
+from .strategy import PromptStrategy, Reply
 
 log = logging.getLogger("dpfpl.server.secagg")
 
@@ -52,11 +55,6 @@ def _ok(msg: Message, server_round: int) -> bool:
         log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
         return False
     return True
-
-
-def _config(msg: Message) -> dict | None:
-    content = msg.content
-    return dict(content["secagg"]) if "secagg" in content.config_records else None
 
 
 def _request(
@@ -121,8 +119,9 @@ def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -
         if group.failed is None:
             try:
                 step(group)
-            except SecAggError as err:
-                group.failed = str(err)
+            except (SecAggError, InvalidReply, ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
+                # a value that passed the parser but that the protocol cannot use fails this group only
+                group.failed = f"{type(err).__name__}: {err}"
                 log.error(
                     "round %d: secure aggregation of group %d failed; nothing of it unmasked or charged: %s",
                     server_round,
@@ -200,12 +199,10 @@ class _SecureRound:
         """The train reply under secure aggregation: metrics and two public keys, no gradient."""
         if msg.has_error():
             raise InvalidReply(f"node reported an error: {msg.error.reason}")
-        record = _config(msg)
-        metrics = dict(msg.content["metrics"]) if "metrics" in msg.content.metric_records else {}
+        metrics = reply_metrics(msg, "train")
         self.strategy.check_round_and_run(metrics, server_round)
-        if record is None or len(msg.content.array_records) or set(record) != {"c-pk", "s-pk"}:
-            raise InvalidReply("malformed key advertisement")
-        return (bytes(record["c-pk"]), bytes(record["s-pk"])), metrics
+        record = config_fields(msg, "secagg", {"c-pk", "s-pk"})
+        return (blob(record["c-pk"], "c-pk", KEY_BYTES), blob(record["s-pk"], "s-pk", KEY_BYTES)), metrics
 
     def collect_key_advertisements(self, train: list[Message]) -> None:
         """The local step: each node trains and advertises its keys; accepted through the strategy's one reply
@@ -223,9 +220,18 @@ class _SecureRound:
         payloads: dict[int, dict] = {}
 
         def roster(group: _Group) -> None:
-            members = group.session.set_roster(
-                {u: self.advertised[u].payload for u in group.nodes if u in self.advertised}
-            )
+            advertised = {u: self.advertised[u].payload for u in group.nodes if u in self.advertised}
+            # a key advertised twice (a node replaying another's) cannot be attributed: all its holders are left
+            # out of this round, as a dropout would be, and the others go on
+            count = Counter(k for pair in advertised.values() for k in pair)
+            for u in [u for u, pair in advertised.items() if any(count[k] > 1 for k in pair)]:
+                log.warning(
+                    "round %d: node %s advertised a public key another node also advertised; left out",
+                    self.server_round,
+                    u,
+                )
+                del advertised[u]
+            members = group.session.set_roster(advertised)
             order = sorted(members)
             payload = {
                 "nodes": order,
@@ -242,12 +248,13 @@ class _SecureRound:
     def collect_shares(self) -> dict[int, dict[int, bytes]]:
         """Each node's encrypted Shamir shares, one per other member of its group."""
         shares = {}
+        members = set(self.group_of)
         for node, msg in self._request(SHARES, self.roster_payloads).items():
-            record = _config(msg)
-            if record is None or set(record) != {"dst", "ct"} or len(record["dst"]) != len(record["ct"]):
-                log.warning("round %d: node %s: malformed shares rejected", self.server_round, node)
-                continue
-            shares[node] = {int(d): bytes(c) for d, c in zip(record["dst"], record["ct"])}
+            try:
+                record = config_fields(msg, "secagg", {"dst", "ct"})
+                shares[node] = id_to_blob(record["dst"], record["ct"], "shares", members - {node})
+            except InvalidReply as err:
+                log.warning("round %d: node %s: shares rejected: %s", self.server_round, node, err)
         return shares
 
     def collect_masked_inputs(self, shares: dict[int, dict[int, bytes]]) -> None:
@@ -271,12 +278,12 @@ class _SecureRound:
 
         _each(self.groups, self.server_round, relay)
         masked = {}
+        size = int(np.prod(self.shape))
         for node, msg in self._request(MASKED, payloads).items():
-            content = msg.content
-            if set(content.array_records.keys()) != {"secagg"} or set(content["secagg"].keys()) != {"masked"}:
-                log.warning("round %d: node %s: malformed masked input rejected", self.server_round, node)
-                continue
-            masked[node] = content["secagg"]["masked"].numpy()  # shape, dtype and range: ServerSession checks
+            try:
+                masked[node] = masked_input(msg, size)
+            except InvalidReply as err:
+                log.warning("round %d: node %s: masked input rejected: %s", self.server_round, node, err)
 
         def collect(group: _Group) -> None:
             group.survivors, group.dropped = group.session.collect_masked(
@@ -293,15 +300,16 @@ class _SecureRound:
             for u in g.survivors
         }
         unmask = {}
+        members = set(self.group_of)
         for node, msg in self._request(UNMASK, payloads).items():
-            r = _config(msg)
-            if r is None or set(r) != {"b-owner", "b-share", "s-owner", "s-share"}:
-                log.warning("round %d: node %s: malformed unmasking reply rejected", self.server_round, node)
-                continue
-            unmask[node] = (
-                {int(o): bytes(s) for o, s in zip(r["b-owner"], r["b-share"])},
-                {int(o): bytes(s) for o, s in zip(r["s-owner"], r["s-share"])},
-            )
+            try:
+                r = config_fields(msg, "secagg", {"b-owner", "b-share", "s-owner", "s-share"})
+                unmask[node] = (
+                    id_to_blob(r["b-owner"], r["b-share"], "b-shares", members),
+                    id_to_blob(r["s-owner"], r["s-share"], "s-shares", members),
+                )
+            except InvalidReply as err:
+                log.warning("round %d: node %s: unmasking reply rejected: %s", self.server_round, node, err)
 
         def unmask_sum(group: _Group) -> None:
             group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})

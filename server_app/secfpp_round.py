@@ -43,7 +43,8 @@ from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_unit
 from dpfpl.common.secfpp.lcc import LccParameterError
 from dpfpl.common.secfpp.protocol import validate
 
-from .strategy import InvalidReply, PromptStrategy, global_learning_rate, global_update, parse_node_key
+from .replies import InvalidReply, blob, blobs, config_fields, node_ids
+from .strategy import PromptStrategy, global_learning_rate, global_update, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
@@ -184,7 +185,13 @@ class SecfppStrategy(PromptStrategy):
 
 
 def _request(
-    grid: Grid, action: str, payloads: dict[int, dict], phase: str, timeout: float | None, tolerate: bool = False
+    grid: Grid,
+    action: str,
+    payloads: dict[int, dict],
+    phase: str,
+    timeout: float | None,
+    tolerate: bool = False,
+    roster_size: int | None = None,
 ) -> dict[int, dict]:
     """Send each node its payload; the replies by node id. ``tolerate``: a node that fails or does not answer
     is logged and left out (the caller decides whether enough are left); otherwise the phase fails."""
@@ -194,18 +201,54 @@ def _request(
     ]
     replies, problems = {}, []
     for msg in grid.send_and_receive(messages, timeout=timeout):
+        node = msg.metadata.src_node_id
         if msg.has_error():
-            problems.append(f"node {msg.metadata.src_node_id} failed in {action}: {msg.error.reason}")
-        elif "secfpp" not in msg.content.config_records:
-            problems.append(f"node {msg.metadata.src_node_id} sent no 'secfpp' record in {action}")
-        else:
-            replies[msg.metadata.src_node_id] = dict(msg.content["secfpp"])
+            problems.append(f"node {node} failed in {action}: {msg.error.reason}")
+            continue
+        try:
+            values = config_fields(msg, "secfpp", PHASE_FIELDS[action])
+            replies[node] = PHASE_PARSERS[action](values, roster_size or len(payloads))
+        except InvalidReply as err:
+            problems.append(f"node {node}: {action} reply rejected: {err}")
     missing = set(payloads) - set(replies)
     if missing and not tolerate:
         raise PhaseFailed("; ".join(problems) or f"{len(missing)} node(s) did not answer {action}")
     for problem in problems:
         log.warning("%s; it drops out of this phase", problem)
     return replies
+
+
+def _addressed(values: dict, num_nodes: int) -> dict:
+    """dst (roster indices) and ct (one ciphertext each), checked: the relay uses nothing else."""
+    ids = node_ids(values["dst"], "dst", set(range(num_nodes)))
+    cts = blobs(values["ct"], "ct", num_nodes)
+    if len(ids) != len(cts):
+        raise InvalidReply(f"{len(ids)} destinations for {len(cts)} ciphertexts")
+    return {"dst": ids, "ct": cts}
+
+
+def _decision(values: dict, num_nodes: int) -> dict:
+    cluster, far = values["cluster"], values["far"]
+    if isinstance(cluster, bool) or not isinstance(cluster, int) or not 0 <= cluster < max(num_nodes, 1):
+        raise InvalidReply(f"cluster {cluster!r} is not a cluster index")
+    if isinstance(far, bool):
+        far = int(far)
+    if not isinstance(far, int) or far not in (0, 1):
+        raise InvalidReply(f"far {far!r} is not 0 or 1")
+    return {"cluster": cluster, "far": far}
+
+
+def _keys(values: dict, num_nodes: int) -> dict:
+    return {"pk": blob(values["pk"], "pk", 32), "node-key": parse_node_key(values["node-key"])}
+
+
+PHASE_FIELDS = {
+    KEYS: {"pk", "node-key"},
+    SHARES: {"dst", "ct"},
+    DISTANCES: {"dst", "ct"},
+    DECIDE: {"cluster", "far"},
+}
+PHASE_PARSERS = {KEYS: _keys, SHARES: _addressed, DISTANCES: _addressed, DECIDE: _decision}
 
 
 def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[int], list[bytes]]]:
@@ -244,10 +287,7 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
             grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase, timeout
         )
         for n in nodes:  # the phase's roster is also where the assignment learns each node's key
-            try:
-                strategy.learn_key(n, parse_node_key(keys[n].get("node-key")))
-            except InvalidReply as err:
-                raise PhaseFailed(f"node {n}: {err}") from None
+            strategy.learn_key(n, str(keys[n]["node-key"]))
         if len({strategy.key_of(n) for n in nodes}) < len(nodes):
             raise PhaseFailed(
                 "two nodes report the same node key (a copied state directory?); each node needs its "
@@ -274,6 +314,7 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
                 phase,
                 timeout,
                 tolerate=True,
+                roster_size=len(nodes),
             )
             alive.intersection_update(replies)
             if len(alive) < need:  # fewer coded results than a distance needs: nobody could decode
@@ -290,6 +331,7 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
                 phase,
                 timeout,
                 tolerate=True,
+                roster_size=len(nodes),
             )
             alive.intersection_update(decided)
             # a node that dropped keeps its cluster (unless that cluster is being dissolved: then the first other)
@@ -315,7 +357,7 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
             initial,
             cfg.secfpp_min_cluster_size,
         )
-    except (PhaseFailed, LccParameterError, ValueError) as err:
+    except (PhaseFailed, LccParameterError, ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
         log.error("round %d: clustering phase failed, the assignment stays as it was: %s", server_round, err)
         return None
     strategy.apply_assignment({n: result.assignment[i] for i, n in enumerate(nodes)})

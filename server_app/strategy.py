@@ -37,6 +37,7 @@ from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
 from .checkpoint import ServerState
+from .replies import InvalidReply, reply_metrics
 
 log = logging.getLogger("dpfpl.server")
 
@@ -48,10 +49,6 @@ def client_label(node_id: int | str, metrics: dict) -> str:
     if isinstance(pid, (int, float)) and math.isfinite(pid) and pid >= 0 and float(pid).is_integer():
         return f"partition-{int(pid)}"
     return f"node-{node_id}"
-
-
-class InvalidReply(ValueError):
-    pass
 
 
 # How far beyond its declared size a node's data set may have grown before its reply's norm is implausible
@@ -275,7 +272,7 @@ class PromptStrategy(Strategy):
         if msg.has_error():
             raise InvalidReply(f"node reported an error: {client_error_text(msg.error.reason)}")
         content = msg.content
-        metrics = dict(content["metrics"]) if "metrics" in content.metric_records else {}
+        metrics = reply_metrics(msg, "train")  # layout, names, types and ranges: server_app/replies.py
         self.check_round_and_run(metrics, server_round)
         if len(content.config_records) or set(content.metric_records.keys()) != {"metrics"}:
             raise InvalidReply("a reply carries one metric record 'metrics' (and the method's arrays), nothing else")
@@ -311,9 +308,9 @@ class PromptStrategy(Strategy):
         the setup check: a node whose reply passes has loaded the model and checked its data."""
         if msg.has_error():
             raise InvalidReply(client_error_text(msg.error.reason))
-        if "metrics" not in msg.content.metric_records:
-            raise InvalidReply("the evaluation reply has no metrics")
-        metrics = dict(msg.content["metrics"])
+        if len(msg.content.array_records) or len(msg.content.config_records):
+            raise InvalidReply("an evaluation reply carries one metric record 'metrics', nothing else")
+        metrics = reply_metrics(msg, "evaluate")
         self.check_round_and_run(metrics, server_round)
         return None, metrics
 
@@ -335,6 +332,15 @@ class PromptStrategy(Strategy):
                 accepted.append(Reply(msg.metadata.src_node_id, node_key(msg, metrics), metrics, payload))
             except InvalidReply as err:
                 log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id, err)
+            except Exception as err:  # noqa: BLE001  a hostile reply is rejected, never fatal
+                log.warning(
+                    "round %d: %s from node %s rejected: malformed (%s: %s)",
+                    server_round,
+                    what,
+                    msg.metadata.src_node_id,
+                    type(err).__name__,
+                    str(err)[:200],
+                )
         count = Counter(r.key for r in accepted)
         shared = sorted(k for k, c in count.items() if c > 1)
         if shared:

@@ -64,8 +64,8 @@ def _rogue_app(tmp):
         ),
         (
             "server_app/strategy.py",
-            '"noise-multiplier-global": self.state.noise_multiplier_global}',
-            '"noise-multiplier-global": self.state.noise_multiplier_global * (0.5 if server_round == 2 else 1.0)}',
+            '"noise-multiplier-global": self.state.noise_multiplier_global,',
+            '"noise-multiplier-global": self.state.noise_multiplier_global * (0.5 if server_round == 2 else 1.0),',
         ),
     ):
         path = app / rel

@@ -149,7 +149,7 @@ def test_only_valid_replies_are_aggregated_and_the_prompt_stays_finite(specs):
 def _evaluation_reply(node: int, server_round: int | None, run: str | None, acc: float) -> Message:
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
     request.metadata.__dict__["_src_node_id"] = 0
-    metrics = {"local-acc": acc, "num-examples": 32.0}
+    metrics = {"local-acc": acc, "sample-rate": 0.5}
     if server_round is not None:
         metrics["server-round"] = server_round
     if run is not None:
