@@ -4,6 +4,7 @@ finite. The oracle below restates the rules independently of the strategy's code
 import math
 
 import numpy as np
+import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
@@ -162,17 +163,17 @@ def _evaluation_reply(node: int, server_round: int | None, run: str | None, acc:
 def test_evaluation_replies_for_another_round_or_run_are_left_out_of_the_means():
     strategy = _strategy()
     replies = [
-        _evaluation_reply(1, ROUND, "t", 80.0),
-        _evaluation_reply(2, ROUND - 1, "t", 10.0),
-        _evaluation_reply(3, ROUND, "an-earlier-run", 10.0),
-        _evaluation_reply(4, ROUND, None, 10.0),
-        _evaluation_reply(5, None, "t", 10.0),
-        _evaluation_reply(6, ROUND, "t", 60.0),
+        _evaluation_reply(1, ROUND, "t", 0.8),
+        _evaluation_reply(2, ROUND - 1, "t", 0.1),
+        _evaluation_reply(3, ROUND, "an-earlier-run", 0.1),
+        _evaluation_reply(4, ROUND, None, 0.1),
+        _evaluation_reply(5, None, "t", 0.1),
+        _evaluation_reply(6, ROUND, "t", 0.6),
     ]
     result = strategy.aggregate_evaluate(ROUND, replies)
     assert result["num-clients"] == 2
-    assert result["local-acc"] == 70.0
-    # at setup (round 0) the replies' training-set sizes feed the sample rates: a stale one must not
+    assert result["local-acc"] == pytest.approx(0.7)
+    # at setup (round 0) the replies' declared sample rates feed the accountant: a stale one must not
     strategy.state.node_sample_rates = {}
-    strategy.aggregate_evaluate(0, [_evaluation_reply(1, 0, "t", 50.0), _evaluation_reply(2, 0, "old", 50.0)])
+    strategy.aggregate_evaluate(0, [_evaluation_reply(1, 0, "t", 0.5), _evaluation_reply(2, 0, "old", 0.5)])
     assert set(strategy.state.node_sample_rates) == {"1"}
