@@ -36,7 +36,8 @@ RANKED_METHODS: tuple[str, ...] = ("dpfpl", "dpfpl-noresidual", "fedpgp")
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: an infinite epsilon, learning rate or noise multiplier is refused with its key named
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: MethodName = "dpfpl"
     model_name: str = "dpfpl-demo-tiny"
@@ -223,7 +224,7 @@ class RunConfig(BaseModel):
 class NodeConfig(BaseModel):
     """What a SuperNode is told by its operator (``--node-config``) or by the simulation engine."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     partition_id: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)

@@ -276,3 +276,13 @@ def test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluat
     strategy.aggregate_evaluate(ROUND, [reply])
     assert strategy.state.node_steps["1"] == 4
     assert strategy.privacy_maxima()["epsilon-published-max"] > before
+
+
+@pytest.mark.parametrize("key", ["target_epsilon", "lr_global", "noise_multiplier_local", "delta"])
+def test_a_non_finite_config_value_is_refused_with_its_key(key):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=key):
+        RunConfig(**{key: math.inf})
+    with pytest.raises(ValidationError, match="lifetime_epsilon"):
+        NodeConfig(lifetime_epsilon=math.nan)
