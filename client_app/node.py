@@ -219,34 +219,42 @@ class PromptNode:
                 + ledger.describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
             )
 
-    def check_release(self, state: NodeState, z_global: float) -> None:
-        """Before a noisy release: with this node's own accountant and the noise this step really adds (its
-        z_L, the z_G the server says it adds or this node adds its share of, its declared q), the epsilon of
-        everything released so far plus this step must stay within the run's limit and the node's lifetime.
-        Whatever the server sends (a lower z_G, a round more, another q), a release past either is refused."""
-        step = (state.noise_multiplier_local, z_global, self.sample_rate)
+    def _refuse_past_limits(self, history: list, ledger: PrivacyLedger, what: str) -> None:
+        """Raise ``PrivacyBudgetSpent`` if this run's books as they would be (``history``) pass the run's limit,
+        or the ledger as it would be (``ledger``, not yet saved) passes the node's lifetime-epsilon."""
         limit = self.run_limit()
         if limit is not None:
             after = PrivacyAccountant(self.cfg.delta)
-            after.history = [*state.accountant.history, step]
+            after.history = list(history)
             spent = after.epsilon_published()
             if not calibration.within(spent, limit):
                 raise PrivacyBudgetSpent(
-                    f"privacy budget spent, release refused: after {len(state.accountant.history)} noisy steps, one more with z_L = "
-                    f"{step[0]:.4g}, z_G = {z_global:.4g}, q = {step[2]:.4g} would bring this run's published "
-                    f"epsilon to {spent:.4f}, past its limit {limit:.4f} (target-epsilon {self.cfg.target_epsilon}, "
-                    f"calibrate-for {self.cfg.calibrate_for}, {self.cfg.num_server_rounds} rounds, delta "
-                    f"{self.cfg.delta:g}). Nothing was released; the node trains no further in this run"
+                    f"privacy budget spent, {what} refused: it would bring this run's published epsilon to "
+                    f"{spent:.4f} after {len(history)} noisy steps, past its limit {limit:.4f} (target-epsilon "
+                    f"{self.cfg.target_epsilon}, calibrate-for {self.cfg.calibrate_for}, {self.cfg.num_server_rounds} "
+                    f"rounds, delta {self.cfg.delta:g}). Nothing was released; the node trains no further in this run"
                 )
         if self.node.lifetime_epsilon is not None:
-            ledger = PrivacyLedger.of(self.state_dir)
-            total = ledger.epsilon_with(self.node.lifetime_delta, {step: 1})
+            total = ledger.epsilon(self.node.lifetime_delta)
             if not calibration.within(total, self.node.lifetime_epsilon):
                 raise PrivacyBudgetSpent(
-                    f"privacy budget spent, release refused: one more step would bring the composed epsilon of this node's records to "
-                    f"{total:.4f}, past its lifetime-epsilon {self.node.lifetime_epsilon:g}. The ledger:\n"
-                    + ledger.describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
+                    f"privacy budget spent, {what} refused: it would bring the composed epsilon of this node's "
+                    f"records to {total:.4f}, past its lifetime-epsilon {self.node.lifetime_epsilon:g}. The ledger "
+                    "before it:\n"
+                    + PrivacyLedger.of(self.state_dir).describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
                 )
+
+    def charge_release(self, run_token: str, state: NodeState, z_global: float) -> None:
+        """Before a noisy release: with this node's own accountant and the noise this step really adds (its
+        z_L, the z_G the server says it adds or this node adds its share of, its declared q), the epsilon of
+        everything released so far plus this step must stay within the run's limit and the node's lifetime.
+        Whatever the server sends (a lower z_G, a round more, another q), a release past either is refused;
+        otherwise the step is written into the ledger before anything of it is released (see PrivacyLedger)."""
+        step = (state.noise_multiplier_local, z_global, self.sample_rate)
+        ledger = PrivacyLedger.of(self.state_dir)
+        ledger.charge(run_token, *step)
+        self._refuse_past_limits([*state.accountant.history, step], ledger, "release")
+        ledger.save()
 
     def _charge_rerelease(self, run_token: str, state: NodeState, z_global: float) -> None:
         """A re-sent reply released again with fresh global noise: the last step becomes one release of its batch
@@ -256,26 +264,12 @@ class PromptNode:
             return
         z_l, z_g, q = state.accountant.history[-1]
         again = (z_l, combined_noise_multiplier(z_g, z_global), q)
-        limit = self.run_limit()
-        after = PrivacyAccountant(self.cfg.delta)
-        after.history = [*state.accountant.history[:-1], again]
-        if limit is not None and not calibration.within(after.epsilon_published(), limit):
-            raise PrivacyBudgetSpent(
-                f"privacy budget spent, re-send refused: the server re-runs a round this node answered, and a second "
-                f"release of that reply with fresh noise would bring this run's published epsilon to "
-                f"{after.epsilon_published():.4f}, past its limit {limit:.4f}"
-            )
         ledger = PrivacyLedger.of(self.state_dir)
         ledger.move(run_token, state.accountant.history[-1], again)
+        self._refuse_past_limits([*state.accountant.history[:-1], again], ledger, "re-send")
         ledger.save()
         state.accountant.history[-1] = again
         state.save(self.state_dir)
-
-    def _charge_ahead(self, run_token: str, state: NodeState, z_global: float) -> None:
-        """Write the step into the node's ledger before anything of it is released (see PrivacyLedger)."""
-        ledger = PrivacyLedger.of(self.state_dir)
-        ledger.charge(run_token, state.noise_multiplier_local, z_global, self.sample_rate)
-        ledger.save()
 
     def train(
         self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float, rerelease: bool = False
@@ -303,8 +297,7 @@ class PromptNode:
                 self._charge_rerelease(run_token, state, z_global)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.dp:
-            self.check_release(state, z_global)
-            self._charge_ahead(run_token, state, z_global)
+            self.charge_release(run_token, state, z_global)
         dp = DpSettings(
             self.cfg.dp,
             state.noise_multiplier_local,

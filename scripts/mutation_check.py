@@ -321,13 +321,8 @@ MUTATIONS = (
     Mutation(
         "the ledger's total is one run's",
         "common/privacy/ledger.py",
-        "            if run_key is None or key == run_key:\n                for mechanism, n in entry.steps.items():\n"
-        "                    groups[mechanism] = groups.get(mechanism, 0) + n\n        return composed_epsilon(groups, delta)"
-        "\n\n    def epsilon_with",
-        "            if key == run_key or (run_key is None and key == next(iter(self.runs))):\n"
-        "                for mechanism, n in entry.steps.items():\n"
-        "                    groups[mechanism] = groups.get(mechanism, 0) + n\n        return composed_epsilon(groups, delta)"
-        "\n\n    def epsilon_with",
+        "            if run_key is None or key == run_key:",
+        "            if key == run_key or (run_key is None and key == next(iter(self.runs))):",
         (LEDGER,),
     ),
     Mutation(

@@ -8,7 +8,8 @@ server publishes, for one client's records, is the composition of both releases 
 published-prompt mechanism: one subsampled Gaussian with z = (z_L^-2 + z_G^-2)^-1/2). Only where the reply
 reads no local state (PromptFL) is the GDP-only epsilon p_G's guarantee.
 
-The books hold, per node key: the sample rate q_i the node declares (public by declaration), the rounds whose p_G contains the node's reply (``participation``), the node's z_L and the number
+The books hold, per node key: the sample rate q_i the node declares (public by declaration), the rounds
+whose p_G contains the node's reply (``participation``), the node's z_L and the number
 of noisy steps it says it took (a step whose reply the server never aggregated still moved p_L). Every
 epsilon is the PLD accountant's for those books; maxima run over every node ever booked, so a node absent
 from the last round, or a last round that failed, cannot lower them.

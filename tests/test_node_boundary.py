@@ -286,3 +286,17 @@ def test_a_non_finite_config_value_is_refused_with_its_key(key):
         RunConfig(**{key: math.inf})
     with pytest.raises(ValidationError, match="lifetime_epsilon"):
         NodeConfig(lifetime_epsilon=math.nan)
+
+
+def test_a_re_sent_reply_released_again_is_refused_past_the_lifetime(tmp_path, cache_dir, p_global):
+    """The second release of a re-sent reply is checked against the lifetime budget as a step is: one step
+    composes to about 1.6 here, its re-release to about 3.0, and the node's lifetime is 2."""
+    ctx = _context(tmp_path, target_epsilon=3.0, num_server_rounds=30, node={"lifetime-epsilon": 2.0})
+    z = global_noise_multiplier(3.0, Q, 30, 1e-5, "published", True)
+    _train(ctx, 1, p_global, z_global=z)
+    before = _snapshot(tmp_path / "node")
+    msg = _msg(MessageType.TRAIN, 1, p_global=p_global, z_global=z)
+    msg.content["config"]["rerelease"] = True
+    with pytest.raises(PrivacyBudgetSpent, match="re-send refused.*lifetime-epsilon 2"):
+        client_module.train(msg, ctx)
+    assert _snapshot(tmp_path / "node") == before

@@ -161,21 +161,8 @@ class PrivacyAccountant:
         self.history.append((float(z_local), float(z_global), float(sample_rate)))
 
     def _epsilon(self, pick) -> float:
-        groups: dict[tuple[float, float], int] = {}
-        for z_l, z_g, q in self.history:
-            key = (pick(z_l, z_g), accounting_sample_rate(q))  # an upper bound, shared by similar nodes
-            groups[key] = groups.get(key, 0) + 1
-        if not groups:
-            return 0.0
-        if any(z <= 0 for z, _ in groups):
-            return math.inf
-        groups = {(z, q): n for (z, q), n in groups.items() if not math.isinf(z)}
-        if not groups:
-            return 0.0
-        if len(groups) == 1:
-            (((z, q), n),) = groups.items()
-            return epsilon_for(z, q, n, self.delta)
-        return _epsilon_of([(z, q, n) for (z, q), n in groups.items()], self.delta)
+        # each step at q rounded up (an upper bound, shared by similar nodes); ``epsilon_of_groups`` merges them
+        return epsilon_of_groups([(pick(z_l, z_g), q, 1) for z_l, z_g, q in self.history], self.delta)
 
     def epsilon_local(self) -> float:
         return self._epsilon(lambda z_l, z_g: z_l)

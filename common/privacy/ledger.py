@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..atomic import CorruptStateError, previous_path, write_json
-from .accountant import _epsilon_of, accounting_sample_rate, combined_noise_multiplier
+from .accountant import combined_noise_multiplier, epsilon_of_groups
 
 LEDGER_FILE = "ledger.json"
 
@@ -60,16 +60,9 @@ class RunEntry:
 def composed_epsilon(groups: dict[tuple[float, float, float], int], delta: float) -> float:
     """epsilon of every release in ``groups`` on the same records, each step one Poisson-subsampled Gaussian with
     the combined multiplier of its two releases (the published-prompt mechanism, which bounds both)."""
-    merged: dict[tuple[float, float], int] = {}
-    for (z_l, z_g, q), n in groups.items():
-        key = (combined_noise_multiplier(z_l, z_g), accounting_sample_rate(q))
-        merged[key] = merged.get(key, 0) + n
-    merged = {k: n for k, n in merged.items() if n > 0 and k[0] != float("inf")}
-    if not merged:
-        return 0.0
-    if any(z <= 0 for z, _ in merged):
-        return float("inf")
-    return _epsilon_of([(z, q, n) for (z, q), n in merged.items()], delta)
+    return epsilon_of_groups(
+        [(combined_noise_multiplier(z_l, z_g), q, n) for (z_l, z_g, q), n in groups.items()], delta
+    )
 
 
 class PrivacyLedger:
@@ -148,12 +141,7 @@ class PrivacyLedger:
 
     def epsilon(self, delta: float, run_key: str | None = None) -> float:
         """The composed epsilon of one run (``run_key``) or of every run."""
-        groups: dict[tuple[float, float, float], int] = {}
-        for key, entry in self.runs.items():
-            if run_key is None or key == run_key:
-                for mechanism, n in entry.steps.items():
-                    groups[mechanism] = groups.get(mechanism, 0) + n
-        return composed_epsilon(groups, delta)
+        return self.epsilon_with(delta, {}, run_key)
 
     def epsilon_with(
         self, delta: float, extra: dict[tuple[float, float, float], int], run_key: str | None = None
