@@ -102,10 +102,8 @@ def declared_sample_rate(cfg: RunConfig, node: NodeConfig, planned_size: int) ->
         return node.sample_rate
     if cfg.sample_rate > 0:
         return cfg.sample_rate
-    if node.partition_id is not None:
+    if node.partition_id is not None or not cfg.dp:  # simulation, or no guarantee to keep: follow the plan
         return min(1.0, cfg.batch_size / max(planned_size, 1))
-    if not cfg.dp:
-        return min(1.0, cfg.batch_size / max(planned_size, 1))  # no guarantee to keep: follow the data
     raise ValueError(
         "this node has no declared sample rate: under DP the Poisson rate q is public and must not be computed "
         "from the records. Declare it in the node config, chosen without reading the data, e.g. "
@@ -194,12 +192,11 @@ class PromptNode:
         """(z_L, z_G, q) a run's every step is expected to use, for the setup check against the lifetime: the
         calibration's combined multiplier (as one release) or the configured multipliers."""
         q = self.sample_rate
+        if self.cfg.uses_calibration:
+            z = calibration.calibrate_noise_multiplier(self.run_limit(), q, self.cfg.num_server_rounds, self.cfg.delta)
+            return z, math.inf, q
         z_l = math.inf if self.method.local is None else self.cfg.noise_multiplier_local
         z_g = math.inf if not self.method.shares_global else self.cfg.noise_multiplier_global
-        if self.cfg.uses_calibration:
-            limit = self.run_limit()
-            z = calibration.calibrate_noise_multiplier(limit, q, self.cfg.num_server_rounds, self.cfg.delta)
-            return z, math.inf, q
         return z_l, z_g, q
 
     def check_lifetime_at_setup(self, run_token: str) -> None:

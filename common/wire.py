@@ -36,13 +36,16 @@ _CLUSTERING = (
 )
 _SECAGG = "secure aggregation: a public key, an encrypted share for one peer, or a share of a mask seed"
 
-_TRAIN_METRICS = {
+_NODE_METRICS = {  # in every train and evaluate reply
     "server-round": (PUBLIC, _PUBLIC_PROTOCOL),
     "run-tag": (PUBLIC, _PUBLIC_PROTOCOL),
     "node-key": (PUBLIC, _KEY),
     "sample-rate": (PUBLIC, _DECLARED_Q),
-    "noise-multiplier-local": (PUBLIC, "z_L, calibrated from the target, the declared q and the planned rounds"),
     "noisy-steps": (PUBLIC, "how many steps the node took: one per train message the server sent"),
+}
+_TRAIN_METRICS = {
+    **_NODE_METRICS,
+    "noise-multiplier-local": (PUBLIC, "z_L, calibrated from the target, the declared q and the planned rounds"),
     "epsilon-local": (PUBLIC, _BOOKS),
     "epsilon-published": (PUBLIC, _BOOKS),
     "clientapp-age-seconds": (PUBLIC, "the ClientApp process's start-up time, before any data is read"),
@@ -51,18 +54,12 @@ _TRAIN_METRICS = {
     "client-seconds": (OUTSIDE, _NO_DP_ONLY),
 }
 _EVALUATE_METRICS = {
-    "server-round": (PUBLIC, _PUBLIC_PROTOCOL),
-    "run-tag": (PUBLIC, _PUBLIC_PROTOCOL),
-    "node-key": (PUBLIC, _KEY),
-    "sample-rate": (PUBLIC, _DECLARED_Q),
-    "noisy-steps": (PUBLIC, "how many steps the node took: one per train message the server sent"),
+    **_NODE_METRICS,
     "partition-id": (PUBLIC, "simulation only: the partition the simulation assigned"),
-    "local-acc": (OUTSIDE, _TEST_METRICS),
-    "neighbor-acc": (OUTSIDE, _TEST_METRICS),
-    "base-acc": (OUTSIDE, _TEST_METRICS),
-    "novel-acc": (OUTSIDE, _TEST_METRICS),
-    "hm": (OUTSIDE, _TEST_METRICS),
-    "local-loss": (OUTSIDE, _TEST_METRICS),
+    **{
+        key: (OUTSIDE, _TEST_METRICS)
+        for key in ("local-acc", "neighbor-acc", "base-acc", "novel-acc", "hm", "local-loss")
+    },
 }
 
 # (operation, record, key) -> (class, why). Operations are the ClientApp's (client_app/request.py OPERATIONS).

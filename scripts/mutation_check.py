@@ -307,8 +307,8 @@ MUTATIONS = (
     Mutation(
         "a deployed node's sample rate computed from its records",
         "client_app/node.py",
-        "    if not cfg.dp:\n        return min(1.0, cfg.batch_size / max(planned_size, 1))",
-        "    if True:\n        return min(1.0, cfg.batch_size / max(planned_size, 1))",
+        "    if node.partition_id is not None or not cfg.dp:",
+        "    if True:",
         (DECLARED_Q,),
     ),
     Mutation(
