@@ -10,6 +10,7 @@ Images are only decoded when their features are computed (once per image and vie
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,49 @@ from PIL import Image, UnidentifiedImageError
 
 class DatasetError(ValueError):
     """A data set on disk is missing, malformed or inconsistent; the message names the file and the layout."""
+
+
+def shown(path: str | Path) -> str:
+    """A file name for a message: as it is, or, when it is not valid UTF-8 (Python keeps such bytes as lone
+    surrogates, which no log or terminal can encode), its escaped repr, so the message can always be printed
+    and still names the file."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return ascii(text)
+    return text
+
+
+def decode_failure(err: BaseException) -> str:
+    """Why PIL could not open or decode a file, in words the file's owner can act on."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (
+            f"exceeds PIL's pixel limit (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}) and is refused as a "
+            f"possible decompression bomb: {err}"
+        )
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL recognizes"
+    return f"{type(err).__name__}: {err}"
+
+
+def open_rgb(path: Path, error: type[DatasetError] = DatasetError) -> Image.Image:
+    """The file decoded as an RGB image, or ``error`` naming the file and the reason.
+
+    Any exception counts as a bad file: on hostile or damaged input PIL's decoders raise far more than
+    ``OSError`` (``DecompressionBombError``, ``ValueError``, ``struct.error``, ``EOFError``, ...), and a bare
+    one of those, raised while encoding thousands of files, would not say which file to fix.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise error(f"image file missing: {shown(path)}") from None
+    except Exception as err:
+        raise error(
+            f"cannot decode image {shown(path)} ({decode_failure(err)}); remove or replace the file (the data "
+            "set's folders or manifest list it)"
+        ) from None
 
 
 class ImageSource(Protocol):
@@ -44,20 +88,10 @@ class FileSource:
         return len(self.paths)
 
     def image(self, i: int) -> Image.Image:
-        path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except FileNotFoundError:
-            raise DatasetError(f"image file missing: {path}") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise DatasetError(
-                f"cannot decode image {path} ({type(err).__name__}: {err}); remove or replace the "
-                "file (the data set's split/manifest lists it)"
-            ) from None
+        return open_rgb(self.paths[i])
 
     def describe(self, i: int) -> str:
-        return str(self.paths[i])
+        return shown(self.paths[i])
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -66,7 +100,9 @@ class FileSource:
                 st = p.stat()
             except FileNotFoundError:
                 raise DatasetError(f"image file missing: {p}") from None
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            # os.fsencode: a file name that is not UTF-8 (kept by Python as lone surrogates) still has bytes;
+            # for every UTF-8 name these are the bytes str.encode gave, so existing cache keys stay valid
+            h.update(os.fsencode(p) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
 
