@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -25,7 +26,7 @@ from dpfpl.common.wire import INVENTORY, check_reply
 
 from .handlers import handle, state_dir
 from .request import OPERATIONS, NodeRequest
-from .worker_link import forward, socket_path
+from .worker_link import WorkerUnavailable, forward, socket_path
 
 app = ClientApp()
 log = logging.getLogger("dpfpl.client")
@@ -60,11 +61,21 @@ def answer(request: NodeRequest) -> RecordDict:
 
 
 def _compute(request: NodeRequest) -> RecordDict:
+    node = NodeConfig.from_flower(request.node_config)
+    if node.worker_socket:  # privileges separated: only the worker can read the data; no answer without it
+        content = forward(request, Path(node.worker_socket))
+        if content is None:
+            raise WorkerUnavailable(
+                f"no node worker answers at {node.worker_socket}, and this node's privileges are separated: its "
+                "ClientApp cannot read the data and does not answer itself. The node's operator restarts the worker "
+                "(systemctl restart dpfpl-worker, or deploy/start-supernode.sh)"
+            )
+        return content
     directory = state_dir(request)
-    content = forward(request, directory)
+    content = forward(request, socket_path(directory))
     if content is not None:
         return content
-    if NodeConfig.from_flower(request.node_config).state_dir:  # a deployed node (simulation has no workers)
+    if node.state_dir:  # a deployed node (simulation has no workers)
         log.warning(
             "no node worker answers at %s: this ClientApp answers %s itself (slower: it loads the model for this "
             "one message); start `dpfpl worker --state-dir %s` to keep it warm",

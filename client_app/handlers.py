@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import importlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,7 @@ ROUTES = {
 }
 assert tuple(ROUTES) == OPERATIONS
 LOCK_FILE = "node.lock"
+LOCK_TIMEOUT_SECONDS = 120.0  # longer than any one message's work on a warm node, shorter than a round timeout
 
 
 class UnknownOperation(ValueError):
@@ -47,14 +49,31 @@ def state_dir(request: NodeRequest) -> Path:
     return NodeConfig.from_flower(request.node_config).resolved_state_dir(cfg.run_dir)
 
 
+class NodeBusy(RuntimeError):
+    """Another process has held this node's lock for longer than a message may wait (a hung worker)."""
+
+
 @contextmanager
-def node_lock(directory: Path) -> Iterator[None]:
+def node_lock(directory: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
     """One message at a time per node, whichever process serves it (the worker, a ClientApp that answers itself
-    while the worker restarts): every handler reads the node's state, changes it and writes it back."""
+    while the worker restarts): every handler reads the node's state, changes it and writes it back. A holder
+    that keeps the lock past ``timeout`` (hung, or frozen) fails the waiting message instead of holding the node
+    until the server's round timeout; the worker's supervisor restarts a hung worker."""
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise NodeBusy(
+                        f"another process has held this node's lock ({directory / LOCK_FILE}) for {timeout:g} s; "
+                        "if the node's worker hangs, its supervisor restarts it"
+                    ) from None
+                time.sleep(0.05)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -174,6 +174,13 @@ class PromptNode:
         )
 
     # ------------------------------------------------------------------ the node's own line
+    def global_noise_at_node(self, z_global: float) -> float:
+        """The global noise multiplier this node adds itself to the clear-text global gradient: z_G when its
+        operator trusts no aggregator (``global-noise = "node"``), else 0 (the server adds it to the sum; under
+        secure aggregation the node's share goes into its masked input instead, ``client_app/secagg.py``)."""
+        node_adds = self.node.global_noise == "node" and not self.cfg.secure_aggregation
+        return z_global if self.cfg.dp and node_adds and math.isfinite(z_global) else 0.0
+
     def run_limit(self) -> float | None:
         """The composed epsilon this run may spend on this node (None: no target; only the lifetime applies)."""
         if not self.cfg.uses_calibration:
@@ -301,6 +308,7 @@ class PromptNode:
             self.cfg.max_grad_norm_local,
             self.cfg.max_grad_norm_global,
             self.cfg.secure_noise,
+            noise_multiplier_global_at_node=self.global_noise_at_node(z_global),
         )
         to_device = lambda ts: {k: v.to(self.device) for k, v in ts.items()}  # noqa: E731
         result = self.learner.train_step(

@@ -21,6 +21,7 @@ from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg
 from .node import PromptNode
+from .policy import charge_evaluation
 from .request import NodeRequest
 
 # Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
@@ -124,6 +125,7 @@ def evaluate(request: NodeRequest) -> RecordDict:
     _check_classes(request)
     node = prompt_node(request.run_config, request.node_config)
     config = request.content["config"]
+    charge_evaluation(node.state_dir, str(config["run-token"]), node.cfg, node.node)
     metrics = node.evaluate(
         _global_prompt(request.content), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot"
     )

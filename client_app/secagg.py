@@ -34,6 +34,10 @@ def _path(request: NodeRequest) -> tuple[RunConfig, Path]:
     return cfg, NodeConfig.from_flower(request.node_config).resolved_state_dir(cfg.run_dir) / SESSION_FILE
 
 
+def _node_adds_global_noise(request: NodeRequest) -> bool:
+    return NodeConfig.from_flower(request.node_config).global_noise == "node"
+
+
 def _round_context(config) -> str:
     """The session's context, bound into every share's authenticated data: run, round and group (SecFPP: the
     node's cluster; server_app/secagg_round.py)."""
@@ -75,6 +79,9 @@ def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict
             clip_norm=cfg.max_grad_norm_global,
             batch_size=cfg.batch_size,
             noise_multiplier=float(config["noise-multiplier-global"]) if cfg.dp else 0.0,
+            # a node that trusts no aggregator adds all of z_G itself: its masked input is within its epsilon even
+            # if a dishonest server unmasks it alone (more noise in the sum, never less)
+            noise_share_of=1 if _node_adds_global_noise(request) else threshold,
             threshold=threshold,
             num_clients=num_clients,
         )

@@ -1,6 +1,8 @@
 """The resident node worker: one long-lived process per node that answers the ClientApp's messages.
 
     dpfpl worker --state-dir STATE [--supervise]
+    dpfpl worker --state-dir STATE --socket /run/dpfpl/node/worker.sock --peer-user dpfpl-node \
+                 --node-config 'data-dir="..." state-dir="STATE" lifetime-epsilon=8 ...' [--supervise]
 
 What it keeps between messages is what is expensive to build and safe to keep: the imported libraries, the
 OpenCLIP model on its device (loaded once per model), the text encoders and the node's encoded features.
@@ -13,27 +15,45 @@ repeated message is answered from disk (the reply already sent), never with a se
 The worker runs the same handlers as the ClientApp (``client_app/handlers.py``), under the same per-node lock,
 and enforces the privacy budget the same way (``PromptNode.train`` refuses a step the budget does not cover).
 The link's rules (the socket, the handshake, the frames) are in ``client_app/worker_link.py``.
+
+**Privileges separated** (``--peer-user``, docs/deployment.md): the worker runs as the one user that can read
+the node's data and state, and answers the SuperNode's user, whose ClientApps (any submitted app's) can read
+neither. Then the request is untrusted: the worker uses its own node config (``--node-config``), applies its
+operator's policy (``client_app/policy.py``) and sends only error texts that name no private detail.
+
+**Liveness.** A thread touches ``worker.heartbeat`` every second; the supervisor restarts a worker whose
+heartbeat stops (frozen, hung), and while a handler runs the worker sends the waiting ClientApp an ``alive``
+frame every few seconds, so that a silent worker is given up on quickly (``SILENCE_SECONDS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
+import pwd
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
+from flwr.common.config import parse_config_args
+
 from dpfpl.common.atomic import write_json
+from dpfpl.common.classlist import ClassListMismatch
+from dpfpl.common.config import NodeConfig, RunConfig
 
 from . import handlers
+from .policy import PolicyRefusal, check_request, separated_node_problems
 from .request import OPERATIONS
 from .worker_link import (
+    HEARTBEAT_SECONDS,
     PROTOCOL_VERSION,
     SOCKET_PATH_MAX,
     STATUS_FILE,
@@ -46,7 +66,7 @@ from .worker_link import (
     send_frame,
     socket_path,
 )
-from .worker_supervisor import EXIT_CONFIG  # a setup error: the supervisors (ours, systemd's) do not restart it
+from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, beat
 
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
 LOCK_NAME = "worker.lock"
@@ -77,12 +97,67 @@ def _model_loads() -> int:
     return int(sum(node.MODEL_LOADS.values())) if node is not None else 0
 
 
-class NodeWorker:
-    """Serves one state directory on ``<state-dir>/worker.sock``, one message at a time."""
+class _Heartbeat:
+    """While a handler runs, an ``alive`` frame to the waiting ClientApp every ``HEARTBEAT_SECONDS``: its
+    deadline is on the worker's silence, not on the handler's length (a first message encodes a whole silo)."""
 
-    def __init__(self, state_dir: Path, peer_uid: int | None = None) -> None:
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.wait(HEARTBEAT_SECONDS):
+            with self.lock, contextlib.suppress(OSError):
+                if not self.done.is_set():
+                    send_frame(self.conn, {"op": "alive"})
+
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        with self.lock:
+            self.done.set()
+            send_frame(self.conn, header, payload)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _public_error(err: Exception, operation: str) -> str:
+    """The text a separated worker sends for a failed handler: the refusals its operator's rules produce say
+    what was refused and why (no record in them); any other error may quote the node's files or values, so it
+    stays in the worker's log and the reply names only its type."""
+    from .node import PrivacyBudgetSpent  # noqa: PLC0415 - imported by warm() before any message is served
+    from .prompt_handlers import NodeUnfit  # noqa: PLC0415
+
+    if isinstance(err, (PrivacyBudgetSpent, PolicyRefusal, NodeUnfit, ClassListMismatch, handlers.NodeBusy)):
+        return str(err)
+    return f"{type(err).__name__} while answering {operation}; the node's operator finds the reason in its worker log"
+
+
+class NodeWorker:
+    """Serves one state directory on its socket (``<state-dir>/worker.sock`` unless named), one message at a
+    time. ``peer_uid``: the user it answers (default: its own; another user means privileges are separated).
+    ``node_config``: the node's own configuration (Flower's key names), used in place of the request's."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        peer_uid: int | None = None,
+        socket_file: Path | None = None,
+        node_config: dict | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir).absolute()
-        self.peer_uid = os.getuid() if peer_uid is None else peer_uid  # who may connect: this worker's own user
+        self.peer_uid = os.getuid() if peer_uid is None else peer_uid  # who may connect
+        self.separated = self.peer_uid != os.getuid()
+        self.socket_file = Path(socket_file).absolute() if socket_file else socket_path(self.state_dir)
+        self.node_config = None if node_config is None else dict(node_config)
+        if self.separated:
+            self._check_separated_setup()
         self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
         self.status: dict = {
             "pid": os.getpid(),
@@ -101,12 +176,27 @@ class NodeWorker:
         self._listener: socket.socket | None = None
 
     # -------------------------------------------------------------------------------- setup
+    def _check_separated_setup(self) -> None:
+        if self.node_config is None:
+            raise WorkerSetupError("a worker answering another user needs the node's own --node-config")
+        node = NodeConfig.from_flower(self.node_config)
+        problems = separated_node_problems(node)
+        if node.state_dir and Path(node.state_dir).absolute() != self.state_dir:
+            problems.append(f"state-dir: the node config says {node.state_dir}, the worker serves {self.state_dir}")
+        if self.socket_file.parent == self.state_dir:
+            problems.append("--socket: outside the state directory, which only the worker's user may enter")
+        if problems:
+            raise WorkerSetupError(
+                "privileges are separated (--peer-user), but the worker's node config is missing what a node that "
+                "trusts no submitted app needs:\n  " + "\n  ".join(problems)
+            )
+
     def bind(self) -> None:
         """Take the directory (one worker per node), then listen. Listening comes before the heavy imports, so
         a ClientApp that connects while the worker starts waits in the backlog instead of answering itself."""
         if not hasattr(socket, "SO_PEERCRED"):
             raise WorkerSetupError("the node worker needs Linux (SO_PEERCRED, to check who connects)")
-        path = socket_path(self.state_dir)
+        path = self.socket_file
         if len(str(path).encode()) > SOCKET_PATH_MAX:
             raise WorkerSetupError(
                 f"the socket path {path} is longer than the {SOCKET_PATH_MAX} bytes a Unix socket allows; "
@@ -130,7 +220,9 @@ class NodeWorker:
             listener.bind(str(path))
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
+        # separated: the socket's directory (mode 0710, the SuperNode's group) admits the SuperNode's user, and
+        # the peer credentials admit that user only; otherwise the socket is the worker's own user's
+        os.chmod(path, 0o666 if self.separated else 0o600)
         listener.listen(16)
         self._listener = listener
         log.info("node worker %d listening on %s (dpfpl %s, code %s)", os.getpid(), path, *self._version())
@@ -139,16 +231,32 @@ class NodeWorker:
         return self.identity["version"], self.identity["code"]
 
     def warm(self) -> None:
-        """Import what every train and evaluate message needs (torch, OpenCLIP): once, before the first message."""
+        """Import every handler module (torch, OpenCLIP, the protocols): once, before the first message. The code
+        identity is taken after, so that it describes the code this process runs; each handshake checks it
+        against the files again (``_code_changed``)."""
         started = time.perf_counter()
-        from . import prompt_handlers  # noqa: F401
+        from . import node, prompt_handlers, secagg, secfpp  # noqa: F401
 
+        self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
         log.info("libraries imported in %.1f s", time.perf_counter() - started)
+
+    def _code_changed(self) -> str | None:
+        """Why this worker must not answer: its code files changed since it loaded them (an install or an edit
+        mid-run), or None."""
+        now = app_identity()
+        if now["code"] != self.identity["code"] or now["version"] != self.identity["version"]:
+            return (
+                f"the code of the node worker serving {self.state_dir} changed on disk after it started (it runs "
+                f"dpfpl {self.identity['version']}, code {self.identity['code']}; the files now say "
+                f"{now['version']}, code {now['code']}). It answers nothing until it is restarted "
+                "(systemctl restart dpfpl-worker, or restart deploy/start-supernode.sh)"
+            )
+        return None
 
     def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
-            socket_path(self.state_dir).unlink(missing_ok=True)
+            self.socket_file.unlink(missing_ok=True)
             self._listener = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -194,6 +302,13 @@ class NodeWorker:
             if header.get("op") != "hello":
                 raise LinkError(f"expected the handshake, got {header.get('op')!r}")
             app = {k: header.get(k) for k in ("version", "code", "protocol")}
+            changed = self._code_changed()
+            if changed is not None:
+                log.error("%s", changed)
+                self.status["refused"] += 1
+                self._write_status()
+                send_frame(conn, {"op": "refused", "worker": {**self.identity, "changed": changed}})
+                return
             if app != self.identity:
                 log.error("%s", mismatch_text(self.identity, app, self.state_dir))
                 self.status["refused"] += 1
@@ -208,9 +323,10 @@ class NodeWorker:
                 request = request_from(header, payload)
             except Exception as err:  # noqa: BLE001 - a malformed request (header fields, protobuf) is dropped
                 raise LinkError(f"an unreadable request: {type(err).__name__}: {err}") from err
-            reply = self._answer(request)
-            self._write_status()  # before the reply: whoever reads the reply finds the counters up to date
-            send_frame(conn, *reply)
+            with _Heartbeat(conn) as heartbeat:
+                reply = self._answer(request)
+                self._write_status()  # before the reply: whoever reads the reply finds the counters up to date
+                heartbeat.send(*reply)
         except (LinkError, OSError, ValueError, KeyError) as err:
             log.warning("dropped a connection: %s", err)
             self._write_status()
@@ -218,6 +334,19 @@ class NodeWorker:
     def _answer(self, request) -> tuple[dict, bytes]:
         requests = self.status["requests"]
         requests[request.operation] = requests.get(request.operation, 0) + 1
+        if self.node_config is not None:  # the node's own configuration, whatever the request says
+            request = dataclasses.replace(request, node_config=dict(self.node_config))
+        if self.separated:
+            try:
+                check_request(
+                    request.operation,
+                    RunConfig.from_flower(request.run_config),
+                    NodeConfig.from_flower(request.node_config),
+                )
+            except (PolicyRefusal, ValueError) as err:  # ValueError: a run config that does not parse
+                log.warning("refused %s: %s", request.operation, err)
+                self.status["refused"] += 1
+                return {"op": "error", "message": f"refused by this node's policy: {err}"}, b""
         own = handlers.state_dir(request).absolute()
         if own != self.state_dir:
             self.status["errors"] += 1
@@ -229,7 +358,8 @@ class NodeWorker:
         except Exception as err:  # noqa: BLE001 - the ClientApp raises it on its side, as if it had run it
             log.exception("%s failed", request.operation)
             self.status["errors"] += 1
-            return {"op": "error", "message": str(err) or type(err).__name__}, b""
+            message = _public_error(err, request.operation) if self.separated else str(err) or type(err).__name__
+            return {"op": "error", "message": message}, b""
         log.info("%s answered in %.2f s", request.operation, time.perf_counter() - started)
         return {"op": "reply"}, encode_content(content)
 
@@ -260,19 +390,46 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve this node's ClientApp messages from one long-lived process (see docs/deployment.md).",
     )
     parser.add_argument("--state-dir", required=True, help="the node's state directory (its SuperNode's state-dir)")
+    parser.add_argument("--socket", help="the socket to listen on (default: STATE/worker.sock)")
     parser.add_argument(
-        "--supervise", action="store_true", help="run the worker as a child and restart it whenever it dies"
+        "--peer-user",
+        help="the user allowed to connect: the SuperNode's, when privileges are separated (default: this user)",
+    )
+    parser.add_argument(
+        "--node-config",
+        help="the node's own configuration, in flower-supernode's --node-config format; used in place of the one "
+        "each request carries (required with --peer-user)",
+    )
+    parser.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run the worker as a child, restart it whenever it dies or its heartbeat stops",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.supervise:
         from .worker_supervisor import supervise
 
-        return supervise([sys.executable, "-m", "dpfpl.client_app.worker", "--state-dir", args.state_dir])
-    worker = NodeWorker(Path(args.state_dir))
+        child = [sys.executable, "-m", "dpfpl.client_app.worker", "--state-dir", args.state_dir]
+        for flag, value in (
+            ("--socket", args.socket),
+            ("--peer-user", args.peer_user),
+            ("--node-config", args.node_config),
+        ):
+            if value:
+                child += [flag, value]
+        return supervise(child, heartbeat=Path(args.state_dir) / HEARTBEAT_FILE)
+    Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+    beat(Path(args.state_dir) / HEARTBEAT_FILE)  # from the start: the supervisor's watchdog covers start-up too
     try:
+        peer_uid = None if args.peer_user is None else pwd.getpwnam(args.peer_user).pw_uid
+        node_config = None if args.node_config is None else parse_config_args([args.node_config])
+        worker = NodeWorker(Path(args.state_dir), peer_uid, args.socket and Path(args.socket), node_config)
         worker.bind()
-    except WorkerSetupError as err:
+    except KeyError:
+        log.error("--peer-user %s: no such user on this machine", args.peer_user)
+        return EXIT_CONFIG
+    except (WorkerSetupError, ValueError) as err:
         log.error("%s", err)
         return EXIT_CONFIG
     try:

@@ -10,12 +10,18 @@ The link, message by message (one connection per message):
      the worker answers ``ok`` or refuses a mismatch (then nothing else is sent);
   2. the ClientApp sends one ``call``: the message type, the run and node configuration, Flower's node id, and
      the message's content (Flower's own protobuf encoding of the RecordDict);
-  3. the worker answers with the reply's content, or with the handler's error text.
-A frame is a 4-byte header length, the JSON header, an 8-byte payload length, the payload.
+  3. while the handler runs, the worker sends an ``alive`` frame every ``HEARTBEAT_SECONDS``; then it answers
+     with the reply's content, or with the handler's error text.
+A frame is a 4-byte header length, the JSON header, an 8-byte payload length, the payload. Both lengths are
+bounded, and so is the header's nesting: a peer cannot make the other end allocate or recurse without limit.
 
-Trust: the socket is the node's own (mode 0600 in a 0700 directory) and the worker checks that the peer runs
-as its own user (``SO_PEERCRED``). It answers the ClientApp's message types only and replies exactly what the
-ClientApp would send, so the socket is no new way to read the node's local prompt, features or data.
+Deadline: the ClientApp gives up when the worker sends nothing for ``SILENCE_SECONDS`` (a worker frozen or hung
+sends no heartbeat); the worker's supervisor restarts such a worker (``worker_supervisor.py``), and the message
+is reported to the server as this node's failure for the round.
+
+Trust: the worker checks who connects with the kernel's peer credentials (``SO_PEERCRED``): its own user, or,
+with privileges separated, the SuperNode's user (docs/deployment.md). Either way it answers the protocol's
+operations only, and every reply is within what the node's privacy boundary lets leave (client_app/worker.py).
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ PROTOCOL_VERSION = 1
 SOCKET_NAME = "worker.sock"
 STATUS_FILE = "worker.json"  # the worker's own counters (requests, model loads), for its operator
 MAX_HEADER = 1 << 24
+MAX_PAYLOAD = 1 << 30  # a message's content: p_G and the secure-aggregation shares are megabytes, never a gigabyte
+MAX_HEADER_DEPTH = 32  # the run and node configuration are flat: a deeper header is not one of ours
+HEARTBEAT_SECONDS = 2.0
+SILENCE_SECONDS = 20.0  # the ClientApp's deadline: this long without a frame from the worker and it gives up
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, with the terminating NUL
 # After a worker died mid-message its supervisor restarts it within a second or two; the ClientApp waits this
 # long for the socket to accept again before it answers the message itself.
@@ -59,7 +69,13 @@ class WorkerHandlerError(RuntimeError):
     """The worker's handler raised: the text is the error the ClientApp would have raised itself."""
 
 
+class WorkerUnavailable(RuntimeError):
+    """A node whose privileges are separated has no worker answering: its ClientApp cannot read the node's data
+    and does not answer in its own process."""
+
+
 def socket_path(state_dir: Path) -> Path:
+    """The single-user default: the socket beside the node's state (a separated node names its own socket)."""
     return Path(state_dir) / SOCKET_NAME
 
 
@@ -123,17 +139,44 @@ def _exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def _depth(raw: bytes) -> int:
+    """The deepest nesting of brackets in a JSON text, counted before parsing (``json.loads`` recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def recv_frame(sock: socket.socket) -> tuple[dict, bytes]:
     (head_len,) = struct.unpack(">I", _exactly(sock, 4))
     if head_len > MAX_HEADER:
         raise LinkError(f"a frame header of {head_len} bytes (at most {MAX_HEADER})")
+    raw = _exactly(sock, head_len)
+    if _depth(raw) > MAX_HEADER_DEPTH:
+        raise LinkError(f"a frame header nested deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(_exactly(sock, head_len))
-    except ValueError as err:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as err:
         raise LinkError(f"an unreadable frame header: {err}") from err
     if not isinstance(header, dict):
         raise LinkError("a frame header that is not a JSON object")
     (payload_len,) = struct.unpack(">Q", _exactly(sock, 8))
+    if payload_len > MAX_PAYLOAD:
+        raise LinkError(f"a frame payload of {payload_len} bytes (at most {MAX_PAYLOAD})")
     return header, _exactly(sock, payload_len) if payload_len else b""
 
 
@@ -189,11 +232,14 @@ def _exchange(sock: socket.socket, request: NodeRequest, state_dir: Path) -> Rec
     send_frame(sock, {"op": "hello", **app})
     header, _ = recv_frame(sock)
     if header.get("op") == "refused":
-        raise WorkerMismatch(mismatch_text(header.get("worker", {}), app, state_dir))
+        worker = header.get("worker", {})
+        raise WorkerMismatch(str(worker["changed"]) if "changed" in worker else mismatch_text(worker, app, state_dir))
     if header.get("op") != "ok":
         raise LinkError(f"the worker answered the handshake with {header.get('op')!r}")
     send_frame(sock, call_header(request), encode_content(request.content))
     header, payload = recv_frame(sock)
+    while header.get("op") == "alive":  # the handler is still at work: each heartbeat renews the deadline
+        header, payload = recv_frame(sock)
     if header.get("op") == "reply":
         return decode_content(payload)
     if header.get("op") == "error":
@@ -201,12 +247,17 @@ def _exchange(sock: socket.socket, request: NodeRequest, state_dir: Path) -> Rec
     raise LinkError(f"the worker answered the call with {header.get('op')!r}")
 
 
-def forward(request: NodeRequest, state_dir: Path, restart_wait: float = RESTART_WAIT_SECONDS) -> RecordDict | None:
-    """The worker's reply to ``request``, or None when this node has no worker to answer it (the caller then
-    answers itself). A worker that dies mid-message is asked again once its supervisor has restarted it: every
-    handler is safe to repeat, since a node's state is on disk and a repeated train message gets the reply
-    already sent, not a second step (``PromptNode.train``)."""
-    path = socket_path(state_dir)
+def forward(
+    request: NodeRequest,
+    path: Path,
+    restart_wait: float = RESTART_WAIT_SECONDS,
+    silence: float = SILENCE_SECONDS,
+) -> RecordDict | None:
+    """The reply of the worker listening on ``path`` to ``request``, or None when no worker answers it. A worker
+    that dies mid-message is asked again once its supervisor has restarted it: every handler is safe to repeat,
+    since a node's state is on disk and a repeated train message gets the reply already sent, not a second step
+    (``PromptNode.train``). A worker silent for ``silence`` seconds (frozen, hung) counts as broken."""
+    path = Path(path)
     if not path.exists():
         return None
     for attempt in (1, 2):
@@ -214,9 +265,12 @@ def forward(request: NodeRequest, state_dir: Path, restart_wait: float = RESTART
         if sock is None:
             return None
         with sock:
+            sock.settimeout(silence)
             try:
-                return _exchange(sock, request, state_dir)
-            except (LinkError, ConnectionError) as err:
+                return _exchange(sock, request, path.parent)
+            except (LinkError, OSError) as err:  # OSError: a reset, or socket.timeout (the deadline)
+                if isinstance(err, TimeoutError):
+                    err = LinkError(f"no word from the worker for {silence:g} s (frozen or hung)")
                 log.warning(
                     "the node worker at %s broke off %s (attempt %d: %s)", path, request.operation, attempt, err
                 )

@@ -196,6 +196,24 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict:
         return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
 
+    def evaluates_after(self, server_round: int) -> bool:
+        """The evaluation schedule: every ``eval-every`` rounds, the last round, and each of the last ``eval-last``
+        rounds (the papers report the mean over the last 10 rounds). The server follows it; a node bounds the
+        evaluations it answers by it."""
+        return (
+            server_round % self.eval_every == 0
+            or server_round == self.num_server_rounds
+            or server_round > self.num_server_rounds - self.eval_last
+        )
+
+    @property
+    def scheduled_evaluations(self) -> int:
+        """How many evaluation messages a run sends each node: the zero-shot setup phase and the schedule."""
+        rounds, every, last = self.num_server_rounds, self.eval_every, min(self.eval_last, self.num_server_rounds)
+        multiples_outside_last = (rounds - last) // every  # counted once, outside the last block
+        final_counted = last >= 1 or rounds % every == 0
+        return 1 + multiples_outside_last + last + (0 if final_counted else 1)
+
     def class_list(self) -> list[str]:
         """All class names of the task (the data set's own list; silo: ``classnames``)."""
         if self.dataset == "demo":
@@ -245,6 +263,19 @@ class NodeConfig(BaseModel):
     # go past it is refused, whatever the server asks. None: only each run's own target is enforced.
     lifetime_epsilon: float | None = Field(None, gt=0)
     lifetime_delta: float = Field(1e-5, gt=0, lt=1)  # the delta the ledger's composed epsilon is stated at
+    # Privilege separation (docs/deployment.md): the SuperNode's node config names only the worker's socket, and
+    # its ClientApps forward every message there and never answer themselves (they cannot read the data).
+    worker_socket: str | None = None
+    # Who adds the global noise to the shared gradient before it leaves: "aggregator" (the central mode: the
+    # node trusts the server to add z_G to the sum) or "node" (the node adds N(0, (z_G C_G)^2) itself, so what
+    # leaves is within the node's own epsilon whoever receives it; a separated node's worker requires it).
+    global_noise: Literal["aggregator", "node"] = "aggregator"
+    # Evaluation replies (accuracy and loss on this node's records) are outside epsilon: at most this many in any
+    # 24 hours, counted in the node's ledger, and never more per run than the run's schedule (None: no limit).
+    evaluations_per_day: int | None = Field(None, ge=0)
+    # Where the weights files this node's operator approved live: a run's ``pretrained`` path outside it is
+    # refused by a separated worker (a path to any other file would be read by the user that can read the data).
+    weights_dir: str | None = None
 
     def resolved_device(self) -> torch.device:
         import torch

@@ -103,16 +103,6 @@ def node_failure(node_id: int, reason: str) -> NodeFailure:
     return NodeFailure(node=f"node {node_id}", reason=reason)
 
 
-def should_evaluate(cfg: RunConfig, server_round: int) -> bool:
-    """Every ``eval-every`` rounds, the last round, and each of the last ``eval-last`` rounds (the papers
-    report the mean over the last 10 rounds)."""
-    return (
-        server_round % cfg.eval_every == 0
-        or server_round == cfg.num_server_rounds
-        or server_round > cfg.num_server_rounds - cfg.eval_last
-    )
-
-
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     run_dir = RunDirectory(cfg.run_dir)
     fingerprint = config_fingerprint(cfg)
@@ -227,7 +217,7 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
     The checkpoint comes before the metrics line: a crash before the append is repaired on resume by
     ``RunDirectory.resume_metrics``."""
     state, cfg = strategy.state, strategy.cfg
-    if should_evaluate(cfg, state.server_round):
+    if cfg.evaluates_after(state.server_round):
         started = time.time()
         record.update(_evaluate(strategy, grid, state.server_round, "personalized"))
         record["per-client"] = strategy.client_evaluations

@@ -193,11 +193,19 @@ def test_a_worker_turns_away_a_peer_of_another_user(tmp_path):
     (SO_PEERCRED) and serves only its own user. Here the worker is told to serve another uid than this test's."""
     from dpfpl.client_app.worker import NodeWorker
 
-    worker = NodeWorker(tmp_path / "node", peer_uid=os.getuid() + 1)
+    own = {
+        "state-dir": str(tmp_path / "node"),
+        "lifetime-epsilon": 8.0,
+        "global-noise": "node",
+        "evaluations-per-day": 10,
+    }
+    sock_file = tmp_path / "run" / "worker.sock"
+    sock_file.parent.mkdir()
+    worker = NodeWorker(tmp_path / "node", peer_uid=os.getuid() + 1, socket_file=sock_file, node_config=own)
     worker.bind()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(str(socket_path(tmp_path / "node")))
+            sock.connect(str(sock_file))
             send_frame(sock, {"op": "hello", **worker_link.app_identity(), "protocol": worker_link.PROTOCOL_VERSION})
             conn, _ = worker._listener.accept()
             with conn:
@@ -207,7 +215,7 @@ def test_a_worker_turns_away_a_peer_of_another_user(tmp_path):
     finally:
         worker.close()
     assert _status(tmp_path / "node")["refused"] == 1 and _status(tmp_path / "node")["requests"] == {}
-    assert not socket_path(tmp_path / "node").exists()  # a stopped worker leaves no socket behind
+    assert not sock_file.exists()  # a stopped worker leaves no socket behind
 
 
 def test_a_worker_killed_holding_a_message_is_restarted_and_the_step_is_taken_once(tmp_path, start_worker):

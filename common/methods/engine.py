@@ -62,6 +62,9 @@ class DpSettings:
     max_grad_norm_local: float
     max_grad_norm_global: float
     secure_noise: bool = False  # a CSPRNG-seeded generator per release (``dpfpl.common.privacy.standard_normal``)
+    # z_G the node adds to its own clipped global sum before it leaves (node config ``global-noise = "node"``):
+    # the release is then the charged Gaussian mechanism whoever receives it; 0: the aggregator adds the noise
+    noise_multiplier_global_at_node: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,9 @@ class PromptLearner:
             global_sum = (
                 clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0) if method.shares_global else None
             )
+            if global_sum is not None and dp.noise_multiplier_global_at_node > 0:
+                global_std = dp.noise_multiplier_global_at_node * dp.max_grad_norm_global
+                global_sum = add_gaussian_noise(global_sum, global_std, generator, dp.secure_noise)
             local_sums = []
             if method.local is not None:
                 per_sample = method.local.param_grads(g + extra_local, aux, local)

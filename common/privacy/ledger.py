@@ -11,6 +11,10 @@ a SHA-256 digest over its content. A damaged current file falls back to the prev
 extra step of its most recent mechanism (the step whose entry may have been lost): a damaged ledger can
 cost budget, never hide a release. A ledger that neither copy can read stops the node with a clear error:
 starting from zero would forget what was released.
+
+It also counts the evaluation replies the node answered (their time, per run): an evaluation is outside
+epsilon (accuracy and loss on the node's records), so a node can bound how many it answers per run and per day
+(node config ``evaluations-per-day``), and the count survives restarts like the charges do.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from ..atomic import CorruptStateError, previous_path, write_json
@@ -69,9 +73,12 @@ class PrivacyLedger:
     """The node's ledger in ``STATE/ledger.json``. Load it, ``charge`` a step, ``save`` -- in that order, before
     the release."""
 
-    def __init__(self, path: Path, runs: dict[str, RunEntry] | None = None) -> None:
+    def __init__(
+        self, path: Path, runs: dict[str, RunEntry] | None = None, evaluations: dict[str, list[str]] | None = None
+    ) -> None:
         self.path = Path(path)
         self.runs: dict[str, RunEntry] = runs or {}
+        self.evaluations: dict[str, list[str]] = evaluations or {}  # run -> UTC times of the answered evaluations
 
     @classmethod
     def of(cls, state_dir: Path) -> PrivacyLedger:
@@ -79,15 +86,19 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ disk
     @staticmethod
-    def _digest(runs: dict) -> str:
-        return hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
+    def _digest(runs: dict, evaluations: dict) -> str:
+        # a ledger without evaluations keeps the digest of the format before they were counted
+        content = {"runs": runs, "evaluations": evaluations} if evaluations else runs
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def _read(cls, path: Path) -> dict[str, RunEntry]:
+    def _read(cls, path: Path) -> tuple[dict[str, RunEntry], dict[str, list[str]]]:
         obj = json.loads(path.read_text())
-        if obj.get("sha256") != cls._digest(obj["runs"]):
+        evaluations = obj.get("evaluations", {})
+        if obj.get("sha256") != cls._digest(obj["runs"], evaluations):
             raise ValueError("digest mismatch")
-        return {key: RunEntry.from_json(entry) for key, entry in obj["runs"].items()}
+        runs = {key: RunEntry.from_json(entry) for key, entry in obj["runs"].items()}
+        return runs, {str(key): [str(t) for t in times] for key, times in evaluations.items()}
 
     @classmethod
     def load(cls, path: Path) -> PrivacyLedger:
@@ -96,29 +107,47 @@ class PrivacyLedger:
         if not path.exists() and not prev.exists():
             return cls(path)
         try:
-            return cls(path, cls._read(path))
+            return cls(path, *cls._read(path))
         except (OSError, ValueError, KeyError, TypeError) as err:
             try:
-                runs = cls._read(prev)
+                runs, evaluations = cls._read(prev)
             except (OSError, ValueError, KeyError, TypeError):
                 raise CorruptStateError(
                     f"the privacy ledger {path} is damaged ({err}) and so is its previous copy {prev.name}; the "
                     "node refuses to train rather than forget what it released. Restore the file from a backup "
                     "(or, knowingly, move it away to start a new ledger)"
                 ) from err
-            ledger = cls(path, runs)
+            ledger = cls(path, runs, evaluations)
             last = max(runs.values(), key=lambda r: r.last, default=None)
             if last is not None and last.steps:
                 # the lost write may have charged one more step: charge it again, conservatively
                 mechanism = max(last.steps, key=lambda m: last.steps[m])
                 last.steps[mechanism] += 1
+            if evaluations:  # ... or counted one more evaluation: count it again, in the run that had the last one
+                latest = max(evaluations, key=lambda key: max(evaluations[key], default=""))
+                evaluations[latest].append(_now())
             return ledger
 
     def save(self) -> None:
         runs = {key: entry.to_json() for key, entry in self.runs.items()}
+        content = {"runs": runs, "sha256": self._digest(runs, self.evaluations)}
+        if self.evaluations:
+            content["evaluations"] = self.evaluations
         if self.path.exists():
             os.replace(self.path, previous_path(self.path))
-        write_json(self.path, {"runs": runs, "sha256": self._digest(runs)})
+        write_json(self.path, content)
+
+    # ------------------------------------------------------------------ evaluations
+    def record_evaluation(self, run_key: str) -> None:
+        self.evaluations.setdefault(run_key, []).append(_now())
+
+    def evaluations_of(self, run_key: str) -> int:
+        return len(self.evaluations.get(run_key, []))
+
+    def evaluations_since(self, hours: float = 24.0) -> int:
+        """Evaluations answered in the last ``hours``, every run together."""
+        cutoff = (datetime.now(timezone.utc) - timedelta(hours=hours)).isoformat(timespec="seconds")
+        return sum(t >= cutoff for times in self.evaluations.values() for t in times)
 
     # ------------------------------------------------------------------ books
     def charge(self, run_key: str, z_local: float, z_global: float, sample_rate: float, count: int = 1) -> None:
@@ -177,4 +206,9 @@ class PrivacyLedger:
         lines.append(f"{'composed, all runs':<18} {sum(r.count for r in self.runs.values()):>6} {total:>9.4f}")
         if limit is not None:
             lines.append(f"lifetime-epsilon {limit:g} (delta {delta:g})")
+        if self.evaluations:
+            answered = sum(len(times) for times in self.evaluations.values())
+            lines.append(
+                f"evaluation replies (outside epsilon): {answered} in all, {self.evaluations_since()} in the last 24 h"
+            )
         return "\n".join(lines)

@@ -85,12 +85,14 @@ def encode_update(
     noise_multiplier: float,
     threshold: int,
     num_clients: int,
+    noise_share_of: int | None = None,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Signed int64 vector R(gamma x) + N_Z(0, sigma_c^2): what the client masks and sends.
 
     ``grad`` is x = sum_j clip(g_j) / B (any shape; flattened). ``noise_multiplier`` 0 adds no noise (no DP).
-    The generator must be unpredictable to the server: by default one seeded from the OS."""
+    ``noise_share_of``: how many clients' shares make up the global noise (default: the threshold t; 1: this
+    client adds all of it). The generator must be unpredictable to the server: by default one seeded from the OS."""
     rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     x = np.asarray(grad, dtype=np.float64).reshape(-1)
     if not np.isfinite(x).all():
@@ -104,7 +106,7 @@ def encode_update(
         )
     values = stochastic_round(scaled, rng)
     if noise_multiplier > 0:
-        sigma = client_sigma(noise_multiplier, bits, x.size, threshold)
+        sigma = client_sigma(noise_multiplier, bits, x.size, noise_share_of or threshold)
         if sigma < MIN_CLIENT_SIGMA:
             raise EncodingError(
                 f"each client's noise share has std {sigma:.3g} integer units (< {MIN_CLIENT_SIGMA}); "
