@@ -49,7 +49,10 @@ MAX_HEADER = 1 << 24
 MAX_PAYLOAD = 1 << 30  # a message's content: p_G and the secure-aggregation shares are megabytes, never a gigabyte
 MAX_HEADER_DEPTH = 32  # the run and node configuration are flat: a deeper header is not one of ours
 HEARTBEAT_SECONDS = 2.0
-SILENCE_SECONDS = 20.0  # the ClientApp's deadline: this long without a frame from the worker and it gives up
+# The ClientApp's deadline: this long without a frame from the worker (the handshake's answer included) and it
+# gives up on the message. Shorter than the supervisor's watchdog (worker_supervisor.HUNG_AFTER_SECONDS), so
+# that a message held by a frozen worker fails and its node is reported, rather than answered a round late.
+SILENCE_SECONDS = 10.0
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, with the terminating NUL
 # After a worker died mid-message its supervisor restarts it within a second or two; the ClientApp waits this
 # long for the socket to accept again before it answers the message itself.
@@ -67,6 +70,10 @@ class WorkerMismatch(RuntimeError):
 
 class WorkerHandlerError(RuntimeError):
     """The worker's handler raised: the text is the error the ClientApp would have raised itself."""
+
+
+class WorkerHung(RuntimeError):
+    """The worker went silent past the deadline while holding this message."""
 
 
 class WorkerUnavailable(RuntimeError):
@@ -268,9 +275,14 @@ def forward(
             sock.settimeout(silence)
             try:
                 return _exchange(sock, request, path.parent)
-            except (LinkError, OSError) as err:  # OSError: a reset, or socket.timeout (the deadline)
-                if isinstance(err, TimeoutError):
-                    err = LinkError(f"no word from the worker for {silence:g} s (frozen or hung)")
+            except TimeoutError:
+                # not asked again: its supervisor restarts a hung worker, and this message fails, so that the
+                # server leaves the node out of this round instead of waiting for it
+                raise WorkerHung(
+                    f"the node worker at {path} sent nothing for {silence:g} s while answering {request.operation} "
+                    "(frozen or hung); its supervisor restarts it, and the node is left out of this round"
+                ) from None
+            except (LinkError, OSError) as err:  # a reset or a closed link: the worker died
                 log.warning(
                     "the node worker at %s broke off %s (attempt %d: %s)", path, request.operation, attempt, err
                 )

@@ -13,6 +13,17 @@
 # over every run (both go into the node config). DPFPL_NODE_WORKER=0 starts the SuperNode alone (each ClientApp then does its own work).
 # Insecure (no TLS, no authentication), only for a trusted test network:
 #   DPFPL_INSECURE=1 deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR - - [LOCAL_PORT]
+#
+# Privileges separated (what an organization that does not trust every other party runs; as root):
+#   DPFPL_NODE_USER=dpfpl-node DPFPL_WORKER_USER=dpfpl-data DPFPL_SAMPLE_RATE=0.02 DPFPL_LIFETIME_EPSILON=8 \
+#   deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR CERT_DIR KEY_NAME [LOCAL_PORT] [DEVICE]
+# The SuperNode, and every ClientApp it starts (any submitted app's), run as DPFPL_NODE_USER, which can read
+# neither DATA_DIR nor STATE_DIR; the worker runs as DPFPL_WORKER_USER, the only user that can, and answers
+# DPFPL_NODE_USER on a socket in DPFPL_SOCKET_DIR (default /run/dpfpl/<state-dir name>). The worker uses its own
+# node config and its operator's policy (docs/deployment.md): DPFPL_LIFETIME_EPSILON is required,
+# DPFPL_EVALUATIONS_PER_DAY (default 100) bounds the evaluation replies, DPFPL_WEIGHTS_DIR names the approved
+# weights files. deploy/setup-node-users.sh creates the users and sets the modes this script checks.
+# Without the two users the script runs in single-user TRIAL mode, which does not contain a rogue app.
 set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0
 VENV_BIN="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
@@ -20,14 +31,45 @@ export PATH="$VENV_BIN:$PATH"   # the SuperNode starts flower-superexec from PAT
 # how often the SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's default: 1 s)
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}
 LINK=$1; DATA=$2; STATE=$3; C=$4; KEY=$5; LOCAL_PORT=${6:-9094}; DEVICE=${7:-auto}
-mkdir -p "$STATE"
-chmod 700 "$STATE"
-STATE=$(cd "$STATE" && pwd)   # absolute: the ClientApp finds the worker's socket through it
+NODE_USER=${DPFPL_NODE_USER:-}; WORKER_USER=${DPFPL_WORKER_USER:-}
+SEPARATED=0
+if [ -n "$NODE_USER$WORKER_USER" ]; then SEPARATED=1; fi
+fail() { echo "deploy/start-supernode.sh: $*" >&2; exit 78; }
+if [ "$SEPARATED" = "1" ]; then
+  STATE=$(realpath -m "$STATE"); DATA=$(realpath -m "$DATA")
+  # shellcheck source=deploy/check-separation.sh
+  . "$(dirname "$0")/check-separation.sh"
+  check_separation "$NODE_USER" "$WORKER_USER" "$DATA" "$STATE" "$C" "$KEY" "$VENV_BIN"
+else
+  mkdir -p "$STATE"
+  chmod 700 "$STATE"
+  STATE=$(cd "$STATE" && pwd)   # absolute: the ClientApp finds the worker's socket through it
+  echo "TRIAL MODE: the SuperNode and the node worker run as one user, so an app submitted to the SuperLink can" \
+       "read this node's data and state. Separate privileges (DPFPL_NODE_USER, DPFPL_WORKER_USER;" \
+       "docs/deployment.md) unless every party that can reach the SuperLink is trusted." >&2
+fi
 NODE_CONFIG="data-dir=\"$DATA\" state-dir=\"$STATE\" cache-dir=\"$STATE/cache\" device=\"$DEVICE\""
 # The organization's own privacy declarations (docs/privacy.md): its public Poisson sample rate, chosen without
 # reading the records (batch-size / a public, approximate silo size), and its lifetime budget over every run.
 if [ -n "${DPFPL_SAMPLE_RATE:-}" ]; then NODE_CONFIG+=" sample-rate=$DPFPL_SAMPLE_RATE"; fi
 if [ -n "${DPFPL_LIFETIME_EPSILON:-}" ]; then NODE_CONFIG+=" lifetime-epsilon=$DPFPL_LIFETIME_EPSILON"; fi
+if [ "$SEPARATED" = "1" ]; then
+  [ -n "${DPFPL_LIFETIME_EPSILON:-}" ] || fail "DPFPL_LIFETIME_EPSILON is required with separated privileges: a submitted app can start any run, and only the node's lifetime budget bounds them all"
+  NODE_CONFIG+=" global-noise=\"node\" evaluations-per-day=${DPFPL_EVALUATIONS_PER_DAY:-100}"
+  if [ -n "${DPFPL_WEIGHTS_DIR:-}" ]; then NODE_CONFIG+=" weights-dir=\"$DPFPL_WEIGHTS_DIR\""; fi
+  SOCKET_DIR=${DPFPL_SOCKET_DIR:-/run/dpfpl/$(basename "$STATE")}
+  mkdir -p "$SOCKET_DIR"
+  chown "$WORKER_USER:$(id -gn "$NODE_USER")" "$SOCKET_DIR"
+  chmod 0710 "$SOCKET_DIR"   # the worker's; the SuperNode's group may reach the socket in it, not list it
+  SOCKET="$SOCKET_DIR/worker.sock"
+  WORKER_CONFIG=$NODE_CONFIG
+  NODE_CONFIG="worker-socket=\"$SOCKET\""   # all the SuperNode's ClientApps learn: where to ask
+  NODE_HOME=${DPFPL_NODE_HOME:-$(getent passwd "$NODE_USER" | cut -d: -f6)}
+  [ -n "$NODE_HOME" ] && runuser -u "$NODE_USER" -- test -w "$NODE_HOME" \
+    || fail "$NODE_USER needs a writable home for Flower's app cache (set DPFPL_NODE_HOME)"
+  as_user() { local user=$1; shift; setpriv --reuid="$user" --regid="$(id -g "$user")" --init-groups \
+      env HOME="$(getent passwd "$user" | cut -d: -f6)" "$@"; }
+fi
 ARGS=(--superlink "$LINK" --port "$LOCAL_PORT" --node-config "$NODE_CONFIG")
 if [ "${DPFPL_INSECURE:-0}" = "1" ]; then
   echo "WARNING: DPFPL_INSECURE=1: no TLS and no node authentication; use only on a trusted network" >&2
@@ -38,13 +80,25 @@ else
 fi
 
 WORKER=""
-if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
-  echo "node worker for $STATE: logging to $STATE/worker.log" >&2
-  dpfpl worker --supervise --state-dir "$STATE" >>"$STATE/worker.log" 2>&1 &
-  WORKER=$!
+if [ "$SEPARATED" = "1" ]; then
+  if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
+    echo "node worker for $STATE as $WORKER_USER, answering $NODE_USER on $SOCKET: logging to $STATE/worker.log" >&2
+    as_user "$WORKER_USER" "$VENV_BIN/dpfpl" worker --supervise --state-dir "$STATE" --socket "$SOCKET" \
+      --peer-user "$NODE_USER" --node-config "$WORKER_CONFIG" >>"$STATE/worker.log" 2>&1 &
+    WORKER=$!
+  fi
+  as_user "$NODE_USER" FLWR_HOME="${DPFPL_NODE_HOME:-$NODE_HOME}/.flwr" PATH="$PATH" \
+    flower-supernode "${ARGS[@]}" &
+  NODE=$!
+else
+  if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
+    echo "node worker for $STATE: logging to $STATE/worker.log" >&2
+    dpfpl worker --supervise --state-dir "$STATE" >>"$STATE/worker.log" 2>&1 &
+    WORKER=$!
+  fi
+  flower-supernode "${ARGS[@]}" &
+  NODE=$!
 fi
-flower-supernode "${ARGS[@]}" &
-NODE=$!
 # SIGTERM/SIGINT go to the SuperNode; when it exits (for any reason), so does the worker's supervisor
 trap 'kill -TERM "$NODE" 2>/dev/null || true' TERM INT
 trap '[ -n "$WORKER" ] && kill -TERM "$WORKER" 2>/dev/null; true' EXIT

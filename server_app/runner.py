@@ -175,6 +175,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     last_round = cfg.num_server_rounds if strategy.method.trains else 0
     for server_round in range(state.server_round + 1, last_round + 1):
         started = time.time()
+        strategy.rejected.clear()
         if cfg.secure_aggregation:  # the server sees only the noised sum (server_app/secagg_round.py)
             arrays, train_metrics = secure_train_round(strategy, grid, server_round, cfg.round_timeout or None)
         else:
@@ -222,6 +223,8 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
         record.update(_evaluate(strategy, grid, state.server_round, "personalized"))
         record["per-client"] = strategy.client_evaluations
         record["round-seconds"] = round(record.get("round-seconds", 0.0) + time.time() - started, 3)
+    if strategy.rejected:  # train and evaluation replies this round left out, and why
+        record["rejected"] = list(strategy.rejected)
     state.last_record, state.evaluated_round = record, state.server_round
     run_dir.save(state)
     run_dir.append_metrics(record)

@@ -193,6 +193,9 @@ class PromptStrategy(Strategy):
         self.state = state
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
+        # the replies rejected since the runner last cleared it ("node N: why"): the round's metrics line lists
+        # them, so that a node that failed a round (an error, a hung worker, a malformed reply) is on record
+        self.rejected: list[str] = []
         # DP noise must be unpredictable: seeded from the OS, never from the (public) run config.
         self.noise_generator = dp_generator(cfg.dp, cfg.seed)
         self.classes_digest = class_list_digest(_server_class_list(cfg))
@@ -332,6 +335,7 @@ class PromptStrategy(Strategy):
                 accepted.append(Reply(msg.metadata.src_node_id, node_key(msg, metrics), metrics, payload))
             except InvalidReply as err:
                 log.warning("round %d: %s from node %s rejected: %s", server_round, what, msg.metadata.src_node_id, err)
+                self.rejected.append(f"node {msg.metadata.src_node_id}: {str(err)[:300]}")
             except Exception as err:  # noqa: BLE001  a hostile reply is rejected, never fatal
                 log.warning(
                     "round %d: %s from node %s rejected: malformed (%s: %s)",
@@ -341,6 +345,7 @@ class PromptStrategy(Strategy):
                     type(err).__name__,
                     str(err)[:200],
                 )
+                self.rejected.append(f"node {msg.metadata.src_node_id}: malformed ({type(err).__name__})")
         count = Counter(r.key for r in accepted)
         shared = sorted(k for k, c in count.items() if c > 1)
         if shared:

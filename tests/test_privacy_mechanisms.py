@@ -155,3 +155,31 @@ def test_published_prompt_epsilon_matches_the_stacked_gaussian_in_dp_accounting(
     assert combined_noise_multiplier(z_l, z_g) == pytest.approx(1 / math.sqrt(z_l**-2 + z_g**-2))
     assert acc.epsilon_published() > max(acc.epsilon_local(), acc.epsilon_global())
     assert epsilon_for(z_l, q, steps, 1e-5) == pytest.approx(acc.epsilon_local())
+
+
+def test_a_node_that_trusts_no_aggregator_adds_the_global_noise_to_its_own_reply(encoder, batch):
+    """global-noise = "node": the reply is the clipped sum plus N(0, (z_G C_G)^2), over B, before it leaves. Same
+    generator state: the two replies differ by exactly that noise (the batch is drawn before it)."""
+    feats, labels = batch
+    learner = PromptLearner(build_method("dpfpl", rank=2), encoder, 20.0)
+    p_global = torch.randn(8, encoder.width, generator=torch.Generator().manual_seed(3)) * 0.02
+    p_local = torch.randn(8, encoder.width, generator=torch.Generator().manual_seed(4)) * 0.02
+    outs = []
+    for at_node in (0.0, 4.0):
+        outs.append(
+            learner.train_step(
+                p_global,
+                {"p_local": p_local},
+                {},
+                feats,
+                labels,
+                EXPECTED_BATCH,
+                DpSettings(True, 0.0, C_LOCAL, C_GLOBAL, noise_multiplier_global_at_node=at_node),
+                SgdSettings(0.1),
+                torch.Generator().manual_seed(21),
+            )
+        )
+    assert outs[0].batch_size == outs[1].batch_size
+    noise = outs[1].global_grad - outs[0].global_grad
+    assert float(noise.std()) == pytest.approx(4.0 * C_GLOBAL / EXPECTED_BATCH, rel=0.1)
+    assert abs(float(noise.mean())) < 4.0 * C_GLOBAL / EXPECTED_BATCH / 5

@@ -1,0 +1,212 @@
+"""What a node with separated privileges serves, whoever asks (client_app/policy.py), and the link's limits
+and deadlines (client_app/worker_link.py) and the supervisor's watchdog, without real Flower processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from flwr.app import ConfigRecord, RecordDict
+
+from dpfpl.client_app import handlers, worker_link
+from dpfpl.client_app.policy import (
+    EvaluationQuotaSpent,
+    PolicyRefusal,
+    charge_evaluation,
+    check_request,
+    separated_node_problems,
+)
+from dpfpl.client_app.request import NodeRequest
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+SEPARATED = NodeConfig(
+    state_dir="/s", lifetime_epsilon=8.0, global_noise="node", evaluations_per_day=5, weights_dir="/opt/weights"
+)
+
+
+def test_a_separated_node_serves_dp_training_on_its_own_data_only():
+    silo = RunConfig(dataset="silo", classnames="a,b", dp=True)
+    check_request("train", silo, SEPARATED)
+    check_request("evaluate", RunConfig(dataset="demo"), SEPARATED)
+    with pytest.raises(PolicyRefusal, match="differential privacy"):
+        check_request("train", silo.model_copy(update={"dp": False}), SEPARATED)
+    with pytest.raises(PolicyRefusal, match="reads a path"):
+        check_request("evaluate", RunConfig(dataset="folder", data_root="/etc"), SEPARATED)
+    check_request("query.node_key", RunConfig(dataset="folder", data_root="/etc"), SEPARATED)  # no data read
+
+
+def test_weights_files_only_from_the_approved_directory():
+    check_request("train", RunConfig(pretrained="/opt/weights/vit.bin"), SEPARATED)
+    for path in ("/etc/shadow", "/opt/weights/../../etc/passwd.bin", "model.pt"):
+        with pytest.raises(PolicyRefusal, match="weights-dir"):
+            check_request("train", RunConfig(pretrained=path), SEPARATED)
+    with pytest.raises(PolicyRefusal, match="not set"):
+        check_request("train", RunConfig(pretrained="/opt/weights/vit.bin"), NodeConfig(state_dir="/s"))
+
+
+def test_a_separated_worker_names_every_missing_setting():
+    assert separated_node_problems(SEPARATED) == []
+    problems = " ".join(separated_node_problems(NodeConfig()))
+    for key in ("state-dir", "lifetime-epsilon", "global-noise", "evaluations-per-day"):
+        assert key in problems
+
+
+def test_evaluations_are_bounded_by_the_run_schedule_and_the_day_and_counted_in_the_ledger(tmp_path):
+    cfg = RunConfig(num_server_rounds=2, eval_every=1, eval_last=0)  # setup + 2 rounds = 3 per run
+    node = NodeConfig(state_dir=str(tmp_path), evaluations_per_day=5)
+    for _ in range(3):
+        charge_evaluation(tmp_path, "run-a", cfg, node)
+    with pytest.raises(EvaluationQuotaSpent, match="schedule"):
+        charge_evaluation(tmp_path, "run-a", cfg, node)
+    charge_evaluation(tmp_path, "run-b", cfg, node)
+    charge_evaluation(tmp_path, "run-b", cfg, node)
+    with pytest.raises(EvaluationQuotaSpent, match="a day"):  # 5 in 24 h, whichever run
+        charge_evaluation(tmp_path, "run-c", cfg, node)
+    ledger = PrivacyLedger.of(tmp_path)  # on disk, under the ledger's digest
+    assert ledger.evaluations_of("run-a") == 3 and ledger.evaluations_of("run-b") == 2
+    assert ledger.evaluations_since(24) == 5 and ledger.runs == {}
+    assert "evaluation replies (outside epsilon): 5" in ledger.describe(1e-5)
+    # a tampered count is caught by the digest: the previous copy is used, with one evaluation more, not fewer
+    raw = json.loads((tmp_path / LEDGER_FILE).read_text())
+    raw["evaluations"]["run-a"] = raw["evaluations"]["run-a"][:1]
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(raw))
+    assert PrivacyLedger.of(tmp_path).evaluations_since(24) == 5
+    # without a quota nothing is counted (simulation)
+    charge_evaluation(tmp_path / "sim", "run-a", cfg, NodeConfig(state_dir=str(tmp_path / "sim")))
+    assert not (tmp_path / "sim" / LEDGER_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------ the link
+def _pair():
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    return a, b
+
+
+def test_a_frame_too_large_or_too_deep_is_refused_without_reading_it():
+    a, b = _pair()
+    with a, b:
+        a.sendall(struct.pack(">I", 2) + b"{}" + struct.pack(">Q", worker_link.MAX_PAYLOAD + 1))
+        with pytest.raises(worker_link.LinkError, match="payload"):
+            worker_link.recv_frame(b)
+    a, b = _pair()
+    with a, b:
+        deep = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        a.sendall(struct.pack(">I", len(deep)) + deep)
+        with pytest.raises(worker_link.LinkError, match="nested deeper"):
+            worker_link.recv_frame(b)
+    a, b = _pair()
+    with a, b:  # brackets inside strings are not nesting
+        text = json.dumps({"x": "[" * 100}).encode()
+        a.sendall(struct.pack(">I", len(text)) + text + struct.pack(">Q", 0))
+        assert worker_link.recv_frame(b)[0] == {"x": "[" * 100}
+
+
+def _fake_worker(tmp_path, behaviour):
+    """A socket that answers like a worker would, per ``behaviour(conn)``, once."""
+    path = tmp_path / "w.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            worker_link.recv_frame(conn)
+            behaviour(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return path, listener
+
+
+def _request():
+    return NodeRequest("query.node_key", RecordDict({"config": ConfigRecord({"x": 1})}))
+
+
+def test_a_silent_worker_fails_the_message_at_the_deadline(tmp_path):
+    path, listener = _fake_worker(tmp_path, lambda conn: time.sleep(3))  # never answers the handshake
+    with listener:
+        started = time.monotonic()
+        with pytest.raises(worker_link.WorkerHung, match="frozen or hung"):
+            worker_link.forward(_request(), path, restart_wait=1, silence=0.5)
+        assert time.monotonic() - started < 2.5
+
+
+def test_heartbeats_keep_a_long_handler_alive_past_the_deadline(tmp_path):
+    def slow_but_alive(conn):
+        worker_link.send_frame(conn, {"op": "ok"})
+        worker_link.recv_frame(conn)
+        for _ in range(6):  # 1.2 s of work, a heartbeat every 0.2 s, with a 0.5 s deadline
+            time.sleep(0.2)
+            worker_link.send_frame(conn, {"op": "alive"})
+        worker_link.send_frame(conn, {"op": "reply"}, worker_link.encode_content(RecordDict()))
+
+    path, listener = _fake_worker(tmp_path, slow_but_alive)
+    with listener:
+        assert worker_link.forward(_request(), path, restart_wait=1, silence=0.5) is not None
+
+
+def test_a_held_node_lock_times_out_with_a_clear_error(tmp_path):
+    with handlers.node_lock(tmp_path):
+        done = []
+
+        def other():
+            try:
+                with handlers.node_lock(tmp_path, timeout=0.3):
+                    done.append("got it")
+            except handlers.NodeBusy as err:
+                done.append(str(err))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert len(done) == 1 and "held this node's lock" in done[0]
+
+
+def test_the_supervisor_restarts_a_worker_whose_heartbeat_stops(tmp_path):
+    """The child beats once, then hangs (as a SIGSTOPped worker would): the watchdog kills and restarts it."""
+    child = textwrap.dedent(
+        f"""
+        import os, pathlib, time
+        with open({str(tmp_path / "pids")!r}, "a") as fh:
+            fh.write(f"{{os.getpid()}}\\n")
+        pathlib.Path({str(tmp_path / "beat")!r}).touch()
+        time.sleep(600)
+        """
+    )
+    supervisor = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pathlib; from dpfpl.client_app.worker_supervisor import supervise; "
+            f"sys.exit(supervise([sys.executable, '-c', {child!r}], heartbeat=pathlib.Path({str(tmp_path / 'beat')!r}),"
+            " hung_after=1.0))",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pids = (tmp_path / "pids").read_text().split() if (tmp_path / "pids").exists() else []
+            if len(pids) >= 2:
+                break
+            time.sleep(0.2)
+        assert len(pids) >= 2, "the hung child was not restarted"
+        with pytest.raises(ProcessLookupError):  # the first one was killed, not left behind
+            os.kill(int(pids[0]), 0)
+    finally:
+        supervisor.terminate()
+        _, err = supervisor.communicate(timeout=30)
+    assert "hung: no heartbeat" in err
