@@ -343,6 +343,8 @@ class PromptNode:
             "sample-rate": self.sample_rate,
             "noise-multiplier-local": state.noise_multiplier_local,
         }
+        if dp.noise_multiplier_global_at_node > 0:  # the server's norm check allows for the noise already in it
+            metrics["noise-multiplier-global-node"] = dp.noise_multiplier_global_at_node
         if self.cfg.dp:
             # the server's books: every step this node took counts for p_G too (it moved p_L, which the next
             # replies read), even one whose reply the server never aggregated

@@ -46,6 +46,7 @@ _NODE_METRICS = {  # in every train and evaluate reply
 _TRAIN_METRICS = {
     **_NODE_METRICS,
     "noise-multiplier-local": (PUBLIC, "z_L, calibrated from the target, the declared q and the planned rounds"),
+    "noise-multiplier-global-node": (PUBLIC, "the z_G a node that trusts no aggregator added to global-grad itself"),
     "epsilon-local": (PUBLIC, _BOOKS),
     "epsilon-published": (PUBLIC, _BOOKS),
     "clientapp-age-seconds": (PUBLIC, "the ClientApp process's start-up time, before any data is read"),
@@ -67,7 +68,8 @@ INVENTORY: dict[tuple[str, str, str], tuple[str, str]] = {
     **{("train", "metrics", k): v for k, v in _TRAIN_METRICS.items()},
     ("train", "arrays", "global-grad"): (
         COVERED,
-        "the clipped gradient sum / B; the server adds the global noise (central DP, trusted aggregator)",
+        "the clipped gradient sum / B; the server adds the global noise (central DP, trusted aggregator), or the "
+        "node adds it itself before it leaves (global-noise = node)",
     ),
     ("train", "secagg", "c-pk"): (PUBLIC, _SECAGG),
     ("train", "secagg", "s-pk"): (PUBLIC, _SECAGG),

@@ -66,6 +66,18 @@ ABA = BOUNDARY + "test_a_to_b_to_a_resumes_a_with_its_prompt_optimizer_and_books
 RESEED = BOUNDARY + "test_a_fallback_to_the_previous_state_draws_a_fresh_secret_seed"
 WIRE_CHECK = BOUNDARY + "test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify"
 RESENT = "tests/test_client.py::test_a_re_sent_round_gets_the_same_reply_without_a_new_step"
+EVALUATION_QUOTA = (
+    "tests/test_worker_policy.py::test_evaluations_are_bounded_by_the_run_schedule_and_the_day_and_counted_in_the_ledger"
+)
+INVALID_REPLIES = "tests/test_server.py::test_invalid_replies_are_rejected_and_never_aggregated"
+WRONG_TYPE = "tests/test_server.py::test_a_metric_of_the_wrong_type_or_range_is_a_rejection_not_a_crash[value0]"
+DUPLICATE_KEYS = "tests/test_fault_tolerance.py::test_two_replies_under_one_node_key_are_both_rejected"
+LEDGER_FALLBACK = BOUNDARY + "test_a_damaged_ledger_falls_back_and_charges_one_more_step"
+CALIBRATED_ROUNDS = "tests/test_server.py::test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused"
+OWN_NODE_CONFIG = "tests/test_worker_policy.py::test_a_separated_worker_uses_its_own_node_config_and_policy"
+NODE_GLOBAL_NOISE = (
+    "tests/test_privacy_mechanisms.py::test_a_node_that_trusts_no_aggregator_adds_the_global_noise_to_its_own_reply"
+)
 REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
 
 
@@ -366,6 +378,76 @@ MUTATIONS = (
         "            for key, m in rows:\n                self.book_steps(key, m)",
         "            for key, m in rows:\n                pass",
         (BOUNDARY + "test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluation_reply",),
+    ),
+    Mutation(
+        "the replay guard removed: a re-sent round steps (and charges) again",
+        "client_app/node.py",
+        "            state.last_round == server_round\n",
+        "            False\n",
+        (RESENT,),
+    ),
+    Mutation(
+        "the evaluation quota refuses past its limit only (>= changed to >)",
+        "client_app/policy.py",
+        "if ledger.evaluations_of(run_key) >= cfg.scheduled_evaluations:",
+        "if ledger.evaluations_of(run_key) > cfg.scheduled_evaluations:",
+        (EVALUATION_QUOTA,),
+    ),
+    Mutation(
+        "the server's finiteness check on a reply removed",
+        "server_app/strategy.py",
+        "        if not torch.isfinite(grad).all():",
+        "        if False:",
+        (INVALID_REPLIES + "[<lambda>0]",),
+    ),
+    Mutation(
+        "the server's norm check on a reply removed",
+        "server_app/strategy.py",
+        "            if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:",
+        "            if False:",
+        (INVALID_REPLIES + "[<lambda>3]",),
+    ),
+    Mutation(
+        "the duplicate-key filter lets a key through twice",
+        "server_app/strategy.py",
+        "shared = sorted(k for k, c in count.items() if c > 1)",
+        "shared = sorted(k for k, c in count.items() if c > 2)",
+        (DUPLICATE_KEYS,),
+    ),
+    Mutation(
+        "a damaged ledger's possibly lost step not charged again",
+        "common/privacy/ledger.py",
+        "                last.steps[mechanism] += 1",
+        "                last.steps[mechanism] += 0",
+        (LEDGER_FALLBACK,),
+    ),
+    Mutation(
+        "the calibrated-rounds guard on resume removed",
+        "server_app/runner.py",
+        "        and cfg.num_server_rounds > state.calibrated_rounds",
+        "        and False",
+        (CALIBRATED_ROUNDS,),
+    ),
+    Mutation(
+        "the typed parser accepts a list where a number belongs",
+        "server_app/replies.py",
+        "    return isinstance(value, (int, float)) and not isinstance(value, bool)",
+        "    return isinstance(value, (int, float, list)) and not isinstance(value, bool)",
+        (WRONG_TYPE,),
+    ),
+    Mutation(
+        "a separated worker takes the request's node config (a bigger lifetime budget, another data-dir)",
+        "client_app/worker.py",
+        "            request = dataclasses.replace(request, node_config=dict(self.node_config))",
+        "            pass",
+        (OWN_NODE_CONFIG,),
+    ),
+    Mutation(
+        "the node's own global noise not added",
+        "common/methods/engine.py",
+        "global_sum = add_gaussian_noise(global_sum, global_std, generator, dp.secure_noise)",
+        "global_sum = global_sum",
+        (NODE_GLOBAL_NOISE,),
     ),
 )
 

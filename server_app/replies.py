@@ -45,6 +45,7 @@ METRIC_SPECS: dict[str, Spec] = {
     "partition-id": _COUNT,
     "sample-rate": Spec(low=1e-12, high=1.0),
     "noise-multiplier-local": Spec(low=0.0, allow_inf=True),
+    "noise-multiplier-global-node": Spec(low=0.0, high=1e6),
     "noisy-steps": _COUNT,
     "epsilon-local": _EPSILON,
     "epsilon-published": _EPSILON,

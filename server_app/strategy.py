@@ -53,6 +53,7 @@ def client_label(node_id: int | str, metrics: dict) -> str:
 
 # How far beyond its declared size a node's data set may have grown before its reply's norm is implausible
 REPLY_BATCH_SLACK = 2.0
+NOISE_NORM_MARGIN = 10.0  # standard deviations above sqrt(d) a Gaussian vector's norm reaches w.p. exp(-50)
 
 
 @dataclass
@@ -302,6 +303,11 @@ class PromptStrategy(Strategy):
             # marks the reply as malformed. A robustness check only: the noise is calibrated to C_G / B per record.
             q = self.sample_rate(node_key(msg, metrics), metrics)
             bound = self.cfg.max_grad_norm_global * REPLY_BATCH_SLACK / q
+            if z_node := metrics.get("noise-multiplier-global-node"):
+                # the node added N(0, (z C_G / B)^2) per coordinate: its norm stays below z C_G / B (sqrt(d) + 10)
+                # except with probability exp(-50) (Gaussian concentration)
+                per_coordinate = z_node * self.cfg.max_grad_norm_global / self.cfg.batch_size
+                bound += per_coordinate * (math.sqrt(grad.numel()) + NOISE_NORM_MARGIN)
             if not grad.norm() <= bound * (1 + 1e-4) + 1e-6:
                 raise InvalidReply(f"global-grad norm {float(grad.norm()):.4g} exceeds the clipping bound {bound:.4g}")
         return grad, metrics

@@ -6,6 +6,7 @@ from flwr.common import MessageType
 from dpfpl.common.config import RunConfig
 from dpfpl.common.runtag import run_tag
 from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.replies import InvalidReply
 from dpfpl.server_app.strategy import PromptStrategy
 
 
@@ -77,8 +78,20 @@ def test_invalid_replies_are_rejected_and_never_aggregated(tmp_path, bad):
     good = [_reply(torch.zeros(4, 16), node=n) for n in (1, 2)]
     strategy.aggregate_train(1, good + [bad()])
     assert strategy.state.participation == {"1": 1, "2": 1}
-    with pytest.raises(Exception):  # noqa: B017 (any refusal: a malformed reply may fail before validation)
+    with pytest.raises(InvalidReply):  # a refusal, never a crash
         strategy.validate_train_reply(bad(), 1)
+
+
+@pytest.mark.parametrize("value", [[1.0, 2.0], [3], float("nan"), float("inf"), -1.0, 1e300])
+def test_a_metric_of_the_wrong_type_or_range_is_a_rejection_not_a_crash(tmp_path, value):
+    """The typed parser names the field: a list where a number belongs, NaN, Inf, out of range."""
+    strategy = _strategy(tmp_path)
+    bad = _reply(torch.zeros(4, 16), node=3)
+    bad.content["metrics"]["batch-size"] = value
+    with pytest.raises(InvalidReply, match="batch-size"):
+        strategy.validate_train_reply(bad, 1)
+    strategy.aggregate_train(1, [_reply(torch.zeros(4, 16), node=n) for n in (1, 2)] + [bad])
+    assert strategy.state.participation == {"1": 1, "2": 1}
 
 
 def test_too_few_valid_replies_leave_the_global_prompt_unchanged(tmp_path):
