@@ -51,10 +51,28 @@ def federation(tmp_path, request):
         "FLWR_TELEMETRY_ENABLED": "0",
         "DPFPL_LAUNCH_TAG": tag,
     }
+    # the key flow of docs/deployment.md: the operator makes the CA and the SuperLink's certificate, the
+    # aggregator gets only ca.crt, server.pem and server.key, and each organization makes its own node key next
+    # to its copy of ca.crt and hands over only the public half
     certs = tmp_path / "certs"
     subprocess.run(
-        ["bash", str(DEPLOY / "gen-certs.sh"), str(certs), "localhost", "4"], check=True, env=env, capture_output=True
+        ["bash", str(DEPLOY / "gen-certs.sh"), str(certs), "localhost"], check=True, env=env, capture_output=True
     )
+    link_certs = tmp_path / "aggregator"
+    link_certs.mkdir()
+    for name in ("ca.crt", "server.pem", "server.key"):
+        shutil.copy2(certs / name, link_certs / name)
+    node_certs = []
+    for i in range(4):
+        keys = tmp_path / f"org{i}" / "keys"
+        subprocess.run(
+            ["bash", str(DEPLOY / "gen-node-key.sh"), str(keys), f"supernode-{i}"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        shutil.copy2(certs / "ca.crt", keys / "ca.crt")
+        node_certs.append(keys)
     port = free_port()
     procs: list[subprocess.Popen] = []
 
@@ -70,7 +88,7 @@ def federation(tmp_path, request):
             [
                 "bash",
                 str(DEPLOY / "start-superlink.sh"),
-                str(certs),
+                str(link_certs),
                 "127.0.0.1",
                 str(port),
                 str(tmp_path / "superlink.db"),
@@ -81,7 +99,7 @@ def federation(tmp_path, request):
         # write the connection and register keys 0..2; key 3 stays unregistered (unless a test asks for 4)
         subprocess.run(
             ["bash", str(DEPLOY / "connect.sh"), "org", f"127.0.0.1:{port}", str(certs / "ca.crt")]
-            + [str(certs / f"supernode-{i}.pub") for i in range(registered)],
+            + [str(node_certs[i] / f"supernode-{i}.pub") for i in range(registered)],
             check=True,
             env=env,
             capture_output=True,
@@ -99,7 +117,7 @@ def federation(tmp_path, request):
                         f"127.0.0.1:{port}",
                         str(silo),
                         str(state),
-                        str(certs),
+                        str(node_certs[i]),
                         f"supernode-{i}",
                         str(free_port()),
                         "cpu",
