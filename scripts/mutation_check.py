@@ -66,9 +66,7 @@ ABA = BOUNDARY + "test_a_to_b_to_a_resumes_a_with_its_prompt_optimizer_and_books
 RESEED = BOUNDARY + "test_a_fallback_to_the_previous_state_draws_a_fresh_secret_seed"
 WIRE_CHECK = BOUNDARY + "test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify"
 RESENT = "tests/test_client.py::test_a_re_sent_round_gets_the_same_reply_without_a_new_step"
-EVALUATION_QUOTA = (
-    "tests/test_worker_policy.py::test_evaluations_are_bounded_by_the_run_schedule_and_the_day_and_counted_in_the_ledger"
-)
+EVALUATION_QUOTA = "tests/test_worker_policy.py::test_evaluations_are_bounded_by_the_run_schedule_and_the_day_and_counted_in_the_ledger"
 INVALID_REPLIES = "tests/test_server.py::test_invalid_replies_are_rejected_and_never_aggregated"
 WRONG_TYPE = "tests/test_server.py::test_a_metric_of_the_wrong_type_or_range_is_a_rejection_not_a_crash[value0]"
 DUPLICATE_KEYS = "tests/test_fault_tolerance.py::test_two_replies_under_one_node_key_are_both_rejected"

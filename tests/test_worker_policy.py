@@ -210,3 +210,33 @@ def test_the_supervisor_restarts_a_worker_whose_heartbeat_stops(tmp_path):
         supervisor.terminate()
         _, err = supervisor.communicate(timeout=30)
     assert "hung: no heartbeat" in err
+
+
+def test_a_separated_worker_uses_its_own_node_config_and_policy(tmp_path):
+    """The request's node config (another state-dir, a huge lifetime budget) is replaced by the worker's own;
+    a run without DP is refused by policy; another error's text stays in the log (the reply names its type)."""
+    from dpfpl.client_app.worker import NodeWorker, WorkerSetupError
+
+    own = {
+        "state-dir": str(tmp_path / "node"),
+        "lifetime-epsilon": 8.0,
+        "global-noise": "node",
+        "evaluations-per-day": 3,
+    }
+    with pytest.raises(WorkerSetupError, match="lifetime-epsilon"):
+        NodeWorker(tmp_path / "node", os.getuid() + 1, tmp_path / "run.sock", {"state-dir": str(tmp_path / "node")})
+    worker = NodeWorker(tmp_path / "node", os.getuid() + 1, tmp_path / "run.sock", own)
+    elsewhere = tmp_path / "elsewhere"
+    hostile = {"state-dir": str(elsewhere), "lifetime-epsilon": 1e9, "data-dir": "/"}
+    request = NodeRequest(
+        "query.node_key", RecordDict({"config": ConfigRecord({"run-token": "t"})}), {}, hostile, node_id=1
+    )
+    header, _ = worker._answer(request)
+    assert header["op"] == "reply"
+    assert (tmp_path / "node" / "node-key").exists() and not elsewhere.exists()
+    no_dp = NodeRequest("train", RecordDict({"config": ConfigRecord({"run-token": "t"})}), {"dp": False}, hostile)
+    header, _ = worker._answer(no_dp)
+    assert header["op"] == "error" and "differential privacy" in header["message"]
+    broken = NodeRequest("train", RecordDict(), {"dp": True, "dataset": "demo"}, hostile)  # no config record at all
+    header, _ = worker._answer(broken)
+    assert header["op"] == "error" and "worker log" in header["message"] and "config" not in header["message"]
