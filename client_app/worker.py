@@ -174,6 +174,7 @@ class NodeWorker:
         self._stop_after_message = False
         self._lock_fd: int | None = None
         self._listener: socket.socket | None = None
+        self._held: list[socket.socket] = []  # connections that arrived while the worker warmed up
 
     # -------------------------------------------------------------------------------- setup
     def _check_separated_setup(self) -> None:
@@ -235,10 +236,42 @@ class NodeWorker:
         identity is taken after, so that it describes the code this process runs; each handshake checks it
         against the files again (``_code_changed``)."""
         started = time.perf_counter()
-        from . import node, prompt_handlers, secagg, secfpp  # noqa: F401
+        warming = threading.Event()
+        holder = threading.Thread(target=self._hold_while_warming, args=(warming,), daemon=True)
+        if self._listener is not None:
+            holder.start()
+        try:
+            from . import node, prompt_handlers, secagg, secfpp  # noqa: F401
 
-        self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
+            self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
+        finally:
+            warming.set()
+            if holder.is_alive():
+                holder.join()
         log.info("libraries imported in %.1f s", time.perf_counter() - started)
+
+    def _hold_while_warming(self, done: threading.Event) -> None:
+        """While the libraries load (seconds; longer with several workers starting on one host), accept the
+        ClientApps that connect and send each an ``alive`` frame every ``HEARTBEAT_SECONDS``: their deadline is on
+        silence, and a worker that is starting is not a hung one. They are served first once it is ready."""
+        self._listener.settimeout(0.2)
+        last_beat = time.monotonic()
+        try:
+            while not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    conn, _ = self._listener.accept()
+                    conn.setblocking(True)
+                    self._held.append(conn)
+                if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+                    last_beat = time.monotonic()
+                    for conn in list(self._held):
+                        try:
+                            send_frame(conn, {"op": "alive"})
+                        except OSError:
+                            self._held.remove(conn)
+                            conn.close()
+        finally:
+            self._listener.settimeout(None)
 
     def _code_changed(self) -> str | None:
         """Why this worker must not answer: its code files changed since it loaded them (an install or an edit
@@ -275,7 +308,7 @@ class NodeWorker:
         self._write_status()
         try:
             while not self._stop_after_message:
-                conn, _ = self._listener.accept()
+                conn = self._held.pop(0) if self._held else self._listener.accept()[0]
                 self._busy = True
                 try:
                     with conn:

@@ -238,6 +238,8 @@ def _exchange(sock: socket.socket, request: NodeRequest, state_dir: Path) -> Rec
     app = {**app_identity(), "protocol": PROTOCOL_VERSION}
     send_frame(sock, {"op": "hello", **app})
     header, _ = recv_frame(sock)
+    while header.get("op") == "alive":  # a worker still loading its libraries holds the connection
+        header, _ = recv_frame(sock)
     if header.get("op") == "refused":
         worker = header.get("worker", {})
         raise WorkerMismatch(str(worker["changed"]) if "changed" in worker else mismatch_text(worker, app, state_dir))

@@ -16,6 +16,7 @@ Users are created for the test and removed after it (CI runs as root, with usera
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -189,8 +190,8 @@ def test_a_rogue_app_gets_nothing_beyond_the_bounds_and_an_honest_run_follows(se
     probes = [str(p) for org in orgs for p in (org["data"], org["state"], org["data"] / "train")]
     rogue_config = {
         "report": str(report_path),
-        "probe-paths": json.dumps(probes),
-        "base-run-config": json.dumps({**BASE, "target-epsilon": 1.0}),
+        "probe-paths": ",".join(probes),
+        "base-run-config": base64.b64encode(json.dumps({**BASE, "target-epsilon": 1.0}).encode()).decode(),
         "timeout": 900.0,
     }
     submit_run("org", rogue_config, env=env, timeout=1200, stream=False, cwd=base, app=ROGUE_APP)

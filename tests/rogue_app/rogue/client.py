@@ -8,6 +8,7 @@ schedule, a thousand evaluations, an operation outside the protocol. It reports 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -73,10 +74,10 @@ def attack(msg: Message, context: Context) -> Message:
     rc = dict(context.run_config)
     sock = str(context.node_config.get("worker-socket", ""))
     report: dict = {"node-config-keys": sorted(context.node_config), "uid": os.getuid()}
-    report["probes"] = [_read(p) for p in json.loads(str(rc["probe-paths"]))]
-    base = json.loads(str(rc["base-run-config"]))
+    report["probes"] = [_read(p) for p in str(rc["probe-paths"]).split(",") if p]
+    base = json.loads(base64.b64decode(str(rc["base-run-config"])))
     classes = str(base["classnames"]).split(",")
-    shape = tuple(json.loads(str(rc["prompt-shape"])))
+    shape = tuple(int(n) for n in str(rc["prompt-shape"]).split("x"))
     digest = hashlib.sha256("\n".join(classes).encode()).hexdigest()
     node_id = int(msg.metadata.dst_node_id)
 
