@@ -63,7 +63,7 @@ def answer(request: NodeRequest) -> RecordDict:
 def _compute(request: NodeRequest) -> RecordDict:
     node = NodeConfig.from_flower(request.node_config)
     if node.worker_socket:  # privileges separated: only the worker can read the data; no answer without it
-        content = forward(request, Path(node.worker_socket))
+        content = forward(request, Path(node.worker_socket), expect_worker=True)
         if content is None:
             raise WorkerUnavailable(
                 f"no node worker answers at {node.worker_socket}, and this node's privileges are separated: its "

@@ -123,9 +123,11 @@ def train(request: NodeRequest) -> RecordDict:
 
 def evaluate(request: NodeRequest) -> RecordDict:
     _check_classes(request)
-    node = prompt_node(request.run_config, request.node_config)
     config = request.content["config"]
-    charge_evaluation(node.state_dir, str(config["run-token"]), node.cfg, node.node)
+    cfg, node_cfg = RunConfig.from_flower(request.run_config), NodeConfig.from_flower(request.node_config)
+    # before the node is built: a refused evaluation costs a ledger read, not a model and a data set
+    charge_evaluation(node_cfg.resolved_state_dir(cfg.run_dir), str(config["run-token"]), cfg, node_cfg)
+    node = prompt_node(request.run_config, request.node_config)
     metrics = node.evaluate(
         _global_prompt(request.content), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot"
     )

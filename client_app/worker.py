@@ -66,7 +66,7 @@ from .worker_link import (
     send_frame,
     socket_path,
 )
-from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, beat
+from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, HUNG_AFTER_SECONDS, beat
 
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
 LOCK_NAME = "worker.lock"
@@ -351,7 +351,12 @@ class NodeWorker:
             send_frame(conn, {"op": "ok"})
             header, payload = recv_frame(conn)
             if header.get("op") != "call" or header.get("operation") not in OPERATIONS:
-                raise LinkError(f"this node does not answer {header.get('operation')!r}")
+                refusal = f"this node does not answer {str(header.get('operation'))[:80]!r}: not one of its operations"
+                log.warning("refused a call: %s", refusal)
+                self.status["refused"] += 1
+                self._write_status()
+                send_frame(conn, {"op": "error", "message": refusal})
+                return
             try:
                 request = request_from(header, payload)
             except Exception as err:  # noqa: BLE001 - a malformed request (header fields, protobuf) is dropped
@@ -434,6 +439,12 @@ def main(argv: list[str] | None = None) -> int:
         "each request carries (required with --peer-user)",
     )
     parser.add_argument(
+        "--hung-after",
+        type=float,
+        default=HUNG_AFTER_SECONDS,
+        help="with --supervise: restart a worker whose heartbeat is this many seconds old (default %(default)s)",
+    )
+    parser.add_argument(
         "--supervise",
         action="store_true",
         help="run the worker as a child, restart it whenever it dies or its heartbeat stops",
@@ -451,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             if value:
                 child += [flag, value]
-        return supervise(child, heartbeat=Path(args.state_dir) / HEARTBEAT_FILE)
+        return supervise(child, heartbeat=Path(args.state_dir) / HEARTBEAT_FILE, hung_after=args.hung_after)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
     beat(Path(args.state_dir) / HEARTBEAT_FILE)  # from the start: the supervisor's watchdog covers start-up too
     try:

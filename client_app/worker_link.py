@@ -229,7 +229,10 @@ def _connect(path: Path, wait: float) -> socket.socket | None:
             return sock
         except OSError as err:
             sock.close()
-            if err.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() >= deadline:
+            if err.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                log.warning("cannot connect to the node worker at %s: %s", path, err)  # e.g. a permission
+                return None
+            if time.monotonic() >= deadline:
                 return None
             time.sleep(0.1)
 
@@ -261,13 +264,16 @@ def forward(
     path: Path,
     restart_wait: float = RESTART_WAIT_SECONDS,
     silence: float = SILENCE_SECONDS,
+    expect_worker: bool = False,
 ) -> RecordDict | None:
     """The reply of the worker listening on ``path`` to ``request``, or None when no worker answers it. A worker
     that dies mid-message is asked again once its supervisor has restarted it: every handler is safe to repeat,
     since a node's state is on disk and a repeated train message gets the reply already sent, not a second step
-    (``PromptNode.train``). A worker silent for ``silence`` seconds (frozen, hung) counts as broken."""
+    (``PromptNode.train``). A worker silent for ``silence`` seconds (frozen, hung) counts as broken.
+    ``expect_worker``: the node has no other way to answer (separated privileges), so a socket that is not there
+    yet (a worker still starting) is waited for, ``restart_wait`` seconds, like a refused connection."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not expect_worker:
         return None
     for attempt in (1, 2):
         sock = _connect(path, restart_wait)

@@ -22,7 +22,8 @@
 # DPFPL_NODE_USER on a socket in DPFPL_SOCKET_DIR (default /run/dpfpl/<state-dir name>). The worker uses its own
 # node config and its operator's policy (docs/deployment.md): DPFPL_LIFETIME_EPSILON is required,
 # DPFPL_EVALUATIONS_PER_DAY (default 100) bounds the evaluation replies, DPFPL_WEIGHTS_DIR names the approved
-# weights files. deploy/setup-node-users.sh creates the users and sets the modes this script checks.
+# weights files, DPFPL_WORKER_HUNG_AFTER (default 15 s) how old the worker's heartbeat may get before its
+# supervisor restarts it. deploy/setup-node-users.sh creates the users and sets the modes this script checks.
 # Without the two users the script runs in single-user TRIAL mode, which does not contain a rogue app.
 set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0
@@ -84,7 +85,8 @@ if [ "$SEPARATED" = "1" ]; then
   if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
     echo "node worker for $STATE as $WORKER_USER, answering $NODE_USER on $SOCKET: logging to $STATE/worker.log" >&2
     as_user "$WORKER_USER" "$VENV_BIN/dpfpl" worker --supervise --state-dir "$STATE" --socket "$SOCKET" \
-      --peer-user "$NODE_USER" --node-config "$WORKER_CONFIG" >>"$STATE/worker.log" 2>&1 &
+      --peer-user "$NODE_USER" --node-config "$WORKER_CONFIG" --hung-after "${DPFPL_WORKER_HUNG_AFTER:-15}" \
+      >>"$STATE/worker.log" 2>&1 &
     WORKER=$!
   fi
   as_user "$NODE_USER" FLWR_HOME="${DPFPL_NODE_HOME:-$NODE_HOME}/.flwr" PATH="$PATH" \

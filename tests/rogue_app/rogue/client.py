@@ -20,6 +20,9 @@ from flwr.clientapp import ClientApp
 
 from dpfpl.client_app.request import NodeRequest
 from dpfpl.client_app.worker_link import LinkError, WorkerHandlerError, forward
+from dpfpl.common.config import RunConfig
+from dpfpl.common.methods import build_method
+from dpfpl.server_app.strategy import global_noise_multiplier
 
 app = ClientApp()
 
@@ -55,9 +58,9 @@ def _ask(sock: str, operation: str, run_config: dict, config: dict, node_id: int
         node_id=node_id,
     )
     try:
-        reply = forward(request, Path(sock), restart_wait=5.0)
+        reply = forward(request, Path(sock), expect_worker=True)
     except (WorkerHandlerError, LinkError, OSError, RuntimeError) as err:
-        return "refused: " + str(err)[:160]
+        return "refused: " + str(err)[:300]
     return "answered" if reply is not None else "no-worker"
 
 
@@ -90,6 +93,12 @@ def attack(msg: Message, context: Context) -> Message:
             "rerelease": False,
         }
 
+    # the z_G an honest server would calibrate for a run (public code, public parameters)
+    rounds_cfg = {**base, "target-epsilon": 1.0, "num-server-rounds": 2}
+    cfg = RunConfig.from_flower(rounds_cfg)
+    method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
+    z_honest = global_noise_multiplier(cfg, float(base["sample-rate"]), method)
+
     calls: dict[str, list[str]] = {}
     # a run without differential privacy, and a data set read from a path the run names
     calls["no-dp"] = [_ask(sock, "train", {**base, "dp": False}, train_config("rogue-nodp", 1, 1.0), node_id, shape)]
@@ -109,15 +118,14 @@ def attack(msg: Message, context: Context) -> Message:
             sock,
             "train",
             {**base, "target-epsilon": 1000.0, "num-server-rounds": 2},
-            train_config("rogue-tiny", 1, 0.01),
+            train_config("rogue-tiny", 1, 0.05),
             node_id,
             shape,
         )
     ]
     # a run calibrated for 2 rounds, asked for 6
-    rounds_cfg = {**base, "target-epsilon": 1.0, "num-server-rounds": 2}
     calls["extra-rounds"] = [
-        _ask(sock, "train", rounds_cfg, train_config("rogue-rounds", r, 1.0), node_id, shape) for r in range(1, 7)
+        _ask(sock, "train", rounds_cfg, train_config("rogue-rounds", r, z_honest), node_id, shape) for r in range(1, 7)
     ]
     # a thousand evaluations of chosen prompts: two runs of 500
     evaluations = []
