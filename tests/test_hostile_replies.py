@@ -199,29 +199,33 @@ PATHS = {
     "secure-aggregation": {"secure-aggregation": True, "secagg-dropout-tolerance": 1},
     "secfpp": {"method": "secfpp", "secfpp-every": 4, "secfpp-reduced-dim": 8, "secfpp-max-iter": 2},
 }
-SEEDS = range(10)
+# seeds per path: the plain and the secure path compare p_G with a run whose hostile node is silent (two runs per
+# seed); SecFPP's p_G depends on the clustering, which the hostile node may change, so its runs stand alone and
+# it affords twice the seeds for the same time
+SEEDS = {"plain": range(12), "secure-aggregation": range(12), "secfpp": range(24)}
 
 
 @pytest.mark.slow
 def test_a_hostile_node_is_rejected_every_round_and_changes_nothing(tmp_path, cache_dir, monkeypatch):
     """Every path, several seeds: the run finishes, the hostile node is never counted, p_G is exactly the silent
     run's (clear and secure aggregation), and across seeds the fuzz tried at least
-    700 distinct corruptions."""
+    1,000 distinct corruptions."""
     _deterministic_secure_rounding(monkeypatch)
     tried = set()
     for path, overrides in PATHS.items():
-        for seed in SEEDS:
+        for seed in SEEDS[path]:
             work = tmp_path / f"{path}-{seed}"
             hostile_run, grid = _run(work, "hostile", "hostile", seed, **overrides)
-            silent_run, _ = _run(work, "silent", "silent", seed, **overrides)
-            hostile, silent = hostile_run.load(), silent_run.load()
-            assert hostile.server_round == silent.server_round == ROUNDS, (path, seed)  # the run finished
+            hostile = hostile_run.load()
+            assert hostile.server_round == ROUNDS, (path, seed)  # the run finished
             tried.update((path, *t) for t in grid.tried)
-            if path == "plain":  # deterministic without DP: the very same p_G
-                torch.testing.assert_close(hostile.p_global, silent.p_global, rtol=0, atol=0)
-            elif path == "secure-aggregation":  # the same honest inputs, the same rounding: the very same p_G
-                torch.testing.assert_close(hostile.p_global, silent.p_global, rtol=0, atol=0)
             rounds = [m for m in hostile_run.read_metrics() if m.get("phase") == "train"]
             assert all(m.get("num-replies", 0) <= NODES - 1 for m in rounds), (path, seed)
+            if path == "secfpp":
+                continue
+            silent = _run(work, "silent", "silent", seed, **overrides)[0].load()
+            # the very same p_G (without DP; under secure aggregation the same inputs and rounding); that nothing
+            # is booked for a rejected reply under DP: tests/test_server.py
+            torch.testing.assert_close(hostile.p_global, silent.p_global, rtol=0, atol=0)
     print(f"distinct corruptions tried: {len(tried)}")
-    assert len(tried) >= 700  # 705 with these seeds; the goal of 1,000 needs more rounds than CI affords
+    assert len(tried) >= 1000

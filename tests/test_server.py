@@ -82,6 +82,19 @@ def test_invalid_replies_are_rejected_and_never_aggregated(tmp_path, bad):
         strategy.validate_train_reply(bad(), 1)
 
 
+def test_a_non_finite_reply_is_rejected_without_dp_too(tmp_path):
+    """Without DP there is no norm bound to catch a NaN: the finiteness check must."""
+    strategy = _strategy(tmp_path, dp=False)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(InvalidReply, match="NaN or Inf"):
+            strategy.validate_train_reply(_reply(torch.full((4, 16), bad), node=3), 1)
+    before = strategy.state.p_global.clone()
+    strategy.aggregate_train(
+        1, [_reply(torch.zeros(4, 16), node=n) for n in (1, 2)] + [_reply(torch.full((4, 16), float("nan")), node=3)]
+    )
+    assert torch.isfinite(strategy.state.p_global).all() and torch.equal(strategy.state.p_global, before)
+
+
 @pytest.mark.parametrize("value", [[1.0, 2.0], [3], float("nan"), float("inf"), -1.0, 1e300])
 def test_a_metric_of_the_wrong_type_or_range_is_a_rejection_not_a_crash(tmp_path, value):
     """The typed parser names the field: a list where a number belongs, NaN, Inf, out of range."""
