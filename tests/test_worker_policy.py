@@ -240,3 +240,21 @@ def test_a_separated_worker_uses_its_own_node_config_and_policy(tmp_path):
     broken = NodeRequest("train", RecordDict(), {"dp": True, "dataset": "demo"}, hostile)  # no config record at all
     header, _ = worker._answer(broken)
     assert header["op"] == "error" and "worker log" in header["message"] and "config" not in header["message"]
+
+
+def test_a_worker_whose_code_changed_on_disk_refuses_with_what_to_restart(tmp_path, monkeypatch):
+    """The worker's code identity is taken when it has loaded its handlers; each handshake checks the files
+    again. Files changed under a running worker (an install mid-run): every message is refused, clearly."""
+    from dpfpl.client_app import worker as worker_module
+
+    node = worker_module.NodeWorker(tmp_path / "node")
+    loaded = dict(node.identity)
+    monkeypatch.setattr(worker_module, "app_identity", lambda: {"version": loaded["version"], "code": "edited"})
+    a, b = socket.socketpair()
+    with a, b:
+        thread = threading.Thread(target=node.serve_one, args=(b,))
+        thread.start()
+        with pytest.raises(worker_link.WorkerMismatch, match="changed on disk after it started"):
+            worker_link._exchange(a, _request(), tmp_path / "node")
+        thread.join()
+    assert json.loads((tmp_path / "node" / worker_link.STATUS_FILE).read_text())["refused"] == 1
