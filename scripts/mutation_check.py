@@ -67,6 +67,7 @@ RESEED = BOUNDARY + "test_a_fallback_to_the_previous_state_draws_a_fresh_secret_
 WIRE_CHECK = BOUNDARY + "test_the_clientapp_refuses_to_send_a_field_the_inventory_does_not_classify"
 RESENT = "tests/test_client.py::test_a_re_sent_round_gets_the_same_reply_without_a_new_step"
 REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
+TAKEN_OVER = "tests/test_durable_state.py::test_a_step_whose_reply_was_stored_is_never_taken_over_by_a_retry"
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,20 @@ MUTATIONS = (
         "            for key, m in rows:\n                self.book_steps(key, m)",
         "            for key, m in rows:\n                pass",
         (BOUNDARY + "test_steps_whose_replies_never_reached_the_books_are_booked_from_the_evaluation_reply",),
+    ),
+    Mutation(
+        "a step's ledger charge left pending once its reply is stored (a retry may take it over)",
+        "client_app/node.py",
+        "            self._settle(run_token, server_round)\n",
+        "            pass\n",
+        (TAKEN_OVER + "[restored-from-backup]",),
+    ),
+    Mutation(
+        "a pending ledger charge taken over after a fallback to the previous state",
+        "client_app/node.py",
+        "            not state.from_previous\n            and state.last_round < server_round\n",
+        "            state.last_round < server_round\n",
+        (TAKEN_OVER + "[damaged-while-its-charge-is-pending]",),
     ),
 )
 
