@@ -12,6 +12,7 @@ from functools import lru_cache
 
 import torch
 
+from dpfpl.common.atomic import DiskFullError
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
 from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
@@ -248,15 +249,27 @@ class PromptNode:
                     + PrivacyLedger.of(self.state_dir).describe(self.node.lifetime_delta, self.node.lifetime_epsilon)
                 )
 
-    def charge_release(self, run_token: str, state: NodeState, z_global: float) -> None:
+    def charge_release(self, run_token: str, state: NodeState, z_global: float, server_round: int = 0) -> None:
         """Before a noisy release: with this node's own accountant and the noise this step really adds (its
         z_L, the z_G the server says it adds or this node adds its share of, its declared q), the epsilon of
         everything released so far plus this step must stay within the run's limit and the node's lifetime.
         Whatever the server sends (a lower z_G, a round more, another q), a release past either is refused;
-        otherwise the step is written into the ledger before anything of it is released (see PrivacyLedger)."""
+        otherwise the step is written into the ledger before anything of it is released (see PrivacyLedger).
+
+        A retry of a round whose earlier attempt was charged here but never got its reply built and stored (the
+        state write after the step failed: a full disk, a crash) takes that charge over instead of adding one:
+        the charge is still pending in the ledger (``_settle`` clears it once the reply is stored), so nothing of
+        that attempt left. Never after a fallback to the previous state copy, which may have lost a step whose
+        reply did leave: that step is charged again (``NodeState.load``) and this one anew."""
         step = (state.noise_multiplier_local, z_global, self.sample_rate)
         ledger = PrivacyLedger.of(self.state_dir)
-        ledger.charge(run_token, *step)
+        retry = (
+            not state.from_previous
+            and state.last_round < server_round
+            and ledger.reuse_pending(run_token, server_round, *step)
+        )
+        if not retry:
+            ledger.charge(run_token, *step, server_round=server_round)
         self._refuse_past_limits([*state.accountant.history, step], ledger, "release")
         ledger.save()
 
@@ -301,7 +314,7 @@ class PromptNode:
                 self._charge_rerelease(run_token, state, z_global)
             return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
         if self.cfg.dp:
-            self.charge_release(run_token, state, z_global)
+            self.charge_release(run_token, state, z_global, server_round)
         dp = DpSettings(
             self.cfg.dp,
             state.noise_multiplier_local,
@@ -360,7 +373,21 @@ class PromptNode:
         state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
         state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
         state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
+        if self.cfg.dp:
+            self._settle(run_token, server_round)
         return TrainOutcome(global_grad, metrics)
+
+    def _settle(self, run_token: str, server_round: int) -> None:
+        """The step's reply is built and stored: its ledger charge stops being pending, so that no later attempt
+        at the round can take it over (the reply may leave from now on). A full disk here costs nothing: the
+        round is answered from the stored reply if sent again, and a charge left pending is only ever reused by
+        an attempt whose state has not taken the round in."""
+        ledger = PrivacyLedger.of(self.state_dir)
+        if ledger.settle(run_token, server_round):
+            try:
+                ledger.save()
+            except DiskFullError as err:
+                log.warning("%s; the step is taken and its reply stored, its ledger charge stays marked pending", err)
 
     def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
         """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not

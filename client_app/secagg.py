@@ -7,12 +7,20 @@ or the node's worker restarted in between), so the state between them lives in o
 the node's state directory (mode 0600: it holds this round's private keys). The clear gradient never leaves
 the node; the masked vector does, once.
 
+The file carries a SHA-256 digest of its content. A damaged file (garbage, a write cut short, a bit flip, another
+shape) fails the stage that reads it with ``CorruptSessionError``, naming the file: the node answers that stage
+with an error, and the server drops it from this round's secure aggregation, as it drops a node that does not
+answer (the others' round goes on). The next round's train message starts a fresh session over it, as it does
+over a missing one: a damaged file holds no keys this node can still use.
+
 The three later stages need numpy and cryptography only: this module does not import torch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +35,11 @@ from dpfpl.common.secagg.protocol import ClientSession, SecAggError
 from .request import NodeRequest
 
 SESSION_FILE = "secagg_session.json"
+log = logging.getLogger("dpfpl.client")
+
+
+class CorruptSessionError(SecAggError):
+    """This node's secure-aggregation state file cannot be used: this round's secure aggregation ends for it."""
 
 
 def _path(request: NodeRequest) -> tuple[RunConfig, Path]:
@@ -44,9 +57,38 @@ def _round_context(config) -> str:
     return f"{config['run-token']}/{int(config['server-round'])}/g{int(config['secagg-group'])}"
 
 
+def _digest(content: dict) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def _save(path: Path, session: ClientSession, values: np.ndarray) -> None:
-    write_json(path, {"session": session.to_dict(), "values": values.astype(np.int64).tolist()})
+    # the digest is of the content as it reads back (JSON has string keys only)
+    content = json.loads(json.dumps({"session": session.to_dict(), "values": values.astype(np.int64).tolist()}))
+    write_json(path, {**content, "sha256": _digest(content)})
     os.chmod(path, 0o600)
+
+
+def _read(path: Path) -> tuple[ClientSession, np.ndarray]:
+    """The session and encoded input in ``path``; ``CorruptSessionError`` naming the file when it is damaged."""
+    try:
+        saved = json.loads(path.read_bytes())
+        if not isinstance(saved, dict) or set(saved) != {"session", "values", "sha256"}:
+            raise ValueError("not a session record (keys session, values, sha256)")
+        content = {"session": saved["session"], "values": saved["values"]}
+        if saved["sha256"] != _digest(content):
+            raise ValueError("its content does not match its SHA-256 digest")
+        session = ClientSession.from_dict(saved["session"])
+        if not isinstance(session.context, str):
+            raise ValueError("the session's context is not a string")
+        values = np.asarray(saved["values"], dtype=np.int64)
+        if values.ndim != 1:
+            raise ValueError(f"the encoded input has shape {values.shape}, not a vector")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError) as err:
+        raise CorruptSessionError(
+            f"this node's secure-aggregation state {path} is damaged ({type(err).__name__}: {err}): this node "
+            "leaves this round's secure aggregation; the next round starts a fresh session"
+        ) from err
+    return session, values
 
 
 def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
@@ -55,13 +97,12 @@ def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
             f"no secure-aggregation state for round '{round_context}' on this node (the train "
             "message of this round never reached it, or its state directory was wiped)"
         )
-    saved = json.loads(path.read_text())
-    session = ClientSession.from_dict(saved["session"])
+    session, values = _read(path)
     if session.context != round_context:
         raise SecAggError(
             f"this node's secure-aggregation state is for round '{session.context}', the request for '{round_context}'"
         )
-    return session, np.asarray(saved["values"], dtype=np.int64)
+    return session, values
 
 
 def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict) -> RecordDict:
@@ -71,7 +112,9 @@ def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict
     round_context = _round_context(config)
     try:
         session, values = _load(path, round_context)  # a re-sent train message: same keys, same input
-    except SecAggError:
+    except SecAggError as err:
+        if isinstance(err, CorruptSessionError):
+            log.warning("%s; starting round '%s' with a fresh session", err, round_context)
         threshold, num_clients = int(config["secagg-threshold"]), int(config["secagg-num-clients"])
         values = encode_update(
             global_grad,

@@ -3,10 +3,16 @@
 The image tower is frozen and the prompt lives only in the text tower, so an image's feature never changes
 during a run: encode each image once, store the normalized features keyed by (model weights, data set),
 and every round afterwards is text-tower work only.
+
+The cache is only a cache: a cached file that cannot be read or does not match its SHA-256 digest (a copy cut
+short, a disk that lied, a bit flip) is logged, removed and encoded again, instead of failing every message
+that needs it; a cache that cannot be written for lack of space is logged and the features are used as computed.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .atomic import read_tensors, write_tensors
+from .atomic import DIGEST_KEY, CorruptStateError, DiskFullError, read_checked, tensor_digest, write_tensors
 from .models import LoadedModel, cache_dir, demo_pixels
 
 if TYPE_CHECKING:
     from .data.images import ImageDataset
+
+log = logging.getLogger("dpfpl.features")
 
 # The papers' training augmentation (CoOp/Dassl: random_resized_crop with scale 0.08-1, random_flip).
 AUGMENT_SCALE = (0.08, 1.0)
@@ -39,11 +47,37 @@ def encode_images(
 def _cached(model: LoadedModel, data_key: str, cache: str | None, compute) -> torch.Tensor:
     """Features of one data set under one set of weights: computed once, then read from disk."""
     path = Path(cache_dir(cache)) / "features" / f"{model.name}-{model.weights_id}-{data_key}.safetensors"
-    if path.is_file():
-        return read_tensors(path)["features"]
+    if path.is_file() and (feats := _read_cache(path)) is not None:
+        return feats
     feats = compute()
-    write_tensors(path, {"features": feats})
+    tensors = {"features": feats}
+    try:
+        write_tensors(path, tensors, {DIGEST_KEY: tensor_digest(tensors, {})})
+    except DiskFullError as err:
+        log.warning("%s; the features are used as computed, without a cache", err)
     return feats
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    """The cached features, or None when the file is damaged: logged and removed, so that it is encoded again
+    (a file written before caches carried a digest is taken as it parses). Another process that already
+    replaced the damaged file keeps its copy: only the file that was read is removed."""
+    try:
+        seen = path.stat()
+        tensors, _ = read_checked(path, digest_required=False)
+        return tensors["features"]
+    except FileNotFoundError:  # removed by another process meanwhile
+        return None
+    except (CorruptStateError, KeyError) as err:
+        reason = str(err) if isinstance(err, CorruptStateError) else f"{path} holds no 'features' tensor"
+        log.warning("damaged feature cache, removed and encoded again: %s", reason)
+        try:
+            now = path.stat()
+            if (now.st_ino, now.st_mtime_ns) == (seen.st_ino, seen.st_mtime_ns):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return None
 
 
 def demo_features(model: LoadedModel, cache: str | None = None, progress: bool = False) -> torch.Tensor:

@@ -178,7 +178,9 @@ def plot(run_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    from .common.metrics import read_metrics_log
+
+    rows = read_metrics_log(Path(run_dir) / "metrics.jsonl")
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in REPORT_COLUMNS.items():
         pts = [(r["round"], r[key]) for r in rows if key in r]

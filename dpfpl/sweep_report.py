@@ -20,6 +20,7 @@ from pathlib import Path
 from .common.atomic import write_bytes
 from .common.config import METHOD_NAMES
 from .common.evaluation import last_rounds_per_client, worst_client
+from .common.metrics import read_metrics_log
 from .sweep_grid import (
     ACCURACY_KEYS,
     ACCURACY_TITLES,
@@ -53,19 +54,6 @@ class RunRecord:
         return NO_DP if self.epsilon is None else f"{self.epsilon:g}"
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line torn by a kill: the run resumes before it anyway
-                continue
-    return rows
-
-
 def load_record(run_dir: Path) -> RunRecord | None:
     label_path = run_dir / RUN_LABEL
     if not label_path.is_file():
@@ -80,7 +68,7 @@ def load_record(run_dir: Path) -> RunRecord | None:
         rank=label.get("rank"),
         seed=int(label["seed"]),
         summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
-        metrics=_read_metrics(run_dir / "metrics.jsonl"),
+        metrics=read_metrics_log(run_dir / "metrics.jsonl"),  # a torn last line (a kill) is dropped
         error=error_path.read_text().strip().splitlines()[-1] if error_path.is_file() else None,
     )
 

@@ -77,6 +77,7 @@ NODE_GLOBAL_NOISE = (
     "tests/test_privacy_mechanisms.py::test_a_node_that_trusts_no_aggregator_adds_the_global_noise_to_its_own_reply"
 )
 REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
+TAKEN_OVER = "tests/test_durable_state.py::test_a_step_whose_reply_was_stored_is_never_taken_over_by_a_retry"
 
 
 @dataclass(frozen=True)
@@ -446,6 +447,20 @@ MUTATIONS = (
         "global_sum = add_gaussian_noise(global_sum, global_std, generator, dp.secure_noise)",
         "global_sum = global_sum",
         (NODE_GLOBAL_NOISE,),
+    ),
+    Mutation(
+        "a step's ledger charge left pending once its reply is stored (a retry may take it over)",
+        "client_app/node.py",
+        "            self._settle(run_token, server_round)\n",
+        "            pass\n",
+        (TAKEN_OVER + "[restored-from-backup]",),
+    ),
+    Mutation(
+        "a pending ledger charge taken over after a fallback to the previous state",
+        "client_app/node.py",
+        "            not state.from_previous\n            and state.last_round < server_round\n",
+        "            state.last_round < server_round\n",
+        (TAKEN_OVER + "[damaged-while-its-charge-is-pending]",),
     ),
 )
 

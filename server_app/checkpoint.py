@@ -3,7 +3,7 @@
 After every round the server writes the global prompt, its optimizer state and the bookkeeping needed to
 resume (round counter, noise multiplier, per-node sample rates and participation counts for the
 accountant). Metrics lines past the checkpointed round are dropped on resume, so no round is logged or
-counted twice.
+counted twice; so is a last line torn by a kill mid-append (``dpfpl.common.metrics.read_metrics_log``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dpfpl.common.atomic import read_state, write_bytes, write_json, write_state
+from dpfpl.common.metrics import append_metrics_record, read_metrics_log
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -108,14 +109,10 @@ class RunDirectory:
         return state
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / METRICS, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_metrics_record(self.path / METRICS, record)
 
     def read_metrics(self) -> list[dict]:
-        path = self.path / METRICS
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_metrics_log(self.path / METRICS)
 
     def resume_metrics(self, state: ServerState) -> None:
         """Make the metrics log end at the checkpointed round: drop lines of rounds after it (they will run

@@ -21,7 +21,7 @@ from dpfpl.common.prompt import initial_global_prompt
 from dpfpl.common.wire import outside_epsilon
 
 from .books import COVERS, DISCRETE_GAUSSIAN_NOTE, SAMPLE_RATE_NOTE
-from .checkpoint import RunDirectory, ServerState
+from .checkpoint import METRICS, RunDirectory, ServerState
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
 from .strategy import InvalidReply, PromptStrategy, global_noise_multiplier
@@ -133,7 +133,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             config_fingerprint=fingerprint,
             evaluated_round=0,
         )
-        (run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
+        (run_dir.path / METRICS).unlink(missing_ok=True)
     else:
         log.info("resuming %s after round %d", run_dir.path, state.server_round)
     strategy = SecfppStrategy(cfg, state) if cfg.method == "secfpp" else PromptStrategy(cfg, state)

@@ -5,12 +5,15 @@ A run's own accountant (in its node state) says what that run spent; only the le
 have spent in all, and only the ledger can refuse a run that would go past the node's ``lifetime-epsilon``.
 
 It is written *ahead* of each release (``charge`` before the step's reply is built): a crash between the
-charge and the reply over-counts by one step, never under-counts. The file is JSON, written atomically
-(temporary file, fsync, rename, directory fsync), with the previous version kept as ``ledger.json.prev`` and
-a SHA-256 digest over its content. A damaged current file falls back to the previous one, charged one
-extra step of its most recent mechanism (the step whose entry may have been lost): a damaged ledger can
-cost budget, never hide a release. A ledger that neither copy can read stops the node with a clear error:
-starting from zero would forget what was released.
+charge and the reply over-counts by one step, never under-counts. Each charge is marked pending under its round
+until the step's reply is built and stored with the node's state (``settle``). A charge still pending belongs to
+an attempt that released nothing (a crash or a full disk came first): when the same round comes again, the retry
+takes that charge over instead of adding a second one (``reuse_pending``). The file is JSON, written atomically
+(temporary file, fsync, rename, directory fsync), with the previous version kept as ``ledger.json.prev`` and a
+SHA-256 digest over its content; a write that fails (a full disk) leaves both as they were. A damaged current
+file falls back to the previous one, charged one extra step of its most recent mechanism (the step whose entry
+may have been lost): a damaged ledger can cost budget, never hide a release. A ledger that neither copy can read
+stops the node with a clear error: starting from zero would forget what was released.
 
 It also counts the evaluation replies the node answered (their time, per run): an evaluation is outside
 epsilon (accuracy and loss on the node's records), so a node can bound how many it answers per run and per day
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,22 +45,32 @@ class RunEntry:
     first: str
     last: str
     steps: dict[tuple[float, float, float], int] = field(default_factory=dict)
+    # the round and mechanism of a charge whose reply is not yet built and stored (PrivacyLedger.settle clears it):
+    # what a retry of that round takes over, since the attempt it was charged for released nothing
+    pending: tuple[int, tuple[float, float, float]] | None = None
 
     @property
     def count(self) -> int:
         return sum(self.steps.values())
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "first": self.first,
             "last": self.last,
             "steps": [[z_l, z_g, q, n] for (z_l, z_g, q), n in sorted(self.steps.items())],
         }
+        if self.pending is not None:
+            out["pending"] = [self.pending[0], *self.pending[1]]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> RunEntry:
         steps = {(float(z_l), float(z_g), float(q)): int(n) for z_l, z_g, q, n in obj["steps"]}
-        return cls(str(obj["first"]), str(obj["last"]), steps)
+        pending = None
+        if obj.get("pending") is not None:
+            server_round, z_l, z_g, q = obj["pending"]
+            pending = (int(server_round), (float(z_l), float(z_g), float(q)))
+        return cls(str(obj["first"]), str(obj["last"]), steps, pending)
 
 
 def composed_epsilon(groups: dict[tuple[float, float, float], int], delta: float) -> float:
@@ -118,9 +130,12 @@ class PrivacyLedger:
                     "(or, knowingly, move it away to start a new ledger)"
                 ) from err
             ledger = cls(path, runs, evaluations)
+            for entry in runs.values():  # an older copy's pending charge may be for a step that was released
+                entry.pending = None
             last = max(runs.values(), key=lambda r: r.last, default=None)
             if last is not None and last.steps:
-                # the lost write may have charged one more step: charge it again, conservatively
+                # the lost write may have charged one more step: charge it again, conservatively (it may as well
+                # have only settled a charge the previous copy holds: then this over-counts by one, never under)
                 mechanism = max(last.steps, key=lambda m: last.steps[m])
                 last.steps[mechanism] += 1
             if evaluations:  # ... or counted one more evaluation: count it again, in the run that had the last one
@@ -129,13 +144,14 @@ class PrivacyLedger:
             return ledger
 
     def save(self) -> None:
+        """Write the ledger, the current file becoming ``ledger.json.prev``. A failed write (``DiskFullError``
+        on a full disk) leaves both files as they were: the charge it carried is not on disk, and the step it
+        was for is refused with it."""
         runs = {key: entry.to_json() for key, entry in self.runs.items()}
         content = {"runs": runs, "sha256": self._digest(runs, self.evaluations)}
         if self.evaluations:
             content["evaluations"] = self.evaluations
-        if self.path.exists():
-            os.replace(self.path, previous_path(self.path))
-        write_json(self.path, content)
+        write_json(self.path, content, keep_previous=True)
 
     # ------------------------------------------------------------------ evaluations
     def record_evaluation(self, run_key: str) -> None:
@@ -150,12 +166,49 @@ class PrivacyLedger:
         return sum(t >= cutoff for times in self.evaluations.values() for t in times)
 
     # ------------------------------------------------------------------ books
-    def charge(self, run_key: str, z_local: float, z_global: float, sample_rate: float, count: int = 1) -> None:
+    def charge(
+        self,
+        run_key: str,
+        z_local: float,
+        z_global: float,
+        sample_rate: float,
+        count: int = 1,
+        server_round: int | None = None,
+    ) -> None:
+        """Book ``count`` steps of one mechanism; ``server_round``: the step of that round, pending until its
+        reply is built and stored (``settle``; a retry of the round meanwhile takes it over, ``reuse_pending``)."""
         now = _now()
         entry = self.runs.setdefault(run_key, RunEntry(now, now))
         mechanism = (float(z_local), float(z_global), float(sample_rate))
         entry.steps[mechanism] = entry.steps.get(mechanism, 0) + count
         entry.last = now
+        entry.pending = None if server_round is None else (int(server_round), mechanism)
+
+    def reuse_pending(
+        self, run_key: str, server_round: int, z_local: float, z_global: float, sample_rate: float
+    ) -> bool:
+        """Take over the charge of an earlier attempt at ``server_round`` that is still pending: that attempt's
+        reply was never built and stored (``settle`` was not reached), so nothing of it was released. The charge
+        moves to this attempt's mechanism if the server changed it. False: there is no such charge."""
+        entry = self.runs.get(run_key)
+        if entry is None or entry.pending is None or entry.pending[0] != int(server_round):
+            return False
+        if entry.steps.get(entry.pending[1], 0) <= 0:  # not in the books (cannot happen unless edited): charge anew
+            return False
+        mechanism = (float(z_local), float(z_global), float(sample_rate))
+        if entry.pending[1] != mechanism:
+            self.move(run_key, entry.pending[1], mechanism)
+        entry.pending = (int(server_round), mechanism)
+        return True
+
+    def settle(self, run_key: str, server_round: int) -> bool:
+        """The step of ``server_round`` has its reply built and stored with the node's state: its charge is no
+        longer pending (from now on a release may have left). True: there was a pending charge to settle."""
+        entry = self.runs.get(run_key)
+        if entry is None or entry.pending is None or entry.pending[0] != int(server_round):
+            return False
+        entry.pending = None
+        return True
 
     def move(self, run_key: str, old: tuple[float, float, float], new: tuple[float, float, float]) -> None:
         """Re-book one step of ``run_key`` from mechanism ``old`` to ``new`` (a second release of its batch made it

@@ -6,7 +6,6 @@ the deployment test (``pytest -s -m deployment`` prints its rounds). Writes the 
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +39,9 @@ def main() -> None:
         started = time.time()
         run_simulation(config, 3, tmp, stream=False, timeout=900)
         print(f"simulation run wall time {time.time() - started:.1f} s")
-        for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
+        from dpfpl.common.metrics import read_metrics_log
+
+        for r in read_metrics_log(tmp / "run" / "metrics.jsonl"):
             print(f"simulation round {r['round']}: {r.get('round-seconds', '-')} s")
 
 

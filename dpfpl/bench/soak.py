@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dpfpl.common.metrics import MetricsLogError, read_metrics_log  # noqa: E402
 from dpfpl.launch import tagged_processes  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -76,8 +77,8 @@ class Sampler(threading.Thread):
 
     def _round(self) -> int:
         try:
-            lines = [json.loads(x) for x in self.metrics_file.read_text().splitlines() if x.strip()]
-        except (OSError, json.JSONDecodeError):
+            lines = read_metrics_log(self.metrics_file)  # the run is appending to it: a last line may be half written
+        except (OSError, MetricsLogError):
             return -1
         return lines[-1]["round"] if lines else -1
 
@@ -168,11 +169,7 @@ def main() -> None:
     sampler.stop.set()
     sampler.join()
 
-    metrics = (
-        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        if (run_dir / "metrics.jsonl").is_file()
-        else []
-    )
+    metrics = read_metrics_log(run_dir / "metrics.jsonl")
     train = [m for m in metrics if m.get("phase") == "train"]
     short = [m["round"] for m in train if m.get("num-replies", 0) < args.clients]
     not_updated = [m["round"] for m in train if not m.get("updated", False)]

@@ -305,7 +305,9 @@ def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
     """Per training round without evaluation (the last round also evaluates: left out): the round's wall time
     at the server and the clients' own compute in it (``client-seconds`` each ClientApp reports: building the
     node from its caches + the step), summed and the slowest."""
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from dpfpl.common.metrics import read_metrics_log
+
+    rows = read_metrics_log(run_dir / "metrics.jsonl")
     return [
         {
             "round": r["round"],
