@@ -21,7 +21,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpfpl.common.config import NodeConfig, RunConfig
-from dpfpl.common.privacy.ledger import PrivacyLedger
 
 # The data sets a separated worker serves: the node's silo (its own data-dir) and the public embedded demo set.
 # The others read a path the run config names, which a submitted app chooses.
@@ -85,6 +84,10 @@ def charge_evaluation(state_dir: Path, run_key: str, cfg: RunConfig, node: NodeC
     Written ahead, like a charge: a crash after it over-counts, never under-counts."""
     if node.evaluations_per_day is None:
         return
+    # here, not at the top: the worker imports this module before it listens, and the ledger brings the
+    # accountant (torch, dp_accounting: seconds), which would keep a restarted worker's socket closed that long
+    from dpfpl.common.privacy.ledger import PrivacyLedger  # noqa: PLC0415
+
     ledger = PrivacyLedger.of(state_dir)
     if ledger.evaluations_of(run_key) >= cfg.scheduled_evaluations:
         raise EvaluationQuotaSpent(

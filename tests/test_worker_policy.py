@@ -258,3 +258,13 @@ def test_a_worker_whose_code_changed_on_disk_refuses_with_what_to_restart(tmp_pa
             worker_link._exchange(a, _request(), tmp_path / "node")
         thread.join()
     assert json.loads((tmp_path / "node" / worker_link.STATUS_FILE).read_text())["refused"] == 1
+
+
+def test_the_worker_listens_before_it_loads_torch():
+    """A restarted worker must bind its socket within the ClientApp's restart wait, under load too: its module
+    (and what it imports before ``bind``) must not pull in torch or the accountant."""
+    probe = (
+        "import sys, dpfpl.client_app.worker; print(sorted(m for m in ('torch', 'dp_accounting') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
