@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,20 +89,16 @@ def _install(tmp: str, path: Path, keep_previous: bool) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write(path: Path, data: bytes, keep_previous: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory (``os.write`` until every byte
-    is down, then fsync), then rename it over ``path``; on any failure the temporary file is removed and
-    ``path`` is untouched."""
+@contextmanager
+def _replacing(path: Path, keep_previous: bool) -> Iterator[str]:
+    """A temporary file beside ``path`` for the caller to write completely and fsync. When the caller is done it
+    takes the name ``path`` (``_install``) and the directory is fsynced; on any failure it is removed, ``path``
+    is untouched, and a full disk is reported as ``DiskFullError``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        yield tmp
         _install(tmp, path, keep_previous)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
@@ -108,6 +106,21 @@ def _atomic_write(path: Path, data: bytes, keep_previous: bool = False) -> None:
             raise _explain_disk_full(path, err) from err
         raise
     fsync_directory(path.parent)
+
+
+def _atomic_write(path: Path, data: bytes, keep_previous: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory (``os.write`` until every byte
+    is down, then fsync), then rename it over ``path``; on any failure the temporary file is removed and
+    ``path`` is untouched."""
+    with _replacing(path, keep_previous) as tmp:
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fsync_directory(directory: Path) -> None:
@@ -214,22 +227,10 @@ def write_tensors(
     writes the temporary file itself: a large cache is never held twice in memory)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp_dir = path.parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with _replacing(Path(path), keep_previous) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        _install(tmp, path, keep_previous)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise _explain_disk_full(path, err) from err
-        raise
-    fsync_directory(path.parent)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
