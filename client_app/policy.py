@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.pretrained import names_weights_file
 
 # The data sets a separated worker serves: the node's silo (its own data-dir) and the public embedded demo set.
 # The others read a path the run config names, which a submitted app chooses.
@@ -50,11 +51,9 @@ def separated_node_problems(node: NodeConfig) -> list[str]:
     return problems
 
 
-def _is_weights_file(pretrained: str) -> bool:
-    looks_like_file = any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith(
-        (".pt", ".pth", ".bin", ".safetensors")
-    )
-    return looks_like_file or Path(pretrained).exists()
+def _reads_a_file(pretrained: str) -> bool:
+    """What the model loader takes for a weights file, and, to be safe, any name that exists as a file."""
+    return names_weights_file(pretrained) or Path(pretrained).exists()
 
 
 def check_request(operation: str, cfg: RunConfig, node: NodeConfig) -> None:
@@ -70,7 +69,7 @@ def check_request(operation: str, cfg: RunConfig, node: NodeConfig) -> None:
         raise PolicyRefusal(
             "this node trains only under differential privacy (dp = false would release un-noised values)"
         )
-    if cfg.pretrained not in BUILT_IN_WEIGHTS and _is_weights_file(cfg.pretrained):
+    if cfg.pretrained not in BUILT_IN_WEIGHTS and _reads_a_file(cfg.pretrained):
         approved = Path(node.weights_dir).resolve() if node.weights_dir else None
         if approved is None or not Path(cfg.pretrained).resolve().is_relative_to(approved):
             raise PolicyRefusal(

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json, write_tensors
+from .pretrained import names_weights_file
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -97,9 +98,7 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> Loa
         weights = None
     else:
         weights = pretrained
-        looks_like_file = any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith(
-            (".pt", ".pth", ".bin", ".safetensors")
-        )
+        looks_like_file = names_weights_file(pretrained)
         if looks_like_file and not Path(pretrained).is_file():
             raise WeightsUnavailableError(
                 f"weights file '{pretrained}' does not exist. Put the OpenCLIP checkpoint for '{model_name}' "
