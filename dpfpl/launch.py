@@ -278,6 +278,19 @@ def tagged_processes(tag: str) -> list[int]:
     return pids
 
 
+def stop_launched(procs: list[subprocess.Popen], tag: str, grace: float = 20.0) -> None:
+    """Stop what a deployment launched: each started process's group (SIGTERM, then SIGKILL after ``grace``
+    seconds), then every process that inherited the launch's tag."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=grace)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+    stop_tagged_processes(tag)
+
+
 def stop_tagged_processes(tag: str, grace: float = 10.0) -> int:
     """Stop every process that inherited this launch's tag: the simulation process and its Ray workers
     are not all in the SuperLink's process group (Ray daemonizes some), but all inherit its environment."""

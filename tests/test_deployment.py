@@ -22,7 +22,7 @@ from PIL import Image
 
 from dpfpl.client_app.state import NodeState, node_key
 from dpfpl.common.outcome import RunOutcome
-from dpfpl.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
+from dpfpl.launch import PROJECT_ROOT, free_port, stop_launched, submit_run, wait_for_port
 from dpfpl.server_app.checkpoint import RunDirectory
 
 pytestmark = pytest.mark.deployment
@@ -127,14 +127,7 @@ def federation(tmp_path, request):
             )
         yield {"env": env, "tmp": tmp_path, "nodes": nodes, "port": port}
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        stop_tagged_processes(tag)
+        stop_launched(procs, tag)
 
 
 def _worker_status(tmp: Path, i: int) -> dict:

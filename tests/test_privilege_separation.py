@@ -33,29 +33,18 @@ from pathlib import Path
 import pytest
 
 from dpfpl.common.privacy.ledger import PrivacyLedger
-from dpfpl.launch import PROJECT_ROOT, free_port, stop_tagged_processes, submit_run, wait_for_port
+from dpfpl.launch import PROJECT_ROOT, free_port, stop_launched, submit_run, wait_for_port
 
-from .test_deployment import CLASSES, _write_silo
+from .test_deployment import CLASSES, DEPLOY, _write_silo
+from .test_node_boundary_deployment import BASE as DEPLOYED_RUN
 
 pytestmark = pytest.mark.deployment
-DEPLOY = PROJECT_ROOT / "deploy"
 ROGUE_APP = Path(__file__).parent / "rogue_app"
 LIFETIME = 6.0
 EVALUATIONS_PER_DAY = 40
-BASE = {
-    "dataset": "silo",
-    "classnames": ",".join(CLASSES),
-    "model-name": "dpfpl-demo-tiny",
-    "pretrained": "none",
-    "num-clients": 3,
-    "min-clients": 2,
-    "eval-every": 1,
-    "eval-last": 0,
-    "batch-size": 8,
-    "sample-rate": 0.34,
-    "round-timeout": 90.0,
-    "setup-timeout": 180.0,
-}
+# the deployed run of the node-boundary test; two nodes suffice for a round (one worker is frozen in it), and
+# the setup allows for three workers loading their libraries at once
+BASE = {**DEPLOYED_RUN, "min-clients": 2, "round-timeout": 90.0, "setup-timeout": 180.0}
 
 
 def _open_path_for_others(paths: list[Path]) -> list[tuple[Path, int]]:
@@ -165,14 +154,7 @@ def separated_federation():
             time.sleep(0.5)
         yield {"env": env, "base": base, "orgs": orgs, "node_user": node_user, "worker_user": worker_user}
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        stop_tagged_processes(tag)
+        stop_launched(procs, tag)
         for user in (node_user, worker_user):
             subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)
             subprocess.run(["userdel", "-r", user], capture_output=True)

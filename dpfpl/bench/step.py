@@ -349,9 +349,8 @@ def case_deployment(spec: dict) -> dict:
     """SuperLink + N SuperNodes (insecure, loopback) started with deploy/'s scripts; silo data per node; each
     node with its resident worker (``spec["worker"]``, the script's default) or without (every ClientApp
     process then loads torch and the model for its one message)."""
-    import signal
 
-    from dpfpl.launch import free_port, stop_tagged_processes, submit_run, wait_for_port
+    from dpfpl.launch import free_port, stop_launched, submit_run, wait_for_port
 
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-dep-"))
     tag = f"bench-{os.getpid()}-{time.time_ns()}"
@@ -423,14 +422,7 @@ def case_deployment(spec: dict) -> dict:
             "worker_model_loads": loads,
         }
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=20)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        stop_tagged_processes(tag)
+        stop_launched(procs, tag)
 
 
 CASES = {"step": case_step, "client": case_client, "simulation": case_simulation, "deployment": case_deployment}
