@@ -340,6 +340,8 @@ class PromptNode:
         )
         cpu = lambda ts: {k: v.cpu() for k, v in ts.items()}  # noqa: E731
         state.local, state.momentum, state.last_round = cpu(result.local), cpu(result.momentum), server_round
+        if self.method.local is not None and self.cfg.averages_for_publication(server_round):
+            state.average_for_publication(self.method.local.eval_context(state.local))
         if self.cfg.dp:
             state.accountant.record_step(state.noise_multiplier_local, z_global, self.sample_rate)
         log.info(
@@ -389,9 +391,13 @@ class PromptNode:
             except DiskFullError as err:
                 log.warning("%s; the step is taken and its reply stored, its ledger charge stays marked pending", err)
 
-    def evaluate(self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, p_global: torch.Tensor | None, run_token: str, zeroshot: bool = False, published: bool = False
+    ) -> dict[str, float]:
         """Zero-shot or personalized-prompt accuracy on local and neighbor test images. A node that has not
-        trained yet (no local state of this run) is evaluated with the method's freshly initialized local part."""
+        trained yet (no local state of this run) is evaluated with the method's freshly initialized local part.
+        ``published``: the published prompt, whose p_L is the mean of the node's last iterates (``p_global`` is
+        then the server's mean of p_G's)."""
         if zeroshot:  # the setup phase: a run the node's lifetime budget cannot cover is refused here
             self.check_lifetime_at_setup(run_token)
         d = self.data
@@ -406,7 +412,9 @@ class PromptNode:
                 local = state.local if state is not None else self._fresh_local()
                 p_g = None if p_global is None else p_global.to(self.device)
                 local = {k: v.to(self.device) for k, v in local.items()}
-                text = {k: self.learner.text_features(p_g, local, enc) for k, enc in encoders.items()}
+                average = state.local_average if published and state is not None else None
+                average = None if average is None else average.to(self.device)
+                text = {k: self.learner.text_features(p_g, local, enc, average) for k, enc in encoders.items()}
         metrics = {f"{name}-acc": accuracy(text[e.classifier], e.features, e.labels) for name, e in d.evals.items()}
         metrics[LOCAL_LOSS] = cross_entropy(text["task"], d.local_features, d.local_labels, self.learner.logit_scale)
         if d.protocol == "base-novel":

@@ -129,7 +129,10 @@ def evaluate(request: NodeRequest) -> RecordDict:
     charge_evaluation(node_cfg.resolved_state_dir(cfg.run_dir), str(config["run-token"]), cfg, node_cfg)
     node = prompt_node(request.run_config, request.node_config)
     metrics = node.evaluate(
-        _global_prompt(request.content), str(config["run-token"]), zeroshot=config["phase"] == "zeroshot"
+        _global_prompt(request.content),
+        str(config["run-token"]),
+        zeroshot=config["phase"] == "zeroshot",
+        published=config["phase"] == "published",
     )
     metrics = {**metrics, RUN_TAG_KEY: run_tag(str(config["run-token"])), "server-round": int(config["server-round"])}
     return RecordDict({"metrics": MetricRecord(metrics)})

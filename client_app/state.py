@@ -40,19 +40,33 @@ class NodeState:
     last_round: int = 0
     run_key: str = ""
     extra: dict = field(default_factory=dict)
+    # the published p_L: the running mean of its context over the rounds that enter publication (publish-average)
+    local_average: torch.Tensor | None = None
+    averaged_rounds: int = 0
     from_previous: bool = False  # loaded from the previous copy (the current file was damaged); not saved
+
+    def average_for_publication(self, context: torch.Tensor) -> None:
+        """Fold this round's local context into the published mean (saved with the step, in one write)."""
+        n, context = self.averaged_rounds, context.detach().cpu().clone()
+        self.local_average = (
+            context if n == 0 or self.local_average is None else (self.local_average * n + context) / (n + 1)
+        )
+        self.averaged_rounds = n + 1
 
     def save(self, directory: Path) -> None:
         tensors = {"rng_state": self.generator.get_state()}
         tensors.update({f"local.{k}": v.contiguous() for k, v in self.local.items()})
         tensors.update({f"momentum.{k}": v.contiguous() for k, v in self.momentum.items()})
         tensors.update({f"reply.{k}": v.contiguous() for k, v in self.last_reply.items()})
+        if self.local_average is not None:
+            tensors["average.local-context"] = self.local_average.contiguous()
         meta = {
             "accountant": self.accountant.state_dict(),
             "noise_multiplier_local": self.noise_multiplier_local,
             "last_round": self.last_round,
             "run_key": self.run_key,
             "extra": self.extra,
+            "averaged_rounds": self.averaged_rounds,
         }
         write_state(Path(directory) / STATE_FILE, tensors, {"state": json.dumps(meta)})
 
@@ -79,6 +93,8 @@ class NodeState:
             last_round=int(meta["last_round"]),
             run_key=meta["run_key"],
             extra=meta.get("extra", {}),
+            local_average=tensors.get("average.local-context"),
+            averaged_rounds=int(meta.get("averaged_rounds", 0)),
             from_previous=loaded.from_previous,
         )
 

@@ -73,6 +73,10 @@ class RunConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(10, ge=1)
     eval_last: int = Field(10, ge=0)
+    # The published prompt: p_G and each node's p_L averaged over their iterates of the last ``publish-average``
+    # rounds. A mean of what was already released is post-processing: it costs no epsilon (docs/privacy.md).
+    # 1: the final iterates. The summary reports this prompt's accuracy; ``dpfpl export`` writes it.
+    publish_average: int = Field(10, ge=1)
     round_timeout: float = Field(3600.0, ge=0)  # seconds to wait for replies; 0: wait for every node
     # the setup phase (first contact: each node loads the model and encodes its whole data set) waits this long
     setup_timeout: float = Field(3600.0, ge=0)
@@ -206,13 +210,19 @@ class RunConfig(BaseModel):
             or server_round > self.num_server_rounds - self.eval_last
         )
 
+    def averages_for_publication(self, server_round: int) -> bool:
+        """Whether this round's iterates enter the published prompt's mean (the last ``publish-average`` rounds)."""
+        return server_round > self.num_server_rounds - self.publish_average
+
     @property
     def scheduled_evaluations(self) -> int:
-        """How many evaluation messages a run sends each node: the zero-shot setup phase and the schedule."""
+        """How many evaluation messages a run sends each node: the zero-shot setup phase, the schedule, and (for
+        a method that trains) the published prompt's evaluation after the last round."""
         rounds, every, last = self.num_server_rounds, self.eval_every, min(self.eval_last, self.num_server_rounds)
         multiples_outside_last = (rounds - last) // every  # counted once, outside the last block
         final_counted = last >= 1 or rounds % every == 0
-        return 1 + multiples_outside_last + last + (0 if final_counted else 1)
+        published = 0 if self.method == "zeroshot" else 1
+        return 1 + multiples_outside_last + last + (0 if final_counted else 1) + published
 
     def class_list(self) -> list[str]:
         """All class names of the task (the data set's own list; silo: ``classnames``)."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import DIGEST_KEY, CorruptStateError, DiskFullError, read_checked, tensor_digest, write_tensors
-from .models import LoadedModel, cache_dir, demo_pixels
+from .models import LoadedModel, cache_dir
 
 if TYPE_CHECKING:
     from .data.images import ImageDataset
@@ -81,16 +81,11 @@ def _read_cache(path: Path) -> torch.Tensor | None:
 
 
 def demo_features(model: LoadedModel, cache: str | None = None, progress: bool = False) -> torch.Tensor:
-    """Normalized image features of every demo image (train and test), cached per backbone."""
-    from .data.demo import load_demo_dataset
+    """Normalized image features of the clients' view of the demo data (train and test records, in the order
+    of ``demo_image_dataset``), cached per backbone."""
+    from .data.registry import demo_image_dataset
 
-    data = load_demo_dataset()
-    return _cached(
-        model,
-        f"demo-{data.fingerprint}",
-        cache,
-        lambda: encode_images(model, demo_pixels(data.images), progress=progress),
-    )
+    return dataset_features(model, demo_image_dataset(), cache, progress)
 
 
 def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.Tensor:

@@ -162,7 +162,8 @@ def _demo_backbone_path(seed: int, cache: str | None, steps: int) -> Path:
 def build_demo_backbone(
     seed: int = 0, cache: str | None = None, progress: bool = True, steps: int = DEMO_PRETRAIN_STEPS
 ) -> Path:
-    """Pretrain the demo backbone on the demo train split (once; cached, deterministic for a seed).
+    """Pretrain the demo backbone on the public part of the demo data only (once; cached, deterministic for a
+    seed): the clients' training records and the test records are never seen by it.
 
     Training: image x caption logits over the 20 class captions (a random template per class per step),
     cross-entropy on the image's class, both towers trained (a class-level CLIP objective: with 20 classes
@@ -185,7 +186,7 @@ def build_demo_backbone(
     caption_tokens = torch.stack(
         [tokenizer([t.format(c) for c in data.classnames]) for t in DEMO_TEMPLATES]
     )  # (templates, C, L)
-    train = np.flatnonzero(~data.is_test)
+    train = data.public_records()
     pixels = demo_pixels(data.images[train])
     labels = torch.from_numpy(data.labels[train])
     # The 49,408-row token embedding stays at its seeded random init: updating it would dominate the step
@@ -225,6 +226,7 @@ def build_demo_backbone(
             "steps": steps,
             "seconds": round(time.time() - started, 1),
             "data_fingerprint": data.fingerprint,
+            "pretrained_on": f"public part of the demo data, {len(train)} images",
         },
     )
     log.info("demo backbone written to %s", path)

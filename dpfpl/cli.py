@@ -112,39 +112,45 @@ def report(run_dir: Path) -> str:
     reference_path = reference_dir(run_dir) / "summary.json"
     reference = json.loads(reference_path.read_text()) if summary["privacy"]["dp"] and reference_path.is_file() else {}
     zs, fin, priv = summary["zeroshot"], summary["final"], summary["privacy"]
+    pub = summary.get("published") or fin
     last = summary.get("last-rounds-mean") or {}
     protocol = summary.get("evaluation-protocol") or {"name": "pathological", "description": "pathological"}
     # the columns this protocol reports (demo/pathological: local + neighbor; base-novel: + base, novel, HM)
-    columns = [k for k in REPORT_COLUMNS if any(k in row for row in (zs, fin, last))] or ["local-acc", "neighbor-acc"]
+    columns = [k for k in REPORT_COLUMNS if any(k in row for row in (zs, pub, last))] or ["local-acc", "neighbor-acc"]
 
     def row(title: str, values: dict) -> str:
-        return f"{title:<34}" + "".join(f"{_fmt(values.get(k)):>10}" for k in columns)
+        return f"{title:<40}" + "".join(f"{_fmt(values.get(k)):>10}" for k in columns)
 
+    note = summary.get("published-prompt") or {}
+    rounds = note.get("rounds")
+    published_title = (
+        f"published prompt (mean of rounds {rounds[0]}-{rounds[1]})"
+        if rounds and rounds[0] != rounds[1]
+        else "published prompt (final round)"
+    )
     lines = [
         f"method {summary['method']} | model {summary['model']} | {summary['num-clients']} clients | "
         f"{summary['rounds']} rounds",
         f"evaluation: {protocol['description']}",
         "",
-        f"{'accuracy (mean over clients)':<34}" + "".join(f"{REPORT_COLUMNS[k]:>10}" for k in columns),
+        f"{'accuracy (mean over clients)':<40}" + "".join(f"{REPORT_COLUMNS[k]:>10}" for k in columns),
         row("zero-shot (a photo of a {c}.)", zs),
-        row("final personalized prompt", fin),
+        row(published_title, pub),
     ]
-    if last.get("evaluations"):
-        lines.append(row(f"mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
-    if reference.get("final"):  # the cost of privacy: the same recipe without DP
-        lines.append(row("same recipe without DP (reference)", reference["final"]))
-    clients = len(summary.get("final-per-client", {}))
-    window = f"rounds {last['rounds'][0]}-{last['rounds'][1]}" if last.get("rounds") else "final round"
-    worst_rows = [(window, summary.get("worst-client"))]
-    if summary.get("worst-client-final-round") != summary.get("worst-client"):
-        worst_rows.append(("final round", summary.get("worst-client-final-round")))
-    for title, worst in worst_rows:
-        if worst:
-            lines.append(
-                f"worst client, {title} ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
-                f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
-                f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot"
-            )
+    if reference:  # the cost of privacy: the same recipe without DP, its published prompt
+        lines.append(row("same recipe without DP (reference)", reference.get("published") or reference["final"]))
+    if summary.get("published"):  # diagnostics: the iterates the published prompt averages
+        lines.append(row("  diagnostic: final iterate", fin))
+        if last.get("evaluations"):
+            lines.append(row(f"  diagnostic: mean of rounds {last['rounds'][0]}-{last['rounds'][1]}", last))
+    clients = len(summary.get("published-per-client") or summary.get("final-per-client", {}))
+    worst = summary.get("worst-client")
+    if worst:
+        lines.append(
+            f"worst client, published prompt ({worst['client']}): local {_fmt(worst['local-acc'])}, its "
+            f"zero-shot {_fmt(worst['zeroshot-local-acc'])} ({worst['gain'] * 100:+.1f} points); "
+            f"{worst['clients-below-zeroshot']} of {clients} clients below their zero-shot"
+        )
     if "rounds-updated" in summary:
         updated, run = summary["rounds-updated"], summary["rounds-run"]
         note = "" if updated == run else "  (the other rounds had fewer than min-clients valid replies)"

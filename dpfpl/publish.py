@@ -205,19 +205,23 @@ def build_published_prompt(
     rank: int | None,
     source: dict | None = None,
     pretrained: str | None = None,
+    local_context: torch.Tensor | None = None,
 ) -> PublishedPrompt:
-    """The published form of a node's prompt, built by the engine's own ``personalized_prompt``."""
+    """The published form of a node's prompt, built by the engine's own ``personalized_prompt``.
+    ``local_context``: the published local part as a context (the mean of p_L's last iterates); else ``local``."""
     method = learner.method
     if not method.trains:
         raise ValueError(
             f"method '{method.name}' has no learned prompt to export (zero-shot uses hand-crafted prompts)"
         )
     with torch.no_grad():
-        prompt = learner.personalized_prompt(p_global, local).detach().cpu()
+        prompt = learner.personalized_prompt(p_global, local, local_context).detach().cpu()
         parts = {}
         if method.shares_global and p_global is not None:
             parts["global"] = p_global.detach().cpu()
-        if method.local is not None and local:
+        if method.local is not None and local_context is not None:
+            parts["local"] = local_context.detach().cpu()
+        elif method.local is not None and local:
             parts["local"] = method.local.eval_context(local).detach().cpu()
     manifest = PromptManifest(
         model_name=model.name,
@@ -357,8 +361,23 @@ def export_node_prompt(
         "node-state": str(state_dir.resolve()),
         "server-round": server.server_round,
         "node-round": state.last_round,
+        # the published prompt is a mean of released iterates (post-processing: no epsilon of its own)
+        "global-averaged-rounds": server.averaged_rounds if method.shares_global else 0,
+        "local-averaged-rounds": state.averaged_rounds if method.local is not None else 0,
     }
-    p_global = server.p_global if method.shares_global else None
+    # SecFPP's nodes are evaluated with their cluster's p_G, which the server sent them, not with a mean
+    p_global = (
+        (server.published_global if cfg.method != "secfpp" else server.p_global) if method.shares_global else None
+    )
     return build_published_prompt(
-        learner, model, classnames, p_global, state.local, privacy, cfg.rank, source, pretrained=cfg.pretrained
+        learner,
+        model,
+        classnames,
+        p_global,
+        state.local,
+        privacy,
+        cfg.rank,
+        source,
+        pretrained=cfg.pretrained,
+        local_context=state.local_average,
     )

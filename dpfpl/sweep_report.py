@@ -128,8 +128,20 @@ def _column_title(column: tuple[str, int | None], columns: list[tuple[str, int |
 
 
 def run_value(record: RunRecord, key: str) -> float | None:
-    """A run's number for one accuracy: the mean over its last evaluated rounds (its final evaluation if it
-    has none); the zero-shot method's is its zero-shot accuracy."""
+    """A run's number for one accuracy: its published prompt's (what a user takes away: the mean of the last
+    iterates); the zero-shot method's is its zero-shot accuracy. A summary without one (written before the
+    published prompt was evaluated) falls back to the mean over the last evaluated rounds."""
+    s = record.summary
+    if s is None:
+        return None
+    if record.method == "zeroshot":
+        return s.get("zeroshot", {}).get(key)
+    value = (s.get("published") or {}).get(key)
+    return value if value is not None else last_rounds_value(record, key)
+
+
+def last_rounds_value(record: RunRecord, key: str) -> float | None:
+    """The diagnostic: the mean of the last rounds' iterates' accuracies (the papers' number)."""
     s = record.summary
     if s is None:
         return None
@@ -210,12 +222,17 @@ def _table_head(columns: list[tuple[str, int | None]]) -> list[str]:
 
 
 def accuracy_table(
-    records: list[RunRecord], key: str, columns: list[tuple[str, int | None]], epsilons: list[str], expected_seeds: int
+    records: list[RunRecord],
+    key: str,
+    columns: list[tuple[str, int | None]],
+    epsilons: list[str],
+    expected_seeds: int,
+    value_of: Callable[[RunRecord, str], float | None] = run_value,
 ) -> str:
     """One markdown table: rows = epsilon, columns = methods, plus the zero-shot row."""
     done = [r for r in records if r.summary is not None]
     lines = _table_head(columns) + _grid_rows(
-        records, columns, epsilons, run_value, key, lambda v, b: format_cell(v, expected_seeds, b), bold_best=True
+        records, columns, epsilons, value_of, key, lambda v, b: format_cell(v, expected_seeds, b), bold_best=True
     )
     zeroshot = [
         format_cell(_per_seed([r for r in done if r.column == c], zeroshot_value, key), expected_seeds) for c in columns
@@ -226,10 +243,13 @@ def accuracy_table(
 
 def worst_client_gain(record: RunRecord, key: str) -> float | None:
     """The smallest gain of any client over its own zero-shot accuracy, each client measured as the table
-    measures the run (the mean over the evaluations of the last rounds), from the run's metrics."""
+    measures the run (its published prompt; the mean over the last rounds' evaluations where there is none)."""
     if record.method == "zeroshot" or record.summary is None:
         return None
     zeroshot = next((m.get("per-client", {}) for m in record.metrics if m.get("phase") == "zeroshot"), {})
+    published = record.summary.get("published-per-client")
+    if record.summary.get("published") and published:
+        return worst_client(zeroshot, published, key).get("gain")
     evals = [m for m in record.metrics if m.get("phase") == "train" and "per-client" in m]
     window = (record.summary.get("last-rounds-mean") or {}).get("rounds")
     count = window[1] - window[0] + 1 if window else 1
@@ -293,9 +313,10 @@ def _header(records: list[RunRecord], spec: SweepSpec | None, out: Path, seeds: 
             f"{any_summary.get('num-clients', '?')} clients; rounds: {', '.join(map(str, rounds)) or '?'}"
         ),
         (
-            "- each run's number: the mean over clients of its personalized-prompt accuracy, averaged over the "
-            f"evaluations of its last rounds (rounds {window_text}); the zeroshot column and row: the hand-crafted "
-            'prompt "a photo of a {class}." (round 0)'
+            "- each run's number: the mean over clients of the accuracy of the prompt the run publishes (p_G and "
+            f"each p_L averaged over their last {_publish_text(trained)} iterates, post-processing: no extra ε); "
+            'the zeroshot column and row: the hand-crafted prompt "a photo of a {class}." (round 0). The mean '
+            f"of the last rounds' iterates (rounds {window_text}, the papers' number) is a diagnostic table below"
         ),
         "- cells: mean ± standard deviation over seeds (sample std, n − 1), in percent; best of each row in bold",
         (
@@ -306,6 +327,11 @@ def _header(records: list[RunRecord], spec: SweepSpec | None, out: Path, seeds: 
         "",
     ]
     return lines
+
+
+def _publish_text(trained: list[RunRecord]) -> str:
+    counts = sorted({(r.summary.get("published-prompt") or {}).get("average-of-last") for r in trained} - {None})
+    return ", ".join(map(str, counts)) or "?"
 
 
 def _problems(records: list[RunRecord], never_started: list[str]) -> list[str]:
@@ -340,6 +366,14 @@ def write_table(records: list[RunRecord], never_started: list[str], spec: SweepS
             worst_client_table(records, columns, epsilons),
             "",
         ]
+    if any((r.summary or {}).get("published") for r in done):
+        for key in keys:
+            lines += [
+                f"## Diagnostic: {ACCURACY_TITLES[key]} (%), mean of the last rounds' iterates",
+                "",
+                accuracy_table(records, key, columns, epsilons, len(seeds), last_rounds_value),
+                "",
+            ]
     if any(published_epsilon(r, "") is not None for r in done):
         lines += [
             "## Published prompt p_G + p_L: epsilon reported by the accountant (worst client, max over seeds)",

@@ -49,6 +49,24 @@ class ServerState:
     # SecFPP: one global prompt per cluster, and each node's cluster (node id -> cluster); empty otherwise
     cluster_prompts: dict[int, torch.Tensor] = field(default_factory=dict)
     assignment: dict[str, int] = field(default_factory=dict)
+    # the published p_G: the running mean of p_G over the rounds that enter publication (publish-average)
+    p_global_average: torch.Tensor | None = None
+    averaged_rounds: int = 0
+
+    def average_for_publication(self) -> None:
+        """Fold this round's p_G into the published mean. Called once per round, before the round's checkpoint:
+        a round that runs again after a crash was never folded in (its checkpoint was not written)."""
+        n = self.averaged_rounds
+        p = self.p_global.detach().clone()
+        self.p_global_average = (
+            p if n == 0 or self.p_global_average is None else (self.p_global_average * n + p) / (n + 1)
+        )
+        self.averaged_rounds = n + 1
+
+    @property
+    def published_global(self) -> torch.Tensor:
+        """The p_G that is published: the mean of the averaged iterates, or the current one before any."""
+        return self.p_global if self.p_global_average is None else self.p_global_average
 
 
 def charge_lost_round(state: ServerState) -> None:
@@ -73,6 +91,8 @@ class RunDirectory:
         if state.momentum is not None:
             tensors["momentum"] = state.momentum
         tensors.update({f"cluster-{s}": p.clone() for s, p in state.cluster_prompts.items()})  # p_global may alias one
+        if state.p_global_average is not None:
+            tensors["p_global_average"] = state.p_global_average
         meta = {
             k: getattr(state, k)
             for k in (
@@ -89,6 +109,7 @@ class RunDirectory:
                 "calibrated_rounds",
                 "last_record",
                 "assignment",
+                "averaged_rounds",
             )
         }
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})
@@ -100,7 +121,11 @@ class RunDirectory:
         tensors, meta = loaded.tensors, json.loads(loaded.metadata["state"])
         clusters = {int(k.split("-", 1)[1]): v for k, v in tensors.items() if k.startswith("cluster-")}
         state = ServerState(
-            p_global=tensors["p_global"], momentum=tensors.get("momentum"), cluster_prompts=clusters, **meta
+            p_global=tensors["p_global"],
+            momentum=tensors.get("momentum"),
+            cluster_prompts=clusters,
+            p_global_average=tensors.get("p_global_average"),
+            **meta,
         )
         if loaded.from_previous and (state.evaluated_round is None or state.evaluated_round >= state.server_round):
             # the lost write was the next round's first checkpoint, after which that round's p_G may have left

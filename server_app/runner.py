@@ -10,7 +10,7 @@ import re
 import secrets
 import time
 
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from dpfpl.common.config import RunConfig
@@ -45,9 +45,12 @@ def config_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _evaluate(strategy: PromptStrategy, grid: Grid, server_round: int, phase: str) -> dict:
+def _evaluate(
+    strategy: PromptStrategy, grid: Grid, server_round: int, phase: str, arrays: ArrayRecord | None = None
+) -> dict:
+    arrays = strategy.current_arrays() if arrays is None else arrays
     replies = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, strategy.current_arrays(), ConfigRecord({"phase": phase}), grid),
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord({"phase": phase}), grid),
         timeout=strategy.cfg.round_timeout or None,
     )
     result = strategy.aggregate_evaluate(server_round, replies)
@@ -195,6 +198,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             record.update(strategy.privacy_maxima())
         record["round-seconds"] = round(time.time() - started, 3)
         state.server_round, state.last_record = server_round, record
+        if cfg.averages_for_publication(server_round):
+            state.average_for_publication()  # the published p_G's mean, checkpointed with the round
         # The new p_G leaves the server first in the evaluation messages: checkpoint it before. A crash after this
         # line resumes with this very p_G (re-sent as is); without it, the resumed run would redo the round and
         # release a second, independently noised p_G of the same replies.
@@ -222,6 +227,10 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
         started = time.time()
         record.update(_evaluate(strategy, grid, state.server_round, "personalized"))
         record["per-client"] = strategy.client_evaluations
+        if state.server_round == cfg.num_server_rounds and strategy.method.trains:
+            # what the run publishes (and `dpfpl export` writes): the mean of p_G's and each p_L's last iterates
+            published = _evaluate(strategy, grid, state.server_round, "published", strategy.published_arrays())
+            record["published"] = {**published, "per-client": strategy.client_evaluations}
         record["round-seconds"] = round(record.get("round-seconds", 0.0) + time.time() - started, 3)
     if strategy.rejected:  # train and evaluation replies this round left out, and why
         record["rejected"] = list(strategy.rejected)
@@ -307,6 +316,20 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
     train = [m for m in metrics if m.get("phase") == "train"]
     zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
     final_per_client = last.get("per-client", {})
+    # the published prompt (the mean of the last iterates) is what a user takes away, so it is the result; a
+    # method without one (zero-shot) is its final evaluation
+    published_record = next((m["published"] for m in reversed(metrics) if "published" in m), None)
+    published = (
+        {k: published_record[k] for k in SUMMARY_ACCURACY_KEYS if k in published_record}
+        if published_record
+        else {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last}
+    )
+    published_per_client = published_record.get("per-client", {}) if published_record else final_per_client
+    last_rounds_per = (
+        last_rounds_per_client(evals, cfg.eval_last, SUMMARY_ACCURACY_KEYS)
+        if cfg.eval_last and strategy.method.trains
+        else final_per_client
+    )
     return {
         "method": cfg.method,
         "model": f"{cfg.model_name} ({cfg.pretrained})",
@@ -317,19 +340,19 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "num-clients": cfg.num_clients,
         "evaluation-protocol": evaluation_protocol(cfg),
         "zeroshot": state.zeroshot,
+        "published": published,
+        "published-per-client": published_per_client,
+        "published-prompt": published_prompt_note(cfg, state, strategy, published_record is not None),
+        # the worst client of the published prompt, against its own zero-shot accuracy
+        "worst-client": worst_client(zeroshot_per_client, published_per_client),
+        "zeroshot-per-client": zeroshot_per_client,
+        # diagnostics: the final iterate, and the papers' mean over the last rounds' iterates
         "final": {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last},
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
-        "zeroshot-per-client": zeroshot_per_client,
-        # the worst client by the table's own measure (the mean of the last rounds), and in the final round alone
-        "worst-client": worst_client(
-            zeroshot_per_client,
-            last_rounds_per_client(evals, cfg.eval_last, SUMMARY_ACCURACY_KEYS)
-            if cfg.eval_last and strategy.method.trains
-            else final_per_client,
-        ),
         "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
         "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
+        "worst-client-last-rounds": worst_client(zeroshot_per_client, last_rounds_per),
         "privacy": {
             "dp": cfg.dp,
             "delta": cfg.delta,
@@ -340,6 +363,27 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
             "noise-multiplier-global": state.noise_multiplier_global,
             **privacy_block(cfg, strategy),
         },
+    }
+
+
+def published_prompt_note(cfg: RunConfig, state: ServerState, strategy: PromptStrategy, evaluated: bool) -> dict:
+    """What the published prompt is, in words and rounds."""
+    if not strategy.method.trains:
+        return {"what": "the hand-crafted prompts (nothing is learned)"}
+    rounds = [max(1, cfg.num_server_rounds - cfg.publish_average + 1), cfg.num_server_rounds]
+    shared = (
+        "each cluster's final p_G (SecFPP's cluster prompts are not averaged)"
+        if cfg.method == "secfpp"
+        else f"the mean of p_G over {state.averaged_rounds} rounds"
+        if strategy.method.shares_global
+        else "no p_G"
+    )
+    return {
+        "what": f"{shared} plus each node's mean p_L over the rounds it trained in {rounds[0]}..{rounds[1]}; "
+        "a mean of released iterates is post-processing and costs no epsilon",
+        "average-of-last": cfg.publish_average,
+        "rounds": rounds,
+        "evaluated": evaluated,
     }
 
 

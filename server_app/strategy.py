@@ -243,6 +243,10 @@ class PromptStrategy(Strategy):
         """What the nodes receive: p_G, or nothing for methods without a global prompt."""
         return ArrayRecord({"global-prompt": self.state.p_global}) if self.method.shares_global else None
 
+    def published_arrays(self) -> ArrayRecord | None:
+        """What the published prompt's evaluation sends: the mean of p_G's last iterates (publish-average)."""
+        return ArrayRecord({"global-prompt": self.state.published_global}) if self.method.shares_global else None
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:

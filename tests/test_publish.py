@@ -197,14 +197,19 @@ TINY_RUN = {
 
 
 def test_export_of_a_federated_run_predicts_as_the_node(cache_dir, tmp_path, images, tiny_model):
-    """A real (in-process) federation: node 1's exported prompt is p_G of the checkpoint plus its own local
-    prompt, its epsilon is the node's accountant's, and its predictions are the node's."""
+    """A real (in-process) federation: node 1's exported prompt is the published prompt, the mean of p_G's and
+    of its own p_L's last two iterates (not the final ones), its epsilon is the node's accountant's, its
+    predictions are the node's, and its accuracy on the node's test records is the one the summary reports."""
+    from dpfpl.client_app.node import PromptNode
     from dpfpl.client_app.state import NodeState
+    from dpfpl.common.config import NodeConfig, RunConfig
+    from dpfpl.common.evaluation import accuracy
     from dpfpl.inprocess import run_inprocess
     from dpfpl.server_app.checkpoint import RunDirectory
 
     run_dir = tmp_path / "run"
-    run_inprocess({**TINY_RUN, "run-dir": str(run_dir)}, 2, {"cache-dir": str(cache_dir)})
+    config = {**TINY_RUN, "num-server-rounds": 3, "eval-every": 3, "publish-average": 2, "run-dir": str(run_dir)}
+    summary = run_inprocess(config, 2, {"cache-dir": str(cache_dir)})
     out = tmp_path / "node1.safetensors"
     main(["export", str(run_dir), "--node", "1", "--out", str(out)])
     published = load_prompt(out)
@@ -212,16 +217,35 @@ def test_export_of_a_federated_run_predicts_as_the_node(cache_dir, tmp_path, ima
     server = RunDirectory(run_dir).load()
     m = published.manifest
     assert m.method == "dpfpl" and m.rank == 2 and m.n_ctx == 4 and len(m.classnames) == 20
-    assert m.source["server-round"] == 2 and m.privacy.noisy_steps == len(state.accountant.history) == 2
+    assert m.source["server-round"] == 3 and m.privacy.noisy_steps == len(state.accountant.history) == 3
+    assert m.source["global-averaged-rounds"] == server.averaged_rounds == 2 == state.averaged_rounds
     assert math.isclose(m.privacy.epsilon, state.accountant.epsilon_published(), rel_tol=1e-9)
     assert m.privacy.epsilon <= 2.0 * 1.001  # calibrated for the published prompt's target
-    torch.testing.assert_close(published.parts["global"], server.p_global, rtol=0, atol=0)
+    # the published parts are the means of the last two iterates, which differ from the final iterates
+    torch.testing.assert_close(published.parts["global"], server.p_global_average, rtol=0, atol=0)
+    torch.testing.assert_close(published.parts["local"], state.local_average, rtol=0, atol=0)
+    assert not torch.equal(server.p_global_average, server.p_global)
+    learner_final = build_method("dpfpl", 2).local.eval_context(state.local)
+    assert not torch.equal(state.local_average, learner_final)
     encoder = PromptTextEncoder(tiny_model.model, tiny_model.tokenizer, m.classnames, 4)
     learner = PromptLearner(build_method("dpfpl", 2), encoder, float(tiny_model.model.logit_scale.exp()))
     paths = image_paths([images])
-    expected = _in_memory(learner, server.p_global, state.local, tiny_model, paths).argmax(-1)
+    feats = encode_images(tiny_model, load_images(paths, tiny_model.preprocess))
+    with torch.no_grad():
+        text = learner.text_features(server.p_global_average, state.local, local_context=state.local_average)
+    expected = (feats @ text.t()).argmax(-1)
     got = PromptClassifier(published, tiny_model).predict_files(paths)
     assert [p.labels[0] for p in got] == [m.classnames[i] for i in expected.tolist()]
+    # the summary's published accuracy of this node is the exported file's accuracy on its local test records
+    node = PromptNode(
+        RunConfig.from_flower(config), NodeConfig.from_flower({"partition-id": 1, "cache-dir": str(cache_dir)})
+    )
+    local_eval = node.data.evals["local"]
+    with torch.no_grad():
+        file_text = node.encoder(published.prompt.to(node.device))
+    file_acc = accuracy(file_text, local_eval.features, local_eval.labels)
+    assert summary["published-per-client"]["partition-1"]["local-acc"] == pytest.approx(file_acc, abs=1e-9)
+    assert summary["published-prompt"]["average-of-last"] == 2 and summary["published-prompt"]["evaluated"]
     # node 0's prompt differs (its own local prompt), and a wrong node is a clear error
     main(["export", str(run_dir), "--node", "0", "--out", str(tmp_path / "node0.safetensors")])
     assert not torch.equal(load_prompt(tmp_path / "node0.safetensors").prompt, published.prompt)

@@ -139,6 +139,7 @@ class ImageDataset:
     # A faster exact path from records to model input for in-memory data (the demo), else the model's
     # own preprocess is applied to each PIL image.
     batch_pixels: Callable[[np.ndarray], object] | None = field(default=None, repr=False)
+    note: str = ""  # what else the summary should say about where the records come from
 
     def __post_init__(self) -> None:
         n = len(self.source)
@@ -171,7 +172,7 @@ class ImageDataset:
     def summary(self) -> str:
         return (
             f"{self.name}: {len(self.classnames)} classes, {int((~self.is_test).sum())} train / "
-            f"{int(self.is_test.sum())} test images"
+            f"{int(self.is_test.sum())} test images" + (f" ({self.note})" if self.note else "")
         )
 
 

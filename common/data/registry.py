@@ -13,20 +13,24 @@ from .images import ArraySource, DatasetError, ImageDataset
 DATASET_NAMES: tuple[str, ...] = ("demo", *COOP_DATASETS, *CIFAR_LAYOUTS, "folder", "csv")
 
 
+@lru_cache(maxsize=1)
 def demo_image_dataset() -> ImageDataset:
-    """The embedded default as an ``ImageDataset`` (its model input is computed exactly as the backbone's
-    pretraining saw it)."""
+    """The clients' view of the embedded default: its train and test records only. The public part, on which
+    the demo backbone was pretrained, is not in it (its model input is computed exactly as pretraining did)."""
     from ..models import demo_pixels
     from .demo import load_demo_dataset
 
     data = load_demo_dataset()
+    records = data.private_records()
+    images = data.images[records]
     return ImageDataset(
         name="demo",
         classnames=list(data.classnames),
-        labels=data.labels,
-        is_test=data.is_test,
-        source=ArraySource(data.images, "demo"),
-        batch_pixels=lambda idx: demo_pixels(data.images[idx]),
+        labels=data.labels[records],
+        is_test=data.is_test[records],
+        source=ArraySource(images, "demo"),
+        batch_pixels=lambda idx: demo_pixels(images[idx]),
+        note=f"{int(data.is_public.sum())} more public images pretrained the backbone and are never read by a run",
     )
 
 

@@ -125,20 +125,28 @@ class PromptLearner:
             raise ValueError(f"method '{self.method.name}' has no learnable prompt")
         return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
-    def personalized_prompt(self, p_global: torch.Tensor | None, local: Tensors) -> torch.Tensor | None:
-        """The node's prompt at evaluation/export time; ``None`` for zero-shot (hand-crafted prompts)."""
+    def personalized_prompt(
+        self, p_global: torch.Tensor | None, local: Tensors, local_context: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The node's prompt at evaluation/export time; ``None`` for zero-shot (hand-crafted prompts).
+        ``local_context``: the local part as a context already (the published mean of p_L's iterates)."""
         if not self.method.trains:
             return None
-        ctx = self.method.local.eval_context(local) if self.method.local is not None and local else None
-        return self._compose(p_global, ctx)
+        if local_context is None and self.method.local is not None and local:
+            local_context = self.method.local.eval_context(local)
+        return self._compose(p_global, local_context)
 
     def text_features(
-        self, p_global: torch.Tensor | None, local: Tensors, encoder: PromptTextEncoder | None = None
+        self,
+        p_global: torch.Tensor | None,
+        local: Tensors,
+        encoder: PromptTextEncoder | None = None,
+        local_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text features of the personalized prompt for the training classes, or for another class list
         (``encoder``: e.g. the novel classes of a base-to-novel evaluation; same context, other names)."""
         encoder = encoder or self.encoder
-        prompt = self.personalized_prompt(p_global, local)
+        prompt = self.personalized_prompt(p_global, local, local_context)
         return encoder.handcrafted_features() if prompt is None else encoder(prompt)
 
     def _loss_fn(self, features: torch.Tensor, labels: torch.Tensor):

@@ -101,10 +101,10 @@ class Setting:
 
     @classmethod
     def demo(cls, spec: AttackSpec, cache: str | None = None) -> Setting:
-        from ..common.data.demo import load_demo_dataset
+        from ..common.data.registry import demo_image_dataset
         from ..common.features import demo_features
 
-        data = load_demo_dataset()
+        data = demo_image_dataset()  # the clients' records: never seen by the backbone
         unknown = [c for c in spec.classes if c not in data.classnames]
         if unknown:
             raise ValueError(f"classes {unknown} are not demo classes; choose from {data.classnames}")
