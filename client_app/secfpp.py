@@ -60,7 +60,7 @@ def _reply(values: dict) -> RecordDict:
 def advertise(request: NodeRequest) -> RecordDict:
     """Compute and encode the clustering vector; reply with this phase's public key only."""
     from dpfpl.common.prompt import initial_global_prompt
-    from dpfpl.common.secfpp.signal import domain_gradient
+    from dpfpl.common.secfpp.clustering_signal import domain_gradient
 
     from .prompt_handlers import prompt_node
 
@@ -76,7 +76,6 @@ def advertise(request: NodeRequest) -> RecordDict:
         cfg.secfpp_slices,
         cfg.secfpp_privacy,
         cfg.secfpp_quantization_bits,
-        (1 << 61) - 1,
     )
     client = ClusteringClient(
         int(config["index"]), reduce(vector, basis), lcc, cfg.secfpp_quantization_bits, str(config["phase"])

@@ -164,7 +164,6 @@ class RunConfig(BaseModel):
                 self.secfpp_slices,
                 self.secfpp_privacy,
                 self.secfpp_quantization_bits,
-                (1 << 61) - 1,
             )
             if self.secure_aggregation:  # each cluster is its own secure-aggregation group
                 from .secagg.protocol import min_group_size

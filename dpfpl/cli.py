@@ -27,9 +27,8 @@ import shlex
 import signal
 import sys
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from . import prompt_commands
 from .common.config import RunConfig

@@ -35,7 +35,7 @@ import torch
 from .common.config import NodeConfig, RunConfig
 from .common.secfpp.protocol import Relay, secure_clustering
 from .common.secfpp.reduce import public_basis, reduce
-from .common.secfpp.signal import domain_gradient
+from .common.secfpp.clustering_signal import domain_gradient
 
 log = logging.getLogger("dpfpl.secfpp")
 

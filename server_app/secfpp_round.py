@@ -281,7 +281,6 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
             cfg.secfpp_slices,
             cfg.secfpp_privacy,
             cfg.secfpp_quantization_bits,
-            (1 << 61) - 1,
         )
         keys = _request(
             grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase, timeout

@@ -198,8 +198,8 @@ def test_a_rogue_app_gets_nothing_beyond_the_bounds_and_an_honest_run_follows(se
         assert calls["tiny-z-global"] == {"refused": 1}
         assert calls["outside-protocol"] == {"refused": 1}
         assert calls["extra-rounds"] == {"answered": 2, "refused": 4}  # calibrated for 2 rounds
-        # the run's schedule (setup + 2 rounds) per run token: 3 of each 500 answered
-        assert calls["evaluations"] == {"answered": 6, "refused": 994}
+        # the run's schedule (setup + 2 rounds + the published prompt) per run token: 4 of each 500 answered
+        assert calls["evaluations"] == {"answered": 8, "refused": 992}
         refusals = " ".join(s for texts in report["refusals"].values() for s in texts)
         assert "differential privacy" in refusals and "lifetime-epsilon" in refusals and "past its limit" in refusals
         assert "not one of its operations" in refusals
@@ -207,7 +207,7 @@ def test_a_rogue_app_gets_nothing_beyond_the_bounds_and_an_honest_run_follows(se
         ledger = PrivacyLedger.of(org["state"])
         assert ledger.epsilon(1e-5) <= LIFETIME * (1 + 1e-6)
         assert {k: r.count for k, r in ledger.runs.items()} == {"rogue-rounds": 2}
-        assert sum(len(t) for t in ledger.evaluations.values()) == 6
+        assert sum(len(t) for t in ledger.evaluations.values()) == 8
         log = (org["state"] / "worker.log").read_text()
         assert "refused train" in log and "past its lifetime-epsilon" in log and "evaluation refused" in log
 

@@ -61,18 +61,19 @@ def test_a_separated_worker_names_every_missing_setting():
 
 
 def test_evaluations_are_bounded_by_the_run_schedule_and_the_day_and_counted_in_the_ledger(tmp_path):
-    cfg = RunConfig(num_server_rounds=2, eval_every=1, eval_last=0)  # setup + 2 rounds = 3 per run
+    # setup + 2 rounds + the published prompt = 4 per run (zero-shot trains nothing: no published prompt, 3)
+    cfg = RunConfig(num_server_rounds=2, eval_every=1, eval_last=0)
+    assert cfg.scheduled_evaluations == 4 and cfg.model_copy(update={"method": "zeroshot"}).scheduled_evaluations == 3
     node = NodeConfig(state_dir=str(tmp_path), evaluations_per_day=5)
-    for _ in range(3):
+    for _ in range(4):
         charge_evaluation(tmp_path, "run-a", cfg, node)
     with pytest.raises(EvaluationQuotaSpent, match="schedule"):
         charge_evaluation(tmp_path, "run-a", cfg, node)
     charge_evaluation(tmp_path, "run-b", cfg, node)
-    charge_evaluation(tmp_path, "run-b", cfg, node)
     with pytest.raises(EvaluationQuotaSpent, match="a day"):  # 5 in 24 h, whichever run
         charge_evaluation(tmp_path, "run-c", cfg, node)
     ledger = PrivacyLedger.of(tmp_path)  # on disk, under the ledger's digest
-    assert ledger.evaluations_of("run-a") == 3 and ledger.evaluations_of("run-b") == 2
+    assert ledger.evaluations_of("run-a") == 4 and ledger.evaluations_of("run-b") == 1
     assert ledger.evaluations_since(24) == 5 and ledger.runs == {}
     assert "evaluation replies (outside epsilon): 5" in ledger.describe(1e-5)
     # a tampered count is caught by the digest: the previous copy is used, with one evaluation more, not fewer

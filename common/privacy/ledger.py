@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from ..atomic import CorruptStateError, previous_path, write_json
@@ -35,7 +35,7 @@ LEDGER_FILE = "ledger.json"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -162,7 +162,7 @@ class PrivacyLedger:
 
     def evaluations_since(self, hours: float = 24.0) -> int:
         """Evaluations answered in the last ``hours``, every run together."""
-        cutoff = (datetime.now(timezone.utc) - timedelta(hours=hours)).isoformat(timespec="seconds")
+        cutoff = (datetime.now(UTC) - timedelta(hours=hours)).isoformat(timespec="seconds")
         return sum(t >= cutoff for times in self.evaluations.values() for t in times)
 
     # ------------------------------------------------------------------ books

@@ -164,7 +164,9 @@ class ClusteringClient:
         return decide(row, counts(assignment), threshold, exclude)
 
 
-def validate(num_users: int, reduced_dim: int, num_slices: int, privacy: int, bits: int, prime: int) -> Lcc:
+def validate(
+    num_users: int, reduced_dim: int, num_slices: int, privacy: int, bits: int, prime: int = crypto.PRIME
+) -> Lcc:
     """Every parameter of a phase, checked before any work: thresholds, field size, no wrap-around."""
     lcc = Lcc(num_users, num_slices, privacy, degree=2, prime=prime)
     if prime >= 2**64:
