@@ -106,3 +106,51 @@ def test_a_sampled_canary_moves_each_release_by_its_clipped_contribution_over_b(
         assert torch.allclose(a - b, d[sampled].sum(0) / 4, atol=1e-6)
     norms = torch.sqrt(sum(d.flatten(1).pow(2).sum(1) for d in hook.local_directions))
     assert torch.allclose(norms, torch.full_like(norms, 0.3), atol=1e-5)  # each canary's local part at C_L
+
+
+AUDIT_RUN = {
+    "num-clients": 2,
+    "classes-per-client": 2,
+    "min-clients": 2,
+    "num-server-rounds": 10,
+    "batch-size": 8,
+    "num-shots": 4,  # 8 records per node, all in every step (q = 1): each canary meets the full mechanism
+    "sample-rate": 1.0,
+    "n-ctx": 4,
+    "rank": 2,
+    "lr-global": 0.05,
+    "lr-local": 0.05,
+    "pretrained": "none",
+    "dp": True,
+    "calibrate-for": "published",
+}
+
+
+def _audit(tmp_path, cache_dir, epsilon, seed=0, canaries=1000):
+    from dpfpl.audit.run import AuditSettings, run_audit
+    from dpfpl.common.config import RunConfig
+    from dpfpl.inprocess import full_run_config
+
+    config = {**AUDIT_RUN, "target-epsilon": epsilon, "run-dir": str(tmp_path / "run")}
+    return run_audit(
+        RunConfig.from_flower(full_run_config(config)), AuditSettings(canaries=canaries, seed=seed), str(cache_dir)
+    )
+
+
+def test_the_audit_flags_no_violation_on_the_correct_code_and_finds_some_leakage(tmp_path, cache_dir):
+    """Claimed epsilon 2, m = 1000: the white-box bound is positive (the canaries are seen) and below the claim.
+    With the noise quartered or the clipping disabled (scripts/mutation_check.py) the bound passes 2."""
+    result = _audit(tmp_path, cache_dir, 2.0)
+    assert result.epsilon_claimed == pytest.approx(2.0, rel=1e-3)
+    white = next(r for r in result.results if r.threat_model == "white-box")
+    assert not result.violation, "\n".join(result.lines())
+    assert 0.2 < white.epsilon_lower_bound <= result.epsilon_claimed
+    assert white.correct <= white.guesses and white.guessed_in + white.guessed_out == white.guesses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epsilon", [1.0, 4.0])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_audit_is_sound_across_seeds(tmp_path, cache_dir, epsilon, seed):
+    result = _audit(tmp_path, cache_dir, epsilon, seed=seed)
+    assert all(r.epsilon_lower_bound <= result.epsilon_claimed for r in result.results), "\n".join(result.lines())

@@ -73,6 +73,9 @@ class AuditResult(BaseModel):
     seconds: float
     results: list[ThreatModelResult]
     violation: bool
+    # each threat model's canary scores and the secret coins (for diagnosis; not written to the JSON)
+    scores: dict[str, list[float]] = Field(default_factory=dict, exclude=True)
+    included: list[bool] = Field(default_factory=list, exclude=True)
 
     def lines(self) -> list[str]:
         out = [
@@ -219,5 +222,7 @@ def run_audit(
         noise_multiplier_global=z_g,
         seconds=seconds,
         results=results,
+        scores={"white-box": white.tolist(), "final-prompt": final.tolist()},
+        included=included.tolist(),
         violation=any(r.epsilon_lower_bound > claimed * (1 + 1e-9) for r in results),
     )
