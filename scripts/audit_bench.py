@@ -18,7 +18,7 @@ from dpfpl.audit.run import AuditSettings, run_audit  # noqa: E402
 from dpfpl.common.config import RunConfig  # noqa: E402
 from dpfpl.inprocess import full_run_config  # noqa: E402
 
-# the configuration of tests/test_audit.py: 2 nodes of 8 records, q = 1, 10 rounds, the tiny backbone
+# the configuration of tests/test_audit.py: 2 nodes of 8 records, q = 1, 10 rounds, n-ctx 16, rank 8, tiny backbone
 RUN = {
     "num-clients": 2,
     "classes-per-client": 2,
@@ -27,10 +27,8 @@ RUN = {
     "batch-size": 8,
     "num-shots": 4,
     "sample-rate": 1.0,
-    "n-ctx": 4,
-    "rank": 2,
-    "lr-global": 0.05,
-    "lr-local": 0.05,
+    "n-ctx": 16,  # 16 x 128 coordinates: the 1000 canaries interfere little along each other's directions
+    "rank": 8,
     "pretrained": "none",
     "dp": True,
     "calibrate-for": "published",

@@ -116,10 +116,8 @@ AUDIT_RUN = {
     "batch-size": 8,
     "num-shots": 4,  # 8 records per node, all in every step (q = 1): each canary meets the full mechanism
     "sample-rate": 1.0,
-    "n-ctx": 4,
-    "rank": 2,
-    "lr-global": 0.05,
-    "lr-local": 0.05,
+    "n-ctx": 16,  # 16 x 128 coordinates: the 1000 canaries interfere little along each other's directions
+    "rank": 8,  # lr-global and lr-local stay at 1e-4: the prompt stays near its start even if clipping breaks
     "pretrained": "none",
     "dp": True,
     "calibrate-for": "published",
