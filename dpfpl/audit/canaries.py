@@ -27,6 +27,21 @@ from dpfpl.common.privacy import clip_per_sample_jointly
 NORM_FACTOR = 10.0  # the canaries' pre-clip gradient norm, in units of C_G
 
 
+def canary_directions(m: int, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """m unit directions in the prompt's space: orthonormal where the space has room (m <= its dimension), so
+    that one canary's contribution to a release adds nothing to another's score; random unit vectors otherwise
+    (their overlaps, about 1/sqrt(dimension) each, then add up to a noise that loosens the audit)."""
+    dim = 1
+    for size in shape:
+        dim *= size
+    directions = torch.randn(dim, m, generator=gen, dtype=torch.float64)
+    if m <= dim:
+        directions, _ = torch.linalg.qr(directions)  # orthonormal columns: a uniformly random m-frame
+    else:
+        directions = directions / directions.norm(dim=0, keepdim=True)
+    return directions.t().to(torch.float32).reshape(m, *shape)
+
+
 class GradientCanaries:
     """m canaries in the prompt's gradient space, included by a seeded secret coin, Poisson-sampled per step."""
 
@@ -41,8 +56,7 @@ class GradientCanaries:
         seed: int = 0,
     ) -> None:
         gen = torch.Generator().manual_seed(seed)
-        directions = torch.randn(m, *shape, generator=gen)
-        self.directions = directions / directions.flatten(1).norm(dim=1).view(-1, *[1] * len(shape))
+        self.directions = canary_directions(m, shape, gen)
         self.included = torch.rand(m, generator=gen) < 0.5  # the secret coins
         self.sample_rate = sample_rate
         self.norm = NORM_FACTOR * max_grad_norm_global
