@@ -13,6 +13,8 @@ dpfpl predict prompt.safetensors IMAGES_OR_FOLDERS -k 3
                            classify images with a published prompt and the OpenCLIP model it names
 dpfpl attack --methods dpfpl,coop --epsilons none,8,1,0.1 --out runs/attack
                            membership inference against published prompts, per epsilon (table + plot)
+dpfpl audit --epsilons 1,2,4,8 --canaries 1000 --json audit.json --plot audit.png
+                           an empirical epsilon lower bound beside the accountant's (one-run canary audit)
 dpfpl sweep --methods dpfpl,promptfl --epsilons none,0.4,0.1 --seeds 0,1,2 --ranks 8 --out runs/sweep
                            run every combination (resumable) and write results.csv, table.md and plots
 """
@@ -31,6 +33,7 @@ import tomllib
 from pathlib import Path
 
 from . import prompt_commands
+from .audit import command as audit_command
 from .common.config import RunConfig
 from .common.outcome import OUTCOME_FILE, RunFailed, RunOutcome
 from .launch import run_simulation
@@ -474,6 +477,7 @@ def _main(argv: list[str]) -> None:
     )
     p.add_argument("--report-only", action="store_true", help="only rebuild csv, table and plots from --out")
     prompt_commands.add_parsers(sub)
+    audit_command.add_parser(sub, preset_help)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -484,6 +488,8 @@ def _main(argv: list[str]) -> None:
     if args.command == "presets":
         print(describe_presets())
         return
+    if args.command == "audit":
+        sys.exit(audit_command.main(args, {**preset_overrides(args.preset), **_parse_overrides(args.run_config)}))
     if args.command == "submit":
         from .launch import submit_run
 

@@ -77,6 +77,7 @@ NODE_GLOBAL_NOISE = (
     "tests/test_privacy_mechanisms.py::test_a_node_that_trusts_no_aggregator_adds_the_global_noise_to_its_own_reply"
 )
 REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
+AUDIT = "tests/test_audit.py::test_the_audit_flags_no_violation_on_the_correct_code_and_finds_some_leakage"
 TAKEN_OVER = "tests/test_durable_state.py::test_a_step_whose_reply_was_stored_is_never_taken_over_by_a_retry"
 
 
@@ -90,6 +91,20 @@ class Mutation:
 
 
 MUTATIONS = (
+    Mutation(
+        "audit: every Gaussian noise quartered",
+        "common/privacy/mechanisms.py",
+        "    return tensor + std * noise.to(tensor.device)\n",
+        "    return tensor + std / 4 * noise.to(tensor.device)\n",
+        (AUDIT,),
+    ),
+    Mutation(
+        "audit: clipping disabled",
+        "common/privacy/mechanisms.py",
+        "    return (max_norm / (norms + 1e-6)).clamp(max=1.0)\n",
+        "    return torch.ones_like(norms)\n",
+        (AUDIT,),
+    ),
     Mutation(
         "local clip disabled (C_L = 1e12)",
         "common/methods/engine.py",

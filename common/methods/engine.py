@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,14 @@ def memory_chunk_size(encoder: PromptTextEncoder, batch: int, device: torch.devi
     available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     per_sample = max(1, encoder.backward_bytes_per_sample())
     return max(1, min(max(batch, 1), int(MEMORY_FRACTION * available // per_sample)))
+
+
+class CanaryRecords(Protocol):
+    """A privacy audit's canaries (``dpfpl.audit.canaries``): the per-sample prompt gradients of the canary
+    records in this step's Poisson sample, shaped like ``g`` (k, n_ctx, d); it also sees the local part's step
+    context, so that it can tell where each canary's clipped local contribution goes."""
+
+    def records(self, g: torch.Tensor, aux: Any, local: Tensors) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -179,10 +188,13 @@ class PromptLearner:
         opt: SgdSettings,
         generator: torch.Generator,
         sample_rate: float | None = None,
+        canaries: CanaryRecords | None = None,
     ) -> StepResult:
         """One step. ``sample_rate``: the Poisson rate q, public by declaration in a node (default B / n, for
         experiments that treat the size as public); sums are divided by ``expected_batch`` B either way, a
-        public constant, so one record moves a release by at most C / B."""
+        public constant, so one record moves a release by at most C / B. ``canaries``: a privacy audit's extra
+        records (``dpfpl.audit.canaries``), joined to the batch's per-sample gradients before clipping; ``None``
+        (every run but an audit) leaves the step exactly as it is."""
         method = self.method
         if not method.trains:
             raise ValueError(f"method '{method.name}' does not train")
@@ -207,6 +219,8 @@ class PromptLearner:
         if dp.enabled:
             chunk = self.chunk_size or memory_chunk_size(self.encoder, b, prompt.device)
             g, losses = per_sample_grads(loss_fn, prompt, chunk)  # (b, n_ctx, d)
+            if canaries is not None:  # an audit: its canary records go through the same clip, sum and noise
+                g = torch.cat([g, canaries.records(g, aux, local)])
             global_sum = (
                 clip_per_sample(g + extra_global, dp.max_grad_norm_global).sum(0) if method.shares_global else None
             )

@@ -1,0 +1,228 @@
+"""One audit: a federation run in this process with m gradient canaries in node 0's data, scored by two
+adversaries, and the epsilon lower bound each one's guesses give, beside the accountant's epsilon.
+
+Why its own loop and not ``run_inprocess``: the white-box adversary reads every release the accountant charges
+(node 0's noisy local factor gradients, the server's noisy p_G step), which the Flower apps never hand out; the
+loop calls the same pieces the apps do (``PromptNode``'s data, learner, declared q and z_L; the server's z_G,
+``global_update`` and learning rate), one step per node per round with every node taking part, and the noise is
+the run's: the same functions at the same multipliers, drawn from seeded generators (an audit is a repeatable
+experiment; a deployed run's generators are seeded from the OS).
+
+Threat models:
+
+* ``white-box``: sees each round's noisy releases; score_i = sum over rounds of each release's inner product
+  with canary i's clipped contribution, divided by that release's noise variance (the Gaussian likelihood-ratio
+  direction), local and global added;
+* ``final-prompt``: sees node 0's published personalized prompt only; score_i = <p_init - p_final, u_i>
+  (gradient descent moves against the canary's gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.methods import DpSettings, SgdSettings
+from dpfpl.common.privacy import PrivacyAccountant
+from dpfpl.common.prompt import initial_global_prompt
+
+from .bound import best_guesses, ceiling
+from .canaries import GradientCanaries
+
+THREAT_MODELS = ("white-box", "final-prompt")
+VIOLATION = "VIOLATION: the empirical lower bound exceeds the claimed epsilon"
+
+
+class AuditSettings(BaseModel):
+    """What the audit adds to a run's config."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    canaries: int = Field(1000, ge=2)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0  # the canaries' directions, coins and Poisson draws, and the audit's noise generators
+    with_canaries: bool = True  # False: the same loop without canaries (the cost baseline)
+
+
+class ThreatModelResult(BaseModel):
+    threat_model: str
+    epsilon_lower_bound: float
+    guesses: int
+    correct: int
+    guessed_in: int
+    guessed_out: int
+
+
+class AuditResult(BaseModel):
+    epsilon_claimed: float
+    delta: float
+    confidence: float
+    canaries: int
+    canaries_included: int
+    ceiling: float  # what a perfect observer of an exactly (epsilon_claimed, delta) Gaussian could reach
+    rounds: int
+    sample_rate: float
+    noise_multiplier_local: float
+    noise_multiplier_global: float
+    seconds: float
+    results: list[ThreatModelResult]
+    violation: bool
+    # each threat model's canary scores and the secret coins (for diagnosis; not written to the JSON)
+    scores: dict[str, list[float]] = Field(default_factory=dict, exclude=True)
+    included: list[bool] = Field(default_factory=list, exclude=True)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"claimed epsilon {self.epsilon_claimed:.4f} (delta {self.delta:g}; accountant: node 0's published "
+            f"prompt), {self.canaries} canaries ({self.canaries_included} in), {self.rounds} rounds, q {self.sample_rate:.4g}",
+            f"ceiling for m = {self.canaries}: {self.ceiling:.3f} (perfect observer of an exact Gaussian)",
+        ]
+        for r in self.results:
+            out.append(
+                f"{r.threat_model:>12}: epsilon >= {r.epsilon_lower_bound:.3f} at {self.confidence:.0%} confidence "
+                f"({r.correct} of {r.guesses} guesses correct: {r.guessed_in} in, {r.guessed_out} out)"
+            )
+        if self.violation:
+            out.append(VIOLATION)
+        return out
+
+
+def _nodes(cfg: RunConfig, cache_dir: str | None):
+    from dpfpl.client_app.node import PromptNode
+
+    return [
+        PromptNode(
+            cfg,
+            NodeConfig(
+                partition_id=i,
+                num_partitions=cfg.num_clients,
+                cache_dir=cache_dir,
+                num_threads=torch.get_num_threads(),
+                device="cpu",
+            ),
+        )
+        for i in range(cfg.num_clients)
+    ]
+
+
+def run_audit(
+    cfg: RunConfig,
+    settings: AuditSettings,
+    cache_dir: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> AuditResult:
+    """Train cfg's federation for its rounds with the canaries in node 0 and audit it (``progress(round)``)."""
+    from dpfpl.client_app.node import local_noise_multiplier
+    from dpfpl.server_app.strategy import global_learning_rate, global_noise_multiplier, global_update
+
+    if not cfg.dp:
+        raise ValueError("an audit needs dp = true: without DP there is no claimed epsilon to audit")
+    started = time.time()
+    nodes = _nodes(cfg, cache_dir)
+    method = nodes[0].method
+    rates = [node.sample_rate for node in nodes]
+    z_g = global_noise_multiplier(cfg, max(rates), method)
+    z_l = [local_noise_multiplier(cfg, q, z_g, method) for q in rates]
+    p_global = initial_global_prompt(cfg) if method.shares_global else None
+    server_momentum = None
+    locals_ = [node._fresh_local() for node in nodes]
+    momenta: list[dict] = [{} for _ in nodes]
+    noise = [torch.Generator().manual_seed(settings.seed * 1_000_003 + 17 + i) for i in range(len(nodes))]
+    server_noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + 5)
+    learner = nodes[0].learner
+    shape = (cfg.n_ctx, learner.encoder.width)
+    hook = GradientCanaries(
+        settings.canaries,
+        shape,
+        rates[0],
+        cfg.max_grad_norm_global,
+        cfg.max_grad_norm_local,
+        method.local,
+        seed=settings.seed * 1_000_003 + 101,
+    )
+    u = hook.directions.flatten(1)
+    start_prompt = learner.personalized_prompt(p_global, locals_[0])
+    white = torch.zeros(settings.canaries, dtype=torch.float64)
+    accountant = PrivacyAccountant(cfg.delta)
+    b = cfg.batch_size
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        grads = []
+        for i, node in enumerate(nodes):
+            dp = DpSettings(True, z_l[i], cfg.max_grad_norm_local, cfg.max_grad_norm_global, cfg.secure_noise)
+            opt = SgdSettings(node.local_learning_rate(z_l[i]), cfg.momentum, cfg.weight_decay)
+            canaries = hook if (i == 0 and settings.with_canaries) else None
+            res = node.learner.train_step(
+                p_global,
+                locals_[i],
+                momenta[i],
+                node.data.train_features,
+                node.data.train_labels,
+                b,
+                dp,
+                opt,
+                noise[i],
+                sample_rate=rates[i],
+                canaries=canaries,
+            )
+            locals_[i], momenta[i] = res.local, res.momentum
+            if res.global_grad is not None:
+                grads.append(res.global_grad)
+            if canaries is not None and math.isfinite(z_l[0]) and res.local_grads:
+                weight = b / (z_l[0] * cfg.max_grad_norm_local) ** 2  # canary / B over (sigma / B)^2
+                for release, directions in zip(res.local_grads, hook.local_directions):
+                    white += weight * (directions.flatten(1) @ release.flatten()).double()
+        accountant.record_step(z_l[0], z_g, rates[0])
+        if grads:
+            n = len(grads)
+            before = p_global
+            p_global, server_momentum, _ = global_update(cfg, p_global, server_momentum, grads, z_g, server_noise)
+            if settings.with_canaries:
+                lr = global_learning_rate(cfg, z_g, n, tuple(p_global.shape))
+                release = (before - p_global) / lr  # the noisy mean (exactly, at momentum 0 and weight decay 0)
+                weight = b * n / (z_g**2 * cfg.max_grad_norm_global)  # C_G / (B n) over (z_G C_G / (B n))^2
+                white += weight * (u @ release.flatten()).double()
+        if progress is not None:
+            progress(rnd)
+    final = -(u @ (learner.personalized_prompt(p_global, locals_[0]) - start_prompt).flatten()).double()
+    seconds = time.time() - started
+    claimed = accountant.epsilon_published()
+    included = hook.included.numpy()
+    results = []
+    if settings.with_canaries:
+        for name, scores in zip(THREAT_MODELS, (white, final)):
+            g = best_guesses(scores.numpy(), included, cfg.delta, settings.confidence)
+            results.append(
+                ThreatModelResult(
+                    threat_model=name,
+                    epsilon_lower_bound=g.epsilon,
+                    guesses=g.guesses,
+                    correct=g.correct,
+                    guessed_in=g.k_in,
+                    guessed_out=g.k_out,
+                )
+            )
+    return AuditResult(
+        epsilon_claimed=claimed,
+        delta=cfg.delta,
+        confidence=settings.confidence,
+        canaries=settings.canaries,
+        canaries_included=int(np.sum(included)),
+        ceiling=ceiling(claimed, settings.canaries, cfg.delta, settings.confidence)
+        if math.isfinite(claimed)
+        else math.inf,
+        rounds=cfg.num_server_rounds,
+        sample_rate=rates[0],
+        noise_multiplier_local=z_l[0],
+        noise_multiplier_global=z_g,
+        seconds=seconds,
+        results=results,
+        scores={"white-box": white.tolist(), "final-prompt": final.tolist()},
+        included=included.tolist(),
+        violation=any(r.epsilon_lower_bound > claimed * (1 + 1e-9) for r in results),
+    )
