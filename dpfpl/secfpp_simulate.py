@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from .common.config import NodeConfig, RunConfig
+from .common.secfpp.clustering_signal import domain_gradient
 from .common.secfpp.protocol import Relay, secure_clustering
 from .common.secfpp.reduce import public_basis, reduce
-from .common.secfpp.clustering_signal import domain_gradient
 
 log = logging.getLogger("dpfpl.secfpp")
 
