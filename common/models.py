@@ -1,8 +1,9 @@
 """OpenCLIP model loading: by model name + pretrained tag, a local weights file, or the demo backbone.
 
 The demo backbone (``dpfpl-demo-tiny``, a ~7M-parameter OpenCLIP CLIP config shipped in
-``model_configs/``) is pretrained by this project on the train split of the embedded demo data, once, and
-cached; it exists because no CLIP weights can be downloaded on the machines this project is built on.
+``model_configs/``) is pretrained by this project on the public part of the embedded demo data (never on a
+record a client trains or is evaluated on), once, and cached; it exists because no CLIP weights can be
+downloaded on the machines this project is built on.
 """
 
 from __future__ import annotations

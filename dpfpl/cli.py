@@ -297,7 +297,7 @@ DEMO_PRESET = {
     "target-epsilon": 1.0,
     "lr-global": 0.1,
     "lr-local": 0.1,
-    "local-noise-radius": 0.1,
+    "local-noise-radius": 0.3,
     "global-noise-radius": 0.6,
     "num-server-rounds": 50,
     "eval-every": 5,
