@@ -229,11 +229,12 @@ def run_logged(run_dir: str, kill_at_evaluation: int | None = None) -> dict:
                 if "arrays" in content.array_records:
                     server_round = int(content["config"]["server-round"])
                     after = server_round if message.metadata.message_type == "evaluate" else server_round - 1
+                    prompt = torch.from_numpy(content["arrays"]["global-prompt"].numpy())
+                    row = {"after-round": after, "p_G": _digest(prompt), "phase": content["config"].get("phase")}
+                    if row["phase"] == "published" or message.metadata.message_type == "evaluate":
+                        row["values"] = prompt.flatten().tolist()
                     with open(log, "a") as fh:
-                        fh.write(
-                            json.dumps({"after-round": after, "p_G": _digest(content["arrays"]["global-prompt"])})
-                            + "\n"
-                        )
+                        fh.write(json.dumps(row) + "\n")
                 ids += list(super().push_messages([message]))
                 if (
                     message.metadata.message_type == "evaluate"
@@ -262,11 +263,21 @@ def test_a_server_killed_after_sending_p_global_never_releases_a_second_version(
     assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
     summary = run_logged(run_dir)  # resume = true (the default): the run restarts from its checkpoint
     released: dict[int, set[str]] = {}
+    values: dict[int, list[float]] = {}
+    published = []
     for line in (tmp_path / "released.jsonl").read_text().splitlines():
         row = json.loads(line)
+        if row["phase"] == "published":  # the published prompt's evaluation: a mean of released iterates
+            published.append(row["values"])
+            continue
         released.setdefault(row["after-round"], set()).add(row["p_G"])
+        if "values" in row:
+            values[row["after-round"]] = row["values"]
     assert set(released) == {0, 1, 2}
     assert all(len(versions) == 1 for versions in released.values()), released  # one noisy p_G per round
+    # what the run publishes is no new release: exactly the mean of the iterates already sent (both rounds here)
+    expected = (torch.tensor(values[1]) + torch.tensor(values[2])) / 2
+    assert published and all(torch.allclose(torch.tensor(p), expected, rtol=0, atol=1e-6) for p in published)
     metrics = RunDirectory(run_dir).read_metrics()
     assert [m["round"] for m in metrics] == [0, 1, 2] and all("local-acc" in m for m in metrics)
     assert summary["rounds"] == 2
