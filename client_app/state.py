@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dpfpl.common.atomic import fsync_directory, previous_path, read_state, write_state
+from dpfpl.common.optim import fold_into_mean
 from dpfpl.common.privacy import PrivacyAccountant
 
 from .identity import NODE_KEY_FILE, node_key  # noqa: F401  (the node's identity lives next to its state)
@@ -47,11 +48,7 @@ class NodeState:
 
     def average_for_publication(self, context: torch.Tensor) -> None:
         """Fold this round's local context into the published mean (saved with the step, in one write)."""
-        n, context = self.averaged_rounds, context.detach().cpu().clone()
-        self.local_average = (
-            context if n == 0 or self.local_average is None else (self.local_average * n + context) / (n + 1)
-        )
-        self.averaged_rounds = n + 1
+        self.local_average, self.averaged_rounds = fold_into_mean(self.local_average, self.averaged_rounds, context)
 
     def save(self, directory: Path) -> None:
         tensors = {"rng_state": self.generator.get_state()}

@@ -50,3 +50,12 @@ def noise_bounded_lr(
         return lr
     walk = noise_multiplier * max_grad_norm * (steps * noised_size) ** 0.5 / expected_batch
     return min(lr, radius * reference_norm / walk)
+
+
+def fold_into_mean(mean: torch.Tensor | None, count: int, value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The running mean of ``count`` iterates with one more folded in (a detached CPU copy: the published
+    prompt's p_G on the server, and a node's p_L context, are both kept this way)."""
+    value = value.detach().cpu().clone()
+    if count == 0 or mean is None:
+        return value, 1
+    return (mean * count + value) / (count + 1), count + 1

@@ -16,6 +16,7 @@ import torch
 
 from dpfpl.common.atomic import read_state, write_bytes, write_json, write_state
 from dpfpl.common.metrics import append_metrics_record, read_metrics_log
+from dpfpl.common.optim import fold_into_mean
 
 CHECKPOINT = "checkpoint.safetensors"
 METRICS = "metrics.jsonl"
@@ -56,12 +57,9 @@ class ServerState:
     def average_for_publication(self) -> None:
         """Fold this round's p_G into the published mean. Called once per round, before the round's checkpoint:
         a round that runs again after a crash was never folded in (its checkpoint was not written)."""
-        n = self.averaged_rounds
-        p = self.p_global.detach().clone()
-        self.p_global_average = (
-            p if n == 0 or self.p_global_average is None else (self.p_global_average * n + p) / (n + 1)
+        self.p_global_average, self.averaged_rounds = fold_into_mean(
+            self.p_global_average, self.averaged_rounds, self.p_global
         )
-        self.averaged_rounds = n + 1
 
     @property
     def published_global(self) -> torch.Tensor:
