@@ -319,10 +319,9 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
     # the published prompt (the mean of the last iterates) is what a user takes away, so it is the result; a
     # method without one (zero-shot) is its final evaluation
     published_record = next((m["published"] for m in reversed(metrics) if "published" in m), None)
+    final = {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last}
     published = (
-        {k: published_record[k] for k in SUMMARY_ACCURACY_KEYS if k in published_record}
-        if published_record
-        else {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last}
+        {k: published_record[k] for k in SUMMARY_ACCURACY_KEYS if k in published_record} if published_record else final
     )
     published_per_client = published_record.get("per-client", {}) if published_record else final_per_client
     last_rounds_per = (
@@ -347,7 +346,7 @@ def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy:
         "worst-client": worst_client(zeroshot_per_client, published_per_client),
         "zeroshot-per-client": zeroshot_per_client,
         # diagnostics: the final iterate, and the papers' mean over the last rounds' iterates
-        "final": {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last},
+        "final": final,
         "final-round": last.get("round"),
         "final-per-client": final_per_client,
         "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
