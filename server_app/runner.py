@@ -22,6 +22,7 @@ from dpfpl.common.wire import outside_epsilon
 
 from .books import COVERS, DISCRETE_GAUSSIAN_NOTE, SAMPLE_RATE_NOTE
 from .checkpoint import METRICS, RunDirectory, ServerState
+from .exchange import exchange, take_tally
 from .secagg_round import secure_train_round
 from .secfpp_round import SecfppStrategy, clustering_phase
 from .strategy import InvalidReply, PromptStrategy, global_noise_multiplier
@@ -49,7 +50,8 @@ def _evaluate(
     strategy: PromptStrategy, grid: Grid, server_round: int, phase: str, arrays: ArrayRecord | None = None
 ) -> dict:
     arrays = strategy.current_arrays() if arrays is None else arrays
-    replies = grid.send_and_receive(
+    replies = exchange(
+        grid,
         strategy.configure_evaluate(server_round, arrays, ConfigRecord({"phase": phase}), grid),
         timeout=strategy.cfg.round_timeout or None,
     )
@@ -66,7 +68,7 @@ def setup_phase(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> 
     messages = list(
         strategy.configure_evaluate(0, strategy.current_arrays(), ConfigRecord({"phase": "zeroshot"}), grid)
     )
-    replies = list(grid.send_and_receive(messages, timeout=cfg.setup_timeout or None))
+    replies = exchange(grid, messages, timeout=cfg.setup_timeout or None)
     failures, answered = [], set()
     for msg in replies:
         answered.add(msg.metadata.src_node_id)
@@ -179,10 +181,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     for server_round in range(state.server_round + 1, last_round + 1):
         started = time.time()
         strategy.rejected.clear()
+        take_tally()  # this round's exchanges only
         if cfg.secure_aggregation:  # the server sees only the noised sum (server_app/secagg_round.py)
             arrays, train_metrics = secure_train_round(strategy, grid, server_round, cfg.round_timeout or None)
         else:
-            replies = grid.send_and_receive(
+            replies = exchange(
+                grid,
                 strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
                 timeout=cfg.round_timeout or None,
             )  # a node that hangs is dropped from the round, not waited for
@@ -204,7 +208,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         # line resumes with this very p_G (re-sent as is); without it, the resumed run would redo the round and
         # release a second, independently noised p_G of the same replies.
         run_dir.save(state)
-        _finish_round(strategy, grid, run_dir, record)
+        _finish_round(strategy, grid, run_dir, record, tally=True)
 
     summary = summarize(cfg, state, run_dir.read_metrics(), strategy)
     run_dir.write_summary(summary)
@@ -217,7 +221,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
     return summary
 
 
-def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, record: dict) -> None:
+def _finish_round(
+    strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, record: dict, tally: bool = False
+) -> None:
     """Evaluate the checkpointed round if due, then checkpoint again with its full metrics line and log it.
 
     The checkpoint comes before the metrics line: a crash before the append is repaired on resume by
@@ -232,6 +238,8 @@ def _finish_round(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory, r
             published = _evaluate(strategy, grid, state.server_round, "published", strategy.published_arrays())
             record["published"] = {**published, "per-client": strategy.client_evaluations}
         record["round-seconds"] = round(record.get("round-seconds", 0.0) + time.time() - started, 3)
+    if tally:  # how many exchanges the round took, and their time (server_app/exchange.py)
+        record.update(take_tally())
     if strategy.rejected:  # train and evaluation replies this round left out, and why
         record["rejected"] = list(strategy.rejected)
     state.last_record, state.evaluated_round = record, state.server_round

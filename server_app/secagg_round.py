@@ -42,6 +42,7 @@ from dpfpl.common.secagg.encoding import decode_sum, effective_noise_multiplier
 from dpfpl.common.secagg.field import quantized_sensitivity, scale_factor
 from dpfpl.common.secagg.protocol import SecAggError, ServerSession, threshold_for
 
+from .exchange import exchange
 from .replies import InvalidReply, blob, config_fields, id_to_blob, masked_input, reply_metrics
 from .strategy import PromptStrategy, Reply
 
@@ -77,7 +78,7 @@ def _request(
     ]
     stats["messages"] += 2 * len(messages)
     replies = {}
-    for msg in grid.send_and_receive(messages, timeout=timeout):
+    for msg in exchange(grid, messages, timeout=timeout):
         if _ok(msg, server_round):
             replies[msg.metadata.src_node_id] = msg
     return replies
@@ -209,9 +210,7 @@ class _SecureRound:
         path (the books use the node's stable key, as in the clear rounds)."""
         self.stats["messages"] += 2 * len(train)
         replies = [
-            m
-            for m in self.grid.send_and_receive(train, timeout=self.timeout)
-            if m.metadata.src_node_id in self.group_of
+            m for m in exchange(self.grid, train, timeout=self.timeout) if m.metadata.src_node_id in self.group_of
         ]
         accepted = self.strategy.accept_replies(
             self.server_round, replies, self.validate_key_advertisement, "key advertisement"

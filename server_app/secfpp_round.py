@@ -43,6 +43,7 @@ from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_unit
 from dpfpl.common.secfpp.lcc import LccParameterError
 from dpfpl.common.secfpp.protocol import validate
 
+from .exchange import exchange
 from .replies import InvalidReply, blob, blobs, config_fields, node_ids
 from .strategy import PromptStrategy, global_learning_rate, global_update, parse_node_key
 
@@ -99,7 +100,7 @@ class SecfppStrategy(PromptStrategy):
             )
             for n in unknown
         ]
-        for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout or None):
+        for reply in exchange(grid, messages, timeout=self.cfg.round_timeout or None):
             node_id = reply.metadata.src_node_id
             try:
                 if reply.has_error():
@@ -200,7 +201,7 @@ def _request(
         for n, p in payloads.items()
     ]
     replies, problems = {}, []
-    for msg in grid.send_and_receive(messages, timeout=timeout):
+    for msg in exchange(grid, messages, timeout=timeout):
         node = msg.metadata.src_node_id
         if msg.has_error():
             problems.append(f"node {node} failed in {action}: {msg.error.reason}")

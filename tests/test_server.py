@@ -191,19 +191,23 @@ def test_resuming_with_more_rounds_than_the_noise_was_calibrated_for_is_refused(
     assert RunDirectory(tmp_path).load().server_round == 3  # nothing was touched
 
 
-def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir):
-    """A hung node must not stall the federation: each send_and_receive carries the configured timeout (the
-    setup phase, the nodes' first contact, its own)."""
+def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir, monkeypatch):
+    """A hung node must not stall the federation: each exchange carries the configured timeout (the setup
+    phase, the nodes' first contact, its own)."""
     from dpfpl.client_app.app import app as client_app
     from dpfpl.inprocess import InProcessGrid, full_run_config
+    from dpfpl.server_app import runner
+    from dpfpl.server_app.exchange import exchange
     from dpfpl.server_app.runner import run_federation
 
     class RecordingGrid(InProcessGrid):
         timeouts: list = []
 
-        def send_and_receive(self, messages, *, timeout=None):
-            self.timeouts.append(timeout)
-            return super().send_and_receive(messages, timeout=timeout)
+    def recording_exchange(grid, messages, timeout=None):
+        grid.timeouts.append(timeout)
+        return exchange(grid, messages, timeout=timeout)
+
+    monkeypatch.setattr(runner, "exchange", recording_exchange)
 
     config = full_run_config(
         {
