@@ -3,7 +3,7 @@
     dpfpl bench                                # = python -m dpfpl.bench.step: everything, CPU (an hour or more on
                                                # 2 shared cores: the ViT-B-16 step case alone took 19 min)
     dpfpl bench --quick                        # fewer repeats/rounds, no ViT-B-16 ablation
-    python -m dpfpl.bench.step --only step,scaling   # parts: step, scaling, client, flower
+    python -m dpfpl.bench.step --only step,scaling   # parts: step, scaling, client, flower, deployment
     python -m dpfpl.bench.step --device cuda         # the same on a GPU
 
 Every case runs in a fresh subprocess (``--case``), so its peak resident memory is its own; inside a case,
@@ -19,7 +19,12 @@ Sections:
   client   seconds per round and peak RSS of one client (PromptNode.train), cold (model, features,
            calibration) and warm rounds: embedded default and ViT-B-16 at C = 100.
   flower   wall time per round of the embedded default in Flower's simulation (10 clients) and in a
-           deployment (SuperLink + 2 SuperNodes on loopback), against the summed client compute.
+           deployment (SuperLink + 2 SuperNodes on loopback), against the summed client compute; also runs
+           the deployment section.
+  deployment  3 organizations over TLS with node authentication (deploy/'s scripts, as tests/test_deployment.py),
+           DP, evaluation every round, 4 rounds, plain and secure aggregation, each with Flower's
+           send_and_receive and with the ServerApp's own exchange loop: per warm round the exchanges, the
+           nodes' handler time, the ClientApps' start-up, the polls on the way and the floor they imply.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import json
 import math
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -301,7 +308,7 @@ def case_client(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ flower cases
-def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
+def _round_seconds(run_dir: Path, last_round: int, evaluated: bool = False) -> list[dict]:
     """Per training round without evaluation (the last round also evaluates: left out): the round's wall time
     at the server and the clients' own compute in it (``client-seconds`` each ClientApp reports: building the
     node from its caches + the step), summed and the slowest."""
@@ -315,10 +322,27 @@ def _round_seconds(run_dir: Path, last_round: int) -> list[dict]:
             "client_sum": r.get("client-seconds-sum"),
             "client_max": r.get("client-seconds-max"),
             "clientapp_age_max": r.get("clientapp-age-max"),
+            "exchanges": r.get("exchanges"),
+            "exchange_seconds": r.get("exchange-seconds"),
+            "server_poll_bound": r.get("server-poll-bound-seconds"),
         }
         for r in rows
-        if r.get("phase") == "train" and r["round"] < last_round and "local-acc" not in r
+        if r.get("phase") == "train" and r["round"] < last_round and (evaluated or "local-acc" not in r)
     ]
+
+
+_ANSWERED = re.compile(r"(\S+) answered in ([0-9.]+) s \(ClientApp ([0-9.]+|-) s old\)")
+
+
+def _worker_handlers(log: Path) -> list[dict]:
+    """The node worker's answers in order (``client_app/worker.py`` logs each): operation, the handler's seconds
+    and how old the ClientApp process that forwarded it was (its start-up share)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = _ANSWERED.search(line)
+        if m:
+            out.append({"op": m[1], "seconds": float(m[2]), "age": None if m[3] == "-" else float(m[3])})
+    return out
 
 
 def case_simulation(spec: dict) -> dict:
@@ -355,16 +379,40 @@ def case_deployment(spec: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="dpfpl-bench-dep-"))
     tag = f"bench-{os.getpid()}-{time.time_ns()}"
     venv_bin = str(Path(sys.executable).parent)
+    tls = bool(spec.get("tls"))
     env = {
         **os.environ,
         "FLWR_HOME": str(tmp / "flwr-home"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "DPFPL_LAUNCH_TAG": tag,
-        "DPFPL_INSECURE": "1",
+        "DPFPL_INSECURE": "0" if tls else "1",
         "DPFPL_NODE_WORKER": "1" if spec.get("worker", True) else "0",
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
     }
+    if spec.get("exchange") == "flower":  # the ServerApp uses Flower's send_and_receive (server_app/exchange.py)
+        env["DPFPL_EXCHANGE"] = "flower"
+    else:
+        env.pop("DPFPL_EXCHANGE", None)
+    certs = tmp / "certs"
+    if tls:  # as tests/test_deployment.py: the CA and the SuperLink's certificate, one key per organization
+        subprocess.run(
+            ["bash", str(ROOT / "deploy" / "gen-certs.sh"), str(certs), "localhost"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        (tmp / "aggregator").mkdir()
+        for name in ("ca.crt", "server.pem", "server.key"):
+            shutil.copy2(certs / name, tmp / "aggregator" / name)
+        for i in range(spec["clients"]):
+            subprocess.run(
+                ["bash", str(ROOT / "deploy" / "gen-node-key.sh"), str(tmp / f"org{i}" / "keys"), f"supernode-{i}"],
+                check=True,
+                env=env,
+                capture_output=True,
+            )
+            shutil.copy2(certs / "ca.crt", tmp / f"org{i}" / "keys" / "ca.crt")
     port = free_port()
     procs = []
     names = spec["classnames"]
@@ -381,7 +429,7 @@ def case_deployment(spec: dict) -> dict:
             [
                 "bash",
                 str(ROOT / "deploy" / "start-superlink.sh"),
-                "-",
+                str(tmp / "aggregator") if tls else "-",
                 "127.0.0.1",
                 str(port),
                 str(tmp / "superlink.db"),
@@ -390,9 +438,19 @@ def case_deployment(spec: dict) -> dict:
         )
         wait_for_port(port, link, tmp / "superlink.log")
         (tmp / "flwr-home").mkdir(exist_ok=True)
-        (tmp / "flwr-home" / "config.toml").write_text(
-            f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
+        if tls:
+            subprocess.run(
+                ["bash", str(ROOT / "deploy" / "connect.sh"), "bench", f"127.0.0.1:{port}", str(certs / "ca.crt")]
+                + [str(tmp / f"org{i}" / "keys" / f"supernode-{i}.pub") for i in range(spec["clients"])],
+                check=True,
+                env=env,
+                capture_output=True,
+                cwd=tmp,
+            )
+        else:
+            (tmp / "flwr-home" / "config.toml").write_text(
+                f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+            )
         for i in range(spec["clients"]):
             silo = tmp / f"org{i}" / "data"
             _write_silo(silo, names[2 * i : 2 * i + 2], spec["silo_train"], 2, seed=i)
@@ -403,8 +461,8 @@ def case_deployment(spec: dict) -> dict:
                     f"127.0.0.1:{port}",
                     str(silo),
                     str(tmp / f"org{i}" / "state"),
-                    "-",
-                    "-",
+                    str(tmp / f"org{i}" / "keys") if tls else "-",
+                    f"supernode-{i}" if tls else "-",
                     str(free_port()),
                     spec.get("device", "cpu"),
                 ],
@@ -418,8 +476,9 @@ def case_deployment(spec: dict) -> dict:
         ]  # one per node and run when the workers stayed up
         return {
             "wall_seconds": time.time() - started,
-            "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"]),
+            "round_seconds": _round_seconds(tmp / "run", config["num-server-rounds"], bool(spec.get("evaluated"))),
             "worker_model_loads": loads,
+            "handlers": [_worker_handlers(p) for p in sorted(tmp.glob("org*/state/worker.log"))],
         }
     finally:
         stop_launched(procs, tag)
@@ -607,7 +666,108 @@ def plan(args) -> list[tuple[str, str, dict]]:
                     },
                 )
             )
+    if "flower" in args.only or "deployment" in args.only:
+        cases += deployment_cases(dev)
     return cases
+
+
+def deployment_cases(dev: str) -> list[tuple[str, str, dict]]:
+    """The 3-organization TLS deployment of tests/test_deployment.py (DP, evaluation every round, 4 rounds), plain
+    and under secure aggregation, each with Flower's ``send_and_receive`` ("before") and with the ServerApp's own
+    exchange loop (server_app/exchange.py, "after"), in one benchmark run."""
+    names = classnames(6)
+    cfg = {
+        "dataset": "silo",
+        "classnames": ",".join(names),
+        "model-name": "dpfpl-demo-tiny",
+        "pretrained": "none",
+        "num-clients": 3,
+        "min-clients": 3,
+        "num-server-rounds": 4,
+        "eval-every": 1,
+        "batch-size": 8,
+        "target-epsilon": 1.0,
+        "sample-rate": 0.34,  # declared (public): batch-size 8 / the 2 x 12 training images of each silo
+        "round-timeout": 120.0,
+    }
+    secure = {**cfg, "secure-aggregation": True, "secagg-dropout-tolerance": 1}
+    cases = []
+    for label, config in (("plain", cfg), ("secure aggregation", secure)):
+        for exchange, when in (("flower", "before: Flower's send_and_receive"), ("dpfpl", "after: own exchange")):
+            spec = {"clients": 3, "device": dev, "classnames": names, "silo_train": 12, "config": config}
+            spec.update({"tls": True, "evaluated": True, "exchange": exchange})
+            cases.append(("deployment", f"TLS 3 orgs, {label}, {when}", spec))
+    return cases
+
+
+# Flower 1.41's polls on a message's way (read from its source), and this project's settings of them
+SUPERNODE_IDLE_PULL = 3.0  # flwr/supernode/start_client_internal.py: time.sleep(3) after a pull finds nothing
+SUPEREXEC_POLL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL as deploy/start-supernode.sh sets it (Flower: 1 s)
+CLIENTAPP_REPLY_POLL = 0.5  # the SuperNode looks for the ClientApp's reply every 0.5 s before pushing it
+
+FLOOR_NOTE = """\
+  per exchange (one message to every node and its reply): handler = the node worker's time for it, app age =
+  how old the fresh ClientApp process was when it asked the worker (its start-up), both the slowest node's,
+  median over the warm exchanges (node worker logs). polls: the SuperNode pulls again only 3 s after a pull
+  that found nothing, and its pull right after pushing a reply always finds nothing (the ServerApp cannot have
+  the next message yet), so every exchange waits out that 3 s; then the SuperExec's poll (0.2 s, half on
+  average) and the SuperNode's 0.5 s poll for the ClientApp's reply (half on average). The ServerApp's own
+  poll (srv poll: the bound per exchange, summed over the round) is hidden inside the node's 3 s unless it
+  pushes the next message past the node's next pull. floor = exchanges x (3 + 0.1 + 0.25 + app age +
+  handler); x floor = s/round / floor."""
+
+
+def _per_exchange(handlers: list[list[dict]], key: str) -> float | None:
+    """The median over warm exchanges of the slowest node's ``key``: each node's answers after its first train
+    (round 1, cold) are lined up by position; nodes that answered a different number fall back to all answers."""
+    warm = []
+    for answers in handlers:
+        ops = [a["op"] for a in answers]
+        first = ops.index("train") if "train" in ops else -1
+        warm.append([a[key] for a in answers[first + 1 :] if a[key] is not None])
+    if not warm or not all(warm):
+        return None
+    if len({len(w) for w in warm}) == 1:
+        return statistics.median(max(col) for col in zip(*warm, strict=True))
+    return statistics.median(x for w in warm for x in w)
+
+
+def floor_report(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r["kind"] == "deployment" and r.get("handlers") and r.get("round_seconds")]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"{'deployment, warm rounds (with evaluation)':<58}{'s/round':>8}{'exch':>5}{'handler':>8}{'app age':>8}"
+        f"{'srv poll':>9}{'floor':>7}{'x floor':>8}",
+    ]
+    for r in rows:
+        warm = [x for x in r["round_seconds"] if x["round"] > 1] or r["round_seconds"]
+        mid = sorted(warm, key=lambda x: x["seconds"])[len(warm) // 2]
+        handler, age = _per_exchange(r["handlers"], "seconds"), _per_exchange(r["handlers"], "age")
+        exchanges = mid.get("exchanges")
+        floor = None
+        if exchanges and handler is not None and age is not None:
+            per = SUPERNODE_IDLE_PULL + SUPEREXEC_POLL / 2 + CLIENTAPP_REPLY_POLL / 2 + age + handler
+            floor = exchanges * per
+        r["floor"] = {
+            "round": mid["round"],
+            "seconds_per_round": mid["seconds"],
+            "warm_rounds": [x["seconds"] for x in warm],
+            "exchanges": exchanges,
+            "handler": handler,
+            "clientapp_age": age,
+            "server_poll_bound": mid.get("server_poll_bound"),
+            "floor": floor,
+        }
+        lines.append(
+            f"{r['label']:<58}{mid['seconds']:>8.2f}{exchanges or '-':>5}{_fmt_s(handler):>8}{_fmt_s(age):>8}"
+            f"{_fmt_s(mid.get('server_poll_bound')):>9}{_fmt_s(floor):>7}"
+            f"{'-' if floor is None else format(mid['seconds'] / floor, '.2f'):>8}"
+        )
+        lines.append(f"{'':<4}warm rounds: {', '.join(f'{x:.2f}' for x in r['floor']['warm_rounds'])} s")
+    lines.append(FLOOR_NOTE)
+    return lines
 
 
 BOUND_NOTE = """\
@@ -680,7 +840,11 @@ def report(results: list[dict]) -> str:
                 f"{label:<40}{r['cold_first_round']['seconds']:>18.2f}{r['warm_seconds']:>14.3f}"
                 f"{r['peak_rss_mib']:>14.0f}"
             )
-    fl = [r for r in results if r["kind"] in ("simulation", "deployment") and r.get("round_seconds")]
+    fl = [
+        r
+        for r in results
+        if r["kind"] in ("simulation", "deployment") and r.get("round_seconds") and not r["spec"].get("evaluated")
+    ]
     if fl:
         lines.append("")
         lines.append(
@@ -704,6 +868,7 @@ def report(results: list[dict]) -> str:
             "handler ran (deployment: a fresh process per message); secure aggregation reports no client "
             "seconds (nothing measured on the data goes to an untrusted server in clear)"
         )
+    lines += floor_report(results)
     for r in results:
         if "error" in r:
             lines.append(f"FAILED {r['label']}: {r['error']}")
