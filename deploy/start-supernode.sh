@@ -11,6 +11,8 @@
 # The worker is supervised (restarted if it dies; it logs to STATE_DIR/worker.log) and stops with the
 # SuperNode. DPFPL_SAMPLE_RATE=0.05 declares the node's public sample rate, DPFPL_LIFETIME_EPSILON=8 its budget
 # over every run (both go into the node config). DPFPL_NODE_WORKER=0 starts the SuperNode alone (each ClientApp then does its own work).
+# DPFPL_WORKER_HUNG_AFTER (default 15 s): how old the worker's heartbeat may get before its supervisor restarts
+# it (raise it on a host so loaded that a worker's start-up takes longer).
 # Insecure (no TLS, no authentication), only for a trusted test network:
 #   DPFPL_INSECURE=1 deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR - - [LOCAL_PORT]
 #
@@ -29,7 +31,9 @@ set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0
 VENV_BIN="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
 export PATH="$VENV_BIN:$PATH"   # the SuperNode starts flower-superexec from PATH
-# how often the SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's default: 1 s)
+# how often the SuperNode's SuperExec looks for a message to start a ClientApp for (Flower's default: 1 s).
+# The only SuperNode-side interval Flower 1.41 reads from the environment: its 3 s sleep after a pull that
+# found no message and its 0.5 s poll for the ClientApp's reply are fixed in its code (docs/performance.md).
 export FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.2}
 LINK=$1; DATA=$2; STATE=$3; C=$4; KEY=$5; LOCAL_PORT=${6:-9094}; DEVICE=${7:-auto}
 NODE_USER=${DPFPL_NODE_USER:-}; WORKER_USER=${DPFPL_WORKER_USER:-}
@@ -95,7 +99,8 @@ if [ "$SEPARATED" = "1" ]; then
 else
   if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
     echo "node worker for $STATE: logging to $STATE/worker.log" >&2
-    dpfpl worker --supervise --state-dir "$STATE" >>"$STATE/worker.log" 2>&1 &
+    dpfpl worker --supervise --state-dir "$STATE" --hung-after "${DPFPL_WORKER_HUNG_AFTER:-15}" \
+      >>"$STATE/worker.log" 2>&1 &
     WORKER=$!
   fi
   flower-supernode "${ARGS[@]}" &

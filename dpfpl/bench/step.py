@@ -387,6 +387,9 @@ def case_deployment(spec: dict) -> dict:
         "DPFPL_LAUNCH_TAG": tag,
         "DPFPL_INSECURE": "0" if tls else "1",
         "DPFPL_NODE_WORKER": "1" if spec.get("worker", True) else "0",
+        # measured, not tested for liveness: a worker whose start-up a loaded host slows past the supervisor's
+        # 15 s would be killed and restarted over and over
+        "DPFPL_WORKER_HUNG_AFTER": os.environ.get("DPFPL_WORKER_HUNG_AFTER", "120"),
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
     }
