@@ -45,7 +45,7 @@ _tally = {"exchanges": 0, "exchange-seconds": 0.0, "server-poll-bound-seconds": 
 def take_tally() -> dict[str, float]:
     """The exchanges since the last call: how many, their seconds (push to last reply), and the summed bound on
     the ServerApp's own polling delay; resets the tally."""
-    out = {k: round(float(v), 3) for k, v in _tally.items()}
+    out = {k: v if k == "exchanges" else round(float(v), 3) for k, v in _tally.items()}
     _tally.update({k: 0 for k in _tally})
     return out
 
