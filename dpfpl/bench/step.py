@@ -704,7 +704,7 @@ def deployment_cases(dev: str) -> list[tuple[str, str, dict]]:
 
 
 # Flower 1.41's polls on a message's way (read from its source), and this project's settings of them
-SUPERNODE_IDLE_PULL = 3.0  # flwr/supernode/start_client_internal.py: time.sleep(3) after a pull finds nothing
+SUPERNODE_IDLE_PULL = 3.0  # flwr.supernode.start_client_internal: time.sleep(3) after a pull finds nothing
 SUPEREXEC_POLL = 0.2  # FLWR_SUPEREXEC_TASK_POLL_INTERVAL as deploy/start-supernode.sh sets it (Flower: 1 s)
 CLIENTAPP_REPLY_POLL = 0.5  # the SuperNode looks for the ClientApp's reply every 0.5 s before pushing it
 
