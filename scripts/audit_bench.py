@@ -32,7 +32,7 @@ RUN = {
     "pretrained": "none",
     "dp": True,
     "calibrate-for": "published",
-    "run-dir": "/tmp/dpfpl-audit-bench",
+    "run-dir": "runs/dpfpl-audit-bench",  # relative: no machine path in the results it writes
 }
 
 

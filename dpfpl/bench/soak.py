@@ -219,7 +219,7 @@ def main() -> None:
         if train
         else {},
         "by_round": by_round,
-        "config": config,
+        "config": {**config, "run-dir": "<work-dir>/run"},  # no machine path in a committed result
         "samples": samples,
     }
     Path(args.json).write_text(json.dumps(report, indent=1))
