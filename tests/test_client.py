@@ -10,7 +10,7 @@ import dpfpl.client_app.app as client_module
 from dpfpl.client_app.prompt_handlers import prompt_node
 from dpfpl.client_app.state import NodeState
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
-from dpfpl.common.config import RunConfig
+from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.methods.dpfpl import factorize
 from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
@@ -86,7 +86,7 @@ def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_g
     sent = torch.from_numpy(reply.content["arrays"]["global-grad"].numpy().copy())
 
     # Recompute independently: replay the node's Poisson sample at p_G + p_L, clip per sample, divide by B.
-    node = prompt_node(dict(ctx.run_config), dict(ctx.node_config))
+    node = prompt_node(RunConfig.from_flower(dict(ctx.run_config)), NodeConfig.from_flower(dict(ctx.node_config)))
     gen = before.generator
     n = node.data.num_train
     idx = (torch.rand(n, generator=gen) < 16 / n).nonzero().flatten()
