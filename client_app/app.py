@@ -24,7 +24,8 @@ from flwr.clientapp import ClientApp
 from dpfpl.common.config import NodeConfig
 from dpfpl.common.wire import INVENTORY, check_reply
 
-from .handlers import handle, state_dir
+from .context import MessageContext
+from .handlers import handle
 from .request import OPERATIONS, NodeRequest
 from .worker_link import WorkerUnavailable, forward, socket_path
 
@@ -71,19 +72,19 @@ def _compute(request: NodeRequest) -> RecordDict:
                 "(systemctl restart dpfpl-worker, or deploy/start-supernode.sh)"
             )
         return content
-    directory = state_dir(request)
-    content = forward(request, socket_path(directory))
+    context = MessageContext.of(request, node)
+    content = forward(request, socket_path(context.state_dir))
     if content is not None:
         return content
     if node.state_dir:  # a deployed node (simulation has no workers)
         log.warning(
             "no node worker answers at %s: this ClientApp answers %s itself (slower: it loads the model for this "
             "one message); start `dpfpl worker --state-dir %s` to keep it warm",
-            socket_path(directory),
+            socket_path(context.state_dir),
             request.operation,
-            directory,
+            context.state_dir,
         )
-    return handle(request, directory)
+    return handle(context)
 
 
 def _serve(msg: Message, context: Context) -> Message:

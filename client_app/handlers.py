@@ -1,4 +1,5 @@
-"""Which handler answers which message, and the one way every handler runs: under this node's lock.
+"""Which handler answers which message, and the one way every handler runs: under this node's lock, given the
+message's context (``client_app/context.py``: its configuration parsed once, by whoever received it).
 
 The table names modules, not functions, so that a message is answered with only the imports its handler needs:
 secure aggregation's later stages and SecFPP's phase messages are numpy and cryptography, and a ClientApp that
@@ -17,9 +18,8 @@ from pathlib import Path
 
 from flwr.app import RecordDict
 
-from dpfpl.common.config import NodeConfig, RunConfig
-
-from .request import OPERATIONS, NodeRequest
+from .context import MessageContext
+from .request import OPERATIONS
 
 ROUTES = {
     "train": ("prompt_handlers", "train"),
@@ -27,7 +27,7 @@ ROUTES = {
     "train.secagg_shares": ("secagg", "share_keys"),
     "train.secagg_masked": ("secagg", "masked_input"),
     "train.secagg_unmask": ("secagg", "unmask"),
-    "train.secfpp_keys": ("secfpp", "advertise"),
+    "train.secfpp_keys": ("secfpp_vector", "advertise"),
     "train.secfpp_shares": ("secfpp", "share"),
     "train.secfpp_distances": ("secfpp", "distances"),
     "train.secfpp_decide": ("secfpp", "decide"),
@@ -40,13 +40,6 @@ LOCK_TIMEOUT_SECONDS = 120.0  # longer than any one message's work on a warm nod
 
 class UnknownOperation(ValueError):
     """A message type this node does not answer."""
-
-
-def state_dir(request: NodeRequest) -> Path:
-    """The node's state directory for this request (the node's ``state-dir``, or its place in the run directory
-    in simulation)."""
-    cfg = RunConfig.from_flower(request.run_config)
-    return NodeConfig.from_flower(request.node_config).resolved_state_dir(cfg.run_dir)
 
 
 class NodeBusy(RuntimeError):
@@ -79,12 +72,18 @@ def node_lock(directory: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterato
         os.close(fd)  # releases the lock
 
 
-def handle(request: NodeRequest, directory: Path | None = None) -> RecordDict:
-    """Answer one message: the reply's content. ``directory``: the request's state directory, when the caller
-    has already resolved it."""
-    if request.operation not in ROUTES:
-        raise UnknownOperation(f"this node does not answer '{request.operation}' messages")
-    module, function = ROUTES[request.operation]
+def import_handlers() -> None:
+    """Import every module the table names (torch, OpenCLIP, the protocols): what a resident worker does once,
+    before its first message. A ClientApp never does: it imports the one module its message needs."""
+    for module in dict.fromkeys(module for module, _ in ROUTES.values()):
+        importlib.import_module(f"{__package__}.{module}")
+
+
+def handle(context: MessageContext) -> RecordDict:
+    """Answer one message: the reply's content."""
+    if context.operation not in ROUTES:
+        raise UnknownOperation(f"this node does not answer '{context.operation}' messages")
+    module, function = ROUTES[context.operation]
     handler = getattr(importlib.import_module(f"{__package__}.{module}"), function)
-    with node_lock(directory or state_dir(request)):
-        return handler(request)
+    with node_lock(context.state_dir):
+        return handler(context)

@@ -15,7 +15,7 @@ import torch
 from dpfpl.common.atomic import DiskFullError
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
-from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, build_method
+from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, StepResult, build_method
 from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.models import LoadedModel, cached_clip
 from dpfpl.common.node import NOVEL, NodeData, load_node_data
@@ -24,6 +24,7 @@ from dpfpl.common.privacy import PrivacyAccountant, calibration, combined_noise_
 from dpfpl.common.privacy.ledger import PrivacyLedger
 from dpfpl.common.prompt import PromptTextEncoder
 
+from .errors import PrivacyBudgetSpent
 from .identity import node_key
 from .state import NodeState, activate_run, load_run_state
 
@@ -68,10 +69,6 @@ def _digest(p_global: torch.Tensor | None) -> str:
     if p_global is None:
         return "none"
     return hashlib.sha256(p_global.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-class PrivacyBudgetSpent(RuntimeError):
-    """A node refuses a step its privacy budget does not cover."""
 
 
 @dataclass
@@ -291,10 +288,9 @@ class PromptNode:
     def train(
         self, p_global: torch.Tensor | None, server_round: int, run_token: str, z_global: float, rerelease: bool = False
     ) -> TrainOutcome:
-        if self.method.shares_global and p_global is None:
-            raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
-        if self.cfg.dp and not (z_global > 0 or (not self.method.shares_global and math.isinf(z_global))):
-            raise PrivacyBudgetSpent(f"release refused: the server's global noise multiplier {z_global!r} is no noise")
+        """One round's step: the reply already sent when the round was answered, else a fresh step, charged to the
+        books before it is taken and stored with its reply in one write before anything of it leaves."""
+        self._check_release(p_global, z_global)
         state = self._state(run_token, z_global)
         asked = _digest(p_global)
         if (
@@ -302,19 +298,47 @@ class PromptNode:
             and state.extra.get("reply-round") == server_round
             and state.extra.get("reply-to") == asked
         ):
-            # This round was already answered: send the same reply again, no new step and no new local noise. A
-            # round cut short (the server or the SuperLink died before the round's checkpoint) released nothing.
-            # A round the server runs again after falling back to an older checkpoint (``rerelease``) may have
-            # been released: in the central mode the server adds fresh global noise to the same reply, and this
-            # node books that second release of the same batch. (The server's word on this is trusted as its word
-            # on the noise it adds is: the central mode trusts the aggregator; secure aggregation does not need it.)
-            log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
-            central = self.method.shares_global and not self.cfg.secure_aggregation
-            if self.cfg.dp and central and rerelease:
-                self._charge_rerelease(run_token, state, z_global)
-            return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
+            return self._resend(state, server_round, run_token, z_global, rerelease)
         if self.cfg.dp:
             self.charge_release(run_token, state, z_global, server_round)
+        result, dp = self._step(state, p_global, z_global, server_round)
+        metrics = self._reply_metrics(state, result, dp)
+        global_grad = None if result.global_grad is None else result.global_grad.cpu()
+        state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
+        state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
+        state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
+        if self.cfg.dp:
+            self._settle(run_token, server_round)
+        return TrainOutcome(global_grad, metrics)
+
+    def _check_release(self, p_global: torch.Tensor | None, z_global: float) -> None:
+        """Refuse a message this node cannot answer with a step: no global prompt for a method that trains on one,
+        or, under DP, a global noise multiplier that is no noise."""
+        if self.method.shares_global and p_global is None:
+            raise ValueError(f"method '{self.method.name}' trains on a global prompt but the message carried none")
+        if self.cfg.dp and not (z_global > 0 or (not self.method.shares_global and math.isinf(z_global))):
+            raise PrivacyBudgetSpent(f"release refused: the server's global noise multiplier {z_global!r} is no noise")
+
+    def _resend(
+        self, state: NodeState, server_round: int, run_token: str, z_global: float, rerelease: bool
+    ) -> TrainOutcome:
+        """This round was already answered: send the same reply again, no new step and no new local noise. A
+        round cut short (the server or the SuperLink died before the round's checkpoint) released nothing. A round
+        the server runs again after falling back to an older checkpoint (``rerelease``) may have been released:
+        in the central mode the server adds fresh global noise to the same reply, and this node books that second
+        release of the same batch. (The server's word on this is trusted as its word on the noise it adds is: the
+        central mode trusts the aggregator; secure aggregation does not need it.)"""
+        log.warning("node %s: round %d already trained; re-sending its reply", self.node.partition_id, server_round)
+        central = self.method.shares_global and not self.cfg.secure_aggregation
+        if self.cfg.dp and central and rerelease:
+            self._charge_rerelease(run_token, state, z_global)
+        return TrainOutcome(state.last_reply.get("global-grad"), dict(state.extra["reply-metrics"]))
+
+    def _step(
+        self, state: NodeState, p_global: torch.Tensor | None, z_global: float, server_round: int
+    ) -> tuple[StepResult, DpSettings]:
+        """The method's step on this node's data, taken into ``state`` (its p_L, momentum, round, books); not
+        saved yet. Returns the step's result and the DP settings it ran under."""
         dp = DpSettings(
             self.cfg.dp,
             state.noise_multiplier_local,
@@ -351,8 +375,11 @@ class PromptNode:
             result.loss,
             result.batch_size,
         )
-        # What leaves: the node's key, its declared (public) sample rate and z_L, and its books (functions of the
-        # noise it added and the steps the server asked for). Not its training-set size, not its Poisson batch.
+        return result, dp
+
+    def _reply_metrics(self, state: NodeState, result: StepResult, dp: DpSettings) -> dict[str, float]:
+        """What leaves: the node's key, its declared (public) sample rate and z_L, and its books (functions of the
+        noise it added and the steps the server asked for). Not its training-set size, not its Poisson batch."""
         metrics: dict[str, float] = {
             "node-key": node_key(self.state_dir),
             "sample-rate": self.sample_rate,
@@ -371,13 +398,7 @@ class PromptNode:
             # Without DP there is no guarantee to protect: the batch's loss and size help the user follow training.
             metrics["train-loss"] = result.loss
             metrics["batch-size"] = float(result.batch_size)
-        global_grad = None if result.global_grad is None else result.global_grad.cpu()
-        state.last_reply = {} if global_grad is None else {"global-grad": global_grad}
-        state.extra.update({"reply-round": server_round, "reply-metrics": metrics, "reply-to": asked})
-        state.save(self.state_dir)  # one atomic write: the step, the accountant and the reply together
-        if self.cfg.dp:
-            self._settle(run_token, server_round)
-        return TrainOutcome(global_grad, metrics)
+        return metrics
 
     def _settle(self, run_token: str, server_round: int) -> None:
         """The step's reply is built and stored: its ledger charge stops being pending, so that no later attempt
@@ -404,11 +425,13 @@ class PromptNode:
         encoders = {"task": self.encoder}
         if d.novel_classnames:
             encoders[NOVEL] = _encoder(self.model, self.cfg.n_ctx, tuple(d.novel_classnames), self.device)
+        prompted = not zeroshot and self.method.trains
+        # read once, read-only: the prompt to evaluate and, under DP, the steps this run took on this node
+        state = load_run_state(self.state_dir, run_token) if prompted or self.cfg.dp else None
         with torch.no_grad():
-            if zeroshot or not self.method.trains:
+            if not prompted:
                 text = {k: enc.handcrafted_features() for k, enc in encoders.items()}
             else:
-                state = load_run_state(self.state_dir, run_token)
                 local = state.local if state is not None else self._fresh_local()
                 p_g = None if p_global is None else p_global.to(self.device)
                 local = {k: v.to(self.device) for k, v in local.items()}
@@ -423,7 +446,6 @@ class PromptNode:
         metrics["sample-rate"] = self.sample_rate
         metrics["node-key"] = node_key(self.state_dir)  # the key the server books this node under
         if self.cfg.dp:  # the steps this node took in this run (counted by the server's books, even unaccepted ones)
-            state = load_run_state(self.state_dir, run_token)
             metrics["noisy-steps"] = float(len(state.accountant.history)) if state is not None else 0.0
         if self.node.partition_id is not None:  # a stable, human-readable name for the per-client table
             metrics["partition-id"] = float(self.node.partition_id)

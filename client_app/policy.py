@@ -85,7 +85,7 @@ def charge_evaluation(state_dir: Path, run_key: str, cfg: RunConfig, node: NodeC
         return
     # here, not at the top: the worker imports this module before it listens, and the ledger brings the
     # accountant (torch, dp_accounting: seconds), which would keep a restarted worker's socket closed that long
-    from dpfpl.common.privacy.ledger import PrivacyLedger  # noqa: PLC0415
+    from dpfpl.common.privacy.ledger import PrivacyLedger  # lazy: torch and dp_accounting, after the worker listens
 
     ledger = PrivacyLedger.of(state_dir)
     if ledger.evaluations_of(run_key) >= cfg.scheduled_evaluations:

@@ -20,9 +20,10 @@ from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg
+from .context import MessageContext
+from .errors import NodeUnfit
 from .node import PromptNode
 from .policy import charge_evaluation
-from .request import NodeRequest
 
 # Reply metrics computed from the training data without noise: the training loss of the Poisson batch, its
 # realized size, and the step's wall time (which grows with that size). No epsilon covers them, so they leave a
@@ -31,11 +32,10 @@ OUTSIDE_EPSILON_TRAIN_METRICS = ("train-loss", "batch-size", "client-seconds")
 log = logging.getLogger("dpfpl.client")
 
 
-def _check_classes(request: NodeRequest) -> None:
+def _check_classes(context: MessageContext) -> None:
     """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
-    cfg, node_cfg = RunConfig.from_flower(request.run_config), NodeConfig.from_flower(request.node_config)
-    config = request.content["config"]
-    own, source = node_cfg.own_class_list(cfg)
+    config = context.config
+    own, source = context.node.own_class_list(context.cfg)
     try:
         check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
     except ClassListMismatch as err:
@@ -43,20 +43,13 @@ def _check_classes(request: NodeRequest) -> None:
         raise
 
 
-class NodeUnfit(RuntimeError):
-    """This node cannot take part in the run (its model, data or simulation setup is wrong). The message is
-    what the server's setup summary shows for the node: it names the node's partition in simulation (where
-    Flower's node ids are random) and says what to fix, without the node's private details."""
-
-
 def _unfit(node_cfg: NodeConfig, reason: str) -> NodeUnfit:
     where = f"partition-{node_cfg.partition_id}: " if node_cfg.partition_id is not None else ""
     return NodeUnfit(where + reason)
 
 
-def prompt_node(run_config: dict, node_config: dict) -> PromptNode:
+def prompt_node(cfg: RunConfig, node_cfg: NodeConfig) -> PromptNode:
     """This node for the run: its model, data and encoder from the process's caches (built on first use)."""
-    cfg, node_cfg = RunConfig.from_flower(run_config), NodeConfig.from_flower(node_config)
     torch.set_num_threads(node_cfg.num_threads)
     if node_cfg.num_partitions is not None and node_cfg.num_partitions != cfg.num_clients:
         # a simulation with fewer SuperNodes than clients would silently train only some of the partitions
@@ -89,13 +82,13 @@ def _global_prompt(content: RecordDict) -> torch.Tensor | None:
     return torch.from_numpy(content["arrays"]["global-prompt"].numpy().copy())
 
 
-def train(request: NodeRequest) -> RecordDict:
-    _check_classes(request)
+def train(context: MessageContext) -> RecordDict:
+    _check_classes(context)
     started = time.perf_counter()
-    node = prompt_node(request.run_config, request.node_config)
-    config = request.content["config"]
+    node = prompt_node(context.cfg, context.node)
+    config = context.config
     outcome = node.train(
-        _global_prompt(request.content),
+        _global_prompt(context.content),
         int(config["server-round"]),
         str(config["run-token"]),
         float(config["noise-multiplier-global"]),
@@ -108,28 +101,27 @@ def train(request: NodeRequest) -> RecordDict:
         RUN_TAG_KEY: run_tag(str(config["run-token"])),
         "client-seconds": time.perf_counter() - started,
     }
-    if request.clientapp_age is not None:  # the ClientApp process's start-up share (says nothing about data)
-        metrics["clientapp-age-seconds"] = request.clientapp_age
+    if context.request.clientapp_age is not None:  # the ClientApp process's start-up share (says nothing about data)
+        metrics["clientapp-age-seconds"] = context.request.clientapp_age
     if node.cfg.dp or node.cfg.secure_aggregation:
         metrics = {k: v for k, v in metrics.items() if k not in OUTSIDE_EPSILON_TRAIN_METRICS}
     if node.cfg.secure_aggregation and outcome.global_grad is not None:
         # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py)
-        return secagg.advertise_reply(request, outcome.global_grad.numpy(), metrics)
+        return secagg.advertise_reply(context, outcome.global_grad.numpy(), metrics)
     records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})
     return RecordDict(records)
 
 
-def evaluate(request: NodeRequest) -> RecordDict:
-    _check_classes(request)
-    config = request.content["config"]
-    cfg, node_cfg = RunConfig.from_flower(request.run_config), NodeConfig.from_flower(request.node_config)
+def evaluate(context: MessageContext) -> RecordDict:
+    _check_classes(context)
+    config = context.config
     # before the node is built: a refused evaluation costs a ledger read, not a model and a data set
-    charge_evaluation(node_cfg.resolved_state_dir(cfg.run_dir), str(config["run-token"]), cfg, node_cfg)
-    node = prompt_node(request.run_config, request.node_config)
+    charge_evaluation(context.state_dir, str(config["run-token"]), context.cfg, context.node)
+    node = prompt_node(context.cfg, context.node)
     metrics = node.evaluate(
-        _global_prompt(request.content),
+        _global_prompt(context.content),
         str(config["run-token"]),
         zeroshot=config["phase"] == "zeroshot",
         published=config["phase"] == "published",

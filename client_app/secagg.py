@@ -28,11 +28,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dpfpl.common.atomic import write_json
-from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.secagg.encoding import encode_update
 from dpfpl.common.secagg.protocol import ClientSession, SecAggError
 
-from .request import NodeRequest
+from .context import MessageContext
 
 SESSION_FILE = "secagg_session.json"
 log = logging.getLogger("dpfpl.client")
@@ -42,13 +41,8 @@ class CorruptSessionError(SecAggError):
     """This node's secure-aggregation state file cannot be used: this round's secure aggregation ends for it."""
 
 
-def _path(request: NodeRequest) -> tuple[RunConfig, Path]:
-    cfg = RunConfig.from_flower(request.run_config)
-    return cfg, NodeConfig.from_flower(request.node_config).resolved_state_dir(cfg.run_dir) / SESSION_FILE
-
-
-def _node_adds_global_noise(request: NodeRequest) -> bool:
-    return NodeConfig.from_flower(request.node_config).global_noise == "node"
+def _path(context: MessageContext) -> Path:
+    return context.state_dir / SESSION_FILE
 
 
 def _round_context(config) -> str:
@@ -105,10 +99,10 @@ def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
     return session, values
 
 
-def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict) -> RecordDict:
+def advertise_reply(context: MessageContext, global_grad: np.ndarray, metrics: dict) -> RecordDict:
     """The train reply under secure aggregation: metrics and two public keys, never the gradient."""
-    cfg, path = _path(request)
-    config = request.content["config"]
+    cfg, path = context.cfg, _path(context)
+    config = context.config
     round_context = _round_context(config)
     try:
         session, values = _load(path, round_context)  # a re-sent train message: same keys, same input
@@ -124,11 +118,11 @@ def advertise_reply(request: NodeRequest, global_grad: np.ndarray, metrics: dict
             noise_multiplier=float(config["noise-multiplier-global"]) if cfg.dp else 0.0,
             # a node that trusts no aggregator adds all of z_G itself: its masked input is within its epsilon even
             # if a dishonest server unmasks it alone (more noise in the sum, never less)
-            noise_share_of=1 if _node_adds_global_noise(request) else threshold,
+            noise_share_of=1 if context.node.global_noise == "node" else threshold,
             threshold=threshold,
             num_clients=num_clients,
         )
-        session = ClientSession(node_id=request.node_id, context=round_context, threshold=threshold)
+        session = ClientSession(node_id=context.node_id, context=round_context, threshold=threshold)
     c_pk, s_pk = session.advertise()
     _save(path, session, values)
     return RecordDict(
@@ -146,9 +140,8 @@ def _roster(config) -> dict[int, tuple[bytes, bytes]]:
     return {int(u): (bytes(c), bytes(s)) for u, c, s in zip(nodes, c_pk, s_pk)}
 
 
-def share_keys(request: NodeRequest) -> RecordDict:
-    _, path = _path(request)
-    config = request.content["config"]
+def share_keys(context: MessageContext) -> RecordDict:
+    path, config = _path(context), context.config
     session, values = _load(path, _round_context(config))
     ciphertexts = session.share_keys(_roster(config), int(config["secagg-threshold"]))
     _save(path, session, values)
@@ -156,9 +149,8 @@ def share_keys(request: NodeRequest) -> RecordDict:
     return RecordDict({"secagg": ConfigRecord({"dst": order, "ct": [ciphertexts[d] for d in order]})})
 
 
-def masked_input(request: NodeRequest) -> RecordDict:
-    _, path = _path(request)
-    config = request.content["config"]
+def masked_input(context: MessageContext) -> RecordDict:
+    path, config = _path(context), context.config
     session, values = _load(path, _round_context(config))
     src, ct = list(config["src"]), list(config["ct"])
     if len(src) != len(ct):
@@ -168,9 +160,8 @@ def masked_input(request: NodeRequest) -> RecordDict:
     return RecordDict({"secagg": ArrayRecord({"masked": Array.from_numpy_ndarray(y)})})
 
 
-def unmask(request: NodeRequest) -> RecordDict:
-    _, path = _path(request)
-    config = request.content["config"]
+def unmask(context: MessageContext) -> RecordDict:
+    path, config = _path(context), context.config
     session, values = _load(path, _round_context(config))
     b_shares, s_shares = session.unmask([int(u) for u in config["survivors"]], [int(u) for u in config["dropped"]])
     _save(path, session, values)

@@ -5,7 +5,8 @@ public basis and normalized: ``dpfpl.common.secfpp``), LCC-encodes it and from t
 and field elements; the vector leaves the node only as shares, each encrypted for one other node. The state
 between the messages of a phase (this phase's private key, the shares it holds) lives in one file in the
 node's state directory (mode 0600), as for secure aggregation: the messages of a phase may each be served by
-another process. Only the first (``advertise``: the model's gradient) needs torch; it is imported there.
+another process. Only the first message needs torch (the model's gradient): ``client_app/secfpp_vector.py``
+computes the vector and hands it to ``advertise_reply``, so that this module stays free of torch.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from dpfpl.common.atomic import write_json
-from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.secfpp.kmeans import threshold_units
 from dpfpl.common.secfpp.protocol import ClusteringClient, validate
 from dpfpl.common.secfpp.reduce import public_basis, reduce
 
+from .context import MessageContext
 from .identity import node_key
-from .request import NodeRequest
 
 SESSION_FILE = "secfpp_session.json"
 
@@ -32,10 +33,8 @@ class SecfppError(RuntimeError):
     pass
 
 
-def _setup(request: NodeRequest) -> tuple[RunConfig, NodeConfig, Path]:
-    cfg = RunConfig.from_flower(request.run_config)
-    node = NodeConfig.from_flower(request.node_config)
-    return cfg, node, node.resolved_state_dir(cfg.run_dir) / SESSION_FILE
+def _path(context: MessageContext) -> Path:
+    return context.state_dir / SESSION_FILE
 
 
 def _save(path: Path, client: ClusteringClient) -> None:
@@ -57,18 +56,10 @@ def _reply(values: dict) -> RecordDict:
     return RecordDict({"secfpp": ConfigRecord(values)})
 
 
-def advertise(request: NodeRequest) -> RecordDict:
-    """Compute and encode the clustering vector; reply with this phase's public key only."""
-    from dpfpl.common.prompt import initial_global_prompt
-    from dpfpl.common.secfpp.clustering_signal import domain_gradient
-
-    from .prompt_handlers import prompt_node
-
-    cfg, _, path = _setup(request)
-    config = request.content["config"]
-    node = prompt_node(request.run_config, request.node_config)
-    reference = initial_global_prompt(cfg)  # public: from the run seed, the same on every party
-    vector = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
+def advertise_reply(context: MessageContext, vector: np.ndarray) -> RecordDict:
+    """Encode this node's clustering vector (``client_app/secfpp_vector.py``); reply with this phase's public key
+    only."""
+    cfg, path, config = context.cfg, _path(context), context.config
     basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
     lcc = validate(
         int(config["num-users"]),
@@ -82,19 +73,17 @@ def advertise(request: NodeRequest) -> RecordDict:
     )
     _save(path, client)
     # the node key lets the server keep this node's cluster across a restart (server_app/secfpp_round.py)
-    return _reply({"pk": client.public, "node-key": node_key(path.parent)})
+    return _reply({"pk": client.public, "node-key": node_key(context.state_dir)})
 
 
-def identify(request: NodeRequest) -> RecordDict:
+def identify(context: MessageContext) -> RecordDict:
     """This node's stable key, so that the server can route its cluster's prompt to a new Flower node id (after a
     restart of the SuperNode or a resumed run). No model, no data: the key is all it reads."""
-    _, _, path = _setup(request)
-    return RecordDict({"identity": ConfigRecord({"node-key": node_key(path.parent)})})
+    return RecordDict({"identity": ConfigRecord({"node-key": node_key(context.state_dir)})})
 
 
-def share(request: NodeRequest) -> RecordDict:
-    _, _, path = _setup(request)
-    config = request.content["config"]
+def share(context: MessageContext) -> RecordDict:
+    path, config = _path(context), context.config
     client = _load(path, str(config["phase"]))
     cts = client.share({i: bytes(pk) for i, pk in enumerate(config["pks"])})
     _save(path, client)
@@ -102,9 +91,8 @@ def share(request: NodeRequest) -> RecordDict:
     return _reply({"dst": order, "ct": [cts[d] for d in order]})
 
 
-def distances(request: NodeRequest) -> RecordDict:
-    _, _, path = _setup(request)
-    config = request.content["config"]
+def distances(context: MessageContext) -> RecordDict:
+    path, config = _path(context), context.config
     client = _load(path, str(config["phase"]))
     if "src" in config:  # the first iteration carries the relayed shares
         client.receive_shares({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])})
@@ -114,9 +102,8 @@ def distances(request: NodeRequest) -> RecordDict:
     return _reply({"dst": order, "ct": [cts[d] for d in order]})
 
 
-def decide(request: NodeRequest) -> RecordDict:
-    cfg, _, path = _setup(request)
-    config = request.content["config"]
+def decide(context: MessageContext) -> RecordDict:
+    cfg, path, config = context.cfg, _path(context), context.config
     client = _load(path, str(config["phase"]))
     decision = client.decide(
         {int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},

@@ -47,11 +47,13 @@ from flwr.common.config import parse_config_args
 
 from dpfpl.common.atomic import write_json
 from dpfpl.common.classlist import ClassListMismatch
-from dpfpl.common.config import NodeConfig, RunConfig
+from dpfpl.common.config import NodeConfig
 
 from . import handlers
+from .context import MessageContext
+from .errors import NodeUnfit, PrivacyBudgetSpent
 from .policy import PolicyRefusal, check_request, separated_node_problems
-from .request import OPERATIONS
+from .request import OPERATIONS, NodeRequest
 from .worker_link import (
     HEARTBEAT_SECONDS,
     PROTOCOL_VERSION,
@@ -66,8 +68,10 @@ from .worker_link import (
     send_frame,
     socket_path,
 )
-from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, HUNG_AFTER_SECONDS, beat
+from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, HUNG_AFTER_SECONDS, beat, supervise
 
+# The refusals whose text a separated worker sends as it is: what was refused and why, no record in them.
+PUBLIC_ERRORS = (PrivacyBudgetSpent, PolicyRefusal, NodeUnfit, ClassListMismatch, handlers.NodeBusy)
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
 LOCK_NAME = "worker.lock"
 log = logging.getLogger("dpfpl.worker")
@@ -131,10 +135,7 @@ def _public_error(err: Exception, operation: str) -> str:
     """The text a separated worker sends for a failed handler: the refusals its operator's rules produce say
     what was refused and why (no record in them); any other error may quote the node's files or values, so it
     stays in the worker's log and the reply names only its type."""
-    from .node import PrivacyBudgetSpent  # noqa: PLC0415 - imported by warm() before any message is served
-    from .prompt_handlers import NodeUnfit  # noqa: PLC0415
-
-    if isinstance(err, (PrivacyBudgetSpent, PolicyRefusal, NodeUnfit, ClassListMismatch, handlers.NodeBusy)):
+    if isinstance(err, PUBLIC_ERRORS):
         return str(err)
     return f"{type(err).__name__} while answering {operation}; the node's operator finds the reason in its worker log"
 
@@ -241,8 +242,7 @@ class NodeWorker:
         if self._listener is not None:
             holder.start()
         try:
-            from . import node, prompt_handlers, secagg, secfpp  # noqa: F401
-
+            handlers.import_handlers()
             self.identity = {**app_identity(), "protocol": PROTOCOL_VERSION}
         finally:
             warming.set()
@@ -369,30 +369,29 @@ class NodeWorker:
             log.warning("dropped a connection: %s", err)
             self._write_status()
 
-    def _answer(self, request) -> tuple[dict, bytes]:
+    def _answer(self, request: NodeRequest) -> tuple[dict, bytes]:
         requests = self.status["requests"]
         requests[request.operation] = requests.get(request.operation, 0) + 1
         if self.node_config is not None:  # the node's own configuration, whatever the request says
             request = dataclasses.replace(request, node_config=dict(self.node_config))
-        if self.separated:
-            try:
-                check_request(
-                    request.operation,
-                    RunConfig.from_flower(request.run_config),
-                    NodeConfig.from_flower(request.node_config),
-                )
-            except (PolicyRefusal, ValueError) as err:  # ValueError: a run config that does not parse
-                log.warning("refused %s: %s", request.operation, err)
-                self.status["refused"] += 1
-                return {"op": "error", "message": f"refused by this node's policy: {err}"}, b""
-        own = handlers.state_dir(request).absolute()
+        try:
+            context = MessageContext.of(request)
+            if self.separated:
+                check_request(request.operation, context.cfg, context.node)
+        except (PolicyRefusal, ValueError) as err:  # ValueError: a run config that does not parse
+            if not self.separated:
+                raise  # no policy to cite: the connection is dropped, as for any unreadable request
+            log.warning("refused %s: %s", request.operation, err)
+            self.status["refused"] += 1
+            return {"op": "error", "message": f"refused by this node's policy: {err}"}, b""
+        own = context.state_dir.absolute()
         if own != self.state_dir:
             self.status["errors"] += 1
             return {"op": "error", "message": f"this worker serves {self.state_dir}, the message is for {own}"}, b""
         self._follow_run(request)
         started = time.perf_counter()
         try:
-            content = handlers.handle(request, self.state_dir)
+            content = handlers.handle(context)
         except Exception as err:  # noqa: BLE001 - the ClientApp raises it on its side, as if it had run it
             log.exception("%s failed", request.operation)
             self.status["errors"] += 1
@@ -403,7 +402,7 @@ class NodeWorker:
         log.info("%s answered in %.2f s (ClientApp %s s old)", request.operation, time.perf_counter() - started, age)
         return {"op": "reply"}, encode_content(content)
 
-    def _follow_run(self, request) -> None:
+    def _follow_run(self, request: NodeRequest) -> None:
         """A message of a new run: release the previous run's features and encoders (the model stays)."""
         config = request.content.config_records.get("config")
         token = None if config is None or "run-token" not in config else str(config["run-token"])
@@ -454,8 +453,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.supervise:
-        from .worker_supervisor import supervise
-
         child = [sys.executable, "-m", "dpfpl.client_app.worker", "--state-dir", args.state_dir]
         for flag, value in (
             ("--socket", args.socket),

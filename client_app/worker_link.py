@@ -40,6 +40,9 @@ from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+import dpfpl.client_app
+import dpfpl.common
+
 from .request import NodeRequest
 
 PROTOCOL_VERSION = 1
@@ -97,9 +100,6 @@ def app_identity() -> dict[str, str]:
     """The dpfpl version and a digest of the code a handler runs (``dpfpl.client_app`` and ``dpfpl.common``, as
     loaded in this process). The digest catches what a version number misses: an app bundle or a checkout
     edited without a new version."""
-    import dpfpl.client_app
-    import dpfpl.common
-
     digest = hashlib.sha256()
     for package in (dpfpl.common, dpfpl.client_app):
         for root in package.__path__:

@@ -10,7 +10,7 @@ import dpfpl.client_app.app as client_module
 from dpfpl.client_app.prompt_handlers import prompt_node
 from dpfpl.client_app.state import NodeState
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
-from dpfpl.common.config import RunConfig
+from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.methods.dpfpl import factorize
 from dpfpl.common.privacy import clip_per_sample, per_sample_grads
 
@@ -86,7 +86,7 @@ def test_reply_carries_only_the_clipped_global_gradient(tmp_path, cache_dir, p_g
     sent = torch.from_numpy(reply.content["arrays"]["global-grad"].numpy().copy())
 
     # Recompute independently: replay the node's Poisson sample at p_G + p_L, clip per sample, divide by B.
-    node = prompt_node(dict(ctx.run_config), dict(ctx.node_config))
+    node = prompt_node(RunConfig.from_flower(dict(ctx.run_config)), NodeConfig.from_flower(dict(ctx.node_config)))
     gen = before.generator
     n = node.data.num_train
     idx = (torch.rand(n, generator=gen) < 16 / n).nonzero().flatten()
@@ -127,6 +127,36 @@ def test_zero_shot_and_personalized_evaluation(tmp_path, cache_dir, p_global):
     assert 0.0 <= metrics["local-acc"] <= 1.0 and 0.0 <= metrics["neighbor-acc"] <= 1.0
     # the declared sample rate (public) leaves, the training-set size does not
     assert 0 < metrics["sample-rate"] <= 1 and "num-examples" not in metrics
+
+
+def test_a_message_parses_its_configuration_once_and_an_evaluation_reads_the_state_once(
+    tmp_path, cache_dir, p_global, monkeypatch
+):
+    """The ClientApp parses a message's run and node configuration once, whichever handlers and checks read it
+    (client_app/context.py); an evaluation under DP reads the node's state once for its prompt and its books."""
+    import dpfpl.client_app.node as node_module
+
+    parsed, loads = [], []
+    for model in (RunConfig, NodeConfig):
+        original = model.from_flower.__func__
+        monkeypatch.setattr(
+            model, "from_flower", classmethod(lambda cls, c, f=original: parsed.append(cls.__name__) or f(cls, c))
+        )
+    original_load = node_module.load_run_state
+    monkeypatch.setattr(node_module, "load_run_state", lambda *a: loads.append(a) or original_load(*a))
+    ctx = _context(tmp_path, 4)
+    client_module.train(_train_msg(p_global, 1), ctx)
+    assert sorted(parsed) == ["NodeConfig", "RunConfig"]
+    parsed.clear()
+    config = {"phase": "round", "server-round": 1, "run-token": "tok", DIGEST_KEY: DEMO_DIGEST}
+    msg = Message(
+        content=RecordDict({"arrays": ArrayRecord({"global-prompt": p_global}), "config": ConfigRecord(config)}),
+        dst_node_id=1,
+        message_type=MessageType.EVALUATE,
+    )
+    metrics = dict(client_module.evaluate(msg, ctx).content["metrics"])
+    assert sorted(parsed) == ["NodeConfig", "RunConfig"]
+    assert len(loads) == 1 and metrics["noisy-steps"] == 1.0
 
 
 def test_a_bad_silo_fails_before_training_without_sending_file_names(tmp_path, caplog):

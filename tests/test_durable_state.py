@@ -18,6 +18,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from dpfpl.client_app.context import MessageContext
 from dpfpl.client_app.request import NodeRequest
 from dpfpl.client_app.state import STATE_FILE, NodeState
 from dpfpl.common.atomic import DiskFullError, previous_path
@@ -278,15 +279,16 @@ def test_a_feature_cache_that_cannot_be_written_for_lack_of_space_is_skipped(tmp
 NODES = (11, 12, 13)
 
 
-def _secagg_request(tmp_path, node_id: int, operation: str, config: dict) -> NodeRequest:
+def _secagg_context(tmp_path, node_id: int, operation: str, config: dict) -> MessageContext:
     cfg = RunConfig(run_dir=str(tmp_path / "run"), secure_aggregation=True, num_clients=3, min_clients=3)
-    return NodeRequest(
+    request = NodeRequest(
         operation=operation,
         content=RecordDict({"config": ConfigRecord({"run-token": "tok", "secagg-group": 0, **config})}),
         run_config=cfg.to_flower(),
         node_config={"state-dir": str(tmp_path / f"node{node_id}")},
         node_id=node_id,
     )
+    return MessageContext.of(request)
 
 
 def _advertise(tmp_path, server_round: int) -> dict[int, tuple[bytes, bytes]]:
@@ -301,7 +303,7 @@ def _advertise(tmp_path, server_round: int) -> dict[int, tuple[bytes, bytes]]:
     keys = {}
     for node in NODES:
         grad = np.full(8, 0.01 * node, dtype=np.float32)
-        reply = advertise_reply(_secagg_request(tmp_path, node, "train", config), grad, {})
+        reply = advertise_reply(_secagg_context(tmp_path, node, "train", config), grad, {})
         keys[node] = (bytes(reply["secagg"]["c-pk"]), bytes(reply["secagg"]["s-pk"]))
     return keys
 
@@ -319,7 +321,7 @@ def _share_keys(tmp_path, server_round: int, keys) -> dict[int, dict[int, bytes]
     }
     inbox: dict[int, dict[int, bytes]] = {n: {} for n in NODES}
     for src in NODES:
-        reply = share_keys(_secagg_request(tmp_path, src, "train.secagg_shares", roster))["secagg"]
+        reply = share_keys(_secagg_context(tmp_path, src, "train.secagg_shares", roster))["secagg"]
         for dst, ct in zip(reply["dst"], reply["ct"]):
             inbox[int(dst)][src] = bytes(ct)
     return inbox
@@ -334,7 +336,7 @@ def _masked(tmp_path, node: int, server_round: int, inbox):
         "ct": list(inbox[node].values()),
         "senders": list(NODES),
     }
-    return masked_input(_secagg_request(tmp_path, node, "train.secagg_masked", config))
+    return masked_input(_secagg_context(tmp_path, node, "train.secagg_masked", config))
 
 
 def _damage_session(path, damage: str) -> None:

@@ -243,6 +243,25 @@ def test_a_separated_worker_uses_its_own_node_config_and_policy(tmp_path):
     assert header["op"] == "error" and "worker log" in header["message"] and "config" not in header["message"]
 
 
+def test_a_separated_worker_refuses_a_run_config_that_does_not_validate_before_any_handler(tmp_path):
+    """The message's context is built (its configuration validated) before the policy and any handler: a run
+    config with an unknown key is refused with the validation error, and nothing of the node is read."""
+    from dpfpl.client_app.worker import NodeWorker
+
+    own = {
+        "state-dir": str(tmp_path / "node"),
+        "lifetime-epsilon": 8.0,
+        "global-noise": "node",
+        "evaluations-per-day": 3,
+    }
+    worker = NodeWorker(tmp_path / "node", os.getuid() + 1, tmp_path / "run.sock", own)
+    config = RecordDict({"config": ConfigRecord({"run-token": "t"})})
+    header, _ = worker._answer(NodeRequest("query.node_key", config, {"no-such-key": 1}, {}, node_id=1))
+    assert header["op"] == "error" and header["message"].startswith("refused by this node's policy")
+    assert "no_such_key" in header["message"]
+    assert worker.status["refused"] == 1 and not (tmp_path / "node" / "node-key").exists()
+
+
 def test_a_worker_whose_code_changed_on_disk_refuses_with_what_to_restart(tmp_path, monkeypatch):
     """The worker's code identity is taken when it has loaded its handlers; each handshake checks the files
     again. Files changed under a running worker (an install mid-run): every message is refused, clearly."""
