@@ -17,6 +17,7 @@ from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.data.images import DatasetError
 from dpfpl.common.data.silo import SiloError
 from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
+from dpfpl.common.run_classes import node_class_list
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg
@@ -35,7 +36,7 @@ def _check_classes(request: NodeRequest) -> None:
     """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
     cfg, node_cfg = RunConfig.from_flower(request.run_config), NodeConfig.from_flower(request.node_config)
     config = request.content["config"]
-    own, source = node_cfg.own_class_list(cfg)
+    own, source = node_class_list(node_cfg, cfg)
     try:
         check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
     except ClassListMismatch as err:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json, write_tensors
-from .pretrained import names_weights_file
+from .data.demo import load_demo_dataset
+from .pretrained import DEMO_MODEL, names_weights_file
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -35,7 +36,6 @@ def cache_dir(override: str | None = None) -> Path:
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "dpfpl-demo-tiny"
 DEMO_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",
@@ -154,8 +154,6 @@ def demo_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def _demo_backbone_path(seed: int, cache: str | None, steps: int) -> Path:
-    from .data.demo import load_demo_dataset
-
     fingerprint = load_demo_dataset().fingerprint
     return cache_dir(cache) / "backbones" / f"{DEMO_MODEL}-s{seed}-n{steps}-{fingerprint}.safetensors"
 
@@ -171,8 +169,6 @@ def build_demo_backbone(
     an instance-level contrastive batch would be full of same-class false negatives).
     """
     from tqdm.auto import tqdm
-
-    from .data.demo import load_demo_dataset
 
     path = _demo_backbone_path(seed, cache, steps)
     if path.is_file():

@@ -8,6 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from dpfpl.common.config import RunConfig
+from dpfpl.common.secfpp.protocol import check_run_config
 
 from .runner import run_federation
 
@@ -28,4 +29,5 @@ def _console_logging() -> None:
 def main(grid: Grid, context: Context) -> None:
     _console_logging()
     cfg = RunConfig.from_flower(dict(context.run_config))
+    check_run_config(cfg)
     run_federation(grid, cfg)
