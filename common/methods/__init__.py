@@ -13,6 +13,9 @@
 
 SecFPP's step is FedOTP's (a domain-level p_G plus a class-level full-rank p_L); what differs is around it: the
 server keeps one p_G per cluster and the clusters come from the secret-shared phase in ``dpfpl.common.secfpp``.
+
+Each method's pieces are named once, as data, in ``dpfpl.common.method_specs`` (the run config's ``method``
+accepts those names); ``build_method`` builds them.
 """
 
 from collections.abc import Callable
