@@ -135,7 +135,8 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> Loa
                 f"{open_clip.list_pretrained_tags_by_model(model_name)}"
             )
     try:
-        with torch.random.fork_rng(devices=[]), _random_init_on_purpose() if weights is None else nullcontext():
+        quiet = _random_init_on_purpose() if weights is None else nullcontext()  # "none": random on purpose
+        with torch.random.fork_rng(devices=[]), quiet:
             torch.manual_seed(0)  # "none": the same random weights in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=weights, cache_dir=cache
