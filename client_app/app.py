@@ -22,6 +22,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl.common.config import NodeConfig
+from dpfpl.common.console import flower_lines_once
 from dpfpl.common.wire import INVENTORY, check_reply
 
 from .context import MessageContext
@@ -31,6 +32,7 @@ from .worker_link import WorkerUnavailable, forward, socket_path
 
 app = ClientApp()
 log = logging.getLogger("dpfpl.client")
+flower_lines_once()  # OpenCLIP's root-level logging would print each of Flower's lines here a second time
 
 
 # An operator's audit log of what leaves this node: with DPFPL_WIRE_LOG=PATH set, every reply appends one JSON

@@ -17,6 +17,7 @@ from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.data.images import DatasetError
 from dpfpl.common.data.silo import SiloError
 from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
+from dpfpl.common.run_classes import node_class_list
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from . import secagg
@@ -35,7 +36,7 @@ log = logging.getLogger("dpfpl.client")
 def _check_classes(context: MessageContext) -> None:
     """Before any data or model is loaded: a node whose class list is not the server's refuses the message."""
     config = context.config
-    own, source = context.node.own_class_list(context.cfg)
+    own, source = node_class_list(context.node, context.cfg)
     try:
         check_class_list(str(config[DIGEST_KEY]) if DIGEST_KEY in config else None, own, source)
     except ClassListMismatch as err:

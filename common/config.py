@@ -3,14 +3,21 @@
 Flower hands the run config over as a flat dict with hyphenated keys (``[tool.flwr.app.config]``);
 ``RunConfig.from_flower`` maps it onto this model so a typo or an out-of-range value fails at start-up
 with the key's name, instead of deep inside round 37.
+
+The schema imports nothing above it: what needs a data set or a protocol is checked where it is used, when a
+run starts (the run's class list: ``common/run_classes.py``; SecFPP's parameters: ``check_run_config`` in
+``common/secfpp/protocol.py``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .method_specs import METHOD_NAMES
+from .pretrained import DEMO_MODEL
 
 if TYPE_CHECKING:
     import torch
@@ -28,11 +35,8 @@ DatasetName = Literal[
     "folder",
     "csv",
 ]
-# the run config's ``method``: the one list of method names (``dpfpl.common.methods.build_method`` builds each)
-MethodName = Literal["zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl-noresidual", "dpfpl", "secfpp"]
-METHOD_NAMES: tuple[str, ...] = get_args(MethodName)
-# the methods whose local prompt has a rank (the run config's ``rank``)
-RANKED_METHODS: tuple[str, ...] = ("dpfpl", "dpfpl-noresidual", "fedpgp")
+# the run config's ``method``: a name of common/method_specs.py (``dpfpl.common.methods.build_method`` builds each)
+MethodName = Literal[METHOD_NAMES]
 
 
 class RunConfig(BaseModel):
@@ -40,7 +44,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: MethodName = "dpfpl"
-    model_name: str = "dpfpl-demo-tiny"
+    model_name: str = DEMO_MODEL
     pretrained: str = "demo"
     dataset: DatasetName = "demo"
     data_root: str = ""  # the folder holding the data set (CoOp's $DATA, torchvision's CIFAR root, a folder/CSV)
@@ -141,7 +145,7 @@ class RunConfig(BaseModel):
                 "dp = true needs either target-epsilon > 0 (calibrate the noise) or both "
                 "noise-multiplier-local and noise-multiplier-global > 0"
             )
-        if self.dataset == "silo" and len(self.class_list()) < 2:
+        if self.dataset == "silo" and len(self.explicit_classnames()) < 2:
             raise ValueError("dataset = 'silo' needs classnames = \"name1,name2,...\" (at least two classes)")
         if self.dataset not in ("demo", "silo") and not self.data_root:
             raise ValueError(f"dataset = '{self.dataset}' needs data-root (the folder that holds it)")
@@ -154,28 +158,6 @@ class RunConfig(BaseModel):
                 f"secure-aggregation = true, but method '{self.method}' shares no tensor: there is "
                 "nothing to aggregate securely (use a method with a global prompt, or turn it off)"
             )
-        if self.method == "secfpp":
-            from .secfpp.protocol import validate
-
-            # the phase must decode (2(K+T-1)+1 <= N) and must not wrap around with all N clients
-            validate(
-                self.num_clients,
-                self.secfpp_reduced_dim,
-                self.secfpp_slices,
-                self.secfpp_privacy,
-                self.secfpp_quantization_bits,
-            )
-            if self.secure_aggregation:  # each cluster is its own secure-aggregation group
-                from .secagg.protocol import min_group_size
-
-                need = min_group_size(self.secagg_dropout_tolerance)
-                if self.secfpp_min_cluster_size < need:
-                    raise ValueError(
-                        f"method 'secfpp' with secure-aggregation = true sums each cluster on its own, and a sum that "
-                        f"tolerates {self.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
-                        f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
-                        "secagg-dropout-tolerance"
-                    )
         if self.evaluation == "validation" and (self.dataset == "silo" or self.partition == "base-novel"):
             raise ValueError(
                 "evaluation = 'validation' holds out part of the partitioned training split: it "
@@ -189,6 +171,12 @@ class RunConfig(BaseModel):
     @classmethod
     def from_flower(cls, run_config: dict) -> RunConfig:
         return cls(**{k.replace("-", "_"): v for k, v in run_config.items()})
+
+    @classmethod
+    def field_default(cls, name: str) -> Any:
+        """One key's default (its underscored name): tools that need a default read it here, so that each is
+        written once, in its ``Field`` above."""
+        return cls.model_fields[name].default
 
     @classmethod
     def defaults(cls) -> dict:
@@ -222,20 +210,6 @@ class RunConfig(BaseModel):
         final_counted = last >= 1 or rounds % every == 0
         published = 0 if self.method == "zeroshot" else 1
         return 1 + multiples_outside_last + last + (0 if final_counted else 1) + published
-
-    def class_list(self) -> list[str]:
-        """All class names of the task (the data set's own list; silo: ``classnames``)."""
-        if self.dataset == "demo":
-            from .data.demo import DEMO_CLASSES
-
-            return list(DEMO_CLASSES)
-        if self.dataset != "silo":
-            from .data.registry import load_dataset
-
-            return list(
-                load_dataset(self.dataset, self.data_root, tuple(self.explicit_classnames()), self.seed).classnames
-            )
-        return self.explicit_classnames()
 
     def explicit_classnames(self) -> list[str]:
         names = [c.strip() for c in self.classnames.split(",") if c.strip()]
@@ -305,15 +279,6 @@ class NodeConfig(BaseModel):
     @classmethod
     def from_flower(cls, node_config: dict) -> NodeConfig:
         return cls(**{k.replace("-", "_"): v for k, v in node_config.items()})
-
-    def own_class_list(self, cfg: RunConfig) -> tuple[list[str], str]:
-        """The class list this node holds the server's digest against, and where it comes from."""
-        from .classlist import parse_classnames
-
-        if self.classnames:
-            return parse_classnames(self.classnames), "node config 'classnames'"
-        source = "run config 'classnames'" if cfg.dataset == "silo" else f"this node's {cfg.dataset} data set"
-        return cfg.class_list(), source
 
     def resolved_state_dir(self, run_dir: str) -> Path:
         """Node-local state directory: from node config, else under the run directory (simulation)."""

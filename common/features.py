@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import DIGEST_KEY, CorruptStateError, DiskFullError, read_checked, tensor_digest, write_tensors
+from .data.images import DatasetError, ImageDataset
+from .data.registry import demo_image_dataset
+from .data.silo import load_images
 from .models import LoadedModel, cache_dir
-
-if TYPE_CHECKING:
-    from .data.images import ImageDataset
 
 log = logging.getLogger("dpfpl.features")
 
@@ -83,14 +82,11 @@ def _read_cache(path: Path) -> torch.Tensor | None:
 def demo_features(model: LoadedModel, cache: str | None = None, progress: bool = False) -> torch.Tensor:
     """Normalized image features of the clients' view of the demo data (train and test records, in the order
     of ``demo_image_dataset``), cached per backbone."""
-    from .data.registry import demo_image_dataset
-
     return dataset_features(model, demo_image_dataset(), cache, progress)
 
 
 def silo_features(model: LoadedModel, silo, cache: str | None = None) -> torch.Tensor:
     """Normalized image features of a silo's images (model preprocess), cached per (weights, file set)."""
-    from .data.silo import load_images
 
     def compute() -> torch.Tensor:  # 128 images at a time: a silo's decoded pixels need not fit in memory
         return torch.cat(
@@ -142,8 +138,6 @@ def _encode_records(
 ) -> torch.Tensor:
     """Features of ``indices`` under ``transform`` (None: the model's evaluation preprocess). Every image that
     cannot be decoded is collected and reported together, by file, before anything is cached."""
-    from .data.images import DatasetError
-
     device = next(model.model.parameters()).device
     bad: list[str] = []
     chunks = []

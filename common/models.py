@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -23,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_json, write_tensors
-from .pretrained import names_weights_file
+from .data.demo import load_demo_dataset
+from .pretrained import DEMO_MODEL, names_weights_file
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -35,7 +38,6 @@ def cache_dir(override: str | None = None) -> Path:
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "dpfpl-demo-tiny"
 DEMO_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",
@@ -67,6 +69,27 @@ class LoadedModel:
     preprocess: object
     name: str
     weights_id: str  # identifies the weights (tag, file path or demo fingerprint)
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops OpenCLIP's "No pretrained weights loaded for model ... Model initialized randomly." warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _random_init_on_purpose() -> Iterator[None]:
+    """Around an OpenCLIP model built without weights on purpose (the demo backbone before its pretraining,
+    ``pretrained = "none"``): OpenCLIP warns through the root logger that the model is initialized randomly,
+    which here is the intent, not a failed load. Only that message is dropped, only while the model is built."""
+    root = logging.getLogger()  # OpenCLIP calls logging.warning(...): the root logger's filters apply
+    notice = _RandomInitNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -112,7 +135,8 @@ def load_clip(model_name: str, pretrained: str, cache: str | None = None) -> Loa
                 f"{open_clip.list_pretrained_tags_by_model(model_name)}"
             )
     try:
-        with torch.random.fork_rng(devices=[]):
+        quiet = _random_init_on_purpose() if weights is None else nullcontext()  # "none": random on purpose
+        with torch.random.fork_rng(devices=[]), quiet:
             torch.manual_seed(0)  # "none": the same random weights in every process
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=weights, cache_dir=cache
@@ -154,8 +178,6 @@ def demo_pixels(images: np.ndarray) -> torch.Tensor:
 
 
 def _demo_backbone_path(seed: int, cache: str | None, steps: int) -> Path:
-    from .data.demo import load_demo_dataset
-
     fingerprint = load_demo_dataset().fingerprint
     return cache_dir(cache) / "backbones" / f"{DEMO_MODEL}-s{seed}-n{steps}-{fingerprint}.safetensors"
 
@@ -172,8 +194,6 @@ def build_demo_backbone(
     """
     from tqdm.auto import tqdm
 
-    from .data.demo import load_demo_dataset
-
     path = _demo_backbone_path(seed, cache, steps)
     if path.is_file():
         return path
@@ -181,7 +201,8 @@ def build_demo_backbone(
     data = load_demo_dataset()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = open_clip.create_model(DEMO_MODEL, pretrained=None)
+    with _random_init_on_purpose():  # pretrained here, from a seeded random init
+        model = open_clip.create_model(DEMO_MODEL, pretrained=None)
     model.train()
     tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
     caption_tokens = torch.stack(

@@ -22,7 +22,11 @@ import torch
 from .config import NodeConfig, RunConfig
 from .data.images import ImageDataset
 from .data.partition import Partition, partition_dataset
+from .data.registry import load_dataset
+from .data.silo import SiloError, load_silo
+from .features import augmented_train_features, dataset_features, silo_features
 from .models import LoadedModel
+from .run_classes import run_class_list
 
 log = logging.getLogger("dpfpl.node")
 
@@ -83,8 +87,6 @@ class NodeData:
 
 
 def run_dataset(cfg: RunConfig) -> ImageDataset:
-    from .data.registry import load_dataset
-
     return load_dataset(cfg.dataset, cfg.data_root, tuple(cfg.explicit_classnames()), cfg.seed)
 
 
@@ -148,8 +150,6 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
             f"dataset '{cfg.dataset}' is partitioned among simulated clients: the node config needs "
             "'partition-id' (an organization with its own data uses dataset = 'silo' and data-dir)"
         )
-    from .features import augmented_train_features, dataset_features
-
     data = run_dataset(cfg)
     part = run_partition(cfg)
     if node.partition_id >= len(part.clients):
@@ -195,9 +195,6 @@ def load_node_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
 
 def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: str | None = None) -> NodeData:
     """Silo mode: the node's own images (checked against the run's class list), local test set only."""
-    from .data.silo import SiloError, load_silo
-    from .features import silo_features
-
     data_dir = node.data_dir
     if not data_dir and cfg.silo_root and node.partition_id is not None:
         data_dir = f"{cfg.silo_root}/{node.partition_id}"
@@ -206,7 +203,7 @@ def load_silo_data(cfg: RunConfig, node: NodeConfig, model: LoadedModel, cache: 
             "dataset = 'silo' needs the node config key 'data-dir' (the organization's image folder), "
             "or silo-root in the run config when simulating"
         )
-    classnames = cfg.class_list()
+    classnames = run_class_list(cfg)
     silo = load_silo(data_dir, classnames, seed=cfg.seed)
     feats = silo_features(model, silo, cache)
     labels = torch.from_numpy(silo.labels)

@@ -1,4 +1,4 @@
-"""What a run's ``pretrained`` value names: a weights file, or an OpenCLIP tag.
+"""What a run's ``pretrained`` value names: a weights file, an OpenCLIP tag, or the project's demo backbone.
 
 A module of its own, free of imports: the model loader (which reads the file) and a separated node's policy
 (which loads files only from the directory its operator approved, and must not import torch before its worker
@@ -7,6 +7,9 @@ listens) apply the same rule.
 
 from __future__ import annotations
 
+# the OpenCLIP config shipped in model_configs/ that ``pretrained = "demo"`` builds (common/models.py); also the
+# run config's default model
+DEMO_MODEL = "dpfpl-demo-tiny"
 WEIGHTS_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 

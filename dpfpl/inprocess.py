@@ -45,6 +45,8 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from .common.secfpp.protocol import check_run_config
+
 log = logging.getLogger("dpfpl.inprocess")
 
 
@@ -217,6 +219,7 @@ def run_inprocess(run_config: dict, num_nodes: int, node_config: dict | None = N
 
     config = full_run_config(run_config)
     cfg = RunConfig.from_flower(config)  # fail fast, with the key's name
+    check_run_config(cfg)
     node_config = {"num-threads": torch.get_num_threads(), **(node_config or {})}
     grid = InProcessGrid(client_app, config, num_nodes, node_config)
     with grid.identity():

@@ -83,7 +83,7 @@ def run_simulation(
     }
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
     tag = tag or uuid.uuid4().hex
-    env = launch_env(flwr_home, tag)
+    env = {**launch_env(flwr_home, tag), "PYTHONWARNINGS": _quiet_ray_tip(os.environ.get("PYTHONWARNINGS", ""))}
     superlink = None
     try:
         superlink = start_superlink(port, work_dir / "superlink.db", env, work_dir / "superlink.log", simulation=True)
@@ -92,6 +92,19 @@ def run_simulation(
         if superlink is not None:
             _stop(superlink)
         stop_tagged_processes(tag)
+
+
+# Ray's simulation engine (started by the SuperLink, in Flower's simulation process) warns on every start that a
+# future Ray will stop hiding GPUs from actors that ask for none: a FutureWarning about Ray's own defaults, with
+# nothing for a dpfpl user to do (the launch sets each client's GPU share). Only that warning, by its category,
+# its start ("Tip"; a warnings filter cannot hold the ":" that follows) and the module that raises it, is
+# ignored; every other warning stays visible.
+RAY_TIP_FILTER = "ignore:Tip:FutureWarning:ray._private.worker"
+
+
+def _quiet_ray_tip(user_filters: str) -> str:
+    """The launched processes' PYTHONWARNINGS: the user's own filters, then Ray's tip ignored."""
+    return ",".join(f for f in (user_filters, RAY_TIP_FILTER) if f)
 
 
 def launch_env(flwr_home: Path, tag: str) -> dict:

@@ -31,8 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 
 from .common.atomic import DIGEST_KEY, tensor_digest, write_tensors
-from .common.config import RANKED_METHODS, MethodName
+from .common.config import MethodName
+from .common.method_specs import RANKED_METHODS
 from .common.models import LoadedModel
+from .common.run_classes import run_class_list
 
 FORMAT = "dpfpl-prompt"
 FORMAT_VERSION = 1
@@ -292,7 +294,7 @@ def training_classnames(cfg) -> list[str]:
 
         names = run_dataset(cfg).classnames
         return [names[c] for c in run_partition(cfg).base_classes or []]
-    return cfg.class_list()
+    return run_class_list(cfg)
 
 
 def export_node_prompt(

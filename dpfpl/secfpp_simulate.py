@@ -34,7 +34,7 @@ import torch
 
 from .common.config import NodeConfig, RunConfig
 from .common.secfpp.clustering_signal import domain_gradient
-from .common.secfpp.protocol import Relay, secure_clustering
+from .common.secfpp.protocol import Relay, check_run_config, secure_clustering
 from .common.secfpp.reduce import public_basis, reduce
 
 log = logging.getLogger("dpfpl.secfpp")
@@ -73,6 +73,7 @@ def run_secfpp(
     from dpfpl.common.prompt import initial_global_prompt
     from dpfpl.server_app.strategy import global_noise_multiplier, global_update
 
+    check_run_config(cfg)
     cluster = cfg.method == "secfpp" if cluster is None else cluster
     n = cfg.num_clients
     nodes = [PromptNode(cfg, NodeConfig(partition_id=k, num_partitions=n, cache_dir=cache)) for k in range(n)]

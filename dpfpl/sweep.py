@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .common.atomic import write_bytes, write_json
 from .common.outcome import OUTCOME_FILE, RunOutcome
+from .common.secfpp.protocol import check_run_config
 from .sweep_grid import (  # noqa: F401 (the grid's names, for the sweep's users)
     ACCURACY_KEYS,
     ACCURACY_TITLES,
@@ -158,7 +159,9 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
     rounds = {}
     for run in runs:  # every run's config is checked before the first one starts
         try:
-            planned = RunConfig.from_flower(configs[run.name]).num_server_rounds
+            cfg = RunConfig.from_flower(configs[run.name])
+            check_run_config(cfg)
+            planned = cfg.num_server_rounds
         except ValueError as err:
             raise ValueError(f"run {run.name}: invalid run config: {err}") from err
         rounds[run.name] = 0 if run.method == "zeroshot" else planned  # zero-shot trains no round

@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .common.config import RANKED_METHODS, MethodName
+from .common.config import MethodName, RunConfig
+from .common.method_specs import RANKED_METHODS
 from .common.metrics import ACCURACY_KEYS
 
 __all__ = [
@@ -51,7 +52,7 @@ class SweepSpec(BaseModel):
     methods: list[MethodName] = Field(min_length=1)
     epsilons: list[Epsilon] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
-    ranks: list[int] = Field(default_factory=lambda: [8], min_length=1)
+    ranks: list[int] = Field(default_factory=lambda: [RunConfig.field_default("rank")], min_length=1)
     base: dict[str, Any] = Field(default_factory=dict)
     out: str = "runs/sweep"
     runtime: Literal["inprocess", "flower"] = "inprocess"

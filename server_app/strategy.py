@@ -33,6 +33,7 @@ from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM
 from dpfpl.common.optim import noise_bounded_lr, sgd_update
 from dpfpl.common.outcome import client_error_text
 from dpfpl.common.privacy import add_gaussian_noise, calibration, dp_generator
+from dpfpl.common.run_classes import run_class_list
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
@@ -95,7 +96,7 @@ def _server_class_list(cfg: RunConfig) -> list[str]:
     if cfg.dataset not in ("demo", "silo") and cfg.explicit_classnames():
         return cfg.explicit_classnames()
     try:
-        return cfg.class_list()
+        return run_class_list(cfg)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"the server checks every node's class list against the run's, and could not read the class list of "

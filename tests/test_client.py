@@ -13,8 +13,9 @@ from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.methods.dpfpl import factorize
 from dpfpl.common.privacy import clip_per_sample, per_sample_grads
+from dpfpl.common.run_classes import run_class_list
 
-DEMO_DIGEST = class_list_digest(RunConfig().class_list())  # what the server sends with every instruction
+DEMO_DIGEST = class_list_digest(run_class_list(RunConfig()))  # what the server sends with every instruction
 RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, target_epsilon=1.0)
 
 

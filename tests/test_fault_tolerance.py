@@ -20,6 +20,7 @@ from dpfpl.common.classlist import ClassListMismatch, check_class_list, class_li
 from dpfpl.common.config import RunConfig
 from dpfpl.common.outcome import RunFailed
 from dpfpl.common.privacy import accounted_epsilon
+from dpfpl.common.run_classes import run_class_list
 from dpfpl.common.runtag import run_tag
 from dpfpl.inprocess import InProcessGrid, full_run_config
 from dpfpl.server_app.checkpoint import RunDirectory, ServerState
@@ -143,7 +144,7 @@ def test_a_class_list_that_differs_from_the_servers_fails_before_any_work(tmp_pa
     grid = InProcessGrid(client_app, config, 3, {"num-threads": 1, "classnames": "cat,dog,cow"})
     with caplog.at_level(logging.ERROR), grid.identity(), pytest.raises(RunFailed, match="before round 1"):
         run_federation(grid, RunConfig.from_flower(config))
-    server = class_list_digest(RunConfig().class_list())
+    server = class_list_digest(run_class_list(RunConfig()))
     mine = class_list_digest(["cat", "dog", "cow"])
     assert server[:16] in caplog.text and mine[:16] in caplog.text and "node config 'classnames'" in caplog.text
     assert not list((tmp_path / "run2").rglob("local_state*"))  # nothing was trained or written

@@ -15,6 +15,7 @@ from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import METHOD_NAMES, RunConfig
 from dpfpl.common.methods import ContrastiveLoss, DpSettings, PromptLearner, SgdSettings, build_method
 from dpfpl.common.privacy import PrivacyAccountant, combined_noise_multiplier, epsilon_for
+from dpfpl.common.run_classes import run_class_list
 
 TRAINING = [m for m in METHOD_NAMES if m != "zeroshot"]
 LOCAL_KEYS = {
@@ -138,7 +139,7 @@ def test_reply_carries_exactly_what_the_method_shares(name, tmp_path, cache_dir)
                 "server-round": 1,
                 "run-token": "tok",
                 "noise-multiplier-global": 2.0 if method.shares_global else math.inf,
-                DIGEST_KEY: class_list_digest(cfg.class_list()),
+                DIGEST_KEY: class_list_digest(run_class_list(cfg)),
             }
         )
     }

@@ -25,8 +25,9 @@ from dpfpl.common.privacy import (
 )
 from dpfpl.common.privacy.calibration import global_noise_multiplier
 from dpfpl.common.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from dpfpl.common.run_classes import run_class_list
 
-DIGEST = class_list_digest(RunConfig().class_list())
+DIGEST = class_list_digest(run_class_list(RunConfig()))
 ROUNDS, TARGET, BATCH, Q = 3, 1.0, 16, 0.02
 RUN = dict(
     num_clients=10,

@@ -133,6 +133,7 @@ def dp_train(tmp_path_factory, cache_dir):
     from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
     from dpfpl.common.config import RunConfig
     from dpfpl.common.prompt import initial_global_prompt
+    from dpfpl.common.run_classes import run_class_list
 
     run_dir = tmp_path_factory.mktemp("dp-reply") / "run"
     cfg = RunConfig(
@@ -164,7 +165,7 @@ def dp_train(tmp_path_factory, cache_dir):
                     "server-round": 1,
                     "run-token": "tok",
                     "noise-multiplier-global": Z_GLOBAL,
-                    DIGEST_KEY: class_list_digest(cfg.class_list()),
+                    DIGEST_KEY: class_list_digest(run_class_list(cfg)),
                 }
             ),
         }

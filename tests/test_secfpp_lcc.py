@@ -107,14 +107,17 @@ def test_parameters_are_validated_up_front():
         check_range(dim=8, num_clients=3, bits=14, prime=2**31 - 1)  # 8 * (6 * 2^14)^2 ~ 7.7e10: would wrap
 
 
-def test_run_config_refuses_an_infeasible_secfpp_configuration():
-    from pydantic import ValidationError
-
+def test_an_infeasible_secfpp_configuration_is_refused_where_the_run_starts():
     from dpfpl.common.config import RunConfig
+    from dpfpl.common.secfpp.protocol import check_run_config
+    from dpfpl.inprocess import run_inprocess
 
-    RunConfig(method="secfpp", num_clients=5, secfpp_privacy=2)  # 2(1+2-1)+1 = 5 clients: feasible
-    with pytest.raises(ValidationError, match="needs"):
-        RunConfig(method="secfpp", num_clients=4, secfpp_privacy=2)
-    with pytest.raises(ValidationError, match="wrap"):
-        RunConfig(method="secfpp", num_clients=30, secfpp_reduced_dim=64, secfpp_quantization_bits=24)
-    RunConfig(method="dpfpl", num_clients=4, secfpp_privacy=2)  # other methods ignore the secfpp keys
+    check_run_config(RunConfig(method="secfpp", num_clients=5, secfpp_privacy=2))  # 2(1+2-1)+1 = 5: feasible
+    with pytest.raises(LccParameterError, match="needs"):
+        check_run_config(RunConfig(method="secfpp", num_clients=4, secfpp_privacy=2))
+    with pytest.raises(LccParameterError, match="wrap"):
+        check_run_config(RunConfig(method="secfpp", num_clients=30, secfpp_reduced_dim=64, secfpp_quantization_bits=24))
+    check_run_config(RunConfig(method="dpfpl", num_clients=4, secfpp_privacy=2))  # other methods ignore the keys
+    # an in-process run refuses it before any node is built (the ServerApp does the same before its first round)
+    with pytest.raises(LccParameterError, match="needs"):
+        run_inprocess({"method": "secfpp", "num-clients": 4, "secfpp-privacy": 2}, num_nodes=4)

@@ -197,32 +197,27 @@ def test_secfpp_with_secure_aggregation_sums_each_cluster_alone_and_matches_clea
 
 
 def test_secfpp_with_secure_aggregation_needs_clusters_that_can_be_summed():
+    from dpfpl.common.secfpp.protocol import check_run_config
     from dpfpl.inprocess import full_run_config
 
     settings = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
-    with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
-        RunConfig.from_flower(
+
+    def run_config(dropout_tolerance: int) -> RunConfig:
+        return RunConfig.from_flower(
             full_run_config(
                 {
                     **settings,
                     "method": "secfpp",
                     "secure-aggregation": True,
                     "secfpp-min-cluster-size": 2,
-                    "secagg-dropout-tolerance": 1,
+                    "secagg-dropout-tolerance": dropout_tolerance,
                 }
             )
         )
-    RunConfig.from_flower(
-        full_run_config(
-            {
-                **settings,
-                "method": "secfpp",
-                "secure-aggregation": True,
-                "secfpp-min-cluster-size": 2,
-                "secagg-dropout-tolerance": 0,
-            }
-        )
-    )
+
+    with pytest.raises(ValueError, match="secfpp-min-cluster-size >= 3"):
+        check_run_config(run_config(1))
+    check_run_config(run_config(0))
 
 
 def test_cluster_prompts_and_assignment_survive_the_checkpoint(tmp_path):

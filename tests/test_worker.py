@@ -24,9 +24,10 @@ from dpfpl.client_app.state import NodeState
 from dpfpl.client_app.worker_link import STATUS_FILE, WorkerMismatch, recv_frame, send_frame, socket_path
 from dpfpl.common.classlist import DIGEST_KEY, class_list_digest
 from dpfpl.common.config import RunConfig
+from dpfpl.common.run_classes import run_class_list
 
 RUN = dict(num_clients=10, classes_per_client=2, batch_size=16, num_server_rounds=5, pretrained="none", n_ctx=4, rank=2)
-DIGEST = class_list_digest(RunConfig().class_list())
+DIGEST = class_list_digest(run_class_list(RunConfig()))
 
 
 def _context(tmp_path, state_dir, partition_id=0, **run) -> Context:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from ..models import demo_pixels
 from .cifar import CIFAR_LAYOUTS, load_cifar
 from .coop import COOP_DATASETS, load_coop_dataset
+from .demo import load_demo_dataset
 from .folder import load_folder_dataset, load_manifest_dataset
 from .images import ArraySource, DatasetError, ImageDataset
 
@@ -17,9 +19,6 @@ DATASET_NAMES: tuple[str, ...] = ("demo", *COOP_DATASETS, *CIFAR_LAYOUTS, "folde
 def demo_image_dataset() -> ImageDataset:
     """The clients' view of the embedded default: its train and test records only. The public part, on which
     the demo backbone was pretrained, is not in it (its model input is computed exactly as pretraining did)."""
-    from ..models import demo_pixels
-    from .demo import load_demo_dataset
-
     data = load_demo_dataset()
     records = data.private_records()
     images = data.images[records]

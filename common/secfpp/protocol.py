@@ -17,13 +17,18 @@ interpolated polynomial, see docs/secfpp.md). Up to T colluding users see < K+T 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..secagg import crypto
-from .kmeans import ClusteringResult, Decision, adaptive_kmeans, counts, decide
+from ..secagg.protocol import min_group_size
+from .kmeans import ClusteringResult, Decision, adaptive_kmeans, counts, decide, threshold_units
 from .lcc import Lcc, LccParameterError
 from .quantize import check_range, from_field, quantize, to_field
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 PURPOSE = "secfpp"
 
@@ -177,6 +182,27 @@ def validate(
     return lcc
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """A SecFPP run's parameters, refused where a run starts (before any node does work): the phase must decode
+    (2(K+T-1)+1 <= N) and must not wrap around with all N clients, and with secure aggregation, where each
+    cluster is its own secure-aggregation group, a cluster must be large enough to be summed. Other methods
+    ignore the secfpp keys."""
+    if cfg.method != "secfpp":
+        return
+    validate(
+        cfg.num_clients, cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy, cfg.secfpp_quantization_bits
+    )
+    if cfg.secure_aggregation:
+        need = min_group_size(cfg.secagg_dropout_tolerance)
+        if cfg.secfpp_min_cluster_size < need:
+            raise ValueError(
+                f"method 'secfpp' with secure-aggregation = true sums each cluster on its own, and a sum that "
+                f"tolerates {cfg.secagg_dropout_tolerance} dropout(s) needs at least {need} members: set "
+                f"secfpp-min-cluster-size >= {need} (smaller clusters are then dissolved) or lower "
+                "secagg-dropout-tolerance"
+            )
+
+
 def secure_clustering(
     reduced: list[np.ndarray],
     *,
@@ -194,8 +220,6 @@ def secure_clustering(
     rng: np.random.Generator | None = None,
 ) -> tuple[ClusteringResult, list[ClusteringClient], Relay]:
     """Run one phase in-process among ``len(reduced)`` users with ``relay`` as the server."""
-    from .kmeans import threshold_units
-
     n = len(reduced)
     lcc = validate(n, len(reduced[0]), num_slices, privacy, bits, prime)
     relay = relay or Relay()

@@ -26,7 +26,7 @@ from ..common.atomic import write_bytes, write_json
 from ..common.config import MethodName, RunConfig
 from ..common.evaluation import accuracy
 from ..common.methods import PromptLearner, build_method
-from ..common.models import LoadedModel, cached_clip
+from ..common.models import DEMO_MODEL, LoadedModel, cached_clip
 from ..common.prompt import PromptTextEncoder
 from ..publish import PublishedPrompt, load_prompt
 from .data import MembershipSplit, membership_split
@@ -59,7 +59,7 @@ class AttackSpec(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     seed: int = 0
     bootstrap: int = Field(1000, ge=10)
-    model_name: str = "dpfpl-demo-tiny"
+    model_name: str = DEMO_MODEL
     pretrained: str = "demo"
     out: str = "runs/attack"
 
@@ -78,7 +78,7 @@ class AttackSpec(BaseModel):
             lr_global=self.lr,
             lr_local=self.lr,
             dp=dp,
-            target_epsilon=float(epsilon) if dp else 0.4,
+            target_epsilon=float(epsilon) if dp else RunConfig.field_default("target_epsilon"),
             calibrate_for="published",
             max_grad_norm_local=self.max_grad_norm,
             max_grad_norm_global=self.max_grad_norm,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from dpfpl.bench.step import _write_silo
+from dpfpl.common.pretrained import DEMO_MODEL
 from dpfpl.launch import run_simulation
 
 CLASSES = ["circle", "square", "stripes", "dots", "cross", "ring"]  # the deployment test's classes and silos
@@ -25,7 +26,7 @@ def main() -> None:
             "dataset": "silo",
             "classnames": ",".join(CLASSES),
             "silo-root": str(tmp / "silos"),
-            "model-name": "dpfpl-demo-tiny",
+            "model-name": DEMO_MODEL,
             "pretrained": "none",
             "num-clients": 3,
             "min-clients": 3,

@@ -20,14 +20,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dpfpl.common.models import load_clip
+from dpfpl.common.models import DEMO_MODEL, load_clip
 from dpfpl.common.privacy import per_sample_grads
 from dpfpl.common.prompt import PromptTextEncoder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="dpfpl-demo-tiny")
+    ap.add_argument("--model", default=DEMO_MODEL)
     ap.add_argument("--classes", type=int, default=20)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dpfpl.common.config import RunConfig  # noqa: E402
 from dpfpl.common.metrics import MetricsLogError, read_metrics_log  # noqa: E402
 from dpfpl.launch import tagged_processes  # noqa: E402
 
@@ -122,7 +123,12 @@ def main() -> None:
     ap.add_argument("--runtime", choices=["flower", "inprocess"], default="flower")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
     ap.add_argument("--eval-every", type=int, default=25)
-    ap.add_argument("--epsilon", type=float, default=0.4, help="target epsilon of the run (PLD-calibrated)")
+    ap.add_argument(
+        "--epsilon",
+        type=float,
+        default=RunConfig.field_default("target_epsilon"),
+        help="target epsilon of the run (PLD-calibrated)",
+    )
     ap.add_argument("--work-dir", default=None, help="default: a temporary directory")
     ap.add_argument("--json", default="soak.json")
     ap.add_argument("-c", "--config", action="append", default=[], help="extra run-config KEY=VALUE (JSON value)")

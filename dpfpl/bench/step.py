@@ -43,8 +43,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpfpl.common.pretrained import DEMO_MODEL
+
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = "dpfpl-demo-tiny"
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -541,7 +542,15 @@ def plan(args) -> list[tuple[str, str, dict]]:
             (
                 "step",
                 "demo C=20 B=32",
-                {**base, "model": DEMO, "classes": 20, "batch": 32, "repeats": 3, "naive": True, "ablation": True},
+                {
+                    **base,
+                    "model": DEMO_MODEL,
+                    "classes": 20,
+                    "batch": 32,
+                    "repeats": 3,
+                    "naive": True,
+                    "ablation": True,
+                },
             )
         )
         cases.append(
@@ -562,7 +571,7 @@ def plan(args) -> list[tuple[str, str, dict]]:
             )
         )
     if "scaling" in args.only:
-        model = "ViT-B-16" if args.scaling_model == "vit" else DEMO
+        model = "ViT-B-16" if args.scaling_model == "vit" else DEMO_MODEL
         for c in (10, 100, 1000):
             cases.append(
                 (
@@ -618,7 +627,7 @@ def plan(args) -> list[tuple[str, str, dict]]:
         dep_cfg = {
             "dataset": "silo",
             "classnames": ",".join(dep_names),
-            "model-name": DEMO,
+            "model-name": DEMO_MODEL,
             "pretrained": "none",
             "num-clients": 2,
             "min-clients": 2,
@@ -682,7 +691,7 @@ def deployment_cases(dev: str) -> list[tuple[str, str, dict]]:
     cfg = {
         "dataset": "silo",
         "classnames": ",".join(names),
-        "model-name": "dpfpl-demo-tiny",
+        "model-name": DEMO_MODEL,
         "pretrained": "none",
         "num-clients": 3,
         "min-clients": 3,
