@@ -8,10 +8,11 @@ accountant's books use, ``dpfpl.client_app.state.node_key``), not under Flower's
 SuperNode restarts or a simulation resumes: before sending a prompt to a node id the server has not heard from
 in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
-The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round, custom
-actions of the ``train`` type routed to ``client_app/secfpp.py``:
+The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round (the
+strategy's ``after_aggregation``), custom actions of the ``train`` type routed to ``client_app/secfpp.py``:
 
-  train.secfpp_keys       index in the roster, N -> the node computes/encodes its vector; reply: public key
+  train.secfpp_keys       index in the roster, N, num-clients -> the node computes/encodes its vector; reply:
+                          public key
   train.secfpp_shares     the roster's public keys -> ciphertexts of LCC shares, one per other node
   train.secfpp_distances  (first time: the shares addressed to the node) + the assignment -> ciphertexts of
                           the node's coded distances, one per other node

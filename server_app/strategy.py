@@ -210,8 +210,8 @@ class TrainExchange(Protocol):
 
 
 class ClearTrainExchange:
-    """The replies' clipped gradients reach the server in the clear (it adds the global noise, or checks the
-    nodes' own): one exchange of ``configure_train``'s messages, then ``aggregate_train``."""
+    """The replies' clipped gradients reach the server in the clear: one exchange of ``configure_train``'s
+    messages, then ``aggregate_train`` (validation, the global noise, the server step)."""
 
     def run(
         self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
