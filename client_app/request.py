@@ -49,7 +49,7 @@ class NodeRequest:
         return cls(
             operation=msg.metadata.message_type,
             content=msg.content,
-            run_config=dict(context.run_config),
+            run_config=run_config_for(msg.content, dict(context.run_config)),
             node_config=dict(context.node_config),
             node_id=int(msg.metadata.dst_node_id),
             clientapp_age=process_age() if _own_clientapp_process() else None,
@@ -72,3 +72,14 @@ def process_age() -> float | None:
         return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+def run_config_for(content: RecordDict, run_config: dict) -> dict:
+    """Flower's run config, with the number of clients the server counted when the run config leaves it to the
+    federation (``num-clients = 0``, as in a plain ``flwr run .``). The number only picks which partition of the
+    embedded data set a simulated node trains on (``num-partitions`` must match it); it sets no noise, so a node
+    takes it from the message."""
+    config = content.config_records.get("config")
+    if run_config.get("num-clients") == 0 and config is not None and "num-clients" in config:
+        return {**run_config, "num-clients": int(config["num-clients"])}
+    return run_config

@@ -70,7 +70,9 @@ class RunConfig(BaseModel):
     evaluation: Literal["test", "validation"] = "test"
     validation_fraction: float = Field(0.2, gt=0, lt=1)
 
-    num_clients: int = Field(10, ge=1)
+    # 0: as many clients as the federation has SuperNodes, counted by the ServerApp (pyproject's default, for
+    # ``flwr run .``); dpfpl's own commands launch the federation themselves, sized by this default
+    num_clients: int = Field(10, ge=0)
     classes_per_client: int = Field(2, ge=0)  # pathological / base-novel; 0: round(C/N), remainder to the last
     num_server_rounds: int = Field(100, ge=1)
     min_clients: int = Field(2, ge=1)
@@ -164,7 +166,7 @@ class RunConfig(BaseModel):
                 "needs a partitioned data set and a partition other than base-novel (whose novel "
                 "classes have no training records to hold out)"
             )
-        if self.min_clients > self.num_clients:
+        if self.num_clients and self.min_clients > self.num_clients:
             raise ValueError(f"min-clients ({self.min_clients}) > num-clients ({self.num_clients})")
         return self
 

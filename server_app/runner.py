@@ -1,4 +1,11 @@
-"""The round loop: setup/zero-shot phase, calibration, rounds with evaluation, checkpoint and metrics."""
+"""The run's stages (``run_federation``): open -> set up and calibrate -> train rounds -> close.
+
+Open: the number of clients (``server_app/federation.py``), the checkpoint or a fresh state, and the strategy
+(``server_app/build.py``). Set up and calibrate: round 0, in which every node checks its model and data and
+declares its sample rate, and z_G is calibrated for them. Train rounds: each round's exchange, update and what
+follows it, as the strategy does them, checkpointed before its p_G leaves the server, then evaluated. Close:
+the summary (``server_app/summary.py``) and the run's outcome.
+"""
 
 from __future__ import annotations
 
@@ -14,18 +21,15 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from dpfpl.common.config import RunConfig
-from dpfpl.common.evaluation import last_rounds_per_client, worst_client
-from dpfpl.common.metrics import LOCAL_ACC, SUMMARY_ACCURACY_KEYS
 from dpfpl.common.outcome import NodeFailure, RunFailed, RunOutcome
 from dpfpl.common.prompt import initial_global_prompt
-from dpfpl.common.wire import outside_epsilon
 
-from .books import COVERS, DISCRETE_GAUSSIAN_NOTE, SAMPLE_RATE_NOTE
+from .build import build_strategy
 from .checkpoint import METRICS, RunDirectory, ServerState
 from .exchange import exchange, take_tally
-from .secagg_round import secure_train_round
-from .secfpp_round import SecfppStrategy, clustering_phase
+from .federation import resolve_num_clients
 from .strategy import InvalidReply, PromptStrategy, global_noise_multiplier
+from .summary import summarize
 
 log = logging.getLogger("dpfpl.server")
 
@@ -109,10 +113,46 @@ def node_failure(node_id: int, reason: str) -> NodeFailure:
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> dict:
+    """One run, as its stages: open it (or resume it from its checkpoint), set up and calibrate (round 0), train
+    its rounds, close it (summary and outcome). Returns the summary; raises ``RunFailed`` for a run without a
+    result."""
+    strategy, run_dir = open_run(grid, cfg)
+    set_up_and_calibrate(strategy, grid, run_dir)
+    train_rounds(strategy, grid, run_dir)
+    return close_run(strategy, run_dir)
+
+
+def open_run(grid: Grid, cfg: RunConfig) -> tuple[PromptStrategy, RunDirectory]:
+    """The run's strategy over its checkpointed state (``resume``) or a fresh one, and its run directory.
+
+    ``num-clients`` is resolved first (``server_app/federation.py``): the checkpoint's fingerprint, the public
+    ``config.json`` and the nodes all see the number the run partitions for. A round that was checkpointed but
+    not yet evaluated when the last process stopped is finished here."""
+    cfg = resolve_num_clients(grid, cfg)
     run_dir = RunDirectory(cfg.run_dir)
-    fingerprint = config_fingerprint(cfg)
-    state = run_dir.load() if cfg.resume else None
-    if state is not None and state.config_fingerprint != fingerprint:
+    state = checkpointed_state(cfg, run_dir) if cfg.resume else None
+    if state is None:
+        state = fresh_state(cfg)
+        (run_dir.path / METRICS).unlink(missing_ok=True)
+    else:
+        log.info("resuming %s after round %d", run_dir.path, state.server_round)
+    strategy = build_strategy(cfg, state)
+    if state.evaluated_round is not None and state.evaluated_round < state.server_round:
+        # the crash came after the round's checkpoint, before its evaluation and metrics line: finish that round
+        # with the checkpointed p_G (nothing is trained or noised again)
+        run_dir.truncate_metrics(state.server_round - 1)
+        _finish_round(strategy, grid, run_dir, dict(state.last_record))
+    elif cfg.resume:
+        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
+    run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
+    return strategy, run_dir
+
+
+def checkpointed_state(cfg: RunConfig, run_dir: RunDirectory) -> ServerState | None:
+    """The run directory's checkpoint, if any, once it is known to be this configuration's and within the
+    rounds its noise was calibrated for."""
+    state = run_dir.load()
+    if state is not None and state.config_fingerprint != config_fingerprint(cfg):
         raise RuntimeError(
             f"{run_dir.path} holds a checkpoint of a different configuration; choose another run-dir or "
             "set resume = false to start over (the old run would then be overwritten)"
@@ -128,29 +168,25 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
             f"epsilon {cfg.target_epsilon}; {cfg.num_server_rounds} rounds would spend more than that budget. "
             "Start a new run (another run-dir, or resume = false) to train longer."
         )
-    if state is None:
-        state = ServerState(
-            p_global=initial_global_prompt(cfg),
-            momentum=None,
-            server_round=0,
-            run_token=secrets.token_hex(8),
-            noise_multiplier_global=0.0,
-            config_fingerprint=fingerprint,
-            evaluated_round=0,
-        )
-        (run_dir.path / METRICS).unlink(missing_ok=True)
-    else:
-        log.info("resuming %s after round %d", run_dir.path, state.server_round)
-    strategy = SecfppStrategy(cfg, state) if cfg.method == "secfpp" else PromptStrategy(cfg, state)
-    if state.evaluated_round is not None and state.evaluated_round < state.server_round:
-        # the crash came after the round's checkpoint, before its evaluation and metrics line: finish that round
-        # with the checkpointed p_G (nothing is trained or noised again)
-        run_dir.truncate_metrics(state.server_round - 1)
-        _finish_round(strategy, grid, run_dir, dict(state.last_record))
-    elif cfg.resume:
-        run_dir.resume_metrics(state)  # a checkpoint at round 0 means the setup phase runs again
-    run_dir.write_config(cfg.model_dump_json(indent=2))  # public: lets a node export its prompt (`dpfpl export`)
+    return state
 
+
+def fresh_state(cfg: RunConfig) -> ServerState:
+    return ServerState(
+        p_global=initial_global_prompt(cfg),
+        momentum=None,
+        server_round=0,
+        run_token=secrets.token_hex(8),
+        noise_multiplier_global=0.0,
+        config_fingerprint=config_fingerprint(cfg),
+        evaluated_round=0,
+    )
+
+
+def set_up_and_calibrate(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> None:
+    """A run at round 0: the setup phase (``setup_phase``), whose declared sample rates calibrate z_G, checkpointed
+    with the zero-shot metrics line. A resumed run has done this already."""
+    state, cfg = strategy.state, strategy.cfg
     if state.server_round == 0:
         zs = setup_phase(strategy, grid, run_dir)
         state.zeroshot = zs
@@ -176,31 +212,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         run_dir.save(state)
     strategy.summary()
 
+
+def train_rounds(strategy: PromptStrategy, grid: Grid, run_dir: RunDirectory) -> None:
+    """The rounds left to train, each checkpointed before its p_G leaves the server, then evaluated."""
+    cfg, state = strategy.cfg, strategy.state
     # zero-shot has nothing to train: its result is the setup phase's evaluation
     last_round = cfg.num_server_rounds if strategy.method.trains else 0
     for server_round in range(state.server_round + 1, last_round + 1):
-        started = time.time()
-        strategy.rejected.clear()
-        take_tally()  # this round's exchanges only
-        if cfg.secure_aggregation:  # the server sees only the noised sum (server_app/secagg_round.py)
-            arrays, train_metrics = secure_train_round(strategy, grid, server_round, cfg.round_timeout or None)
-        else:
-            replies = exchange(
-                grid,
-                strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid),
-                timeout=cfg.round_timeout or None,
-            )  # a node that hangs is dropped from the round, not waited for
-            arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
-        record.update(dict(train_metrics) if train_metrics is not None else {})
-        if cfg.method == "secfpp" and server_round % cfg.secfpp_every == 0:  # server_app/secfpp_round.py
-            record.update(
-                clustering_phase(strategy, grid, server_round, cfg.round_timeout or None)
-                or {"secfpp-phase-failed": True}
-            )
-        if cfg.dp:
-            record.update(strategy.privacy_maxima())
-        record["round-seconds"] = round(time.time() - started, 3)
+        record = train_round(strategy, grid, server_round)
         state.server_round, state.last_record = server_round, record
         if cfg.averages_for_publication(server_round):
             state.average_for_publication()  # the published p_G's mean, checkpointed with the round
@@ -210,13 +229,34 @@ def run_federation(grid: Grid, cfg: RunConfig) -> dict:
         run_dir.save(state)
         _finish_round(strategy, grid, run_dir, record, tally=True)
 
+
+def train_round(strategy: PromptStrategy, grid: Grid, server_round: int) -> dict:
+    """One round's train exchange and update (``strategy.train_round``: in the clear or under secure aggregation)
+    and what follows it (``strategy.after_aggregation``: SecFPP's clustering phase), as its metrics line."""
+    started = time.time()
+    strategy.rejected.clear()
+    take_tally()  # this round's exchanges only
+    _, train_metrics = strategy.train_round(grid, server_round)
+    record = {"round": server_round, "phase": "train", "updated": train_metrics is not None}
+    record.update(dict(train_metrics) if train_metrics is not None else {})
+    record.update(strategy.after_aggregation(grid, server_round))
+    if strategy.cfg.dp:
+        record.update(strategy.privacy_maxima())
+    record["round-seconds"] = round(time.time() - started, 3)
+    return record
+
+
+def close_run(strategy: PromptStrategy, run_dir: RunDirectory) -> dict:
+    """The summary and the run's outcome, written to the run directory; ``RunFailed`` for a run without a
+    result (Flower then marks the run failed)."""
+    cfg, state = strategy.cfg, strategy.state
     summary = summarize(cfg, state, run_dir.read_metrics(), strategy)
     run_dir.write_summary(summary)
     outcome = run_outcome(cfg, summary, healthy_nodes=len(state.node_sample_rates))
     outcome.write(run_dir.path)
     if outcome.status != "completed":
         log.error("%s", outcome.paragraph())
-        raise RunFailed(outcome.paragraph())  # Flower then marks the run failed: it has no result
+        raise RunFailed(outcome.paragraph())
     log.log(logging.WARNING if outcome.failed_rounds else logging.INFO, "%s", outcome.paragraph())
     return summary
 
@@ -264,146 +304,3 @@ def run_outcome(cfg: RunConfig, summary: dict, healthy_nodes: int) -> RunOutcome
         rounds_run=run,
         rounds_updated=updated,
     )
-
-
-PROTOCOL_DESCRIPTIONS = {
-    "pathological": "pathological (DP-FPL): disjoint classes per client; local = own classes' test images, "
-    "neighbor = the other clients' classes; classifier over all classes",
-    "dirichlet": "dirichlet (CIFAR): label skew Dir(alpha) on train and test; local = the client's own test "
-    "shard; classifier over all classes",
-    "base-novel": "base-novel (FedPGP): local = own base classes, base = all base classes (base classifier), "
-    "novel = unseen classes (novel classifier); hm = per-client HM(local, base, novel), "
-    "hm-of-means = HM of the three means",
-    "multi-domain": "multi-domain (SecFPP): client k draws from domain k mod D (contiguous class blocks), label skew "
-    "Dir(alpha) within it; local = the client's own test shard; classifier over all classes",
-    "silo": "silo: each organization's own test images (local only)",
-}
-
-
-def evaluation_protocol(cfg: RunConfig) -> dict:
-    protocol = "silo" if cfg.dataset == "silo" else cfg.partition
-    out = {
-        "name": protocol,
-        "description": PROTOCOL_DESCRIPTIONS[protocol],
-        "dataset": cfg.dataset,
-        "mean-over": "clients, unweighted",
-        "last-rounds": cfg.eval_last,
-    }
-    if protocol in ("dirichlet", "multi-domain"):
-        out["dirichlet-alpha"] = cfg.dirichlet_alpha
-    if protocol == "multi-domain":
-        out["num-domains"] = cfg.num_domains
-    if protocol in ("pathological", "base-novel"):
-        out["classes-per-client"] = cfg.classes_per_client or "round(C/N)"
-    if cfg.num_shots:
-        out["num-shots"] = cfg.num_shots
-    if cfg.augment_views:
-        out["augment-views"] = cfg.augment_views
-    return out
-
-
-def last_rounds_mean(evals: list[dict], count: int) -> dict:
-    """Mean of each accuracy over the evaluations of the last ``count`` rounds (the papers' number)."""
-    if not evals or count <= 0:
-        return {}
-    last_round = evals[-1]["round"]
-    window = [m for m in evals if m["round"] > last_round - count]
-    out: dict = {"rounds": [window[0]["round"], last_round], "evaluations": len(window)}
-    for key in SUMMARY_ACCURACY_KEYS:
-        values = [m[key] for m in window if key in m]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out
-
-
-def summarize(cfg: RunConfig, state: ServerState, metrics: list[dict], strategy: PromptStrategy) -> dict:
-    evals = [m for m in metrics if m.get("phase") == "train" and LOCAL_ACC in m]
-    if not strategy.method.trains:  # zero-shot: the hand-crafted prompts' evaluation is the result
-        evals = [{"round": 0, **state.zeroshot}] if state.zeroshot else []
-    last = evals[-1] if evals else {}
-    train = [m for m in metrics if m.get("phase") == "train"]
-    zeroshot_per_client = next((m.get("per-client", {}) for m in metrics if m.get("phase") == "zeroshot"), {})
-    final_per_client = last.get("per-client", {})
-    # the published prompt (the mean of the last iterates) is what a user takes away, so it is the result; a
-    # method without one (zero-shot) is its final evaluation
-    published_record = next((m["published"] for m in reversed(metrics) if "published" in m), None)
-    final = {k: last[k] for k in SUMMARY_ACCURACY_KEYS if k in last}
-    published = (
-        {k: published_record[k] for k in SUMMARY_ACCURACY_KEYS if k in published_record} if published_record else final
-    )
-    published_per_client = published_record.get("per-client", {}) if published_record else final_per_client
-    last_rounds_per = (
-        last_rounds_per_client(evals, cfg.eval_last, SUMMARY_ACCURACY_KEYS)
-        if cfg.eval_last and strategy.method.trains
-        else final_per_client
-    )
-    return {
-        "method": cfg.method,
-        "model": f"{cfg.model_name} ({cfg.pretrained})",
-        "rounds": state.server_round,
-        # rounds that ran and rounds whose replies (at least min-clients valid ones) updated the global prompt
-        "rounds-run": len(train),
-        "rounds-updated": sum(1 for m in train if m.get("updated") is True),
-        "num-clients": cfg.num_clients,
-        "evaluation-protocol": evaluation_protocol(cfg),
-        "zeroshot": state.zeroshot,
-        "published": published,
-        "published-per-client": published_per_client,
-        "published-prompt": published_prompt_note(cfg, state, strategy, published_record is not None),
-        # the worst client of the published prompt, against its own zero-shot accuracy
-        "worst-client": worst_client(zeroshot_per_client, published_per_client),
-        "zeroshot-per-client": zeroshot_per_client,
-        # diagnostics: the final iterate, and the papers' mean over the last rounds' iterates
-        "final": final,
-        "final-round": last.get("round"),
-        "final-per-client": final_per_client,
-        "worst-client-final-round": worst_client(zeroshot_per_client, final_per_client),
-        "last-rounds-mean": last_rounds_mean(evals, cfg.eval_last),
-        "worst-client-last-rounds": worst_client(zeroshot_per_client, last_rounds_per),
-        "privacy": {
-            "dp": cfg.dp,
-            "delta": cfg.delta,
-            "neighbouring-relation": "add/remove one record",
-            "accountant": "dp-accounting PLD, Poisson-subsampled Gaussian",
-            "target-epsilon": cfg.target_epsilon if cfg.uses_calibration else None,
-            "calibrate-for": cfg.calibrate_for,
-            "noise-multiplier-global": state.noise_multiplier_global,
-            **privacy_block(cfg, strategy),
-        },
-    }
-
-
-def published_prompt_note(cfg: RunConfig, state: ServerState, strategy: PromptStrategy, evaluated: bool) -> dict:
-    """What the published prompt is, in words and rounds."""
-    if not strategy.method.trains:
-        return {"what": "the hand-crafted prompts (nothing is learned)"}
-    rounds = [max(1, cfg.num_server_rounds - cfg.publish_average + 1), cfg.num_server_rounds]
-    shared = (
-        "each cluster's final p_G (SecFPP's cluster prompts are not averaged)"
-        if cfg.method == "secfpp"
-        else f"the mean of p_G over {state.averaged_rounds} rounds"
-        if strategy.method.shares_global
-        else "no p_G"
-    )
-    return {
-        "what": f"{shared} plus each node's mean p_L over the rounds it trained in {rounds[0]}..{rounds[1]}; "
-        "a mean of released iterates is post-processing and costs no epsilon",
-        "average-of-last": cfg.publish_average,
-        "rounds": rounds,
-        "evaluated": evaluated,
-    }
-
-
-def privacy_block(cfg: RunConfig, strategy: PromptStrategy) -> dict:
-    """Each epsilon (worst case over every node in the server's books), what it covers, and what it does not."""
-    if not cfg.dp:
-        return {key: None for key in COVERS}
-    excludes = outside_epsilon(cfg.method, cfg.dp)  # what leaves the nodes that no epsilon covers
-    return {
-        **strategy.privacy_maxima(),
-        "epsilon-covers": dict(COVERS),
-        "sample-rate": SAMPLE_RATE_NOTE,
-        "excludes": excludes,
-        "secure-noise": cfg.secure_noise,
-        **({"approximation": DISCRETE_GAUSSIAN_NOTE} if cfg.secure_aggregation else {}),
-    }

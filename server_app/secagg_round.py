@@ -42,6 +42,7 @@ from dpfpl.common.secagg.encoding import decode_sum, effective_noise_multiplier
 from dpfpl.common.secagg.field import quantized_sensitivity, scale_factor
 from dpfpl.common.secagg.protocol import SecAggError, ServerSession, threshold_for
 
+from .books import DISCRETE_GAUSSIAN_NOTE
 from .exchange import exchange
 from .replies import InvalidReply, blob, config_fields, id_to_blob, masked_input, reply_metrics
 from .strategy import PromptStrategy, Reply
@@ -82,6 +83,20 @@ def _request(
         if _ok(msg, server_round):
             replies[msg.metadata.src_node_id] = msg
     return replies
+
+
+class SecureTrainExchange:
+    """The train exchange of a run with ``secure-aggregation = true`` (``PromptStrategy.train_round``): the server
+    sees only each group's noised sum."""
+
+    def run(
+        self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return secure_train_round(strategy, grid, server_round, timeout)
+
+    def privacy_notes(self) -> dict[str, str]:
+        """The nodes' distributed discrete-Gaussian noise is accounted as the continuous Gaussian."""
+        return {"approximation": DISCRETE_GAUSSIAN_NOTE}
 
 
 def secure_train_round(

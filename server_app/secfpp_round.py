@@ -8,10 +8,11 @@ accountant's books use, ``dpfpl.client_app.state.node_key``), not under Flower's
 SuperNode restarts or a simulation resumes: before sending a prompt to a node id the server has not heard from
 in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
-The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round, custom
-actions of the ``train`` type routed to ``client_app/secfpp.py``:
+The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round (the
+strategy's ``after_aggregation``), custom actions of the ``train`` type routed to ``client_app/secfpp.py``:
 
-  train.secfpp_keys       index in the roster, N -> the node computes/encodes its vector; reply: public key
+  train.secfpp_keys       index in the roster, N, num-clients -> the node computes/encodes its vector; reply:
+                          public key
   train.secfpp_shares     the roster's public keys -> ciphertexts of LCC shares, one per other node
   train.secfpp_distances  (first time: the shares addressed to the node) + the assignment -> ciphertexts of
                           the node's coded distances, one per other node
@@ -36,14 +37,14 @@ from flwr.common import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from dpfpl.common.classlist import DIGEST_KEY
 from dpfpl.common.metrics import GLOBAL_NOISE_STD
 from dpfpl.common.optim import sgd_update
-from dpfpl.common.secfpp.kmeans import Decision, adaptive_kmeans, threshold_units
+from dpfpl.common.secfpp.kmeans import ClusteringResult, Decision, adaptive_kmeans, threshold_units
 from dpfpl.common.secfpp.lcc import LccParameterError
 from dpfpl.common.secfpp.protocol import validate
 
 from .exchange import exchange
+from .federation import NUM_CLIENTS_KEY
 from .replies import InvalidReply, blob, blobs, config_fields, node_ids
 from .strategy import PromptStrategy, global_learning_rate, global_update, parse_node_key
 
@@ -64,6 +65,18 @@ class SecfppStrategy(PromptStrategy):
         super().__init__(*args, **kwargs)
         self.node_keys: dict[int, str] = {}  # Flower node id -> node key, as heard in this process
         self.sent_cluster: dict[int, int] = {}  # node id -> the cluster whose prompt it was sent this round
+
+    def after_aggregation(self, grid: Grid, server_round: int) -> dict:
+        """Every ``secfpp-every`` rounds, after the round's update: the clustering phase (``clustering_phase``). A
+        phase that fails leaves the assignment as it was, and the round's metrics line says so."""
+        if server_round % self.cfg.secfpp_every:
+            return {}
+        return clustering_phase(self, grid, server_round, self.cfg.round_timeout or None) or {
+            "secfpp-phase-failed": True
+        }
+
+    def published_global_note(self) -> str:
+        return "each cluster's final p_G (SecFPP's cluster prompts are not averaged)"
 
     def key_of(self, node_id: int) -> str:
         return self.node_keys.get(int(node_id), str(node_id))
@@ -116,18 +129,13 @@ class SecfppStrategy(PromptStrategy):
     ) -> list[Message]:
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
         self.identify(grid, list(node_ids))
-        record = {
-            **config,
-            "server-round": server_round,
-            "run-token": self.state.run_token,
-            DIGEST_KEY: self.classes_digest,
-        }
+        record = self.round_config(server_round, config)
         self.sent_cluster = {int(n): self.cluster_of(n) for n in node_ids}
         return [
             Message(
                 content=RecordDict(
                     {
-                        "config": ConfigRecord(record),
+                        "config": ConfigRecord(record),  # one per node: secure aggregation adds its group
                         "arrays": ArrayRecord({"global-prompt": self.prompt_of(self.sent_cluster[int(n)])}),
                     }
                 ),
@@ -268,25 +276,61 @@ def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[i
     return inbox
 
 
-def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, timeout: float | None) -> dict | None:
-    """Run one phase; on success apply the new assignment and return what the metrics line records."""
-    cfg = strategy.cfg
-    started = time.time()
-    _, node_ids = sample_nodes(grid, cfg.min_clients, cfg.min_clients)
-    nodes = sorted(int(n) for n in node_ids)
-    phase = f"{strategy.state.run_token}/{server_round}"
-    try:
+class _ClusteringPhase:
+    """One clustering phase's stages, in order (``run``): the roster, the nodes' public keys, the relay of their
+    LCC shares, then adaptive k-means, each of whose iterations (``decisions``) is one exchange of coded distances
+    and one of decisions. Any stage may raise ``PhaseFailed`` (or a parser's error): the phase then ends and the
+    assignment stays as it was (``clustering_phase``)."""
+
+    def __init__(self, strategy: SecfppStrategy, grid: Grid, server_round: int, timeout: float | None) -> None:
+        self.strategy, self.grid, self.timeout, self.cfg = strategy, grid, timeout, strategy.cfg
+        _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
+        self.nodes = sorted(int(n) for n in node_ids)  # a node's index here is its index in the roster
+        self.phase = f"{strategy.state.run_token}/{server_round}"
+        self.shares: dict[int, tuple[list[int], list[bytes]]] = {}  # by roster index: (senders, ciphertexts)
+        self.alive: set[int] = set()
+        self.iteration = 0
+        # the coded results a distance decodes from (LCC: 2(K+T-1)+1); fewer left aborts the phase
+        self.need = 2 * (self.cfg.secfpp_slices + self.cfg.secfpp_privacy - 1) + 1
+
+    def run(self) -> ClusteringResult:
+        cfg = self.cfg
         validate(
-            len(nodes),
+            len(self.nodes),
             cfg.secfpp_reduced_dim,
             cfg.secfpp_slices,
             cfg.secfpp_privacy,
             cfg.secfpp_quantization_bits,
         )
-        keys = _request(
-            grid, KEYS, {n: {"index": i, "num-users": len(nodes)} for i, n in enumerate(nodes)}, phase, timeout
+        pks = self.collect_public_keys()
+        self.shares = _route(self.nodes, self._request(SHARES, {n: {"pks": pks} for n in self.nodes}))
+        self.alive = set(self.nodes)  # every vector is shared by now: a node that drops later stays in the cluster sums
+        return adaptive_kmeans(
+            len(self.nodes),
+            self.decisions,
+            threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
+            cfg.secfpp_max_clusters,
+            cfg.secfpp_max_iter,
+            [self.strategy.cluster_of(n) for n in self.nodes],
+            cfg.secfpp_min_cluster_size,
         )
-        for n in nodes:  # the phase's roster is also where the assignment learns each node's key
+
+    def _request(self, action: str, payloads: dict[int, dict], tolerate: bool = False) -> dict[int, dict]:
+        return _request(self.grid, action, payloads, self.phase, self.timeout, tolerate, len(self.nodes))
+
+    def collect_public_keys(self) -> list[bytes]:
+        """Each node's public key for this phase, in roster order. The roster is also where the assignment learns
+        each node's key; the message carries the run's number of clients, as a train message does (the node
+        loads its partition to compute its clustering vector)."""
+        nodes, strategy = self.nodes, self.strategy
+        keys = self._request(
+            KEYS,
+            {
+                n: {"index": i, "num-users": len(nodes), NUM_CLIENTS_KEY: self.cfg.num_clients}
+                for i, n in enumerate(nodes)
+            },
+        )
+        for n in nodes:
             strategy.learn_key(n, str(keys[n]["node-key"]))
         if len({strategy.key_of(n) for n in nodes}) < len(nodes):
             raise PhaseFailed(
@@ -296,70 +340,70 @@ def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, ti
         pks = [bytes(keys[n]["pk"]) for n in nodes]
         if any(len(pk) != 32 for pk in pks):
             raise PhaseFailed("a public key is not 32 bytes")
-        shares = _route(nodes, _request(grid, SHARES, {n: {"pks": pks} for n in nodes}, phase, timeout))
-        iteration = [0]
-        alive = set(nodes)  # every vector is shared by now: a node that drops later stays in the cluster sums
-        need = 2 * (cfg.secfpp_slices + cfg.secfpp_privacy - 1) + 1
+        return pks
 
-        def decisions(assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
-            iteration[0] += 1
-            base = {"assignment": assignment, "iteration": iteration[0]}
-            first = {
-                i: {"src": shares[i][0], "ct": shares[i][1]} if iteration[0] == 1 else {} for i in range(len(nodes))
-            }
-            replies = _request(
-                grid,
-                DISTANCES,
-                {n: {**base, **first[i]} for i, n in enumerate(nodes) if n in alive},
-                phase,
-                timeout,
-                tolerate=True,
-                roster_size=len(nodes),
-            )
-            alive.intersection_update(replies)
-            if len(alive) < need:  # fewer coded results than a distance needs: nobody could decode
-                raise PhaseFailed(f"{len(alive)} nodes left, a distance needs {need} coded results")
-            coded = _route(nodes, replies)
-            decided = _request(
-                grid,
-                DECIDE,
-                {
-                    n: {**base, "src": coded[i][0], "ct": coded[i][1], "exclude": sorted(exclude)}
-                    for i, n in enumerate(nodes)
-                    if n in alive
-                },
-                phase,
-                timeout,
-                tolerate=True,
-                roster_size=len(nodes),
-            )
-            alive.intersection_update(decided)
-            # a node that dropped keeps its cluster (unless that cluster is being dissolved: then the first other)
-            keep = [a if a not in exclude else min(set(range(max(assignment) + 1)) - set(exclude)) for a in assignment]
-            out = [
-                Decision(int(decided[n]["cluster"]), bool(decided[n]["far"]))
-                if n in decided
-                else Decision(keep[i], False)
-                for i, n in enumerate(nodes)
-            ]
-            allowed = set(range(max(assignment) + 1)) - set(exclude)
-            if any(d.cluster not in allowed for d in out):  # a decision is all the server can check
-                raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")
-            return out
-
-        initial = [strategy.cluster_of(n) for n in nodes]
-        result = adaptive_kmeans(
-            len(nodes),
-            decisions,
-            threshold_units(cfg.secfpp_threshold, cfg.secfpp_quantization_bits),
-            cfg.secfpp_max_clusters,
-            cfg.secfpp_max_iter,
-            initial,
-            cfg.secfpp_min_cluster_size,
+    def decisions(self, assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
+        """One k-means iteration: the nodes' coded distances to the current clusters, relayed, then each node's
+        decision (its cluster, and whether it is far from every one)."""
+        self.iteration += 1
+        base = {"assignment": assignment, "iteration": self.iteration}
+        coded = self.coded_distances(base)
+        decided = self._request(
+            DECIDE,
+            {
+                n: {**base, "src": coded[i][0], "ct": coded[i][1], "exclude": sorted(exclude)}
+                for i, n in enumerate(self.nodes)
+                if n in self.alive
+            },
+            tolerate=True,
         )
+        self.alive.intersection_update(decided)
+        return self.checked_decisions(assignment, exclude, decided)
+
+    def coded_distances(self, base: dict) -> dict[int, tuple[list[int], list[bytes]]]:
+        """The coded distances of the nodes still in the phase, regrouped by destination. The first iteration
+        also delivers each node the shares addressed to it."""
+        first = self.iteration == 1
+        replies = self._request(
+            DISTANCES,
+            {
+                n: {**base, **({"src": self.shares[i][0], "ct": self.shares[i][1]} if first else {})}
+                for i, n in enumerate(self.nodes)
+                if n in self.alive
+            },
+            tolerate=True,
+        )
+        self.alive.intersection_update(replies)
+        if len(self.alive) < self.need:  # fewer coded results than a distance needs: nobody could decode
+            raise PhaseFailed(f"{len(self.alive)} nodes left, a distance needs {self.need} coded results")
+        return _route(self.nodes, replies)
+
+    def checked_decisions(
+        self, assignment: list[int], exclude: frozenset[int], decided: dict[int, dict]
+    ) -> list[Decision]:
+        """Every node's decision in roster order; a node that dropped keeps its cluster (unless that cluster is
+        being dissolved: then the first other). A decision is all the server can check."""
+        allowed = set(range(max(assignment) + 1)) - set(exclude)
+        keep = [a if a not in exclude else min(allowed) for a in assignment]
+        out = [
+            Decision(int(decided[n]["cluster"]), bool(decided[n]["far"])) if n in decided else Decision(keep[i], False)
+            for i, n in enumerate(self.nodes)
+        ]
+        if any(d.cluster not in allowed for d in out):
+            raise PhaseFailed("a node reported a cluster that does not exist or is being dissolved")
+        return out
+
+
+def clustering_phase(strategy: SecfppStrategy, grid: Grid, server_round: int, timeout: float | None) -> dict | None:
+    """Run one phase; on success apply the new assignment and return what the metrics line records."""
+    started = time.time()
+    phase = _ClusteringPhase(strategy, grid, server_round, timeout)
+    try:
+        result = phase.run()
     except (PhaseFailed, LccParameterError, ValueError, TypeError, KeyError, IndexError, OverflowError) as err:
         log.error("round %d: clustering phase failed, the assignment stays as it was: %s", server_round, err)
         return None
+    nodes = phase.nodes
     strategy.apply_assignment({n: result.assignment[i] for i, n in enumerate(nodes)})
     log.info("round %d: %d clusters after %d iterations", server_round, result.num_clusters, result.iterations)
     return {

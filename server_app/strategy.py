@@ -5,6 +5,12 @@ Methods without a global prompt (CoOp) only drive the rounds: their replies must
 Follows ``flwr.serverapp.strategy.Strategy`` (configure_*/aggregate_*). ``dpfpl.server_app.runner.run_federation``
 drives the rounds instead of ``Strategy.start`` because a DP run needs a zero-shot/setup phase before round 1 (the nodes' sample rates
 calibrate the global noise), evaluation every ``eval-every`` rounds, and resume from a checkpoint.
+
+What differs between runs plugs in here, chosen once when the strategy is built (``server_app/build.py``), so that
+the round loop names no method: how a round's train exchange is done (``train_round``, through the strategy's
+``TrainExchange``: in the clear, ``ClearTrainExchange``, or under secure aggregation, ``server_app/secagg_round.py``),
+what follows a round's aggregation (``after_aggregation``: SecFPP's clustering phase, ``server_app/secfpp_round.py``),
+and how the summary words what the run published and what its epsilons assume.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,14 +36,18 @@ from dpfpl.common.config import RunConfig
 from dpfpl.common.evaluation import harmonic_mean
 from dpfpl.common.methods import Method, build_method
 from dpfpl.common.metrics import BASE_ACC, EVALUATION_KEYS, GLOBAL_NOISE_STD, HM_OF_MEANS, LOCAL_ACC, NOVEL_ACC
+from dpfpl.common.models import cached_clip
 from dpfpl.common.optim import noise_bounded_lr, sgd_update
 from dpfpl.common.outcome import client_error_text
 from dpfpl.common.privacy import add_gaussian_noise, calibration, dp_generator
+from dpfpl.common.prompt import TextTower, reference_context_norm
 from dpfpl.common.run_classes import run_class_list
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
 from .books import privacy_maxima
 from .checkpoint import ServerState
+from .exchange import exchange
+from .federation import NUM_CLIENTS_KEY
 from .replies import InvalidReply, reply_metrics
 
 log = logging.getLogger("dpfpl.server")
@@ -127,9 +137,6 @@ def global_noise_multiplier(cfg: RunConfig, max_sample_rate: float, method: Meth
 
 @lru_cache(maxsize=4)
 def _reference_context_norm(model_name: str, pretrained: str, n_ctx: int) -> float:
-    from dpfpl.common.models import cached_clip
-    from dpfpl.common.prompt import TextTower, reference_context_norm
-
     return reference_context_norm(TextTower.of(cached_clip(model_name, pretrained, None).model).token_embedding, n_ctx)
 
 
@@ -189,10 +196,40 @@ def summarize_node_metrics(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+class TrainExchange(Protocol):
+    """How a round's train messages are sent and their replies turned into the round's update."""
+
+    def run(
+        self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's configure_train, exchange and aggregation; (None, None) when nothing was updated."""
+        ...
+
+    def privacy_notes(self) -> dict[str, str]:
+        """What the summary's privacy block adds about how the global noise reached the sum."""
+        ...
+
+
+class ClearTrainExchange:
+    """The replies' clipped gradients reach the server in the clear: one exchange of ``configure_train``'s
+    messages, then ``aggregate_train`` (validation, the global noise, the server step)."""
+
+    def run(
+        self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        messages = strategy.configure_train(server_round, strategy.current_arrays(), ConfigRecord(), grid)
+        replies = exchange(grid, messages, timeout=timeout)  # a node that hangs is dropped, not waited for
+        return strategy.aggregate_train(server_round, replies)
+
+    def privacy_notes(self) -> dict[str, str]:
+        return {}
+
+
 class PromptStrategy(Strategy):
-    def __init__(self, cfg: RunConfig, state: ServerState) -> None:
+    def __init__(self, cfg: RunConfig, state: ServerState, train_exchange: TrainExchange | None = None) -> None:
         self.cfg = cfg
         self.state = state
+        self.train_exchange = train_exchange or ClearTrainExchange()
         self.method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
         self.client_evaluations: dict[str, dict[str, float]] = {}  # the last evaluation, per node
         # the replies rejected since the runner last cleared it ("node N: why"): the round's metrics line lists
@@ -202,22 +239,43 @@ class PromptStrategy(Strategy):
         self.noise_generator = dp_generator(cfg.dp, cfg.seed)
         self.classes_digest = class_list_digest(_server_class_list(cfg))
 
+    # ---------------------------------------------------------------- the round's hooks (server_app/runner.py)
+    def train_round(self, grid: Grid, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """How this run does a round's train exchange and aggregation (``self.train_exchange``)."""
+        return self.train_exchange.run(self, grid, server_round, self.cfg.round_timeout or None)
+
+    def after_aggregation(self, grid: Grid, server_round: int) -> dict:
+        """What follows a round's aggregation, before the round is checkpointed; its entries go into the round's
+        metrics line. Nothing for a method with one global prompt."""
+        return {}
+
+    def published_global_note(self) -> str:
+        """What the published prompt's shared part is, in the summary's words."""
+        return f"the mean of p_G over {self.state.averaged_rounds} rounds" if self.method.shares_global else "no p_G"
+
+    def privacy_notes(self) -> dict[str, str]:
+        """What the summary's privacy block adds for this run's train exchange."""
+        return self.train_exchange.privacy_notes()
+
     # ---------------------------------------------------------------- messages
+    def round_config(self, server_round: int, config: dict) -> dict:
+        """The config every train and evaluation message carries: the round, the run, the class list's digest and
+        the number of clients the run partitions its data set for (``server_app/federation.py``: resolved from
+        the federation when the run config leaves it to it, so that a node always sees an explicit number)."""
+        return {
+            **config,
+            "server-round": server_round,
+            "run-token": self.state.run_token,
+            DIGEST_KEY: self.classes_digest,
+            NUM_CLIENTS_KEY: self.cfg.num_clients,
+        }
+
     def _messages(
         self, server_round: int, arrays: ArrayRecord | None, config: dict, grid: Grid, message_type: str
     ) -> list[Message]:
         # DP-FPL: every connected node takes part; wait until at least min-clients are connected
         _, node_ids = sample_nodes(grid, self.cfg.min_clients, self.cfg.min_clients)
-        record = {
-            "config": ConfigRecord(
-                {
-                    **config,
-                    "server-round": server_round,
-                    "run-token": self.state.run_token,
-                    DIGEST_KEY: self.classes_digest,
-                }
-            )
-        }
+        record = {"config": ConfigRecord(self.round_config(server_round, config))}
         if arrays is not None:
             record["arrays"] = arrays
         return [Message(content=RecordDict(record), message_type=message_type, dst_node_id=n) for n in node_ids]

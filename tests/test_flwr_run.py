@@ -97,3 +97,39 @@ def test_flwr_run_dot_on_the_embedded_default(tmp_path, cache_dir, flower_home):
     assert (summary["rounds-run"], summary["rounds-updated"]) == (2, 2)
     assert "updated in 2 of 2 rounds" in done.stdout + done.stderr  # the ServerApp's last words
     assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == [f"node-{i}" for i in range(CLIENTS)]
+
+
+def test_flwr_run_dot_without_num_clients_trains_on_flowers_default_federation(tmp_path, cache_dir, flower_home):
+    """A Flower user's first try: ``flwr run . --stream``, no federation config. Flower's default local
+    simulation has 2 SuperNodes, and pyproject leaves num-clients to the federation: the run trains 2 clients."""
+    run_dir = tmp_path / "run"
+    overrides = {
+        "num-server-rounds": 1,
+        "eval-every": 1,
+        "eval-last": 0,
+        "pretrained": "none",
+        "n-ctx": 4,
+        "rank": 2,
+        "batch-size": 8,
+        "run-dir": str(run_dir),
+        "resume": False,
+    }
+    run_config = " ".join(
+        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items()
+    )
+    done = subprocess.run(
+        [_bin("flwr"), "run", ".", "--run-config", run_config, "--stream"],
+        cwd=PROJECT_ROOT,
+        env=flower_home,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    print(done.stdout[-4000:], done.stderr[-2000:])
+    assert done.returncode == 0
+    run_id = int(re.search(r"Successfully started run (\d+)", done.stdout).group(1))
+    assert _status(run_id, flower_home, PROJECT_ROOT, "local") == "finished:completed"
+    assert "num-clients not set: training on the 2 SuperNodes of the federation" in done.stdout + done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num-clients"] == 2 and (summary["rounds-run"], summary["rounds-updated"]) == (1, 1)
+    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == ["node-0", "node-1"]

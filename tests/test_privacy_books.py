@@ -20,8 +20,8 @@ from dpfpl.common.privacy import accounted_epsilon
 from dpfpl.common.wire import outside_epsilon
 from dpfpl.server_app.books import COVERS, privacy_maxima
 from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
-from dpfpl.server_app.runner import summarize
 from dpfpl.server_app.strategy import PromptStrategy
+from dpfpl.server_app.summary import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 Q_SMALL, Q_LARGE = 0.05, 0.2

@@ -183,7 +183,7 @@ def test_the_outcome_file_is_validated(tmp_path):
     [
         (["pretrained=/nowhere/open_clip_model.safetensors"], "weights file '/nowhere/open_clip_model.safetensors'"),
         (["dataset=folder", "data-root=/nowhere"], "/nowhere"),
-        (["num-clients=0"], "invalid run config"),
+        (["num-clients=-1"], "invalid run config"),  # 0 is valid: one client per SuperNode (flwr run)
     ],
 )
 def test_user_errors_are_one_paragraph_and_debug_shows_the_traceback(overrides, expected, capsys):

@@ -196,7 +196,7 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir, monkeypatc
     phase, the nodes' first contact, its own)."""
     from dpfpl.client_app.app import app as client_app
     from dpfpl.inprocess import InProcessGrid, full_run_config
-    from dpfpl.server_app import runner
+    from dpfpl.server_app import runner, strategy
     from dpfpl.server_app.exchange import exchange
     from dpfpl.server_app.runner import run_federation
 
@@ -207,7 +207,8 @@ def test_every_round_waits_at_most_round_timeout(tmp_path, cache_dir, monkeypatc
         grid.timeouts.append(timeout)
         return exchange(grid, messages, timeout=timeout)
 
-    monkeypatch.setattr(runner, "exchange", recording_exchange)
+    for module in (runner, strategy):  # setup and evaluation (runner), the clear train exchange (strategy)
+        monkeypatch.setattr(module, "exchange", recording_exchange)
 
     config = full_run_config(
         {

@@ -186,12 +186,18 @@ def check_run_config(cfg: RunConfig) -> None:
     """A SecFPP run's parameters, refused where a run starts (before any node does work): the phase must decode
     (2(K+T-1)+1 <= N) and must not wrap around with all N clients, and with secure aggregation, where each
     cluster is its own secure-aggregation group, a cluster must be large enough to be summed. Other methods
-    ignore the secfpp keys."""
+    ignore the secfpp keys. With num-clients 0 (as many as the federation has) the decoding check waits until
+    the ServerApp has counted the nodes and checks the resolved config again."""
     if cfg.method != "secfpp":
         return
-    validate(
-        cfg.num_clients, cfg.secfpp_reduced_dim, cfg.secfpp_slices, cfg.secfpp_privacy, cfg.secfpp_quantization_bits
-    )
+    if cfg.num_clients:
+        validate(
+            cfg.num_clients,
+            cfg.secfpp_reduced_dim,
+            cfg.secfpp_slices,
+            cfg.secfpp_privacy,
+            cfg.secfpp_quantization_bits,
+        )
     if cfg.secure_aggregation:
         need = min_group_size(cfg.secagg_dropout_tolerance)
         if cfg.secfpp_min_cluster_size < need:
