@@ -750,7 +750,7 @@ def floor_report(results: list[dict]) -> list[str]:
         return []
     lines = [
         "",
-        f"{'deployment, warm rounds (with evaluation)':<58}{'s/round':>8}{'exch':>5}{'handler':>8}{'app age':>8}"
+        f"{'deployment, warm rounds (train only)':<58}{'s/round':>8}{'exch':>5}{'handler':>8}{'app age':>8}"
         f"{'srv poll':>9}{'floor':>7}{'x floor':>8}",
     ]
     for r in rows:
