@@ -41,7 +41,7 @@ class CorruptSessionError(SecAggError):
     """This node's secure-aggregation state file cannot be used: this round's secure aggregation ends for it."""
 
 
-def _path(context: MessageContext) -> Path:
+def session_file(context: MessageContext) -> Path:
     return context.state_dir / SESSION_FILE
 
 
@@ -101,7 +101,7 @@ def _load(path: Path, round_context: str) -> tuple[ClientSession, np.ndarray]:
 
 def advertise_reply(context: MessageContext, global_grad: np.ndarray, metrics: dict) -> RecordDict:
     """The train reply under secure aggregation: metrics and two public keys, never the gradient."""
-    cfg, path = context.cfg, _path(context)
+    cfg, path = context.cfg, session_file(context)
     config = context.config
     round_context = _round_context(config)
     try:
@@ -141,7 +141,7 @@ def _roster(config) -> dict[int, tuple[bytes, bytes]]:
 
 
 def share_keys(context: MessageContext) -> RecordDict:
-    path, config = _path(context), context.config
+    path, config = session_file(context), context.config
     session, values = _load(path, _round_context(config))
     ciphertexts = session.share_keys(_roster(config), int(config["secagg-threshold"]))
     _save(path, session, values)
@@ -150,7 +150,7 @@ def share_keys(context: MessageContext) -> RecordDict:
 
 
 def masked_input(context: MessageContext) -> RecordDict:
-    path, config = _path(context), context.config
+    path, config = session_file(context), context.config
     session, values = _load(path, _round_context(config))
     src, ct = list(config["src"]), list(config["ct"])
     if len(src) != len(ct):
@@ -161,7 +161,7 @@ def masked_input(context: MessageContext) -> RecordDict:
 
 
 def unmask(context: MessageContext) -> RecordDict:
-    path, config = _path(context), context.config
+    path, config = session_file(context), context.config
     session, values = _load(path, _round_context(config))
     b_shares, s_shares = session.unmask([int(u) for u in config["survivors"]], [int(u) for u in config["dropped"]])
     _save(path, session, values)

@@ -33,7 +33,7 @@ class SecfppError(RuntimeError):
     pass
 
 
-def _path(context: MessageContext) -> Path:
+def session_file(context: MessageContext) -> Path:
     return context.state_dir / SESSION_FILE
 
 
@@ -59,7 +59,7 @@ def _reply(values: dict) -> RecordDict:
 def advertise_reply(context: MessageContext, vector: np.ndarray) -> RecordDict:
     """Encode this node's clustering vector (``client_app/secfpp_vector.py``); reply with this phase's public key
     only."""
-    cfg, path, config = context.cfg, _path(context), context.config
+    cfg, path, config = context.cfg, session_file(context), context.config
     basis = public_basis(vector.size, cfg.secfpp_reduced_dim, cfg.seed)
     lcc = validate(
         int(config["num-users"]),
@@ -83,7 +83,7 @@ def identify(context: MessageContext) -> RecordDict:
 
 
 def share(context: MessageContext) -> RecordDict:
-    path, config = _path(context), context.config
+    path, config = session_file(context), context.config
     client = _load(path, str(config["phase"]))
     cts = client.share({i: bytes(pk) for i, pk in enumerate(config["pks"])})
     _save(path, client)
@@ -92,7 +92,7 @@ def share(context: MessageContext) -> RecordDict:
 
 
 def distances(context: MessageContext) -> RecordDict:
-    path, config = _path(context), context.config
+    path, config = session_file(context), context.config
     client = _load(path, str(config["phase"]))
     if "src" in config:  # the first iteration carries the relayed shares
         client.receive_shares({int(s): bytes(c) for s, c in zip(config["src"], config["ct"])})
@@ -103,7 +103,7 @@ def distances(context: MessageContext) -> RecordDict:
 
 
 def decide(context: MessageContext) -> RecordDict:
-    cfg, path, config = context.cfg, _path(context), context.config
+    cfg, path, config = context.cfg, session_file(context), context.config
     client = _load(path, str(config["phase"]))
     decision = client.decide(
         {int(s): bytes(c) for s, c in zip(config["src"], config["ct"])},

@@ -375,8 +375,8 @@ MUTATIONS = (
     Mutation(
         "a re-sent reply's second release not charged on the node",
         "client_app/node.py",
-        "                self._charge_rerelease(run_token, state, z_global)",
-        "                pass",
+        "            self._charge_rerelease(run_token, state, z_global)",
+        "            pass",
         (RESENT,),
     ),
     Mutation(

@@ -52,7 +52,8 @@ log = logging.getLogger("dpfpl.server.secagg")
 SHARES, MASKED, UNMASK = (f"{MessageType.TRAIN}.secagg_{a}" for a in ("shares", "masked", "unmask"))
 
 
-def _ok(msg: Message, server_round: int) -> bool:
+def _answered(msg: Message, server_round: int) -> bool:
+    """False (logged) for a node that answered with an error instead of a reply."""
     if msg.has_error():
         log.warning("round %d: node %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
         return False
@@ -80,7 +81,7 @@ def _request(
     stats["messages"] += 2 * len(messages)
     replies = {}
     for msg in exchange(grid, messages, timeout=timeout):
-        if _ok(msg, server_round):
+        if _answered(msg, server_round):
             replies[msg.metadata.src_node_id] = msg
     return replies
 
@@ -128,7 +129,7 @@ class _Group:
         self.total: np.ndarray | None = None  # the unmasked integer sum
 
 
-def _each(groups: list[_Group], server_round: int, step, min_clients: int = 0) -> list[_Group]:
+def _for_each_live_group(groups: list[_Group], server_round: int, step, min_clients: int = 0) -> list[_Group]:
     """Run ``step(group)`` for every live group; a SecAggError fails that group only (logged), never the others.
     Returns the groups still live; none left, or fewer survivors in them than ``min_clients``, fails the round."""
     for group in groups:
@@ -256,7 +257,7 @@ class _SecureRound:
             }
             payloads.update({u: payload for u in order})
 
-        _each(self.groups, self.server_round, roster)
+        _for_each_live_group(self.groups, self.server_round, roster)
         self.roster_payloads = payloads
 
     def collect_shares(self) -> dict[int, dict[int, bytes]]:
@@ -290,7 +291,7 @@ class _SecureRound:
                 }
             )
 
-        _each(self.groups, self.server_round, relay)
+        _for_each_live_group(self.groups, self.server_round, relay)
         masked = {}
         size = int(np.prod(self.shape))
         for node, msg in self._request(MASKED, payloads).items():
@@ -304,7 +305,7 @@ class _SecureRound:
                 {u: y for u, y in masked.items() if u in group.nodes}
             )
 
-        self.live = _each(self.groups, self.server_round, collect, self.cfg.min_clients)
+        self.live = _for_each_live_group(self.groups, self.server_round, collect, self.cfg.min_clients)
 
     def unmask(self) -> list[_Group]:
         """Survivors send shares of the survivors' b and of the dropped nodes' s; the groups that unmask."""
@@ -328,7 +329,7 @@ class _SecureRound:
         def unmask_sum(group: _Group) -> None:
             group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
 
-        return _each(self.groups, self.server_round, unmask_sum, self.cfg.min_clients)
+        return _for_each_live_group(self.groups, self.server_round, unmask_sum, self.cfg.min_clients)
 
     def apply(self, done: list[_Group]) -> dict[str, float]:
         """Each group's decoded noisy mean takes the server step; only the survivors are charged."""
