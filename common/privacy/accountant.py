@@ -90,8 +90,8 @@ def accounting_sample_rate(sample_rate: float) -> float:
 
     epsilon grows with q, so noise calibrated for the rounded rate also meets the target at the true rate,
     and the epsilon reported for it is an upper bound on the true one (16/944 = 0.01695 -> 0.017). Nodes of
-    similar size then share one PLD computation instead of each paying its own: a calibration costs ~10 s
-    at epsilon = 0.4 on this CPU, and one epsilon after every step ~0.4 s, as much as the DP step itself.
+    similar size then share one PLD computation instead of each paying its own: a PLD calibration and even
+    one epsilon evaluation cost about as much as a DP step of the demo model (docs/performance.md).
     """
     if sample_rate >= 1.0:
         return 1.0

@@ -3,10 +3,9 @@
 Per-sample gradients: in prompt learning every sample's loss depends on the learnable context only through
 the C class text features, so one forward pass of the text tower serves the whole batch and the B
 per-sample gradients are B vector-Jacobian products of that one graph. ``torch.autograd.grad`` with
-``is_grads_batched=True`` runs them as one vectorized backward (vmap over the cotangents). Measured here
-(torch 2.14.1, 2 CPU cores): ViT-B-16, C=20, B=8: 4.2 s against 5.5 s for an explicit per-sample copy of the
-context through one big batch and 0.74 s for one non-private step, i.e. at the (1 + 2B)/3 bound of B
-separate backward passes; the demo model, C=20, B=32: 0.45 s (batched) vs 0.58 s (copies). Attention
+``is_grads_batched=True`` runs them as one vectorized backward (vmap over the cotangents), faster than an
+explicit per-sample copy of the context through one big batch (the measurement is in docs/performance.md,
+``dpfpl/bench/per_sample_grads.py``). Attention
 runs on the math SDPA kernel, which has vmap batching rules (the CPU flash-attention backward has none and
 silently falls back to a per-sample loop). The batch is processed in chunks so memory stays bounded.
 """
