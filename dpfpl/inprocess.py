@@ -35,6 +35,7 @@ import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -45,7 +46,11 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from .client_app.app import app as client_app
+from .common.config import RunConfig
 from .common.secfpp.protocol import check_run_config
+from .overrides import full_run_config
+from .server_app.runner import run_federation
 
 log = logging.getLogger("dpfpl.inprocess")
 
@@ -196,13 +201,6 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def full_run_config(overrides: dict) -> dict:
-    """The run config's defaults with ``overrides`` applied, as Flower builds a run's config."""
-    from .common.config import RunConfig
-
-    return {**RunConfig.defaults(), **overrides}
-
-
 def run_inprocess(run_config: dict, num_nodes: int, node_config: dict | None = None) -> dict:
     """Run one federation with ``num_nodes`` in-process nodes; return the run's summary.
 
@@ -211,12 +209,6 @@ def run_inprocess(run_config: dict, num_nodes: int, node_config: dict | None = N
     ``num-threads``; by default the ClientApp uses as many threads as this process, since the nodes take
     turns instead of sharing the cores).
     """
-    import torch
-
-    from dpfpl.client_app.app import app as client_app
-    from dpfpl.common.config import RunConfig
-    from dpfpl.server_app.runner import run_federation
-
     config = full_run_config(run_config)
     cfg = RunConfig.from_flower(config)  # fail fast, with the key's name
     check_run_config(cfg)

@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 
 import tomli_w
 
+from .common.config import RunConfig
 from .common.outcome import RunFailed
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the repository, for a checkout or an editable install
@@ -343,10 +345,7 @@ def app_dir() -> Path:
     config's defaults (the code then comes from the installed package)."""
     if (PROJECT_ROOT / "pyproject.toml").is_file():
         return PROJECT_ROOT
-    from importlib.metadata import version
-
-    from .common.config import RunConfig
-    from .common.models import cache_dir
+    from .common.models import cache_dir  # lazy: torch; submit and --help import this module
 
     folder = cache_dir() / "app" / version("dpfpl")
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """``dpfpl export``, ``dpfpl predict`` and ``dpfpl attack``: what a node publishes, what a user of the
 published prompt does with it, and what an attacker who obtains it learns about the node's records.
 
-Kept out of ``cli.py`` so that the argument parsing there stays one screen; each function takes the parsed
-arguments and prints what a user reads.
+Kept out of ``cli.py``, which defines these commands' options and imports this module only when one of them
+runs: they load torch and the backbone, ``dpfpl --help`` does not. Each function takes the parsed arguments and
+prints what a user reads.
 """
 
 from __future__ import annotations
@@ -13,44 +14,15 @@ import io
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from .attack.experiment import NO_DP, AttackSpec, run_attack_experiment, table
 from .common.atomic import write_bytes
-
-
-def add_parsers(sub) -> None:
-    p = sub.add_parser("export", help="write a node's personalized prompt (safetensors + manifest with its epsilon)")
-    p.add_argument("run_dir", help="the run directory (checkpoint.safetensors, config.json)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--node", type=int, help="simulated node index (its state is RUN_DIR/nodes/node-I)")
-    where.add_argument("--state-dir", help="a deployed node's own state directory")
-    p.add_argument("--out", required=True, help="output file, e.g. prompt.safetensors")
-    p = sub.add_parser("predict", help="classify images with an exported prompt and the OpenCLIP model it names")
-    p.add_argument("prompt", help="an exported prompt file (dpfpl export)")
-    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("-k", "--top-k", type=int, default=1)
-    p.add_argument("--pretrained", help="the same weights at another path/tag than the manifest names")
-    p.add_argument("--model", help="the OpenCLIP model you expect; checked against the prompt's manifest")
-    p.add_argument("--classnames", help="comma-separated class list you expect; checked against the manifest")
-    p.add_argument("--out", help="write the predictions to this .csv or .json file instead of printing them")
-    p.add_argument("--batch-size", type=int, default=128)
-    p = sub.add_parser("attack", help="membership inference (shadow-model + loss-threshold) vs epsilon")
-    p.add_argument("--methods", default="dpfpl,coop", help="comma-separated methods (the engine's)")
-    p.add_argument("--epsilons", default="none,8,1,0.1", help="target epsilons of the published prompt; 'none': no DP")
-    p.add_argument("--classes", help="comma-separated demo classes (default: the ten animal classes)")
-    p.add_argument("--members", type=int, help="records the target trains on (as many non-members)")
-    p.add_argument("--shadows", type=int, help="shadow prompts per (method, epsilon)")
-    p.add_argument("--steps", type=int, help="training steps (one Poisson batch each)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--n-ctx", type=int)
-    p.add_argument("--rank", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the 95%% confidence intervals")
-    p.add_argument("--out", default="runs/attack")
+from .predict import PromptClassifier, image_paths, load_model_for
+from .publish import PromptMismatchError, PublishedPrompt, PublishedPromptError, export_node_prompt, load_prompt
 
 
 def export(args: argparse.Namespace) -> None:
-    from .publish import export_node_prompt
-
     try:
         published = export_node_prompt(args.run_dir, args.node, args.state_dir)
     except (FileNotFoundError, ValueError) as err:
@@ -69,7 +41,7 @@ def export(args: argparse.Namespace) -> None:
     print(privacy_line(published))
 
 
-def privacy_line(published) -> str:
+def privacy_line(published: PublishedPrompt) -> str:
     pr = published.manifest.privacy
     if not pr.dp:
         return "privacy: trained WITHOUT differential privacy: the prompt carries no guarantee for its records"
@@ -84,9 +56,6 @@ def privacy_line(published) -> str:
 
 
 def predict(args: argparse.Namespace) -> None:
-    from .predict import PromptClassifier, image_paths, load_model_for
-    from .publish import PromptMismatchError, PublishedPromptError, load_prompt
-
     try:
         published = load_prompt(args.prompt)
         if args.model and args.model != published.manifest.model_name:
@@ -130,19 +99,18 @@ def predict(args: argparse.Namespace) -> None:
 
 
 def attack(args: argparse.Namespace) -> None:
-    from pydantic import ValidationError
-
-    from .attack.experiment import NO_DP, AttackSpec, run_attack_experiment, table
-
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    fields = {"methods": split(args.methods), "out": args.out, "epsilons": split(args.epsilons)}
+    fields = {"out": args.out}  # an option not given: AttackSpec's default
+    if args.methods is not None:
+        fields["methods"] = split(args.methods)
     if args.classes:
         fields["classes"] = split(args.classes)
     for key in ("members", "shadows", "steps", "lr", "batch_size", "n_ctx", "rank", "seed", "bootstrap"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     try:
-        fields["epsilons"] = [NO_DP if e.lower() == NO_DP else float(e) for e in fields["epsilons"]]
+        if args.epsilons is not None:
+            fields["epsilons"] = [NO_DP if e.lower() == NO_DP else float(e) for e in split(args.epsilons)]
         spec = AttackSpec(**fields)
         result = run_attack_experiment(spec)
     except ValidationError as err:

@@ -29,12 +29,20 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from .client_app.state import STATE_FILE, NodeState
 from .common.atomic import DIGEST_KEY, tensor_digest, write_tensors
-from .common.config import MethodName
+from .common.config import MethodName, RunConfig
 from .common.method_specs import RANKED_METHODS
-from .common.models import LoadedModel
+from .common.methods import Method, PromptLearner, build_method
+from .common.models import LoadedModel, cached_clip
+from .common.node import run_dataset, run_partition
+from .common.prompt import PromptTextEncoder
 from .common.run_classes import run_class_list
+from .common.wire import outside_epsilon
+from .server_app.books import privacy_maxima
+from .server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory, ServerState
 
 FORMAT = "dpfpl-prompt"
 FORMAT_VERSION = 1
@@ -122,8 +130,6 @@ def load_prompt(path: str | Path) -> PublishedPrompt:
     if not path.is_file():
         raise PublishedPromptError(f"prompt file '{path}' does not exist")
     try:
-        from safetensors.torch import load_file
-
         with safe_open(str(path), framework="pt") as fh:
             metadata = dict(fh.metadata() or {})
         tensors = load_file(str(path))
@@ -286,12 +292,10 @@ def accountant_privacy(
     )
 
 
-def training_classnames(cfg) -> list[str]:
+def training_classnames(cfg: RunConfig) -> list[str]:
     """The class list the node's prompt was trained over (its logits): the task's classes, or the base classes
     under the base-novel protocol (the prompt still runs on any class list, but this is the one it learned)."""
     if cfg.dataset != "silo" and cfg.partition == "base-novel":
-        from .common.node import run_dataset, run_partition
-
         names = run_dataset(cfg).classnames
         return [names[c] for c in run_partition(cfg).base_classes or []]
     return run_class_list(cfg)
@@ -302,41 +306,10 @@ def export_node_prompt(
 ) -> PublishedPrompt:
     """Build node ``node``'s personalized prompt from a run directory (global prompt, run config) and the
     node's private state (``RUN_DIR/nodes/node-I`` in simulation, ``state_dir`` on a deployed node)."""
-    from dpfpl.client_app.state import STATE_FILE, NodeState
-    from dpfpl.common.wire import outside_epsilon
-    from dpfpl.server_app.books import privacy_maxima
-    from dpfpl.server_app.checkpoint import CHECKPOINT, RUN_CONFIG, RunDirectory
-
-    from .common.config import RunConfig
-    from .common.methods import PromptLearner, build_method
-    from .common.models import cached_clip
-    from .common.prompt import PromptTextEncoder
-
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise FileNotFoundError(
-            f"'{run_dir}' holds no {CHECKPOINT}: not a dpfpl run directory (or the run has not finished a round)"
-        )
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise FileNotFoundError(
-            f"'{run_dir}' has no {RUN_CONFIG} (the run's configuration): runs written before "
-            "export existed lack it; re-run, or copy it from the aggregator's run directory"
-        )
-    cfg = RunConfig.model_validate_json((run_dir / RUN_CONFIG).read_text())
-    if state_dir is None:
-        if node is None:
-            raise ValueError("name the node: --node I (simulation) or --state-dir DIR (a deployed node's state)")
-        state_dir = run_dir / "nodes" / f"node-{node}"
-    state_dir = Path(state_dir)
-    state = NodeState.load(state_dir)
-    if state is None:
-        raise FileNotFoundError(f"no node state ({STATE_FILE}) in '{state_dir}'")
-    server = RunDirectory(run_dir).load()
-    if state.run_key != server.run_token:
-        raise ValueError(
-            f"the node state in '{state_dir}' belongs to another run (run token {state.run_key!r}, "
-            f"the run directory's is {server.run_token!r})"
-        )
+    cfg = _run_config(run_dir)
+    state_dir = _node_state_dir(run_dir, node, state_dir)
+    state, server = _node_and_server_state(run_dir, state_dir)
     model = cached_clip(cfg.model_name, cfg.pretrained, cache)
     classnames = training_classnames(cfg)
     method = build_method(cfg.method, cfg.rank, cfg.contrastive_weight, cfg.contrastive_temperature)
@@ -345,28 +318,6 @@ def export_node_prompt(
         PromptTextEncoder(model.model, model.tokenizer, classnames, cfg.n_ctx),
         float(model.model.logit_scale.exp()),
     )
-    others = None
-    if cfg.dp and method.shares_global:
-        # the server's books (as in its summary): worst case over all nodes, an upper bound for the others
-        others = privacy_maxima(server, cfg.delta, method.local is not None, True)["epsilon-global-max"]
-    privacy = accountant_privacy(
-        state.accountant,
-        cfg.dp,
-        cfg.delta,
-        state.noise_multiplier_local,
-        server.noise_multiplier_global if method.shares_global else None,
-        others,
-        outside_epsilon(cfg.method, cfg.dp),
-    )
-    source = {
-        "run-dir": str(run_dir.resolve()),
-        "node-state": str(state_dir.resolve()),
-        "server-round": server.server_round,
-        "node-round": state.last_round,
-        # the published prompt is a mean of released iterates (post-processing: no epsilon of its own)
-        "global-averaged-rounds": server.averaged_rounds if method.shares_global else 0,
-        "local-averaged-rounds": state.averaged_rounds if method.local is not None else 0,
-    }
     # SecFPP's nodes are evaluated with their cluster's p_G, which the server sent them, not with a mean
     p_global = (
         (server.published_global if cfg.method != "secfpp" else server.p_global) if method.shares_global else None
@@ -377,9 +328,77 @@ def export_node_prompt(
         classnames,
         p_global,
         state.local,
-        privacy,
+        _exported_privacy(cfg, method, state, server),
         cfg.rank,
-        source,
+        _provenance(run_dir, state_dir, method, state, server),
         pretrained=cfg.pretrained,
         local_context=state.local_average,
     )
+
+
+def _run_config(run_dir: Path) -> RunConfig:
+    """The run's configuration, from a directory that must hold a finished round's checkpoint."""
+    if not (run_dir / CHECKPOINT).is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' holds no {CHECKPOINT}: not a dpfpl run directory (or the run has not finished a round)"
+        )
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"'{run_dir}' has no {RUN_CONFIG} (the run's configuration): runs written before "
+            "export existed lack it; re-run, or copy it from the aggregator's run directory"
+        )
+    return RunConfig.model_validate_json((run_dir / RUN_CONFIG).read_text())
+
+
+def _node_state_dir(run_dir: Path, node: int | None, state_dir: str | Path | None) -> Path:
+    """A deployed node's own state directory, else simulated node ``node``'s under the run directory."""
+    if state_dir is None:
+        if node is None:
+            raise ValueError("name the node: --node I (simulation) or --state-dir DIR (a deployed node's state)")
+        state_dir = run_dir / "nodes" / f"node-{node}"
+    return Path(state_dir)
+
+
+def _node_and_server_state(run_dir: Path, state_dir: Path) -> tuple[NodeState, ServerState]:
+    """The node's private state and the server's, which must belong to the same run."""
+    state = NodeState.load(state_dir)
+    if state is None:
+        raise FileNotFoundError(f"no node state ({STATE_FILE}) in '{state_dir}'")
+    server = RunDirectory(run_dir).load()
+    if state.run_key != server.run_token:
+        raise ValueError(
+            f"the node state in '{state_dir}' belongs to another run (run token {state.run_key!r}, "
+            f"the run directory's is {server.run_token!r})"
+        )
+    return state, server
+
+
+def _exported_privacy(cfg: RunConfig, method: Method, state: NodeState, server: ServerState) -> PrivacyManifest:
+    """The manifest's privacy section: the node's own accountant, and the server's books for the other
+    clients' records in p_G."""
+    others = None
+    if cfg.dp and method.shares_global:
+        # the server's books (as in its summary): worst case over all nodes, an upper bound for the others
+        others = privacy_maxima(server, cfg.delta, method.local is not None, True)["epsilon-global-max"]
+    return accountant_privacy(
+        state.accountant,
+        cfg.dp,
+        cfg.delta,
+        state.noise_multiplier_local,
+        server.noise_multiplier_global if method.shares_global else None,
+        others,
+        outside_epsilon(cfg.method, cfg.dp),
+    )
+
+
+def _provenance(run_dir: Path, state_dir: Path, method: Method, state: NodeState, server: ServerState) -> dict:
+    """Where the prompt comes from: run, node state, rounds, and the rounds its mean covers."""
+    return {
+        "run-dir": str(run_dir.resolve()),
+        "node-state": str(state_dir.resolve()),
+        "server-round": server.server_round,
+        "node-round": state.last_round,
+        # the published prompt is a mean of released iterates (post-processing: no epsilon of its own)
+        "global-averaged-rounds": server.averaged_rounds if method.shares_global else 0,
+        "local-averaged-rounds": state.averaged_rounds if method.local is not None else 0,
+    }

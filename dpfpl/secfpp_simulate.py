@@ -22,6 +22,7 @@ Round r:
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import secrets
@@ -31,11 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.metrics import adjusted_rand_score
 
+from .client_app.node import PromptNode
 from .common.config import NodeConfig, RunConfig
+from .common.node import run_partition
+from .common.prompt import initial_global_prompt
 from .common.secfpp.clustering_signal import domain_gradient
 from .common.secfpp.protocol import Relay, check_run_config, secure_clustering
 from .common.secfpp.reduce import public_basis, reduce
+from .server_app.strategy import global_noise_multiplier, global_update
 
 log = logging.getLogger("dpfpl.secfpp")
 
@@ -58,8 +64,6 @@ class SecfppRun:
 
 
 def adjusted_rand_index(a: list[int], b: list[int]) -> float:
-    from sklearn.metrics import adjusted_rand_score
-
     return float(adjusted_rand_score(a, b))
 
 
@@ -68,11 +72,6 @@ def run_secfpp(
 ) -> SecfppRun:
     """Run ``cfg.num_server_rounds`` rounds among ``cfg.num_clients`` nodes; ``cluster`` defaults to
     method == secfpp. ``relay`` (optional) collects everything the server saw in the clustering phases."""
-    from dpfpl.client_app.node import PromptNode
-    from dpfpl.common.node import run_partition
-    from dpfpl.common.prompt import initial_global_prompt
-    from dpfpl.server_app.strategy import global_noise_multiplier, global_update
-
     check_run_config(cfg)
     cluster = cfg.method == "secfpp" if cluster is None else cluster
     n = cfg.num_clients
@@ -86,71 +85,88 @@ def run_secfpp(
     prompts = {0: reference.clone()}
     momenta: dict[int, torch.Tensor | None] = {0: None}
     assignment = [0] * n
-    vectors: list[np.ndarray | None] = [None] * n  # node-side state: the clustering vector of each node
     basis = None
     noise = torch.Generator().manual_seed(secrets.randbits(63) if cfg.dp else cfg.seed + 17)
-    part = run_partition(cfg)
-    out = SecfppRun(cfg.method, cluster, domains=part.domains)
+    out = SecfppRun(cfg.method, cluster, domains=run_partition(cfg).domains)
     relay = relay if relay is not None else Relay()
     for r in range(1, cfg.num_server_rounds + 1):
-        grads = []
-        for k, node in enumerate(nodes):
-            outcome = node.train(prompts[assignment[k]], r, token, z_global)
-            grads.append(outcome.global_grad)
+        grads = [node.train(prompts[assignment[k]], r, token, z_global).global_grad for k, node in enumerate(nodes)]
         for s in sorted(prompts):
             members = [grads[k] for k in range(n) if assignment[k] == s]
             if members:
                 prompts[s], momenta[s], _ = global_update(cfg, prompts[s], momenta[s], members, z_global, noise)
         if cluster and r % cfg.secfpp_every == 0:
-            for k, node in enumerate(nodes):  # node side
-                vectors[k] = domain_gradient(node.encoder, reference.to(node.device), node.data.train_features)
-            if basis is None:
-                basis = public_basis(vectors[0].size, cfg.secfpp_reduced_dim, cfg.seed)  # public seed
-            reduced = [reduce(v, basis) for v in vectors]
-            before = len(relay.log)
-            started = time.perf_counter()
-            result, _, _ = secure_clustering(
-                reduced,
-                num_slices=cfg.secfpp_slices,
-                privacy=cfg.secfpp_privacy,
-                bits=cfg.secfpp_quantization_bits,
-                lam=cfg.secfpp_threshold,
-                max_clusters=cfg.secfpp_max_clusters,
-                max_iter=cfg.secfpp_max_iter,
-                context=f"{token}/{r}",
-                relay=relay,
-                initial=assignment,
-                min_size=cfg.secfpp_min_cluster_size,
+            basis, prompts, assignment = _clustering_phase(
+                cfg, nodes, reference, basis, prompts, assignment, r, token, relay, out
             )
-            out.phase_seconds.append(time.perf_counter() - started)
-            out.relay_bytes.append(
-                sum(len(e["payload"]) for e in relay.log[before:] if isinstance(e["payload"], bytes))
-            )
-            new = result.assignment
-            fresh = {}
-            for s in range(result.num_clusters):  # the server knows both assignments and every cluster prompt
-                members = [k for k in range(n) if new[k] == s]
-                fresh[s] = torch.stack([prompts[assignment[k]] for k in members]).mean(0)
-            prompts, momenta, assignment = fresh, {s: None for s in fresh}, new
-            out.assignments.append(list(new))
-            out.num_clusters.append(result.num_clusters)
-            log.info("round %d: %d clusters %s", r, result.num_clusters, new)
+            momenta = {s: None for s in prompts}
         if r % cfg.eval_every == 0 or r == cfg.num_server_rounds:
-            per = [node.evaluate(prompts[assignment[k]], token) for k, node in enumerate(nodes)]
-            out.evaluations.append(
-                {
-                    "round": r,
-                    "local-acc": float(np.mean([m["local-acc"] for m in per])),
-                    "per-client": [m["local-acc"] for m in per],
-                }
-            )
+            out.evaluations.append(_evaluation(nodes, prompts, assignment, r, token))
     return out
+
+
+def _clustering_phase(
+    cfg: RunConfig,
+    nodes: list[PromptNode],
+    reference: torch.Tensor,
+    basis: np.ndarray | None,
+    prompts: dict[int, torch.Tensor],
+    assignment: list[int],
+    r: int,
+    token: str,
+    relay: Relay,
+    out: SecfppRun,
+) -> tuple[np.ndarray, dict[int, torch.Tensor], list[int]]:
+    """Round r's clustering phase: each node's clustering vector (on the node), reduced with the public basis
+    (drawn at the first phase), the secure clustering on them, and each new cluster's P_G as the mean of its
+    members' previous cluster prompts. Returns the basis, the new cluster prompts and the new assignment."""
+    # node side: the clustering vector of each node
+    vectors = [domain_gradient(node.encoder, reference.to(node.device), node.data.train_features) for node in nodes]
+    if basis is None:
+        basis = public_basis(vectors[0].size, cfg.secfpp_reduced_dim, cfg.seed)  # public seed
+    reduced = [reduce(v, basis) for v in vectors]
+    before = len(relay.log)
+    started = time.perf_counter()
+    result, _, _ = secure_clustering(
+        reduced,
+        num_slices=cfg.secfpp_slices,
+        privacy=cfg.secfpp_privacy,
+        bits=cfg.secfpp_quantization_bits,
+        lam=cfg.secfpp_threshold,
+        max_clusters=cfg.secfpp_max_clusters,
+        max_iter=cfg.secfpp_max_iter,
+        context=f"{token}/{r}",
+        relay=relay,
+        initial=assignment,
+        min_size=cfg.secfpp_min_cluster_size,
+    )
+    out.phase_seconds.append(time.perf_counter() - started)
+    out.relay_bytes.append(sum(len(e["payload"]) for e in relay.log[before:] if isinstance(e["payload"], bytes)))
+    new = result.assignment
+    fresh = {}
+    for s in range(result.num_clusters):  # the server knows both assignments and every cluster prompt
+        members = [k for k in range(len(nodes)) if new[k] == s]
+        fresh[s] = torch.stack([prompts[assignment[k]] for k in members]).mean(0)
+    out.assignments.append(list(new))
+    out.num_clusters.append(result.num_clusters)
+    log.info("round %d: %d clusters %s", r, result.num_clusters, new)
+    return basis, fresh, new
+
+
+def _evaluation(
+    nodes: list[PromptNode], prompts: dict[int, torch.Tensor], assignment: list[int], r: int, token: str
+) -> dict:
+    """Every node's local accuracy with its cluster's P_G, and their mean."""
+    per = [node.evaluate(prompts[assignment[k]], token) for k, node in enumerate(nodes)]
+    return {
+        "round": r,
+        "local-acc": float(np.mean([m["local-acc"] for m in per])),
+        "per-client": [m["local-acc"] for m in per],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     """python -m dpfpl.secfpp_simulate --out docs/results/secfpp.json key=value ... (run-config keys)."""
-    import argparse
-
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", default="")

@@ -19,16 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import traceback
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
 from .common.atomic import write_bytes, write_json
+from .common.config import RunConfig
+from .common.features import demo_features
+from .common.models import cached_clip
 from .common.outcome import OUTCOME_FILE, RunOutcome
 from .common.secfpp.protocol import check_run_config
+from .inprocess import run_inprocess
+from .launch import run_simulation
+from .overrides import full_run_config
 from .sweep_grid import (  # noqa: F401 (the grid's names, for the sweep's users)
     ACCURACY_KEYS,
     ACCURACY_TITLES,
@@ -46,12 +57,6 @@ from .sweep_report import report
 log = logging.getLogger("dpfpl.sweep")
 
 # ---------------------------------------------------------------------------------------------------- running
-
-
-def _full_config(overrides: dict) -> dict:
-    from .inprocess import full_run_config
-
-    return full_run_config(overrides)
 
 
 def is_done(run_dir: Path, rounds: int) -> bool:
@@ -95,10 +100,6 @@ def _run_log(run_dir: Path) -> Iterator[None]:
 def _prepare(configs: list[dict], node_config: dict) -> None:
     """Build the demo backbone and image features once, before the progress bar starts (the
     first node would otherwise do it inside the first run, under the sweep's progress bar)."""
-    from .common.config import RunConfig
-    from .common.features import demo_features
-    from .common.models import cached_clip
-
     seen = set()
     for config in configs:
         cfg = RunConfig.from_flower(config)
@@ -112,10 +113,8 @@ def _prepare(configs: list[dict], node_config: dict) -> None:
 
 def run_one(spec: SweepSpec, run: SweepRun, run_dir: Path) -> None:
     """Run (or continue) one run of the sweep in ``run_dir``."""
-    from .common.config import RunConfig
-
     overrides = run.overrides(spec, run_dir)
-    config = _full_config(overrides)
+    config = full_run_config(overrides)
     cfg = RunConfig.from_flower(config)
     num_nodes = spec.num_nodes or cfg.num_clients
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,12 +123,8 @@ def run_one(spec: SweepSpec, run: SweepRun, run_dir: Path) -> None:
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)  # the outcome read afterwards is this run's
     with _run_log(run_dir):
         if spec.runtime == "inprocess":
-            from .inprocess import run_inprocess
-
             run_inprocess(overrides, num_nodes, spec.node_config)
         else:
-            from .launch import run_simulation
-
             run_simulation(config, num_nodes, run_dir / "flower", timeout=7 * 24 * 3600, stream=False)
     if not (run_dir / "summary.json").is_file():
         raise RuntimeError(f"the run finished without writing {run_dir / 'summary.json'}")
@@ -147,15 +142,11 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
     """Run every missing run of ``spec`` (see the module docstring), then write the report."""
-    from tqdm.auto import tqdm
-
-    from .common.config import RunConfig
-
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "sweep.json", spec.model_dump())
     runs = expand(spec)
-    configs = {run.name: _full_config(run.overrides(spec, run_dir_of(out, run))) for run in runs}
+    configs = {run.name: full_run_config(run.overrides(spec, run_dir_of(out, run))) for run in runs}
     rounds = {}
     for run in runs:  # every run's config is checked before the first one starts
         try:
@@ -205,9 +196,6 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
             bar.set_postfix_str(run.name)
             finished(run, _run_guarded(spec, run, run_dir_of(out, run)))
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         threads = max(1, (os.cpu_count() or 1) // spec.workers)
         with ProcessPoolExecutor(
             spec.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init, initargs=(threads,)
@@ -223,8 +211,6 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> SweepOutcome:
 
 def _worker_init(threads: int) -> None:
     """A sweep worker process: its share of the cores (the runs of a sweep are independent)."""
-    import torch
-
     torch.set_num_threads(threads)
 
 

@@ -40,12 +40,12 @@ def test_unknown_model_and_tag_are_rejected():
 
 
 def test_cli_overrides_are_toml_values_and_bare_words_are_strings():
-    from dpfpl.cli import _parse_overrides
+    from dpfpl.overrides import parse_overrides
 
-    got = _parse_overrides(["method=fedpgp", "rank=4", "dp=false", 'ctx-init="a photo of a"', "lr-local=1e-3"])
+    got = parse_overrides(["method=fedpgp", "rank=4", "dp=false", 'ctx-init="a photo of a"', "lr-local=1e-3"])
     assert got == {"method": "fedpgp", "rank": 4, "dp": False, "ctx-init": "a photo of a", "lr-local": 0.001}
     with pytest.raises(SystemExit, match="key=value"):
-        _parse_overrides(["rank"])
+        parse_overrides(["rank"])
 
 
 def test_cli_refuses_two_different_run_directories_before_running(tmp_path):

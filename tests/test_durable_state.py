@@ -179,7 +179,7 @@ def test_a_damaged_line_before_the_last_is_an_error_naming_file_and_line(tmp_pat
 
 def test_every_reader_of_the_metrics_log_drops_the_torn_last_line(tmp_path):
     """The run's summary (server), `dpfpl plot`, and the sweep report all read the log through one reader."""
-    from dpfpl.cli import plot
+    from dpfpl.run_report import plot
     from dpfpl.sweep_grid import RUN_LABEL
     from dpfpl.sweep_report import load_record
 

@@ -21,10 +21,10 @@ import uuid
 
 import pytest
 
-from dpfpl.cli import prepare
 from dpfpl.common.config import RunConfig
 from dpfpl.inprocess import full_run_config
 from dpfpl.launch import PROJECT_ROOT, _bin, _status, free_port, launch_env, stop_tagged_processes, tagged_processes
+from dpfpl.run_commands import prepare
 
 pytestmark = pytest.mark.flower  # Flower's own `flwr run .` with its managed local SuperLink
 

@@ -116,7 +116,7 @@ def test_summary_maxima_are_over_every_node_even_when_the_last_round_failed(tmp_
 
 
 def test_secfpp_says_its_epsilon_does_not_cover_the_clustering(tmp_path):
-    from dpfpl.cli import report
+    from dpfpl.run_report import report
 
     strategy = _strategy(tmp_path, "secfpp")
     summary = summarize(strategy.cfg, strategy.state, [], strategy)

@@ -19,7 +19,7 @@ SMALL_NODE_RECORDS, SMALL_NODE_Z = 291, 6.95
 
 
 def _demo_config(**overrides) -> RunConfig:
-    from dpfpl.cli import DEMO_PRESET
+    from dpfpl.presets import DEMO_PRESET
 
     return RunConfig.from_flower({**RunConfig.defaults(), **DEMO_PRESET, **overrides})
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from dpfpl.cli import main, report
+from dpfpl.cli import main
 from dpfpl.common.outcome import OUTCOME_FILE, RunFailed, RunOutcome, client_error_text
+from dpfpl.run_report import report
 from tests.test_fault_tolerance import _run
 from tests.test_silo import write_images
 

@@ -24,13 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..common.atomic import write_bytes, write_json
 from ..common.config import MethodName, RunConfig
+from ..common.data.registry import demo_image_dataset
 from ..common.evaluation import accuracy
+from ..common.features import demo_features
 from ..common.methods import PromptLearner, build_method
 from ..common.models import DEMO_MODEL, LoadedModel, cached_clip
 from ..common.prompt import PromptTextEncoder
 from ..publish import PublishedPrompt, load_prompt
 from .data import MembershipSplit, membership_split
 from .mia import AttackMetrics, attack_metrics, loss_threshold_attack, record_signals, shadow_model_attack
+from .train import train_prompt
 
 NO_DP = "none"
 
@@ -78,7 +81,7 @@ class AttackSpec(BaseModel):
             lr_global=self.lr,
             lr_local=self.lr,
             dp=dp,
-            target_epsilon=float(epsilon) if dp else RunConfig.field_default("target_epsilon"),
+            **({"target_epsilon": float(epsilon)} if dp else {}),  # without DP: the run config's default
             calibrate_for="published",
             max_grad_norm_local=self.max_grad_norm,
             max_grad_norm_global=self.max_grad_norm,
@@ -101,9 +104,6 @@ class Setting:
 
     @classmethod
     def demo(cls, spec: AttackSpec, cache: str | None = None) -> Setting:
-        from ..common.data.registry import demo_image_dataset
-        from ..common.features import demo_features
-
         data = demo_image_dataset()  # the clients' records: never seen by the backbone
         unknown = [c for c in spec.classes if c not in data.classnames]
         if unknown:
@@ -146,8 +146,6 @@ def _metrics_dict(m: AttackMetrics) -> dict:
 
 def run_cell(spec: AttackSpec, setting: Setting, method: str, epsilon: float | str, progress=None) -> dict:
     """Target + shadows for one (method, epsilon); the target is attacked through its exported file."""
-    from .train import train_prompt
-
     started = time.time()
     learner = PromptLearner(
         build_method(method, spec.rank), setting.encoder, float(setting.model.model.logit_scale.exp())

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from ..client_app.node import local_noise_multiplier
 from ..common.config import RunConfig
 from ..common.methods import DpSettings, PromptLearner, SgdSettings
 from ..common.models import LoadedModel
 from ..common.privacy import PrivacyAccountant
+from ..common.prompt import initial_global_prompt
 from ..publish import PublishedPrompt, accountant_privacy, build_published_prompt
+from ..server_app.strategy import global_noise_multiplier, global_update
 
 
 def train_prompt(
@@ -31,10 +34,6 @@ def train_prompt(
     progress=None,
 ) -> PublishedPrompt:
     """``cfg.num_server_rounds`` engine steps (one per round, as in the paper) on (features, labels)."""
-    from dpfpl.client_app.node import local_noise_multiplier
-    from dpfpl.common.prompt import initial_global_prompt
-    from dpfpl.server_app.strategy import global_noise_multiplier, global_update
-
     method = learner.method
     q = min(1.0, cfg.batch_size / len(labels))
     z_global = global_noise_multiplier(cfg, q, method)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dpfpl.common.privacy import clip_per_sample_jointly
+from ..common.privacy import clip_per_sample_jointly
 
 NORM_FACTOR = 10.0  # the canaries' pre-clip gradient norm, in units of C_G
 

@@ -9,14 +9,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .run import VIOLATION, AuditResult, AuditSettings, run_audit
+from tqdm import tqdm
+
+from ..common.config import RunConfig
+from ..overrides import add_run_config_options, full_run_config
+
+if TYPE_CHECKING:
+    from .run import AuditResult
 
 
-def add_parser(sub, preset_help: str) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser("audit", help="empirical epsilon lower bound of a run (one-run canary audit), beside its claim")
-    p.add_argument("--preset", help=preset_help)
-    p.add_argument("-c", "--run-config", action="append", default=[], help="key=value (TOML value)")
+    add_run_config_options(p)
     p.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries (default 1000)")
     p.add_argument("--confidence", type=float, default=0.95, help="of the lower bound (default 0.95)")
     p.add_argument("--epsilons", default=None, help="comma-separated target epsilons: one audit each (a sweep)")
@@ -28,7 +34,7 @@ def add_parser(sub, preset_help: str) -> None:
 
 def plot(results: list[AuditResult], out: Path) -> Path:
     """Each threat model's lower bound against the claimed epsilon, the ceiling for m, and the diagonal."""
-    import matplotlib
+    import matplotlib  # lazy: only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -50,10 +56,7 @@ def plot(results: list[AuditResult], out: Path) -> Path:
 
 
 def main(args, overrides: dict) -> int:
-    from tqdm import tqdm
-
-    from dpfpl.common.config import RunConfig
-    from dpfpl.inprocess import full_run_config
+    from .run import VIOLATION, AuditSettings, run_audit  # lazy: torch; cli imports this module for add_parser
 
     targets = [float(e) for e in args.epsilons.split(",")] if args.epsilons else [None]
     settings = AuditSettings(canaries=args.canaries, confidence=args.confidence, seed=args.seed)

@@ -22,16 +22,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpfpl.common.config import NodeConfig, RunConfig
-from dpfpl.common.methods import DpSettings, SgdSettings
-from dpfpl.common.privacy import PrivacyAccountant
-from dpfpl.common.prompt import initial_global_prompt
-
+from ..client_app.node import PromptNode, local_noise_multiplier
+from ..common.config import NodeConfig, RunConfig
+from ..common.methods import DpSettings, SgdSettings
+from ..common.privacy import PrivacyAccountant
+from ..common.prompt import initial_global_prompt
+from ..server_app.strategy import global_learning_rate, global_noise_multiplier, global_update
 from .bound import best_guesses, ceiling
 from .canaries import GradientCanaries
 
@@ -93,9 +95,7 @@ class AuditResult(BaseModel):
         return out
 
 
-def _nodes(cfg: RunConfig, cache_dir: str | None):
-    from dpfpl.client_app.node import PromptNode
-
+def _nodes(cfg: RunConfig, cache_dir: str | None) -> list[PromptNode]:
     return [
         PromptNode(
             cfg,
@@ -111,6 +111,126 @@ def _nodes(cfg: RunConfig, cache_dir: str | None):
     ]
 
 
+@dataclass
+class _CanaryFederation:
+    """The audited federation while it trains: every node's state, the server's, the canaries in node 0's
+    data, and the white-box adversary's running scores (one per canary)."""
+
+    cfg: RunConfig
+    settings: AuditSettings
+    nodes: list[PromptNode]
+    rates: list[float]  # each node's sample rate q
+    z_g: float
+    z_l: list[float]
+    p_global: torch.Tensor | None
+    locals_: list[dict]
+    momenta: list[dict]
+    noise: list[torch.Generator]  # each node's, seeded: an audit is a repeatable experiment
+    server_noise: torch.Generator
+    hook: GradientCanaries
+    white: torch.Tensor
+    accountant: PrivacyAccountant
+    server_momentum: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, cfg: RunConfig, settings: AuditSettings, cache_dir: str | None) -> _CanaryFederation:
+        """The nodes, the noise multipliers the apps would calibrate, and the canaries, before round 1."""
+        nodes = _nodes(cfg, cache_dir)
+        method = nodes[0].method
+        rates = [node.sample_rate for node in nodes]
+        z_g = global_noise_multiplier(cfg, max(rates), method)
+        z_l = [local_noise_multiplier(cfg, q, z_g, method) for q in rates]
+        p_global = initial_global_prompt(cfg) if method.shares_global else None
+        locals_ = [node._fresh_local() for node in nodes]
+        noise = [torch.Generator().manual_seed(settings.seed * 1_000_003 + 17 + i) for i in range(len(nodes))]
+        server_noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + 5)
+        hook = GradientCanaries(
+            settings.canaries,
+            (cfg.n_ctx, nodes[0].learner.encoder.width),
+            rates[0],
+            cfg.max_grad_norm_global,
+            cfg.max_grad_norm_local,
+            method.local,
+            seed=settings.seed * 1_000_003 + 101,
+        )
+        return cls(
+            cfg,
+            settings,
+            nodes,
+            rates,
+            z_g,
+            z_l,
+            p_global,
+            locals_,
+            [{} for _ in nodes],
+            noise,
+            server_noise,
+            hook,
+            torch.zeros(settings.canaries, dtype=torch.float64),
+            PrivacyAccountant(cfg.delta),
+        )
+
+    @property
+    def directions(self) -> torch.Tensor:
+        """Each canary's direction, flattened (m x prompt size)."""
+        return self.hook.directions.flatten(1)
+
+    def published_prompt(self) -> torch.Tensor:
+        """Node 0's personalized prompt now: what the final-prompt adversary sees at the end."""
+        return self.nodes[0].learner.personalized_prompt(self.p_global, self.locals_[0])
+
+    def train_round(self) -> None:
+        """One round: a step of every node (node 0 with the canaries), the accountant's record of node 0's
+        releases, and the server's step on p_G."""
+        grads = self._node_steps()
+        self.accountant.record_step(self.z_l[0], self.z_g, self.rates[0])
+        if grads:
+            self._server_step(grads)
+
+    def _node_steps(self) -> list[torch.Tensor]:
+        """Each node's train step; the white-box adversary scores node 0's noisy local releases."""
+        cfg, b, grads = self.cfg, self.cfg.batch_size, []
+        for i, node in enumerate(self.nodes):
+            dp = DpSettings(True, self.z_l[i], cfg.max_grad_norm_local, cfg.max_grad_norm_global, cfg.secure_noise)
+            opt = SgdSettings(node.local_learning_rate(self.z_l[i]), cfg.momentum, cfg.weight_decay)
+            canaries = self.hook if (i == 0 and self.settings.with_canaries) else None
+            res = node.learner.train_step(
+                self.p_global,
+                self.locals_[i],
+                self.momenta[i],
+                node.data.train_features,
+                node.data.train_labels,
+                b,
+                dp,
+                opt,
+                self.noise[i],
+                sample_rate=self.rates[i],
+                canaries=canaries,
+            )
+            self.locals_[i], self.momenta[i] = res.local, res.momentum
+            if res.global_grad is not None:
+                grads.append(res.global_grad)
+            if canaries is not None and math.isfinite(self.z_l[0]) and res.local_grads:
+                weight = b / (self.z_l[0] * cfg.max_grad_norm_local) ** 2  # canary / B over (sigma / B)^2
+                for release, directions in zip(res.local_grads, self.hook.local_directions):
+                    self.white += weight * (directions.flatten(1) @ release.flatten()).double()
+        return grads
+
+    def _server_step(self, grads: list[torch.Tensor]) -> None:
+        """The server's noisy step on p_G; the white-box adversary scores the noisy mean it released."""
+        cfg, n, before = self.cfg, len(grads), self.p_global
+        self.p_global, self.server_momentum, _ = global_update(
+            cfg, self.p_global, self.server_momentum, grads, self.z_g, self.server_noise
+        )
+        if self.settings.with_canaries:
+            lr = global_learning_rate(cfg, self.z_g, n, tuple(self.p_global.shape))
+            release = (before - self.p_global) / lr  # the noisy mean (exactly, at momentum 0 and weight decay 0)
+            weight = (
+                cfg.batch_size * n / (self.z_g**2 * cfg.max_grad_norm_global)
+            )  # C_G / (B n) over (z_G C_G / (B n))^2
+            self.white += weight * (self.directions @ release.flatten()).double()
+
+
 def run_audit(
     cfg: RunConfig,
     settings: AuditSettings,
@@ -118,95 +238,45 @@ def run_audit(
     progress: Callable[[int], None] | None = None,
 ) -> AuditResult:
     """Train cfg's federation for its rounds with the canaries in node 0 and audit it (``progress(round)``)."""
-    from dpfpl.client_app.node import local_noise_multiplier
-    from dpfpl.server_app.strategy import global_learning_rate, global_noise_multiplier, global_update
-
     if not cfg.dp:
         raise ValueError("an audit needs dp = true: without DP there is no claimed epsilon to audit")
     started = time.time()
-    nodes = _nodes(cfg, cache_dir)
-    method = nodes[0].method
-    rates = [node.sample_rate for node in nodes]
-    z_g = global_noise_multiplier(cfg, max(rates), method)
-    z_l = [local_noise_multiplier(cfg, q, z_g, method) for q in rates]
-    p_global = initial_global_prompt(cfg) if method.shares_global else None
-    server_momentum = None
-    locals_ = [node._fresh_local() for node in nodes]
-    momenta: list[dict] = [{} for _ in nodes]
-    noise = [torch.Generator().manual_seed(settings.seed * 1_000_003 + 17 + i) for i in range(len(nodes))]
-    server_noise = torch.Generator().manual_seed(settings.seed * 1_000_003 + 5)
-    learner = nodes[0].learner
-    shape = (cfg.n_ctx, learner.encoder.width)
-    hook = GradientCanaries(
-        settings.canaries,
-        shape,
-        rates[0],
-        cfg.max_grad_norm_global,
-        cfg.max_grad_norm_local,
-        method.local,
-        seed=settings.seed * 1_000_003 + 101,
-    )
-    u = hook.directions.flatten(1)
-    start_prompt = learner.personalized_prompt(p_global, locals_[0])
-    white = torch.zeros(settings.canaries, dtype=torch.float64)
-    accountant = PrivacyAccountant(cfg.delta)
-    b = cfg.batch_size
+    fed = _CanaryFederation.start(cfg, settings, cache_dir)
+    start_prompt = fed.published_prompt()
     for rnd in range(1, cfg.num_server_rounds + 1):
-        grads = []
-        for i, node in enumerate(nodes):
-            dp = DpSettings(True, z_l[i], cfg.max_grad_norm_local, cfg.max_grad_norm_global, cfg.secure_noise)
-            opt = SgdSettings(node.local_learning_rate(z_l[i]), cfg.momentum, cfg.weight_decay)
-            canaries = hook if (i == 0 and settings.with_canaries) else None
-            res = node.learner.train_step(
-                p_global,
-                locals_[i],
-                momenta[i],
-                node.data.train_features,
-                node.data.train_labels,
-                b,
-                dp,
-                opt,
-                noise[i],
-                sample_rate=rates[i],
-                canaries=canaries,
-            )
-            locals_[i], momenta[i] = res.local, res.momentum
-            if res.global_grad is not None:
-                grads.append(res.global_grad)
-            if canaries is not None and math.isfinite(z_l[0]) and res.local_grads:
-                weight = b / (z_l[0] * cfg.max_grad_norm_local) ** 2  # canary / B over (sigma / B)^2
-                for release, directions in zip(res.local_grads, hook.local_directions):
-                    white += weight * (directions.flatten(1) @ release.flatten()).double()
-        accountant.record_step(z_l[0], z_g, rates[0])
-        if grads:
-            n = len(grads)
-            before = p_global
-            p_global, server_momentum, _ = global_update(cfg, p_global, server_momentum, grads, z_g, server_noise)
-            if settings.with_canaries:
-                lr = global_learning_rate(cfg, z_g, n, tuple(p_global.shape))
-                release = (before - p_global) / lr  # the noisy mean (exactly, at momentum 0 and weight decay 0)
-                weight = b * n / (z_g**2 * cfg.max_grad_norm_global)  # C_G / (B n) over (z_G C_G / (B n))^2
-                white += weight * (u @ release.flatten()).double()
+        fed.train_round()
         if progress is not None:
             progress(rnd)
-    final = -(u @ (learner.personalized_prompt(p_global, locals_[0]) - start_prompt).flatten()).double()
-    seconds = time.time() - started
-    claimed = accountant.epsilon_published()
-    included = hook.included.numpy()
+    final = -(fed.directions @ (fed.published_prompt() - start_prompt).flatten()).double()
+    return _audit_result(fed, final, time.time() - started)
+
+
+def _threat_model_results(fed: _CanaryFederation, final: torch.Tensor) -> list[ThreatModelResult]:
+    """Each adversary's best guesses from its canary scores, and the lower bound they give."""
+    if not fed.settings.with_canaries:
+        return []
     results = []
-    if settings.with_canaries:
-        for name, scores in zip(THREAT_MODELS, (white, final)):
-            g = best_guesses(scores.numpy(), included, cfg.delta, settings.confidence)
-            results.append(
-                ThreatModelResult(
-                    threat_model=name,
-                    epsilon_lower_bound=g.epsilon,
-                    guesses=g.guesses,
-                    correct=g.correct,
-                    guessed_in=g.k_in,
-                    guessed_out=g.k_out,
-                )
+    for name, scores in zip(THREAT_MODELS, (fed.white, final)):
+        g = best_guesses(scores.numpy(), fed.hook.included.numpy(), fed.cfg.delta, fed.settings.confidence)
+        results.append(
+            ThreatModelResult(
+                threat_model=name,
+                epsilon_lower_bound=g.epsilon,
+                guesses=g.guesses,
+                correct=g.correct,
+                guessed_in=g.k_in,
+                guessed_out=g.k_out,
             )
+        )
+    return results
+
+
+def _audit_result(fed: _CanaryFederation, final: torch.Tensor, seconds: float) -> AuditResult:
+    """The lower bounds beside the accountant's epsilon for node 0's published prompt, and its ceiling."""
+    cfg, settings = fed.cfg, fed.settings
+    claimed = fed.accountant.epsilon_published()
+    included = fed.hook.included.numpy()
+    results = _threat_model_results(fed, final)
     return AuditResult(
         epsilon_claimed=claimed,
         delta=cfg.delta,
@@ -217,12 +287,12 @@ def run_audit(
         if math.isfinite(claimed)
         else math.inf,
         rounds=cfg.num_server_rounds,
-        sample_rate=rates[0],
-        noise_multiplier_local=z_l[0],
-        noise_multiplier_global=z_g,
+        sample_rate=fed.rates[0],
+        noise_multiplier_local=fed.z_l[0],
+        noise_multiplier_global=fed.z_g,
         seconds=seconds,
         results=results,
-        scores={"white-box": white.tolist(), "final-prompt": final.tolist()},
+        scores={"white-box": fed.white.tolist(), "final-prompt": final.tolist()},
         included=included.tolist(),
         violation=any(r.epsilon_lower_bound > claimed * (1 + 1e-9) for r in results),
     )
