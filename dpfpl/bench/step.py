@@ -697,6 +697,7 @@ def deployment_cases(dev: str) -> list[tuple[str, str, dict]]:
         "min-clients": 3,
         "num-server-rounds": 4,
         "eval-every": 4,  # evaluation only in the last round: a warm round is one train exchange
+        "eval-last": 1,
         "batch-size": 8,
         "target-epsilon": 1.0,
         "sample-rate": 0.34,  # declared (public): batch-size 8 / the 2 x 12 training images of each silo
