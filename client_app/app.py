@@ -104,7 +104,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 # secure aggregation's stages and SecFPP's clustering phase: actions of the train message type, and the node-key
-# query (the handlers are in client_app/secagg.py and client_app/secfpp.py)
+# query (the handlers are in client_app/secagg_handlers.py and client_app/secfpp_handlers.py)
 for _operation in OPERATIONS:
     _kind, _, _action = _operation.partition(".")
     if _action:

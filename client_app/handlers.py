@@ -24,14 +24,14 @@ from .request import OPERATIONS
 ROUTES = {
     "train": ("prompt_handlers", "train"),
     "evaluate": ("prompt_handlers", "evaluate"),
-    "train.secagg_shares": ("secagg", "share_keys"),
-    "train.secagg_masked": ("secagg", "masked_input"),
-    "train.secagg_unmask": ("secagg", "unmask"),
+    "train.secagg_shares": ("secagg_handlers", "share_keys"),
+    "train.secagg_masked": ("secagg_handlers", "masked_input"),
+    "train.secagg_unmask": ("secagg_handlers", "unmask"),
     "train.secfpp_keys": ("secfpp_vector", "advertise"),
-    "train.secfpp_shares": ("secfpp", "share"),
-    "train.secfpp_distances": ("secfpp", "distances"),
-    "train.secfpp_decide": ("secfpp", "decide"),
-    "query.node_key": ("secfpp", "identify"),
+    "train.secfpp_shares": ("secfpp_handlers", "share"),
+    "train.secfpp_distances": ("secfpp_handlers", "distances"),
+    "train.secfpp_decide": ("secfpp_handlers", "decide"),
+    "query.node_key": ("secfpp_handlers", "identify"),
 }
 assert tuple(ROUTES) == OPERATIONS
 LOCK_FILE = "node.lock"

@@ -18,7 +18,7 @@ from dpfpl.common.evaluation import accuracy, cross_entropy, harmonic_mean
 from dpfpl.common.methods import DpSettings, Method, PromptLearner, SgdSettings, StepResult, build_method
 from dpfpl.common.metrics import BASE_ACC, HM, LOCAL_ACC, LOCAL_LOSS, NOVEL_ACC
 from dpfpl.common.models import LoadedModel, cached_clip
-from dpfpl.common.node import NOVEL, NodeData, load_node_data
+from dpfpl.common.node_data import NOVEL, NodeData, load_node_data
 from dpfpl.common.optim import noise_bounded_lr
 from dpfpl.common.privacy import PrivacyAccountant, calibration, combined_noise_multiplier, dp_generator
 from dpfpl.common.privacy.ledger import PrivacyLedger
@@ -175,7 +175,7 @@ class PromptNode:
     def global_noise_at_node(self, z_global: float) -> float:
         """The global noise multiplier this node adds itself to the clear-text global gradient: z_G when its
         operator trusts no aggregator (``global-noise = "node"``), else 0 (the server adds it to the sum; under
-        secure aggregation the node's share goes into its masked input instead, ``client_app/secagg.py``)."""
+        secure aggregation the node's share goes into its masked input instead, ``client_app/secagg_handlers.py``)."""
         node_adds = self.node.global_noise == "node" and not self.cfg.secure_aggregation
         return z_global if self.cfg.dp and node_adds and math.isfinite(z_global) else 0.0
 

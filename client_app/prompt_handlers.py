@@ -20,7 +20,7 @@ from dpfpl.common.models import WeightsMismatchError, WeightsUnavailableError
 from dpfpl.common.run_classes import node_class_list
 from dpfpl.common.runtag import RUN_TAG_KEY, run_tag
 
-from . import secagg
+from . import secagg_handlers
 from .context import MessageContext
 from .errors import NodeUnfit
 from .node import PromptNode
@@ -107,8 +107,8 @@ def train(context: MessageContext) -> RecordDict:
     if node.cfg.dp or node.cfg.secure_aggregation:
         metrics = {k: v for k, v in metrics.items() if k not in OUTSIDE_EPSILON_TRAIN_METRICS}
     if node.cfg.secure_aggregation and outcome.global_grad is not None:
-        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg.py)
-        return secagg.advertise_reply(context, outcome.global_grad.numpy(), metrics)
+        # secure aggregation: the reply carries public keys; the gradient leaves only masked (client_app/secagg_handlers.py)
+        return secagg_handlers.advertise_reply(context, outcome.global_grad.numpy(), metrics)
     records = {"metrics": MetricRecord({**metrics, "server-round": int(config["server-round"])})}
     if outcome.global_grad is not None:
         records["arrays"] = ArrayRecord({"global-grad": outcome.global_grad})

@@ -23,6 +23,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .atomic import write_json, write_tensors
 from .data.demo import load_demo_dataset
@@ -192,8 +193,6 @@ def build_demo_backbone(
     cross-entropy on the image's class, both towers trained (a class-level CLIP objective: with 20 classes
     an instance-level contrastive batch would be full of same-class false negatives).
     """
-    from tqdm.auto import tqdm
-
     path = _demo_backbone_path(seed, cache, steps)
     if path.is_file():
         return path

@@ -37,7 +37,7 @@ from .common.config import MethodName, RunConfig
 from .common.method_specs import RANKED_METHODS
 from .common.methods import Method, PromptLearner, build_method
 from .common.models import LoadedModel, cached_clip
-from .common.node import run_dataset, run_partition
+from .common.node_data import run_dataset, run_partition
 from .common.prompt import PromptTextEncoder
 from .common.run_classes import run_class_list
 from .common.wire import outside_epsilon

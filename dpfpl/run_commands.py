@@ -19,7 +19,7 @@ from . import sweep_report
 from .common.config import RunConfig
 from .common.features import augmented_train_features, dataset_features
 from .common.models import load_clip
-from .common.node import run_dataset, run_partition
+from .common.node_data import run_dataset, run_partition
 from .common.outcome import RunFailed
 from .launch import run_simulation
 from .overrides import checked_config, full_run_config, parse_overrides, requested_overrides

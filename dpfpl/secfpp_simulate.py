@@ -2,7 +2,7 @@
 state, the shared training engine), one global prompt per cluster at the server, and the secure clustering
 phase (``protocol.secure_clustering``) every R rounds with the server as a logging relay.
 
-Why a Flower-free loop next to the Flower wiring (``server_app/secfpp_round.py``, ``client_app/secfpp.py``):
+Why a Flower-free loop next to the Flower wiring (``server_app/secfpp_round.py``, ``client_app/secfpp_handlers.py``):
 the server here is a ``protocol.Relay`` that logs every byte it relays, which the tests inspect, and it runs
 without serialization; the same loop with ``cluster = False`` is the single-global-prompt baseline. The
 numbers in docs/secfpp.md come from the Flower app (``dpfpl sweep``); this loop cross-checks them.
@@ -36,7 +36,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from .client_app.node import PromptNode
 from .common.config import NodeConfig, RunConfig
-from .common.node import run_partition
+from .common.node_data import run_partition
 from .common.prompt import initial_global_prompt
 from .common.secfpp.clustering_signal import domain_gradient
 from .common.secfpp.protocol import Relay, check_run_config, secure_clustering

@@ -1,7 +1,7 @@
 """One training round under secure aggregation: the server never sees a client's clear gradient.
 
 Drives ``dpfpl.common.secagg.protocol.ServerSession`` over Flower messages (Message API, custom actions of the
-``train`` type, routed to ``client_app/secagg.py``):
+``train`` type, routed to ``client_app/secagg_handlers.py``):
 
   train                 p_G -> local step; reply: metrics + two X25519 public keys (no gradient)
   train.secagg_shares   roster of public keys -> ciphertexts of Shamir shares, one per other client

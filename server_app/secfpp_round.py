@@ -9,7 +9,7 @@ SuperNode restarts or a simulation resumes: before sending a prompt to a node id
 in this process, it asks the node for its key (``query.node_key``, a message that needs no model or data).
 
 The clustering phase (``clustering_phase``), every ``secfpp-every`` rounds after the training round (the
-strategy's ``after_aggregation``), custom actions of the ``train`` type routed to ``client_app/secfpp.py``:
+strategy's ``after_aggregation``), custom actions of the ``train`` type routed to ``client_app/secfpp_handlers.py``:
 
   train.secfpp_keys       index in the roster, N, num-clients -> the node computes/encodes its vector; reply:
                           public key

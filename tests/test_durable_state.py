@@ -292,7 +292,7 @@ def _secagg_context(tmp_path, node_id: int, operation: str, config: dict) -> Mes
 
 
 def _advertise(tmp_path, server_round: int) -> dict[int, tuple[bytes, bytes]]:
-    from dpfpl.client_app.secagg import advertise_reply
+    from dpfpl.client_app.secagg_handlers import advertise_reply
 
     config = {
         "server-round": server_round,
@@ -310,7 +310,7 @@ def _advertise(tmp_path, server_round: int) -> dict[int, tuple[bytes, bytes]]:
 
 def _share_keys(tmp_path, server_round: int, keys) -> dict[int, dict[int, bytes]]:
     """Every node's stage-2 reply: ciphertexts by destination, then turned into each node's inbox."""
-    from dpfpl.client_app.secagg import share_keys
+    from dpfpl.client_app.secagg_handlers import share_keys
 
     roster = {
         "server-round": server_round,
@@ -328,7 +328,7 @@ def _share_keys(tmp_path, server_round: int, keys) -> dict[int, dict[int, bytes]
 
 
 def _masked(tmp_path, node: int, server_round: int, inbox):
-    from dpfpl.client_app.secagg import masked_input
+    from dpfpl.client_app.secagg_handlers import masked_input
 
     config = {
         "server-round": server_round,
@@ -340,7 +340,7 @@ def _masked(tmp_path, node: int, server_round: int, inbox):
 
 
 def _damage_session(path, damage: str) -> None:
-    from dpfpl.client_app.secagg import _digest
+    from dpfpl.client_app.secagg_handlers import _digest
 
     saved = json.loads(path.read_text())
     if damage == "garbage":
@@ -369,7 +369,7 @@ def test_a_damaged_secagg_session_ends_the_round_for_that_node_only(tmp_path, da
     """The session file is damaged between two stages: that node's stage fails with an error naming the file
     (the ClientApp answers it with an error reply, and the server drops the node from this round's secure
     aggregation), the other nodes' stages go on, and the next round starts a fresh session on that node."""
-    from dpfpl.client_app.secagg import SESSION_FILE, CorruptSessionError
+    from dpfpl.client_app.secagg_handlers import SESSION_FILE, CorruptSessionError
     from dpfpl.common.secagg.protocol import SecAggError
 
     inbox = _share_keys(tmp_path, 1, _advertise(tmp_path, 1))
@@ -389,7 +389,7 @@ def test_a_damaged_secagg_session_ends_the_round_for_that_node_only(tmp_path, da
 
 
 def test_a_damaged_secagg_session_fails_the_key_sharing_stage_too(tmp_path):
-    from dpfpl.client_app.secagg import SESSION_FILE, CorruptSessionError
+    from dpfpl.client_app.secagg_handlers import SESSION_FILE, CorruptSessionError
 
     keys = _advertise(tmp_path, 1)
     path = tmp_path / f"node{NODES[0]}" / SESSION_FILE

@@ -183,7 +183,7 @@ def _deterministic_secure_rounding(monkeypatch) -> None:
     grow round after round)."""
     import hashlib
 
-    import dpfpl.client_app.secagg as node_secagg
+    import dpfpl.client_app.secagg_handlers as node_secagg
 
     original = node_secagg.encode_update
 

@@ -28,7 +28,7 @@ def test_harmonic_mean():
 
 
 def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_dir):
-    from dpfpl.common.node import NOVEL, load_node_data, run_partition
+    from dpfpl.common.node_data import NOVEL, load_node_data, run_partition
 
     cfg = _cfg(partition="base-novel", **{"num-clients": 5, "classes-per-client": 2, "num-shots": 8})
     data = load_node_data(cfg, NodeConfig(partition_id=1), tiny_model, str(cache_dir))
@@ -44,7 +44,7 @@ def test_base_novel_node_data_uses_base_and_novel_classifiers(tiny_model, cache_
 
 
 def test_dirichlet_node_data_has_only_a_local_test_shard(tiny_model, cache_dir):
-    from dpfpl.common.node import load_node_data, run_partition
+    from dpfpl.common.node_data import load_node_data, run_partition
 
     cfg = _cfg(partition="dirichlet", **{"num-clients": 4, "dirichlet-alpha": 0.5})
     data = load_node_data(cfg, NodeConfig(partition_id=2), tiny_model, str(cache_dir))

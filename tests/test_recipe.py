@@ -126,7 +126,7 @@ def test_text_init_starts_from_the_hand_written_prompt(recipe_encoder):
 
 
 def test_validation_split_never_reads_test_images():
-    from dpfpl.common.node import evaluation_indices, run_dataset, run_partition
+    from dpfpl.common.node_data import evaluation_indices, run_dataset, run_partition
 
     cfg = RunConfig(evaluation="validation", validation_fraction=0.25)
     data = run_dataset(cfg)

@@ -9,7 +9,7 @@ import torch
 
 from dpfpl.common.config import RunConfig
 from dpfpl.common.data.demo import ANIMAL_CLASSES
-from dpfpl.common.node import run_partition
+from dpfpl.common.node_data import run_partition
 from dpfpl.common.secfpp.protocol import Relay
 from dpfpl.secfpp_simulate import adjusted_rand_index, run_secfpp
 

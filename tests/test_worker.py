@@ -275,7 +275,7 @@ def test_the_clientapp_and_the_torch_free_handlers_load_without_torch():
     phase messages itself, never pays torch's import (seconds per message in a deployment)."""
     code = (
         "import sys\n"
-        "import dpfpl.client_app.app, dpfpl.client_app.secagg, dpfpl.client_app.secfpp\n"
+        "import dpfpl.client_app.app, dpfpl.client_app.secagg_handlers, dpfpl.client_app.secfpp_handlers\n"
         "import dpfpl.client_app.worker_link, dpfpl.client_app.handlers\n"
         "heavy = sorted(m for m in ('torch', 'open_clip', 'dp_accounting') if m in sys.modules)\n"
         "print(','.join(heavy))\n"

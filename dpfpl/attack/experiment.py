@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
 
 from ..common.atomic import write_bytes, write_json
 from ..common.config import MethodName, RunConfig
@@ -214,8 +215,6 @@ def run_cell(spec: AttackSpec, setting: Setting, method: str, epsilon: float | s
 
 def run_attack_experiment(spec: AttackSpec, cache: str | None = None, show_progress: bool = True) -> dict:
     """Every (method, epsilon) cell; writes results.json, table.md and the plot under ``spec.out``."""
-    from tqdm.auto import tqdm
-
     setting = Setting.demo(spec, cache)
     cells = [(m, e) for m in spec.methods for e in spec.epsilons]
     bar = tqdm(
