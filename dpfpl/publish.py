@@ -38,6 +38,7 @@ from .common.method_specs import RANKED_METHODS
 from .common.methods import Method, PromptLearner, build_method
 from .common.models import LoadedModel, cached_clip
 from .common.node_data import run_dataset, run_partition
+from .common.privacy.covers import MANIFEST_COVERS
 from .common.prompt import PromptTextEncoder
 from .common.run_classes import run_class_list
 from .common.wire import outside_epsilon
@@ -245,16 +246,6 @@ def build_published_prompt(
         source=source or {},
     )
     return PublishedPrompt(manifest, prompt, parts)
-
-
-MANIFEST_COVERS = {
-    "epsilon": "the published prompt p_G + p_L, the exporting node's records (LDP and GDP composed)",
-    "epsilon_local": "the LDP mechanism alone (the node's local prompt updates)",
-    "epsilon_global": "p_G, the exporting node's records: the composed epsilon where the reply reads local state "
-    "(every method with a local prompt), the GDP epsilon only without a local prompt",
-    "epsilon_gdp_mechanism": "the GDP releases alone; not a bound on p_G where the reply reads local state",
-    "epsilon_other_clients": "p_G, worst other client's records, from the server's books (as epsilon_global)",
-}
 
 
 def accountant_privacy(

@@ -21,18 +21,11 @@ import math
 
 from dpfpl.common.privacy import accounted_epsilon, combined_noise_multiplier
 from dpfpl.common.privacy.accountant import epsilon_of_groups
+from dpfpl.common.privacy.covers import SERVER_COVERS
 
 from .checkpoint import ServerState
 
-# What each printed epsilon covers (the summary, `dpfpl report` and the export manifest use these words).
-COVERS = {
-    "epsilon-local-max": "the LDP mechanism alone (p_L's noisy updates), worst client",
-    "epsilon-gdp-mechanism-max": "the server's GDP releases alone, worst client; NOT a bound on p_G when replies "
-    "read local state (every method with a local prompt)",
-    "epsilon-global-max": "p_G (anything the server publishes), worst client: the composed LDP+GDP epsilon where "
-    "replies read local state, the GDP epsilon only for methods without a local prompt",
-    "epsilon-published-max": "the published personalized prompt p_G + p_L (LDP and GDP composed), worst client",
-}
+COVERS = SERVER_COVERS  # what each printed epsilon covers (dpfpl.common.privacy.covers)
 SAMPLE_RATE_NOTE = (
     "q_i is public by declaration (the node's or the run's sample-rate; in simulation B / the partition's planned "
     "size), never computed from the records a node holds and never its training-set size, so the add/remove-one "

@@ -281,3 +281,16 @@ def test_a_server_killed_after_sending_p_global_never_releases_a_second_version(
     metrics = RunDirectory(run_dir).read_metrics()
     assert [m["round"] for m in metrics] == [0, 1, 2] and all("local-acc" in m for m in metrics)
     assert summary["rounds"] == 2
+
+
+def test_the_server_and_the_export_word_each_epsilon_from_one_home():
+    """The summary's and the export manifest's "covers" texts are the same mechanism's wording, scoped to the
+    worst client or to the exporting node: changing what an epsilon means changes both."""
+    from dpfpl.common.privacy.covers import MANIFEST_COVERS, MECHANISMS
+    from dpfpl.publish import accountant_privacy
+
+    for text in [*COVERS.values(), *MANIFEST_COVERS.values()]:
+        assert any(text.startswith(mechanism) for mechanism in MECHANISMS.values()), text
+    assert COVERS["epsilon-published-max"].startswith(MECHANISMS["published"])
+    assert MANIFEST_COVERS["epsilon"].startswith(MECHANISMS["published"])
+    assert accountant_privacy.__globals__["MANIFEST_COVERS"] is MANIFEST_COVERS
