@@ -70,7 +70,10 @@ def exchange(
     pending = set(order)
     deadline = None if timeout is None else clock() + timeout
     replies: list[Message] = []
-    interval = FIRST_INTERVAL
+    # a grid that states its own pull interval (simulation's in-memory grid: 0.1 s) is never polled more slowly
+    # than Flower's own loop would, so simulation does not wait longer than before
+    ceiling = min(MAX_INTERVAL, float(getattr(grid, "pull_interval", MAX_INTERVAL)))
+    interval = min(FIRST_INTERVAL, ceiling)
     waited = 0.0  # the last sleep: a reply seen by the next pull arrived at most this long before it
     while pending:
         pulled = 0
@@ -82,7 +85,7 @@ def exchange(
         if not pending:
             break
         if pulled:
-            interval = FIRST_INTERVAL
+            interval = min(FIRST_INTERVAL, ceiling)
         wait = interval
         if deadline is not None:
             left = deadline - clock()
@@ -92,7 +95,7 @@ def exchange(
             wait = min(wait, left)
         sleep(wait)
         waited = wait
-        interval = min(interval * BACKOFF, MAX_INTERVAL)
+        interval = min(interval * BACKOFF, ceiling)
     _tally["exchanges"] += 1
     _tally["exchange-seconds"] += clock() - started
     _tally["server-poll-bound-seconds"] += waited

@@ -89,6 +89,17 @@ def test_the_poll_interval_backs_off_while_nothing_arrives_and_resets_on_a_reply
     assert times[-1] == pytest.approx(6.0)
 
 
+def test_a_grid_with_its_own_pull_interval_is_never_polled_more_slowly_than_that():
+    """Simulation's in-memory grid pulls every 0.1 s in Flower's own loop (``pull_interval``): the exchange loop
+    keeps to that interval there instead of backing off, so a simulated round waits no longer than before."""
+    grid = FakeGrid({1: 2.0})
+    grid.pull_interval = 0.1
+    _run(grid, [1], timeout=5.0)
+    times = [t for t, _ in grid.pulls]
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) == pytest.approx(0.1)
+    assert times[-1] == pytest.approx(2.0, abs=0.1 + 1e-9)
+
+
 def test_refused_messages_are_not_waited_for_and_foreign_or_repeated_replies_are_ignored():
     grid = FakeGrid({1: 0.0, 2: 0.0}, refuse={2})
     stranger = Message(RecordDict({"r": ConfigRecord({"node": 9})}), reply_to=_messages([9])[0])
