@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from ..common.config import RunConfig
-from ..overrides import add_run_config_options, full_run_config
+from ..overrides import add_run_config_options, checked_config
 
 if TYPE_CHECKING:
     from .run import AuditResult
@@ -63,7 +62,7 @@ def main(args, overrides: dict) -> int:
     results = []
     for target in targets:
         config = {**overrides, **({} if target is None else {"target-epsilon": target})}
-        cfg = RunConfig.from_flower(full_run_config(config))
+        cfg = checked_config(config)  # a bad key or value ends the command with the reason, as for simulate
         label = f"audit at target epsilon {cfg.target_epsilon:g}"
         with tqdm(total=cfg.num_server_rounds, desc=label, unit="round", file=sys.stderr) as bar:
             result = run_audit(cfg, settings, args.cache_dir, progress=lambda _: bar.update(1))
