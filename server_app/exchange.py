@@ -73,7 +73,7 @@ def exchange(
     # a grid that states its own pull interval (simulation's in-memory grid: 0.1 s) is never polled more slowly
     # than Flower's own loop would, so simulation does not wait longer than before
     ceiling = min(MAX_INTERVAL, float(getattr(grid, "pull_interval", MAX_INTERVAL)))
-    interval = min(FIRST_INTERVAL, ceiling)
+    first = interval = min(FIRST_INTERVAL, ceiling)
     waited = 0.0  # the last sleep: a reply seen by the next pull arrived at most this long before it
     while pending:
         pulled = 0
@@ -85,7 +85,7 @@ def exchange(
         if not pending:
             break
         if pulled:
-            interval = min(FIRST_INTERVAL, ceiling)
+            interval = first
         wait = interval
         if deadline is not None:
             left = deadline - clock()
