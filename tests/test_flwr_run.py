@@ -63,32 +63,8 @@ def test_flwr_run_dot_on_the_embedded_default(tmp_path, cache_dir, flower_home):
         "resume": False,
     }
     prepare(RunConfig.from_flower(full_run_config(overrides)), print_partition=False)  # the backbone, once
-    run_config = " ".join(
-        f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items()
-    )
-    done = subprocess.run(
-        [
-            _bin("flwr"),
-            "run",
-            ".",
-            "--run-config",
-            run_config,
-            "--federation-config",
-            f"num-supernodes={CLIENTS}",
-            "--stream",
-        ],
-        cwd=PROJECT_ROOT,
-        env=flower_home,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    print(done.stdout[-4000:], done.stderr[-2000:])
-    assert done.returncode == 0
+    done = _flwr_run_completed(overrides, flower_home, "--federation-config", f"num-supernodes={CLIENTS}")
     assert "Installing application dependencies" not in done.stdout + done.stderr
-    run_id = int(re.search(r"Successfully started run (\d+)", done.stdout).group(1))
-    # --stream exits 0 whatever happened: the run's own status says whether the ServerApp succeeded
-    assert _status(run_id, flower_home, PROJECT_ROOT, "local") == "finished:completed"
 
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1, 2]
@@ -114,11 +90,22 @@ def test_flwr_run_dot_without_num_clients_trains_on_flowers_default_federation(t
         "run-dir": str(run_dir),
         "resume": False,
     }
+    done = _flwr_run_completed(overrides, flower_home)
+    assert "num-clients not set: training on the 2 SuperNodes of the federation" in done.stdout + done.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num-clients"] == 2 and (summary["rounds-run"], summary["rounds-updated"]) == (1, 1)
+    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == ["node-0", "node-1"]
+
+
+def _flwr_run_completed(overrides: dict, flower_home: dict, *federation: str) -> subprocess.CompletedProcess:
+    """``flwr run . --stream`` from the project folder with ``overrides`` as its run config (plus ``federation``
+    options), asserted to have completed: ``--stream`` exits 0 whatever happened, so the run's own status says
+    whether the ServerApp succeeded."""
     run_config = " ".join(
         f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower()}" for k, v in overrides.items()
     )
     done = subprocess.run(
-        [_bin("flwr"), "run", ".", "--run-config", run_config, "--stream"],
+        [_bin("flwr"), "run", ".", "--run-config", run_config, *federation, "--stream"],
         cwd=PROJECT_ROOT,
         env=flower_home,
         capture_output=True,
@@ -129,7 +116,4 @@ def test_flwr_run_dot_without_num_clients_trains_on_flowers_default_federation(t
     assert done.returncode == 0
     run_id = int(re.search(r"Successfully started run (\d+)", done.stdout).group(1))
     assert _status(run_id, flower_home, PROJECT_ROOT, "local") == "finished:completed"
-    assert "num-clients not set: training on the 2 SuperNodes of the federation" in done.stdout + done.stderr
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["num-clients"] == 2 and (summary["rounds-run"], summary["rounds-updated"]) == (1, 1)
-    assert sorted(p.name for p in (run_dir / "nodes").iterdir()) == ["node-0", "node-1"]
+    return done
