@@ -12,7 +12,10 @@ do is ask the node's worker, which can. So the worker treats every request as po
 * the data come from the node's own silo or the public embedded demo set, never from a path in the run config,
   and weights files only from the directory its operator approved;
 * evaluation replies, which are outside epsilon, are counted in the node's ledger and bounded per run (the
-  run's schedule) and per day (``evaluations-per-day``);
+  run's schedule, which is the requester's own claim) and per day (``evaluations-per-day``, the operator's: the
+  bound that holds against a rogue app);
+* SecFPP is refused unless its operator opted in (``allow-secfpp``): its clustering phase releases shares of an
+  un-noised vector of the training features, encrypted to keys the caller names, which no budget bounds;
 * error texts that could carry the node's details stay in its log (``public_error``).
 """
 
@@ -27,6 +30,13 @@ from dpfpl.common.pretrained import names_weights_file
 # The others read a path the run config names, which a submitted app chooses.
 SERVED_DATASETS = ("silo", "demo")
 BUILT_IN_WEIGHTS = ("demo", "none", "")
+# the message types of SecFPP's clustering phase (client_app/request.py OPERATIONS), whose replies are outside epsilon
+SECFPP_PREFIX = "train.secfpp_"
+SECFPP_REFUSAL = (
+    "this node does not take part in SecFPP: its clustering phase releases shares of a vector computed from the "
+    "training features without noise, encrypted to keys the requester names (outside epsilon, not bounded by "
+    "the node's budget). Its operator opts in with node config allow-secfpp = true"
+)
 
 
 class PolicyRefusal(RuntimeError):
@@ -60,6 +70,9 @@ def check_request(operation: str, cfg: RunConfig, node: NodeConfig) -> None:
     """Raise ``PolicyRefusal`` for a request a separated node does not serve."""
     if operation == "query.node_key":  # a random key, nothing from the data
         return
+    # by the operation as well as the method: a request may name any method beside a clustering message
+    if (operation.startswith(SECFPP_PREFIX) or cfg.method == "secfpp") and not node.allow_secfpp:
+        raise PolicyRefusal(SECFPP_REFUSAL)
     if cfg.dataset not in SERVED_DATASETS:
         raise PolicyRefusal(
             f"this node serves its own silo or the public demo set only (dataset '{cfg.dataset}' reads a path the "

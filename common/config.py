@@ -261,6 +261,14 @@ class NodeConfig(BaseModel):
     # Where the weights files this node's operator approved live: a run's ``pretrained`` path outside it is
     # refused by a separated worker (a path to any other file would be read by the user that can read the data).
     weights_dir: str | None = None
+    allow_secfpp: bool = False
+    """Whether a separated worker answers SecFPP (``method = "secfpp"`` and its ``train.secfpp_*`` clustering
+    messages). Opting in releases what is outside epsilon there: SecFPP's clustering vector, computed from the
+    training features without noise, leaves as secret shares encrypted to public keys the caller names, so
+    whoever can submit a run can ask for every share under keys of its own and rebuild the vector, and no budget
+    or quota counts those replies (docs/threat-model.md). Opt in only where every party that can submit a run is
+    trusted with that vector. False (default): a separated worker refuses SecFPP; a single-user node or a
+    simulation (no policy) is not affected."""
 
     def resolved_device(self) -> torch.device:
         import torch

@@ -24,8 +24,9 @@
 # DPFPL_NODE_USER on a socket in DPFPL_SOCKET_DIR (default /run/dpfpl/<state-dir name>). The worker uses its own
 # node config and its operator's policy (docs/deployment.md): DPFPL_LIFETIME_EPSILON is required,
 # DPFPL_EVALUATIONS_PER_DAY (default 100) bounds the evaluation replies, DPFPL_WEIGHTS_DIR names the approved
-# weights files, DPFPL_WORKER_HUNG_AFTER (default 15 s) how old the worker's heartbeat may get before its
-# supervisor restarts it. deploy/setup-node-users.sh creates the users and sets the modes this script checks.
+# weights files, DPFPL_ALLOW_SECFPP=1 lets the node take part in SecFPP (whose clustering phase releases an
+# un-noised vector to whoever submits a run: docs/threat-model.md), DPFPL_WORKER_HUNG_AFTER (default 15 s) how
+# old the worker's heartbeat may get before its supervisor restarts it. deploy/setup-node-users.sh creates the users and sets the modes this script checks.
 # Without the two users the script runs in single-user TRIAL mode, which does not contain a rogue app.
 set -euo pipefail
 export FLWR_TELEMETRY_ENABLED=0
@@ -62,6 +63,7 @@ if [ "$SEPARATED" = "1" ]; then
   [ -n "${DPFPL_LIFETIME_EPSILON:-}" ] || fail "DPFPL_LIFETIME_EPSILON is required with separated privileges: a submitted app can start any run, and only the node's lifetime budget bounds them all"
   NODE_CONFIG+=" global-noise=\"node\" evaluations-per-day=${DPFPL_EVALUATIONS_PER_DAY:-100}"
   if [ -n "${DPFPL_WEIGHTS_DIR:-}" ]; then NODE_CONFIG+=" weights-dir=\"$DPFPL_WEIGHTS_DIR\""; fi
+  if [ "${DPFPL_ALLOW_SECFPP:-0}" = "1" ]; then NODE_CONFIG+=" allow-secfpp=true"; fi
   SOCKET_DIR=${DPFPL_SOCKET_DIR:-/run/dpfpl/$(basename "$STATE")}
   mkdir -p "$SOCKET_DIR"
   chown "$WORKER_USER:$(id -gn "$NODE_USER")" "$SOCKET_DIR"

@@ -24,7 +24,7 @@ from dpfpl.client_app.policy import (
     check_request,
     separated_node_problems,
 )
-from dpfpl.client_app.request import NodeRequest
+from dpfpl.client_app.request import OPERATIONS, NodeRequest
 from dpfpl.common.config import NodeConfig, RunConfig
 from dpfpl.common.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
@@ -51,6 +51,34 @@ def test_weights_files_only_from_the_approved_directory():
             check_request("train", RunConfig(pretrained=path), SEPARATED)
     with pytest.raises(PolicyRefusal, match="not set"):
         check_request("train", RunConfig(pretrained="/opt/weights/vit.bin"), NodeConfig(state_dir="/s"))
+
+
+def test_secfpp_is_refused_unless_the_operator_opted_in():
+    """SecFPP's clustering messages release shares of an un-noised vector under keys the caller names: a separated
+    node answers none of them, nor any message of a secfpp run, unless its node config says allow-secfpp."""
+    silo = RunConfig(dataset="silo", classnames="a,b", dp=True)
+    secfpp_run = silo.model_copy(update={"method": "secfpp"})
+    clustering = [op for op in OPERATIONS if op.startswith("train.secfpp_")]
+    assert len(clustering) == 4
+    for operation in clustering:  # whatever method the request names beside it
+        for cfg in (silo, secfpp_run):
+            with pytest.raises(PolicyRefusal, match="allow-secfpp = true") as refused:
+                check_request(operation, cfg, SEPARATED)
+            assert "SecFPP" in str(refused.value)
+    for operation in ("train", "evaluate"):
+        with pytest.raises(PolicyRefusal, match="allow-secfpp"):
+            check_request(operation, secfpp_run, SEPARATED)
+        check_request(operation, silo, SEPARATED)  # another method is served as before
+    check_request("query.node_key", secfpp_run, SEPARATED)  # a random key, nothing from the data
+    opted_in = SEPARATED.model_copy(update={"allow_secfpp": True})
+    for operation in (*clustering, "train", "evaluate"):
+        check_request(operation, secfpp_run, opted_in)
+    # opting in lifts only this refusal: the other rules still hold for a secfpp run
+    with pytest.raises(PolicyRefusal, match="differential privacy"):
+        check_request("train", secfpp_run.model_copy(update={"dp": False}), opted_in)
+    # the key as an operator writes it in --node-config
+    assert NodeConfig.from_flower({"allow-secfpp": True}).allow_secfpp
+    assert not NodeConfig.from_flower({}).allow_secfpp
 
 
 def test_a_separated_worker_names_every_missing_setting():
@@ -288,3 +316,40 @@ def test_the_worker_listens_before_it_loads_torch():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _separated_worker(tmp_path, **node_config):
+    from dpfpl.client_app.worker import NodeWorker
+
+    own = {
+        "state-dir": str(tmp_path / "node"),
+        "lifetime-epsilon": 8.0,
+        "global-noise": "node",
+        "evaluations-per-day": 3,
+        **node_config,
+    }
+    return NodeWorker(tmp_path / "node", os.getuid() + 1, tmp_path / "run.sock", own)
+
+
+def test_a_separated_worker_refuses_secfpp_with_the_key_to_opt_in_before_any_handler(tmp_path, monkeypatch):
+    """A rogue app asking for SecFPP's clustering shares gets one refusal naming the node-config key, and no
+    handler runs (no vector is computed, no session written); the request's own node config cannot opt in."""
+    ran = []
+    monkeypatch.setattr(handlers, "handle", lambda context: ran.append(context.operation) or RecordDict())
+    worker = _separated_worker(tmp_path)
+    config = RecordDict({"config": ConfigRecord({"run-token": "t", "phase": "p", "index": 0, "num-users": 3})})
+    hostile = {"allow-secfpp": True, "state-dir": str(tmp_path / "node")}
+    for operation, method in (("train.secfpp_keys", "dpfpl"), ("train.secfpp_shares", "secfpp"), ("train", "secfpp")):
+        request = NodeRequest(operation, config, {"dataset": "demo", "method": method}, hostile, node_id=1)
+        header, payload = worker._answer(request)
+        assert header["op"] == "error" and payload == b""
+        assert (
+            header["message"].startswith("refused by this node's policy") and "allow-secfpp = true" in header["message"]
+        )
+    assert ran == [] and worker.status["refused"] == 3
+    assert not (tmp_path / "node" / "secfpp_session.json").exists()
+    # opted in by its operator: the same request reaches the handler
+    opted_in = _separated_worker(tmp_path / "opted", **{"allow-secfpp": True})
+    request = NodeRequest("train.secfpp_keys", config, {"dataset": "demo", "method": "secfpp"}, {}, node_id=1)
+    opted_in._answer(request)
+    assert ran == ["train.secfpp_keys"]
