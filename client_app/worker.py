@@ -19,7 +19,8 @@ The link's rules (the socket, the handshake, the frames) are in ``client_app/wor
 **Privileges separated** (``--peer-user``, docs/deployment.md): the worker runs as the one user that can read
 the node's data and state, and answers the SuperNode's user, whose ClientApps (any submitted app's) can read
 neither. Then the request is untrusted: the worker uses its own node config (``--node-config``), applies its
-operator's policy (``client_app/policy.py``) and sends only error texts that name no private detail.
+operator's policy (``client_app/policy.py``), checks every reply against the wire inventory
+(``dpfpl.common.wire``) itself before it sends it, and sends only error texts that name no private detail.
 
 **Liveness.** A thread touches ``worker.heartbeat`` every second; the supervisor restarts a worker whose
 heartbeat stops (frozen, hung), and while a handler runs the worker sends the waiting ClientApp an ``alive``
@@ -48,6 +49,7 @@ from flwr.common.config import parse_config_args
 from dpfpl.common.atomic import write_json
 from dpfpl.common.classlist import ClassListMismatch
 from dpfpl.common.config import NodeConfig
+from dpfpl.common.wire import UnclassifiedField, check_reply
 
 from . import handlers
 from .context import MessageContext
@@ -71,7 +73,14 @@ from .worker_link import (
 from .worker_supervisor import EXIT_CONFIG, HEARTBEAT_FILE, HUNG_AFTER_SECONDS, beat, supervise
 
 # The refusals whose text a separated worker sends as it is: what was refused and why, no record in them.
-PUBLIC_ERRORS = (PrivacyBudgetSpent, PolicyRefusal, NodeUnfit, ClassListMismatch, handlers.NodeBusy)
+PUBLIC_ERRORS = (
+    PrivacyBudgetSpent,
+    PolicyRefusal,
+    NodeUnfit,
+    ClassListMismatch,
+    handlers.NodeBusy,
+    UnclassifiedField,  # names the operation and the fields' names (the code's), never a value
+)
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
 LOCK_NAME = "worker.lock"
 log = logging.getLogger("dpfpl.worker")
@@ -392,6 +401,10 @@ class NodeWorker:
         started = time.perf_counter()
         try:
             content = handlers.handle(context)
+            if self.separated:
+                # the inventory's check, on this side of the socket: the ClientApp that would make it
+                # (client_app/app.py ``leave``) may be any submitted app's, which sends on whatever it is given
+                check_reply(request.operation, {name: list(record.keys()) for name, record in content.items()})
         except Exception as err:  # noqa: BLE001 - the ClientApp raises it on its side, as if it had run it
             log.exception("%s failed", request.operation)
             self.status["errors"] += 1

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from dpfpl.client_app import handlers, worker_link
 from dpfpl.client_app.policy import (
@@ -353,3 +353,22 @@ def test_a_separated_worker_refuses_secfpp_with_the_key_to_opt_in_before_any_han
     request = NodeRequest("train.secfpp_keys", config, {"dataset": "demo", "method": "secfpp"}, {}, node_id=1)
     opted_in._answer(request)
     assert ran == ["train.secfpp_keys"]
+
+
+def test_a_separated_worker_sends_no_field_the_wire_inventory_does_not_classify(tmp_path, monkeypatch):
+    """The inventory check runs in the worker, not only in the ClientApp (which may be any submitted app's): a
+    handler whose reply carries an unclassified field gets an error reply that names the field, never its value."""
+    leaky = RecordDict(
+        {"identity": ConfigRecord({"node-key": 7}), "metrics": MetricRecord({"secret-accuracy": 0.8125})}
+    )
+    monkeypatch.setattr(handlers, "handle", lambda context: leaky)
+    worker = _separated_worker(tmp_path)
+    request = NodeRequest("query.node_key", RecordDict({"config": ConfigRecord({"run-token": "t"})}), {}, {}, 1)
+    header, payload = worker._answer(request)
+    assert header["op"] == "error" and payload == b""
+    assert "metrics/secret-accuracy" in header["message"] and "0.8125" not in header["message"]
+    assert worker.status["errors"] == 1
+    # the classified fields alone are sent
+    monkeypatch.setattr(handlers, "handle", lambda context: RecordDict({"identity": ConfigRecord({"node-key": 7})}))
+    header, payload = worker._answer(request)
+    assert header["op"] == "reply" and worker_link.decode_content(payload)["identity"]["node-key"] == 7
