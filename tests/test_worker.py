@@ -3,6 +3,7 @@ handlers (the same calls Flower makes). The deployment tests run it under real S
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -268,6 +269,32 @@ def test_without_a_worker_a_deployed_clientapp_answers_itself_and_says_so(tmp_pa
     assert reply.content["metrics"]["noisy-steps"] == 1.0
     lines = [r.getMessage() for r in caplog.records if "no node worker" in r.getMessage()]
     assert len(lines) == 1 and str(socket_path(state_dir)) in lines[0]
+
+
+def test_a_separated_clientapp_without_a_worker_fails_and_never_answers_itself(tmp_path, monkeypatch):
+    """Privileges separated (the node config names the worker's socket): with no worker answering, neither a
+    missing socket nor one a dead worker left, the ClientApp fails the message with the reason and does not run
+    the handler in its own process, even where the node config would let it find a state directory."""
+    answered = []
+    monkeypatch.setattr(client_module, "handle", lambda context: answered.append(context.operation) or RecordDict())
+    # the real link, with a short wait for a worker to appear (20 s by default)
+    monkeypatch.setattr(client_module, "forward", functools.partial(worker_link.forward, restart_wait=0.3))
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # the file stays; nobody listens on it
+    state_dir = tmp_path / "state"
+    for path in (tmp_path / "missing.sock", stale):
+        context = Context(
+            run_id=1,
+            node_id=100,
+            node_config={"worker-socket": str(path), "state-dir": str(state_dir)},
+            state=RecordDict(),
+            run_config=RunConfig(run_dir=str(tmp_path / "run"), **RUN).to_flower(),
+        )
+        with pytest.raises(worker_link.WorkerUnavailable, match="does not answer itself") as failed:
+            client_module.train(_message(MessageType.TRAIN, 1), context)
+        assert str(path) in str(failed.value)
+    assert answered == [] and not state_dir.exists()
 
 
 def test_the_clientapp_and_the_torch_free_handlers_load_without_torch():
