@@ -113,8 +113,9 @@ class RunConfig(BaseModel):
     # or, in simulation, the simulated operator declares B / (its partition's planned size) at setup. q is never
     # recomputed from the records a node holds, so the add/remove-one guarantee is true for the rate in force.
     sample_rate: float = Field(0.0, ge=0, le=1)
-    # false (default): torch's generator, OS-seeded under DP; true: a CSPRNG-seeded generator per release and
-    # a sum-of-draws Gaussian against floating-point attacks (common/privacy/mechanisms.py, dpfpl/bench/secure_noise.py)
+    # false (default): torch's generator, OS-seeded under DP; true: every noise bit from the OS CSPRNG (no seeded
+    # stream) and a sum-of-draws float64 Gaussian against floating-point attacks (common/privacy/mechanisms.py,
+    # dpfpl/bench/secure_noise.py)
     secure_noise: bool = False
     # secure aggregation with distributed noise (docs/secure-aggregation.md): the server sees only the noised sum
     secure_aggregation: bool = False

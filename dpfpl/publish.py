@@ -79,7 +79,9 @@ class PrivacyManifest(BaseModel):
         None, ge=0, description="worst other client's records in p_G (server books, as epsilon_global)"
     )
     covers: dict[str, str] = Field(default_factory=dict)  # each epsilon above, in words
-    excludes: list[str] = Field(default_factory=list)  # releases the epsilons do not cover (SecFPP's clustering)
+    # what leaves the node that no epsilon covers (``outside_epsilon``: evaluation replies, reply timing, SecFPP's
+    # clustering)
+    excludes: list[str] = Field(default_factory=list)
     delta: float = Field(gt=0, lt=1)
     noisy_steps: int = Field(0, ge=0)
     noise_multiplier_local: float | None = None

@@ -52,13 +52,13 @@ def main() -> None:
             run_audit(cfg, AuditSettings(canaries=args.canaries, seed=s), args.cache_dir) for s in range(args.seeds)
         ]
         row = {
-            "epsilon_claimed": audits[0].epsilon_claimed,
+            "epsilon-claimed": audits[0].epsilon_claimed,
             "ceiling": audits[0].ceiling,
             "seeds": args.seeds,
             "canaries": args.canaries,
             "violations": sum(a.violation for a in audits),
-            "seconds_without_canaries": base.seconds,
-            "seconds_with_canaries_mean": statistics.mean(a.seconds for a in audits),
+            "seconds-without-canaries": base.seconds,
+            "seconds-with-canaries-mean": statistics.mean(a.seconds for a in audits),
         }
         for name in ("white-box", "final-prompt"):
             bounds = [next(r for r in a.results if r.threat_model == name).epsilon_lower_bound for a in audits]

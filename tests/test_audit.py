@@ -152,3 +152,35 @@ def test_the_audit_flags_no_violation_on_the_correct_code_and_finds_some_leakage
 def test_the_audit_is_sound_across_seeds(tmp_path, cache_dir, epsilon, seed):
     result = _audit(tmp_path, cache_dir, epsilon, seed=seed)
     assert all(r.epsilon_lower_bound <= result.epsilon_claimed for r in result.results), "\n".join(result.lines())
+
+
+def test_the_audit_command_writes_its_results_under_the_hyphenated_keys(tmp_path, cache_dir, capsys):
+    """``dpfpl audit --json``: one entry per claimed epsilon, the keys docs/audit.md shows (hyphenated, as the run
+    config's), a lower bound per threat model, and the exit status 0 of an audit without a violation."""
+    import json
+
+    from dpfpl.audit.run import THREAT_MODELS, AuditResult
+    from dpfpl.cli import main
+
+    out = tmp_path / "audit.json"
+    config = [f"{key}={json.dumps(value)}" for key, value in {**AUDIT_RUN, "run-dir": str(tmp_path / "run")}.items()]
+    argv = ["audit", *(arg for pair in config for arg in ("-c", pair))]
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--canaries", "50", "--epsilons", "2", "--cache-dir", str(cache_dir), "--json", str(out)])
+    assert done.value.code == 0
+    assert f"results: {out}" in capsys.readouterr().out
+    (entry,) = json.loads(out.read_text())
+    assert {"epsilon-claimed", "ceiling", "canaries", "confidence", "results", "violation"} <= set(entry)
+    assert entry["canaries"] == 50 and entry["confidence"] == 0.95 and entry["violation"] is False
+    assert entry["epsilon-claimed"] == pytest.approx(2.0, rel=1e-3)
+    assert 0.0 <= entry["ceiling"] < entry["epsilon-claimed"]
+    assert [r["threat-model"] for r in entry["results"]] == list(THREAT_MODELS)
+    for r in entry["results"]:
+        assert set(r) == {"threat-model", "epsilon-lower-bound", "guesses", "correct", "guessed-in", "guessed-out"}
+        assert 0.0 <= r["epsilon-lower-bound"] <= entry["epsilon-claimed"]
+    keys = [*entry, *(k for r in entry["results"] for k in r)]
+    assert not [k for k in keys if "_" in k], "every key is hyphenated"
+    assert "scores" not in entry and "included" not in entry  # the secret coins stay out of the file
+    # the file reads back into the result it was written from (by its hyphenated names)
+    back = AuditResult.model_validate(entry)
+    assert back.epsilon_claimed == entry["epsilon-claimed"] and back.results[0].threat_model == THREAT_MODELS[0]

@@ -22,6 +22,7 @@ from dpfpl.common.features import encode_images
 from dpfpl.common.methods import PromptLearner, build_method
 from dpfpl.common.privacy import PrivacyAccountant
 from dpfpl.common.prompt import PromptTextEncoder
+from dpfpl.common.wire import outside_epsilon
 from dpfpl.predict import PromptClassifier, image_paths
 from dpfpl.publish import (
     PromptMismatchError,
@@ -221,6 +222,10 @@ def test_export_of_a_federated_run_predicts_as_the_node(cache_dir, tmp_path, ima
     assert m.source["global-averaged-rounds"] == server.averaged_rounds == 2 == state.averaged_rounds
     assert math.isclose(m.privacy.epsilon, state.accountant.epsilon_published(), rel_tol=1e-9)
     assert m.privacy.epsilon <= 2.0 * 1.001  # calibrated for the published prompt's target
+    # what the epsilon does not cover is named in the file, as in the run's summary: for a DP-FPL run that
+    # evaluates, its evaluation replies and its reply timing
+    assert m.privacy.excludes == outside_epsilon("dpfpl", True) == summary["privacy"]["excludes"]
+    assert [text.split(":")[0] for text in m.privacy.excludes] == ["evaluation replies", "reply timing"]
     # the published parts are the means of the last two iterates, which differ from the final iterates
     torch.testing.assert_close(published.parts["global"], server.p_global_average, rtol=0, atol=0)
     torch.testing.assert_close(published.parts["local"], state.local_average, rtol=0, atol=0)

@@ -4,7 +4,8 @@
   exits non-zero and names each failed node with its reason (a real Flower simulation through `dpfpl
   simulate`, whose only other node has a broken silo).
 * Rounds: the summary, `dpfpl report` and the outcome count the rounds that updated the global prompt
-  (k of n); a run with none fails, a run with some failed rounds ends with a warning that counts them.
+  (k of n); a run with none fails, a run with some failed rounds ends with a warning that counts them. The
+  report shows the published prompt, the worst client and, where `dpfpl demo` ran one, the no-DP reference.
 * User-facing errors are one paragraph without a traceback; ``--debug`` shows it.
 """
 
@@ -20,7 +21,7 @@ import pytest
 
 from dpfpl.cli import main
 from dpfpl.common.outcome import OUTCOME_FILE, RunFailed, RunOutcome, client_error_text
-from dpfpl.run_report import report
+from dpfpl.run_report import reference_dir, report
 from tests.test_fault_tolerance import _run
 from tests.test_silo import write_images
 
@@ -53,6 +54,31 @@ def test_a_run_whose_rounds_all_update_says_n_of_n(tmp_path, cache_dir):
     assert (summary["rounds-run"], summary["rounds-updated"]) == (2, 2)
     outcome = RunOutcome.read(tmp_path / "run")
     assert outcome.failed_rounds == 0 and not outcome.paragraph().startswith("warning")
+
+
+def test_the_report_shows_the_published_prompt_the_no_dp_reference_and_the_worst_client(tmp_path, cache_dir):
+    """`dpfpl report`: the row of the prompt the run publishes (the mean of the rounds it averages), the worst
+    client's line against its own zero-shot, and the row of the same recipe without DP only where `dpfpl demo`
+    ran that reference beside the run (RUN_DIR-no-dp)."""
+    summary, _ = _run(tmp_path, rounds=2)  # publish-average 10 > 2 rounds: the mean of rounds 1-2
+    run_dir = tmp_path / "run"
+    lines = report(run_dir).splitlines()
+    published = next(line for line in lines if line.startswith("published prompt (mean of rounds 1-2)"))
+    assert f"{summary['published']['local-acc']:.4f}" in published
+    assert not any("same recipe without DP" in line for line in lines)  # no reference beside this run
+    worst = summary["worst-client"]
+    assert (
+        f"worst client, published prompt ({worst['client']}): local {worst['local-acc']:.4f}, its zero-shot "
+        f"{worst['zeroshot-local-acc']:.4f} ({worst['gain'] * 100:+.1f} points); "
+        f"{worst['clients-below-zeroshot']} of 3 clients below their zero-shot"
+    ) in lines
+    # the reference run's summary, where `dpfpl demo` writes it: its published prompt is the row's number
+    reference = {**summary, "privacy": {"dp": False}, "published": {**summary["published"], "local-acc": 0.4321}}
+    reference_dir(run_dir).mkdir()
+    (reference_dir(run_dir) / "summary.json").write_text(json.dumps(reference))
+    lines = report(run_dir).splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("same recipe without DP (reference)"))
+    assert "0.4321" in lines[row] and lines[row - 1].startswith("published prompt")
 
 
 # ------------------------------------------------------------------ setup: too few healthy nodes

@@ -70,7 +70,7 @@ class DpSettings:
     noise_multiplier_local: float
     max_grad_norm_local: float
     max_grad_norm_global: float
-    secure_noise: bool = False  # a CSPRNG-seeded generator per release (``dpfpl.common.privacy.standard_normal``)
+    secure_noise: bool = False  # every noise bit from the OS CSPRNG (``dpfpl.common.privacy.standard_normal``)
     # z_G the node adds to its own clipped global sum before it leaves (node config ``global-noise = "node"``):
     # the release is then the charged Gaussian mechanism whoever receives it; 0: the aggregator adds the noise
     noise_multiplier_global_at_node: float = 0.0

@@ -69,7 +69,7 @@ def main(args, overrides: dict) -> int:
         print("\n".join(result.lines()))
         results.append(result)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps([r.model_dump() for r in results], indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps([r.model_dump(by_alias=True) for r in results], indent=2) + "\n")
         print(f"results: {args.json_out}")
     if args.plot:
         print(f"plot: {plot(results, Path(args.plot))}")

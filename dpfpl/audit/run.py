@@ -13,8 +13,9 @@ Threat models:
 * ``white-box``: sees each round's noisy releases; score_i = sum over rounds of each release's inner product
   with canary i's clipped contribution, divided by that release's noise variance (the Gaussian likelihood-ratio
   direction), local and global added;
-* ``final-prompt``: sees node 0's published personalized prompt only; score_i = <p_init - p_final, u_i>
-  (gradient descent moves against the canary's gradient).
+* ``final-prompt``: sees node 0's personalized prompt after the last round only (its last iterate, not the mean
+  of the last ``publish-average`` iterates a run publishes); score_i = <p_init - p_final, u_i> (gradient descent
+  moves against the canary's gradient).
 """
 
 from __future__ import annotations
@@ -52,7 +53,18 @@ class AuditSettings(BaseModel):
     with_canaries: bool = True  # False: the same loop without canaries (the cost baseline)
 
 
+def _hyphenated(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# the JSON's keys are hyphenated (epsilon-claimed, threat-model), as the run config's and the summary's are;
+# the fields are still set and read by their Python names
+RESULT_JSON = ConfigDict(alias_generator=_hyphenated, validate_by_name=True, serialize_by_alias=True)
+
+
 class ThreatModelResult(BaseModel):
+    model_config = RESULT_JSON
+
     threat_model: str
     epsilon_lower_bound: float
     guesses: int
@@ -62,6 +74,8 @@ class ThreatModelResult(BaseModel):
 
 
 class AuditResult(BaseModel):
+    model_config = RESULT_JSON
+
     epsilon_claimed: float
     delta: float
     confidence: float
@@ -176,7 +190,8 @@ class _CanaryFederation:
         return self.hook.directions.flatten(1)
 
     def published_prompt(self) -> torch.Tensor:
-        """Node 0's personalized prompt now: what the final-prompt adversary sees at the end."""
+        """Node 0's personalized prompt now: after the last round, what the final-prompt adversary sees (the last
+        iterate; the run would publish the mean of the last ``publish-average`` iterates)."""
         return self.nodes[0].learner.personalized_prompt(self.p_global, self.locals_[0])
 
     def train_round(self) -> None:

@@ -1,9 +1,10 @@
 """Cost of the secure noise mode (``secure-noise = true``) against the default, per noise release.
 
-Why measure it: secure mode draws from a fresh CSPRNG-seeded generator for every release and sums four
-Gaussian draws (the floating-point defence of ``dpfpl.common.privacy.mechanisms.standard_normal``), so a release
-costs a seeding plus 4x the sampling. The releases of this project are small (a node's factor gradients, the
-server's p_G noise), so what matters is that cost next to a DP step (~0.45 s for the demo model, B = 32).
+Why measure it: secure mode takes every bit of its noise from the OS CSPRNG (``os.urandom``, no seeded stream) and
+sums four float64 Box-Muller draws (the floating-point defence of ``dpfpl.common.privacy.mechanisms.standard_normal``),
+so a release costs four draws made in numpy from OS bytes instead of one from torch's generator. The releases of
+this project are small (a node's factor gradients, the server's p_G noise), so what matters is that cost next to a
+DP step (~0.45 s for the demo model, B = 32).
 
 Run: python dpfpl/bench/secure_noise.py [--repeats N]
 """
