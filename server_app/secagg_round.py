@@ -240,6 +240,13 @@ class _SecureRound:
         done = self.unmask()
         return self.strategy.current_arrays(), MetricRecord(self.apply(done))
 
+    def _reject(self, node: int, what: str, err: Exception) -> None:
+        """A stage's reply that fails its parser: logged, and listed with the round's rejected replies; the node
+        leaves this round's secure aggregation (as a node that does not answer)."""
+        why = str(err)[:300] if isinstance(err, InvalidReply) else f"malformed ({type(err).__name__})"
+        log.warning("round %d: node %s: %s rejected: %s", self.server_round, node, what, why)
+        self.strategy.rejected.append(f"node {node}: {what}: {why}")
+
     def _request(self, action: str, payloads: dict[int, dict]) -> dict[int, Message]:
         return _request(self.grid, action, payloads, self.server_round, self.state.run_token, self.timeout, self.stats)
 
@@ -353,8 +360,8 @@ class _SecureRound:
             try:
                 record = config_fields(msg, "secagg", {"dst", "ct"})
                 shares[node] = id_to_blob(record["dst"], record["ct"], "shares", members - {node})
-            except InvalidReply as err:
-                log.warning("round %d: node %s: shares rejected: %s", self.server_round, node, err)
+            except Exception as err:  # noqa: BLE001  a hostile reply is rejected, never fatal
+                self._reject(node, "shares", err)
         return shares
 
     def collect_masked_inputs(self, shares: dict[int, dict[int, bytes]]) -> None:
@@ -382,8 +389,8 @@ class _SecureRound:
         for node, msg in self._request(MASKED, payloads).items():
             try:
                 masked[node] = masked_input(msg, size)
-            except InvalidReply as err:
-                log.warning("round %d: node %s: masked input rejected: %s", self.server_round, node, err)
+            except Exception as err:  # noqa: BLE001
+                self._reject(node, "masked input", err)
 
         def collect(group: _Group) -> None:
             group.survivors, group.dropped = group.session.collect_masked(
@@ -411,8 +418,8 @@ class _SecureRound:
                 )
                 if NEXT_KEYS[0] in r:
                     self.next_keys[node] = tuple(blob(r[k], k, KEY_BYTES) for k in NEXT_KEYS)
-            except InvalidReply as err:
-                log.warning("round %d: node %s: unmasking reply rejected: %s", self.server_round, node, err)
+            except Exception as err:  # noqa: BLE001
+                self._reject(node, "unmasking reply", err)
 
         def unmask_sum(group: _Group) -> None:
             group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})
