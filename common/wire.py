@@ -73,6 +73,8 @@ INVENTORY: dict[tuple[str, str, str], tuple[str, str]] = {
     ),
     ("train", "secagg", "c-pk"): (PUBLIC, _SECAGG),
     ("train", "secagg", "s-pk"): (PUBLIC, _SECAGG),
+    ("train", "secagg", "dst"): (PUBLIC, _SECAGG),  # keyed ahead: the train reply carries the shares
+    ("train", "secagg", "ct"): (PUBLIC, _SECAGG),
     **{("evaluate", "metrics", k): v for k, v in _EVALUATE_METRICS.items()},
     ("train.secagg_shares", "secagg", "dst"): (PUBLIC, _SECAGG),
     ("train.secagg_shares", "secagg", "ct"): (PUBLIC, _SECAGG),
@@ -80,7 +82,10 @@ INVENTORY: dict[tuple[str, str, str], tuple[str, str]] = {
         COVERED,
         "the quantized gradient plus this node's discrete-Gaussian noise share, masked: only the noised sum opens",
     ),
-    **{("train.secagg_unmask", "secagg", k): (PUBLIC, _SECAGG) for k in ("b-owner", "b-share", "s-owner", "s-share")},
+    **{
+        ("train.secagg_unmask", "secagg", k): (PUBLIC, _SECAGG)
+        for k in ("b-owner", "b-share", "s-owner", "s-share", "next-c-pk", "next-s-pk")
+    },
     ("train.secfpp_keys", "secfpp", "pk"): (PUBLIC, "SecFPP: this phase's public key"),
     ("train.secfpp_keys", "secfpp", "node-key"): (PUBLIC, _KEY),
     ("train.secfpp_shares", "secfpp", "dst"): (PUBLIC, "SecFPP: the peers the shares are for"),

@@ -6,7 +6,15 @@ Drives ``dpfpl.common.secagg.protocol.ServerSession`` over Flower messages (Mess
   train                 p_G -> local step; reply: metrics + two X25519 public keys (no gradient)
   train.secagg_shares   roster of public keys -> ciphertexts of Shamir shares, one per other client
   train.secagg_masked   the ciphertexts addressed to the client -> its masked input y (uint64 field vector)
-  train.secagg_unmask   survivors / dropped -> shares of b_v (survivors) or s_sk_v (dropped)
+  train.secagg_unmask   survivors / dropped -> shares of b_v (survivors) or s_sk_v (dropped), and, when another
+                        round follows, two fresh public keys for it
+
+Keys announced ahead: a node's unmasking reply carries the public keys it drew for the next round. When every
+member of a group announced its keys, the next round's train message already carries the group's roster and the
+node answers it with its encrypted shares: three exchanges instead of four (the train exchange does the work of
+advertise keys and share keys). A group with a member that announced nothing (it joined, dropped before
+unmasking, or the server restarted) runs the four exchanges. The keys are still fresh for every round and used
+in one round only (docs/secure-aggregation.md, "Keys announced one round ahead").
 
 The nodes are split into groups by ``strategy.secagg_groups``: one group for the methods with one global prompt,
 one per cluster for SecFPP (the server learns each cluster's noised sum, never a member's input). Each group has
@@ -90,10 +98,17 @@ class SecureTrainExchange:
     """The train exchange of a run with ``secure-aggregation = true`` (``PromptStrategy.train_round``): the server
     sees only each group's noised sum."""
 
+    def __init__(self) -> None:
+        # the public keys each node drew for round ``announced_for``, from its unmasking reply of the round before
+        self.announced: dict[int, tuple[bytes, bytes]] = {}
+        self.announced_for = 0
+
     def run(
         self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return secure_train_round(strategy, grid, server_round, timeout)
+        announced = self.announced if self.announced_for == server_round else {}
+        self.announced, self.announced_for = {}, server_round + 1
+        return secure_train_round(strategy, grid, server_round, timeout, announced, self.announced)
 
     def privacy_notes(self) -> dict[str, str]:
         """The nodes' distributed discrete-Gaussian noise is accounted as the continuous Gaussian."""
@@ -101,11 +116,19 @@ class SecureTrainExchange:
 
 
 def secure_train_round(
-    strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
+    strategy: PromptStrategy,
+    grid: Grid,
+    server_round: int,
+    timeout: float | None,
+    announced: dict[int, tuple[bytes, bytes]] | None = None,
+    next_keys: dict[int, tuple[bytes, bytes]] | None = None,
 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
+    """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train.
+
+    ``announced``: the public keys the nodes drew for this round, announced in the last round's unmasking;
+    ``next_keys`` receives those announced in this round's for the next."""
     try:
-        return _SecureRound(strategy, grid, server_round, timeout).run()
+        return _SecureRound(strategy, grid, server_round, timeout, announced or {}, next_keys).run()
     except SecAggError as err:
         log.error(
             "round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
@@ -116,12 +139,39 @@ def secure_train_round(
         return None, None
 
 
+NEXT_KEYS = ("next-c-pk", "next-s-pk")
+_UNMASK_SHARES = {"b-owner", "b-share", "s-owner", "s-share"}
+
+
+def _unmask_keys(msg: Message, announce: bool) -> set[str]:
+    """The keys an unmasking reply must hold: the shares, plus the next round's public keys when the server asked
+    for them and the node sent them (a node that sends none advertises next round as it trains)."""
+    try:
+        with_next = announce and NEXT_KEYS[0] in msg.content.config_records["secagg"]
+    except Exception:  # noqa: BLE001  no such record, an error reply: config_fields names what is wrong
+        with_next = False
+    return _UNMASK_SHARES | set(NEXT_KEYS) if with_next else _UNMASK_SHARES
+
+
+def _roster_payload(group: _Group, members: dict[int, tuple[bytes, bytes]]) -> dict:
+    """The roster a member of ``group`` is sent: every member's two public keys, the threshold and the group."""
+    order = sorted(members)
+    return {
+        "nodes": order,
+        "c-pk": [members[u][0] for u in order],
+        "s-pk": [members[u][1] for u in order],
+        "secagg-threshold": group.threshold,
+        "secagg-group": group.label,
+    }
+
+
 class _Group:
     """One secure-aggregation group: every node of a method with one global prompt, or one SecFPP cluster (whose
     members share that cluster's prompt). Groups run side by side, one message per node and stage."""
 
     def __init__(self, label: int, nodes: list[int], threshold: int, context: str, size: int) -> None:
         self.label, self.nodes, self.threshold = label, nodes, threshold
+        self.keyed_ahead = False  # the roster went out with the train messages (keys announced last round)
         self.session = ServerSession(context=context, threshold=threshold, size=size)
         self.survivors: list[int] = []
         self.dropped: list[int] = []
@@ -160,23 +210,42 @@ class _SecureRound:
     """One round's stages, in order (``run``): groups, key advertisements (the local step), shares, masked
     inputs, unmasking, and the server step on each group's decoded mean."""
 
-    def __init__(self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None) -> None:
+    def __init__(
+        self,
+        strategy: PromptStrategy,
+        grid: Grid,
+        server_round: int,
+        timeout: float | None,
+        announced: dict[int, tuple[bytes, bytes]],
+        next_keys: dict[int, tuple[bytes, bytes]] | None,
+    ) -> None:
         self.strategy, self.grid, self.server_round, self.timeout = strategy, grid, server_round, timeout
+        self.announced = announced
+        # None: no round follows this one (nobody is asked for next keys)
+        self.next_keys = next_keys if server_round < strategy.cfg.num_server_rounds else None
         self.cfg, self.state = strategy.cfg, strategy.state
         self.shape = tuple(self.state.p_global.shape)
         self.stats = {"messages": 0}
         self.groups: list[_Group] = []
         self.group_of: dict[int, _Group] = {}
         self.sent = 0  # train messages sent
-        self.advertised: dict[int, Reply] = {}  # by node id: payload = (c-pk, s-pk)
+        self.advertised: dict[int, Reply] = {}  # by node id: payload = (c-pk, s-pk), or its shares (keyed ahead)
+        self.roster_payloads: dict[int, dict] = {}
 
     def run(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         train = self.form_groups()
-        self.collect_key_advertisements(train)
-        shares = self.collect_shares()
+        shares = self.collect_train_replies(train)
+        shares.update(self.collect_shares())
         self.collect_masked_inputs(shares)
         done = self.unmask()
         return self.strategy.current_arrays(), MetricRecord(self.apply(done))
+
+    def _reject(self, node: int, what: str, err: Exception) -> None:
+        """A stage's reply that fails its parser: logged, and listed with the round's rejected replies; the node
+        leaves this round's secure aggregation (as a node that does not answer)."""
+        why = str(err)[:300] if isinstance(err, InvalidReply) else f"malformed ({type(err).__name__})"
+        log.warning("round %d: node %s: %s rejected: %s", self.server_round, node, what, why)
+        self.strategy.rejected.append(f"node {node}: {what}: {why}")
 
     def _request(self, action: str, payloads: dict[int, dict]) -> dict[int, Message]:
         return _request(self.grid, action, payloads, self.server_round, self.state.run_token, self.timeout, self.stats)
@@ -204,37 +273,65 @@ class _SecureRound:
         if not self.groups:
             raise SecAggError("no group of nodes large enough for secure aggregation")
         train = [m for m in train if m.metadata.dst_node_id in self.group_of]
+        rosters = {g.label: self.roster_ahead(g) for g in self.groups}
         for msg in train:  # the clients calibrate their noise shares for t survivors of their group
             group = self.group_of[msg.metadata.dst_node_id]
             msg.content["config"]["secagg-threshold"] = group.threshold
             msg.content["config"]["secagg-num-clients"] = len(group.nodes)
             msg.content["config"]["secagg-group"] = group.label
+            if rosters[group.label]:
+                msg.content["config"].update(rosters[group.label])
         self.sent = len(train)
         return train
 
-    def validate_key_advertisement(self, msg: Message, server_round: int) -> tuple[tuple[bytes, bytes], dict]:
-        """The train reply under secure aggregation: metrics and two public keys, no gradient."""
+    def roster_ahead(self, group: _Group) -> dict | None:
+        """The roster payload for a group whose every member announced its keys for this round last round (the
+        train message then carries it, and the reply the shares); None when the group advertises as it trains."""
+        if not all(u in self.announced for u in group.nodes):
+            return None
+        try:
+            members = group.session.set_roster({u: self.announced[u] for u in group.nodes})
+        except SecAggError as err:  # repeated or malformed keys: advertise afresh, as without announcements
+            log.warning(
+                "round %d: group %d: announced keys not usable (%s); keys advertised afresh",
+                self.server_round,
+                group.label,
+                err,
+            )
+            group.session.roster = {}
+            return None
+        group.keyed_ahead = True
+        return _roster_payload(group, members)
+
+    def validate_train_reply(self, msg: Message, server_round: int) -> tuple[object, dict]:
+        """The train reply under secure aggregation, no gradient: metrics and two public keys, or, in a group
+        keyed ahead, metrics and the node's encrypted shares for the other members."""
         if msg.has_error():
             raise InvalidReply(f"node reported an error: {msg.error.reason}")
         metrics = reply_metrics(msg, "train")
         self.strategy.check_round_and_run(metrics, server_round)
+        node = msg.metadata.src_node_id
+        if self.group_of[node].keyed_ahead:
+            record = config_fields(msg, "secagg", {"dst", "ct"})
+            return id_to_blob(record["dst"], record["ct"], "shares", set(self.group_of) - {node}), metrics
         record = config_fields(msg, "secagg", {"c-pk", "s-pk"})
         return (blob(record["c-pk"], "c-pk", KEY_BYTES), blob(record["s-pk"], "s-pk", KEY_BYTES)), metrics
 
-    def collect_key_advertisements(self, train: list[Message]) -> None:
-        """The local step: each node trains and advertises its keys; accepted through the strategy's one reply
-        path (the books use the node's stable key, as in the clear rounds)."""
+    def collect_train_replies(self, train: list[Message]) -> dict[int, dict[int, bytes]]:
+        """The local step: each node trains and advertises its keys (or, keyed ahead, sends its shares); accepted
+        through the strategy's one reply path (the books use the node's stable key, as in the clear rounds).
+        Returns the shares of the groups keyed ahead."""
         self.stats["messages"] += 2 * len(train)
         replies = [
             m for m in exchange(self.grid, train, timeout=self.timeout) if m.metadata.src_node_id in self.group_of
         ]
-        accepted = self.strategy.accept_replies(
-            self.server_round, replies, self.validate_key_advertisement, "key advertisement"
-        )
+        accepted = self.strategy.accept_replies(self.server_round, replies, self.validate_train_reply, "train reply")
         self.advertised = {r.node_id: r for r in accepted}
         payloads: dict[int, dict] = {}
 
         def roster(group: _Group) -> None:
+            if group.keyed_ahead:
+                return
             advertised = {u: self.advertised[u].payload for u in group.nodes if u in self.advertised}
             # a key advertised twice (a node replaying another's) cannot be attributed: all its holders are left
             # out of this round, as a dropout would be, and the others go on
@@ -247,29 +344,24 @@ class _SecureRound:
                 )
                 del advertised[u]
             members = group.session.set_roster(advertised)
-            order = sorted(members)
-            payload = {
-                "nodes": order,
-                "c-pk": [members[u][0] for u in order],
-                "s-pk": [members[u][1] for u in order],
-                "secagg-threshold": group.threshold,
-                "secagg-group": group.label,
-            }
-            payloads.update({u: payload for u in order})
+            payloads.update({u: _roster_payload(group, members) for u in members})
 
         _for_each_live_group(self.groups, self.server_round, roster)
         self.roster_payloads = payloads
+        return {u: r.payload for u, r in self.advertised.items() if self.group_of[u].keyed_ahead}
 
     def collect_shares(self) -> dict[int, dict[int, bytes]]:
-        """Each node's encrypted Shamir shares, one per other member of its group."""
+        """Each node's encrypted Shamir shares, one per other member of its group (the groups not keyed ahead)."""
         shares = {}
+        if not self.roster_payloads:
+            return shares
         members = set(self.group_of)
         for node, msg in self._request(SHARES, self.roster_payloads).items():
             try:
                 record = config_fields(msg, "secagg", {"dst", "ct"})
                 shares[node] = id_to_blob(record["dst"], record["ct"], "shares", members - {node})
-            except InvalidReply as err:
-                log.warning("round %d: node %s: shares rejected: %s", self.server_round, node, err)
+            except Exception as err:  # noqa: BLE001  a hostile reply is rejected, never fatal
+                self._reject(node, "shares", err)
         return shares
 
     def collect_masked_inputs(self, shares: dict[int, dict[int, bytes]]) -> None:
@@ -297,8 +389,8 @@ class _SecureRound:
         for node, msg in self._request(MASKED, payloads).items():
             try:
                 masked[node] = masked_input(msg, size)
-            except InvalidReply as err:
-                log.warning("round %d: node %s: masked input rejected: %s", self.server_round, node, err)
+            except Exception as err:  # noqa: BLE001
+                self._reject(node, "masked input", err)
 
         def collect(group: _Group) -> None:
             group.survivors, group.dropped = group.session.collect_masked(
@@ -309,8 +401,9 @@ class _SecureRound:
 
     def unmask(self) -> list[_Group]:
         """Survivors send shares of the survivors' b and of the dropped nodes' s; the groups that unmask."""
+        announce = {"announce-next": True} if self.next_keys is not None else {}
         payloads = {
-            u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label}
+            u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label, **announce}
             for g in self.live
             for u in g.survivors
         }
@@ -318,13 +411,15 @@ class _SecureRound:
         members = set(self.group_of)
         for node, msg in self._request(UNMASK, payloads).items():
             try:
-                r = config_fields(msg, "secagg", {"b-owner", "b-share", "s-owner", "s-share"})
+                r = config_fields(msg, "secagg", _unmask_keys(msg, bool(announce)))
                 unmask[node] = (
                     id_to_blob(r["b-owner"], r["b-share"], "b-shares", members),
                     id_to_blob(r["s-owner"], r["s-share"], "s-shares", members),
                 )
-            except InvalidReply as err:
-                log.warning("round %d: node %s: unmasking reply rejected: %s", self.server_round, node, err)
+                if NEXT_KEYS[0] in r:
+                    self.next_keys[node] = tuple(blob(r[k], k, KEY_BYTES) for k in NEXT_KEYS)
+            except Exception as err:  # noqa: BLE001
+                self._reject(node, "unmasking reply", err)
 
         def unmask_sum(group: _Group) -> None:
             group.total = group.session.unmask({u: r for u, r in unmask.items() if u in group.nodes})

@@ -20,8 +20,10 @@ strategy's ``after_aggregation``), custom actions of the ``train`` type routed t
 
 The last two repeat once per iteration of ``dpfpl.common.secfpp.kmeans.adaptive_kmeans``, which is the server's whole
 share of the computation. What the server sees: public keys, ciphertexts (and their sizes), the decisions,
-hence the assignment. Dropouts: a node that fails before its shares are out (keys, shares) aborts the phase
-(the assignment stays as it was); after that, a node that fails or does not answer leaves the phase: the
+hence the assignment. Dropouts: a node that fails or sends a malformed reply before its shares are out (keys,
+shares) leaves the phase, and the others start it over once without it (new roster indices, fresh keys and
+shares, under a new phase label; a second such failure aborts the phase and the assignment stays as it was); the
+node left out gets cluster 0's prompt until a phase that includes it. After that, a node that fails or does not answer leaves the phase: the
 others decode from the coded results that are left (LCC needs 2(K+T-1)+1 of them; fewer aborts the phase),
 its vector stays in the cluster sums (its shares are held by the others) and it keeps its cluster.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -219,6 +222,8 @@ def _request(
             replies[node] = PHASE_PARSERS[action](values, roster_size or len(payloads))
         except InvalidReply as err:
             problems.append(f"node {node}: {action} reply rejected: {err}")
+        except Exception as err:  # noqa: BLE001  a hostile reply is rejected, never fatal
+            problems.append(f"node {node}: {action} reply rejected: malformed ({type(err).__name__})")
     missing = set(payloads) - set(replies)
     if missing and not tolerate:
         raise PhaseFailed("; ".join(problems) or f"{len(missing)} node(s) did not answer {action}")
@@ -295,15 +300,7 @@ class _ClusteringPhase:
 
     def run(self) -> ClusteringResult:
         cfg = self.cfg
-        validate(
-            len(self.nodes),
-            cfg.secfpp_reduced_dim,
-            cfg.secfpp_slices,
-            cfg.secfpp_privacy,
-            cfg.secfpp_quantization_bits,
-        )
-        pks = self.collect_public_keys()
-        self.shares = _route(self.nodes, self._request(SHARES, {n: {"pks": pks} for n in self.nodes}))
+        self.share_vectors()
         self.alive = set(self.nodes)  # every vector is shared by now: a node that drops later stays in the cluster sums
         return adaptive_kmeans(
             len(self.nodes),
@@ -318,10 +315,50 @@ class _ClusteringPhase:
     def _request(self, action: str, payloads: dict[int, dict], tolerate: bool = False) -> dict[int, dict]:
         return _request(self.grid, action, payloads, self.phase, self.timeout, tolerate, len(self.nodes))
 
-    def collect_public_keys(self) -> list[bytes]:
-        """Each node's public key for this phase, in roster order. The roster is also where the assignment learns
-        each node's key; the message carries the run's number of clients, as a train message does (the node
-        loads its partition to compute its clustering vector)."""
+    def share_vectors(self) -> None:
+        """The roster's public keys, then the relay of every node's LCC shares (``self.shares``). A node that fails
+        or sends a malformed reply before the shares are out leaves the phase, and the others start over once
+        without it: a new phase label, new roster indices, fresh keys and shares (nothing of the first attempt was
+        relayed, so no share of it reaches anyone). A failure in the second attempt ends the phase."""
+        cfg, first_label = self.cfg, self.phase
+        for attempt in (1, 2):
+            validate(
+                len(self.nodes),
+                cfg.secfpp_reduced_dim,
+                cfg.secfpp_slices,
+                cfg.secfpp_privacy,
+                cfg.secfpp_quantization_bits,
+            )
+            failed = self.keys_and_shares(final=attempt == 2)
+            if not failed:
+                return
+            log.warning(
+                "clustering phase %s: node(s) %s failed before the shares were out; the phase starts over without them",
+                self.phase,
+                ", ".join(str(n) for n in sorted(failed)),
+            )
+            self.nodes = [n for n in self.nodes if n not in failed]
+            self.phase = f"{first_label}/retry"
+
+    def keys_and_shares(self, final: bool) -> set[int]:
+        """Keys and shares of the current roster: the nodes that failed either (``final``: none may, the phase fails
+        instead)."""
+        pks = self.collect_public_keys(tolerate=not final)
+        if isinstance(pks, set):
+            return pks
+        replies = self._request(SHARES, {n: {"pks": pks} for n in self.nodes}, tolerate=not final)
+        others = {i: set(range(len(self.nodes))) - {i} for i in range(len(self.nodes))}
+        failed = {n for i, n in enumerate(self.nodes) if n not in replies or set(replies[n]["dst"]) != others[i]}
+        if failed and not final:
+            return failed
+        self.shares = _route(self.nodes, replies)
+        return set()
+
+    def collect_public_keys(self, tolerate: bool = False) -> list[bytes] | set[int]:
+        """Each node's public key for this phase, in roster order (``tolerate``: or the set of nodes that did not
+        give one). The roster is also where the assignment learns each node's key; the message carries the run's
+        number of clients, as a train message does (the node loads its partition to compute its clustering
+        vector)."""
         nodes, strategy = self.nodes, self.strategy
         keys = self._request(
             KEYS,
@@ -329,14 +366,22 @@ class _ClusteringPhase:
                 n: {"index": i, "num-users": len(nodes), NUM_CLIENTS_KEY: self.cfg.num_clients}
                 for i, n in enumerate(nodes)
             },
+            tolerate=tolerate,
         )
-        for n in nodes:
-            strategy.learn_key(n, str(keys[n]["node-key"]))
-        if len({strategy.key_of(n) for n in nodes}) < len(nodes):
+        # a node key or a public key reported twice cannot be attributed: every holder leaves (a copied state
+        # directory, or a node claiming another's key)
+        count = Counter(v for n in keys for v in (str(keys[n]["node-key"]), bytes(keys[n]["pk"])))
+        shared = {n for n in keys if count[str(keys[n]["node-key"])] > 1 or count[bytes(keys[n]["pk"])] > 1}
+        failed = (set(nodes) - set(keys)) | shared
+        if failed and tolerate:
+            return failed
+        if shared:
             raise PhaseFailed(
-                "two nodes report the same node key (a copied state directory?); each node needs its "
+                "two nodes report the same node key or public key (a copied state directory?); each node needs its "
                 "own 'node-key' file"
             )
+        for n in nodes:
+            strategy.learn_key(n, str(keys[n]["node-key"]))
         pks = [bytes(keys[n]["pk"]) for n in nodes]
         if any(len(pk) != 32 for pk in pks):
             raise PhaseFailed("a public key is not 32 bytes")

@@ -229,3 +229,28 @@ def test_a_hostile_node_is_rejected_every_round_and_changes_nothing(tmp_path, ca
             torch.testing.assert_close(hostile.p_global, silent.p_global, rtol=0, atol=0)
     print(f"distinct corruptions tried: {len(tried)}")
     assert len(tried) >= 1000
+
+
+class UnmaskingHostileGrid(HostileGrid):
+    """The hostile node answers every stage honestly up to its masked input (so its input is in the sum), then
+    corrupts its unmasking reply: the t honest survivors' shares must unmask the sum without it."""
+
+    def _corrupts(self, message: Message) -> bool:
+        return message.metadata.message_type == "train.secagg_unmask"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+def test_a_corrupt_unmasking_reply_is_rejected_and_the_honest_shares_unmask_the_sum(tmp_path, cache_dir, seed):
+    overrides = {**PATHS["secure-aggregation"], "num-server-rounds": 6, "seed": seed, "run-dir": str(tmp_path / "r")}
+    config = full_run_config({**BASE, **overrides})
+    grid = UnmaskingHostileGrid(client_app, config, NODES, {"num-threads": 1}, mode="hostile", seed=seed)
+    with grid.identity():
+        run_federation(grid, RunConfig.from_flower(config))
+    rounds = [m for m in RunDirectory(tmp_path / "r").read_metrics() if m.get("phase") == "train"]
+    assert len(rounds) == 6 and all(m["updated"] for m in rounds)
+    # its masked input is in every sum (4 survivors, t = 3 honest unmasking replies suffice) ...
+    assert all(m["num-replies"] == NODES and m["secagg-dropped"] == 0 for m in rounds)
+    # ... and every round lists its rejected unmasking reply
+    rejected = [r for m in rounds for r in m.get("rejected", []) if "unmasking reply" in r]
+    assert len(rejected) == 6 and len(grid.tried) == 6

@@ -294,3 +294,31 @@ def test_a_round_restarted_after_the_shares_is_refused_not_repeated():
         clients[ids[0]].advertise()
     with pytest.raises(SecAggError, match="threshold"):
         clients[ids[1]].share_keys(roster, 3)  # the server may not change t mid-round
+
+
+def test_keys_announced_a_round_ahead_sum_exactly_and_serve_that_round_only():
+    """Keys drawn in round 1's unmasking for round 2 (context '<run>/2') are bound to round 2's full context when
+    its train message arrives; the sum is exact, a repeated share request gets the same ciphertexts, and the keys
+    serve no other round, nor a second binding."""
+    inputs = _inputs(3, 8, seed=9)
+    ids = sorted(inputs)
+    ahead = {u: ClientSession(node_id=u, context="run/2") for u in ids}  # threshold set by the shares
+    announced = {u: c.advertise() for u, c in ahead.items()}
+    clients = {u: ClientSession.from_dict(c.to_dict()) for u, c in ahead.items()}  # kept on disk until round 2
+    for c in clients.values():
+        c.bind("run/2/g0")
+    server = ServerSession(context="run/2/g0", threshold=2, size=8)
+    roster = server.set_roster(announced)
+    sent = {u: c.share_keys(roster, 2) for u, c in clients.items()}
+    assert clients[ids[0]].share_keys(roster, 2) == sent[ids[0]]  # a re-sent train message: the same shares
+    inbox = server.collect_shares(sent)
+    survivors, dropped = server.collect_masked(
+        {u: c.masked_input(inbox[u], ids, inputs[u]) for u, c in clients.items()}
+    )
+    total = server.unmask({u: c.unmask(survivors, dropped) for u, c in clients.items()})
+    assert np.array_equal(total, np.sum(list(inputs.values()), axis=0))
+    for context in ("run/3/g0", "other/2/g0", "run/22/g0"):
+        with pytest.raises(SecAggError, match="cannot serve"):
+            ClientSession.from_dict(ahead[ids[0]].to_dict()).bind(context)
+    with pytest.raises(SecAggError, match="cannot serve"):
+        clients[ids[0]].bind("run/2/g0")  # already used: a second binding would reuse keys across rounds

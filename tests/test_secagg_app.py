@@ -83,6 +83,13 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
     assert all(k not in r.content["metrics"] for r in trains for k in OUTSIDE_EPSILON_TRAIN_METRICS)
     masked = [r.content["secagg"]["masked"].numpy() for t, r in tap.replies if t == "train.secagg_masked"]
     assert len(masked) == 8 and all(y.dtype == np.uint64 for y in masked)
+    # round 1 advertises as it trains (four exchanges); its unmasking announces round 2's keys, so round 2's train
+    # replies carry the shares and no share-keys exchange is needed (three)
+    assert sorted(trains[0].content["secagg"].keys()) == ["c-pk", "s-pk"]
+    assert all(sorted(r.content["secagg"].keys()) == ["ct", "dst"] for r in trains[4:])
+    assert [t for t, _ in tap.replies].count("train.secagg_shares") == 4
+    unmasks = [r.content["secagg"] for t, r in tap.replies if t == "train.secagg_unmask"]
+    assert all("next-c-pk" in u for u in unmasks[:4]) and not any("next-c-pk" in u for u in unmasks[4:])  # no round 3
     assert summary["final"]["local-acc"] == pytest.approx(
         json.loads((tmp_path / "clear" / "run" / "summary.json").read_text())["final"]["local-acc"], abs=0.02
     )
@@ -90,13 +97,15 @@ def test_two_secure_rounds_without_dp_match_clear_aggregation(tmp_path, cache_di
 
 def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survivors(tmp_path, cache_dir):
     # node 3 dies after sending its shares (before its masked input) in round 1; min-clients 3 allows that
-    summary, rounds, _ = _run(
+    summary, rounds, tap = _run(
         tmp_path,
         {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 3},
         drop={(1, "train.secagg_masked"): {3}},
     )
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["num-replies"] == 3 and rounds[0]["secagg-dropped"] == 1 and rounds[0]["secagg-masks-removed"] == 1
+    # node 3 was not asked to unmask, so it announced no keys for round 2: round 2 advertises as it trains
+    assert [t for t, _ in tap.replies].count("train.secagg_shares") == 8
     assert rounds[1]["num-replies"] == 4 and rounds[1]["secagg-dropped"] == 0
     # the noise the sum carries is never below what the accountant is told: z sqrt(m / t) >= z_G
     from dpfpl.server_app.checkpoint import RunDirectory
@@ -107,6 +116,23 @@ def test_a_node_dropping_mid_round_is_recovered_and_the_accountant_charges_survi
     assert rounds[1]["noise-multiplier-global-effective"] == pytest.approx(z * (4 / 3) ** 0.5)
     assert sorted(state.participation.values()) == [1, 2, 2, 2]  # the dropped node was charged once
     assert np.isfinite(rounds[-1]["epsilon-global-max"])
+
+
+def test_a_node_lost_in_a_round_keyed_ahead_leaves_the_others_round_intact(tmp_path, cache_dir):
+    """Round 2 goes out with the roster of the keys announced in round 1; node 3 dies on its train message, so it
+    is in the roster but sends no shares: the three others mask with each other only and their sum unmasks."""
+    summary, rounds, tap = _run(
+        tmp_path,
+        {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True, "min-clients": 3},
+        drop={(2, "train"): {3}},
+    )
+    assert [r["updated"] for r in rounds] == [True, True]
+    assert rounds[1]["num-replies"] == 3 and rounds[1]["secagg-dropped"] == 1
+    assert rounds[1]["secagg-masks-removed"] == 0  # it never masked: nothing of it to remove
+    assert [t for t, _ in tap.replies].count("train.secagg_shares") == 4  # round 1 only
+    from dpfpl.server_app.checkpoint import RunDirectory
+
+    assert sorted(RunDirectory(tmp_path / "run").load().participation.values()) == [1, 2, 2, 2]
 
 
 def test_fewer_masked_inputs_than_min_clients_update_nothing(tmp_path, cache_dir):

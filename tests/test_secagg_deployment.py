@@ -1,7 +1,8 @@
 """Secure aggregation across real processes: a SuperLink and four authenticated SuperNodes (TLS), a 2-round
-DP-FPL run with ``secure-aggregation = true``; in round 2 one SuperNode is killed right after it advertised its
-keys (its train reply is through; it never relays its shares), and the round still completes without it.
-Marked ``deployment``.
+DP-FPL run with ``secure-aggregation = true``. Round 1's unmasking announces each node's keys for round 2, so round
+2's train message carries the roster; one SuperNode is killed right after it announced its round-2 keys (its
+unmasking reply is through; it never sends round 2's shares), and round 2 still completes without it, with one
+exchange fewer than round 1. Marked ``deployment``.
 
 (Killed *while* its reply is being uploaded, Flower's grid spends the round's timeout retrying the missing reply
 objects and the round ends with no replies: it fails safely, nothing aggregated and nobody charged; seen once
@@ -22,19 +23,21 @@ from tests.test_deployment import CLASSES, federation  # noqa: F401  (the fixtur
 
 pytestmark = pytest.mark.deployment
 
-
-def _round_two_reply_sent(log_text: str) -> bool:
-    """The SuperNode's log shows its second train reply (round 2's key advertisement) uploaded."""
-    last = log_text.rfind("Sending: train message (")
-    return log_text.count("Sending: train message (") == 2 and "Sent successfully" in log_text[last:]
+UNMASK_SENT = "Sending: train.secagg_unmask message ("
 
 
-def _kill_when_round_two_keys_sent(tmp, nodes, stop: threading.Event, killed: list[int]) -> None:
-    """Poll the nodes' secure-aggregation state and logs; the first node whose round-2 keys reached the SuperLink
-    is killed."""
+def _round_one_unmask_sent(log_text: str) -> bool:
+    """The SuperNode's log shows its first unmasking reply (with round 2's announced keys) uploaded."""
+    last = log_text.rfind(UNMASK_SENT)
+    return log_text.count(UNMASK_SENT) == 1 and "Sent successfully" in log_text[last:]
+
+
+def _kill_when_round_two_keys_announced(tmp, nodes, stop: threading.Event, killed: list[int]) -> None:
+    """Poll the nodes' keys drawn ahead and logs; the first node whose round-2 keys reached the SuperLink is
+    killed."""
     while not stop.is_set():
         for i, proc in enumerate(nodes):
-            path = tmp / f"org{i}" / "state" / "secagg_session.json"
+            path = tmp / f"org{i}" / "state" / "secagg_ahead.json"
             try:
                 session = json.loads(path.read_text())["session"]
                 log_text = (tmp / f"supernode-{i}.log").read_text(errors="replace")
@@ -43,7 +46,7 @@ def _kill_when_round_two_keys_sent(tmp, nodes, stop: threading.Event, killed: li
             if (
                 session["context"].split("/")[1] == "2"
                 and session["stage"] == "advertised"
-                and _round_two_reply_sent(log_text)
+                and _round_one_unmask_sent(log_text)
             ):
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed.append(i)
@@ -56,7 +59,7 @@ def test_two_secure_rounds_with_a_supernode_dying_mid_round(federation):  # noqa
     tmp, env, nodes = federation["tmp"], federation["env"], federation["nodes"]
     run_dir = tmp / "server-run"
     stop, killed = threading.Event(), []
-    watcher = threading.Thread(target=_kill_when_round_two_keys_sent, args=(tmp, nodes, stop, killed), daemon=True)
+    watcher = threading.Thread(target=_kill_when_round_two_keys_announced, args=(tmp, nodes, stop, killed), daemon=True)
     watcher.start()
     started = time.time()
     try:
@@ -95,11 +98,16 @@ def test_two_secure_rounds_with_a_supernode_dying_mid_round(federation):  # noqa
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
         if json.loads(line).get("phase") == "train"
     ]
-    assert killed, "no SuperNode reached round 2's key advertisement"
+    assert killed, "no SuperNode announced its round-2 keys"
     assert [r["updated"] for r in rounds] == [True, True]
     assert rounds[0]["secagg-dropped"] == 0
-    # the killed node had advertised keys, so it was in round 2's roster (N clients, t = N - 1) and is missing
-    # from the sum
+    # the killed node had announced keys, so it was in round 2's roster (N clients, t = N - 1) and is missing
+    # from the sum; round 2 needed no share-keys exchange (the survivors' logs show one, round 1's)
+    survivors = [i for i in range(len(nodes)) if i not in killed]
+    for i in survivors:
+        log_text = (tmp / f"supernode-{i}.log").read_text(errors="replace")
+        assert log_text.count("Sending: train.secagg_shares message (") == 1
+        assert log_text.count("Sending: train.secagg_masked message (") == 2
     assert rounds[1]["num-replies"] == rounds[1]["secagg-threshold"] >= 2
     assert rounds[1]["num-replies"] == rounds[0]["num-replies"] - 1
     assert rounds[1]["secagg-dropped"] == 1 and rounds[1]["secagg-masks-removed"] == 0  # dropped before its shares

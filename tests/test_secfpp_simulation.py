@@ -349,3 +349,44 @@ def test_nodes_with_new_flower_ids_keep_their_cluster_after_a_resume(tmp_path, c
     for k in range(6):
         assert torch.equal(sent[k], state.cluster_prompts[state.assignment[keys[k]]]), f"node {k} got another prompt"
     assert types.count("query.node_key") == 6  # each new node id asked once, then known
+
+
+def test_a_node_failing_before_its_shares_are_out_is_left_out_and_the_phase_starts_over(
+    tmp_path, cache_dir, monkeypatch
+):
+    """N = 6, K = 1, T = 2: the node at roster index 2 fails on its shares in the phase's first attempt. The others
+    start the phase over without it (new indices, fresh keys and shares, a new phase label), the phase completes
+    with 5 nodes and they recover their domains; the node left out is not in the new assignment."""
+    import json
+
+    from dpfpl.common.secfpp.protocol import ClusteringClient
+    from dpfpl.inprocess import node_id_for, run_inprocess
+
+    original = ClusteringClient.share
+    contexts = []
+
+    def failing(self, roster):
+        contexts.append(self.context)
+        if self.index == 2 and not self.context.endswith("/retry"):
+            raise RuntimeError("node lost")
+        return original(self, roster)
+
+    monkeypatch.setattr(ClusteringClient, "share", failing)
+    run_dir = tmp_path / "run"
+    overrides = {k.replace("_", "-"): v for k, v in SETTINGS.items()}
+    summary = run_inprocess(
+        {**overrides, "method": "secfpp", "min-clients": 5, "num-server-rounds": 4, "run-dir": str(run_dir)},
+        num_nodes=6,
+    )
+    assert summary["rounds"] == 4
+    assert sum(c.endswith("/retry") for c in contexts) == 5  # the second attempt: the five others only
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    phase = [r for r in records if r["round"] == 4][0]
+    assert "secfpp-assignment" in phase and not phase.get("secfpp-phase-failed", False)
+    roster = sorted(node_id_for(k) for k in range(6))
+    lost = roster[2]
+    by_node = phase["secfpp-assignment"]
+    assert str(lost) not in by_node and len(by_node) == 5
+    domains = run_partition(RunConfig(**SETTINGS, run_dir=str(run_dir))).domains
+    others = [k for k in range(6) if node_id_for(k) != lost]
+    assert adjusted_rand_index([by_node[str(node_id_for(k))] for k in others], [domains[k] for k in others]) == 1.0

@@ -18,6 +18,10 @@ One round, four stages (U1 >= U2 >= U3 >= U4 are the clients still answering at 
                      and the s_sk_v (recomputes and removes the pairwise masks the survivors shared with the
                      dropped), and obtains sum_{u in U3} x_u exactly.
 
+Keys drawn ahead: stage 1 may happen at the end of the previous round (the node draws the next round's keys as it
+unmasks, ``ClientSession.bind`` ties them to the round they serve), so that the roster goes out with the round's
+first message and stages 1-2 take one exchange (docs/secure-aggregation.md).
+
 Threshold: t = N - dropout_tolerance for the N clients the round was sent to, fixed before the round starts
 (the clients calibrate their noise shares for t survivors, so it must not shrink when a client is lost at
 stage 1). t >= 2 and t > |U1| / 2 are required (so two disjoint groups of honest clients can never both be
@@ -98,6 +102,7 @@ class ClientSession:
     received: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # owner -> (s share, b share)
     masked_with: list[int] = field(default_factory=list)  # U2, the clients whose pairwise masks are in y
     masked: bytes = b""  # y as sent (a repeated request gets the same bytes, never a second input)
+    sent: dict[int, bytes] = field(default_factory=dict)  # the share ciphertexts as sent (a repeat gets them again)
 
     # ---- stage 1
     def advertise(self) -> tuple[bytes, bytes]:
@@ -108,8 +113,18 @@ class ClientSession:
             raise SecAggError(f"keys requested again after stage '{self.stage}'")
         return crypto.public_key(self.c_sk), crypto.public_key(self.s_sk)
 
+    def bind(self, context: str) -> None:
+        """Bind keys drawn ahead (announced in the previous round, under the placeholder ``ahead_context``) to
+        this round's full context. Only keys whose public halves are all that left the node can be bound, and only
+        to the round they were drawn for: they are then used in that one round, as keys drawn in it would be."""
+        if self.stage != "advertised" or not context.startswith(self.context + "/g"):
+            raise SecAggError(f"keys drawn for '{self.context}' cannot serve round '{context}' (stage {self.stage})")
+        self.context = context
+
     # ---- stage 2
     def share_keys(self, roster: dict[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
+        if self.stage == "shared" and roster == self.roster and threshold == self.threshold:
+            return dict(self.sent)  # a repeated request: the same ciphertexts, never a second sharing
         if self.stage != "advertised":
             raise SecAggError(f"share-keys request in stage '{self.stage}'")
         mine = (crypto.public_key(self.c_sk), crypto.public_key(self.s_sk))
@@ -138,7 +153,7 @@ class ClientSession:
                 _share_plaintext(self.node_id, dst, s_shares[index][1], b_shares[index][1]),
                 _aad(self.context, self.node_id, dst),
             )
-        self.stage = "shared"
+        self.stage, self.sent = "shared", dict(out)
         return out
 
     # ---- stage 3
@@ -213,6 +228,7 @@ class ClientSession:
             "masked_with": self.masked_with,
             "masked": hexed(self.masked),
             "answered": [list(self._answered[0]), list(self._answered[1])],
+            "sent": {str(k): v.hex() for k, v in self.sent.items()},
         }
 
     @classmethod
@@ -229,6 +245,7 @@ class ClientSession:
             received={int(k): (bytes.fromhex(v[0]), bytes.fromhex(v[1])) for k, v in d["received"].items()},
             masked_with=[int(v) for v in d["masked_with"]],
             masked=bytes.fromhex(d["masked"]),
+            sent={int(k): bytes.fromhex(v) for k, v in d.get("sent", {}).items()},
         )
         session._answered = (list(d["answered"][0]), list(d["answered"][1]))
         return session
