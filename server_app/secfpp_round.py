@@ -118,9 +118,9 @@ class SecfppStrategy(PromptStrategy):
             try:
                 if reply.has_error():
                     raise InvalidReply(f"it reported an error: {reply.error.reason}")
-                if "identity" not in reply.content.config_records or "node-key" not in reply.content["identity"]:
-                    raise InvalidReply("its reply holds no 'identity' record with a 'node-key'")
-                self.learn_key(node_id, parse_node_key(reply.content["identity"]["node-key"]))
+                # the one typed parser, as for every other reply: exactly the record, exactly the key
+                identity = config_fields(reply, "identity", {"node-key"})
+                self.learn_key(node_id, parse_node_key(identity["node-key"]))
             except InvalidReply as err:
                 log.warning("node %s could not be identified (%s); it gets cluster 0's prompt", node_id, err)
 
