@@ -74,6 +74,13 @@ def node_epsilons(
     }
 
 
+def worst(*epsilons: float) -> float:
+    """The largest epsilon, with NaN as +inf: ``max`` keeps whichever argument comes first when a NaN is compared,
+    so an epsilon the accountant could not compute would silently drop out of a maximum and lower it; no guarantee
+    is the conservative reading."""
+    return max(math.inf if math.isnan(e) else e for e in epsilons)
+
+
 def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_global: bool) -> dict[str, float]:
     """Worst case over every booked node of each epsilon in ``COVERS`` (0 before any noisy step)."""
     z_global = state.noise_multiplier_global if shares_global else math.inf
@@ -90,7 +97,7 @@ def privacy_maxima(state: ServerState, delta: float, has_local: bool, shares_glo
             state.rereleased.get(key, 0),
         )
         for name, value in eps.items():
-            out[name] = max(out[name], value)
+            out[name] = worst(out[name], value)
     # p_G's guarantee: the composed epsilon whenever the reply reads local state
     out["epsilon-global-max"] = out["epsilon-published-max"] if has_local else out["epsilon-gdp-mechanism-max"]
     if not shares_global:

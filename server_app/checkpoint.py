@@ -67,6 +67,10 @@ class ServerState:
         return self.p_global if self.p_global_average is None else self.p_global_average
 
 
+class NonFiniteStateError(ValueError):
+    """A server state with a non-finite prompt, which is never checkpointed."""
+
+
 def charge_lost_round(state: ServerState) -> None:
     """The checkpoint fell back to the copy before the last write: the lost round's p_G may already have
     left the server, and the resumed run releases that round again with fresh noise on the *same* replies (a node
@@ -85,12 +89,21 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def save(self, state: ServerState) -> None:
+        """Checkpoint the state, refusing a prompt or optimizer state that is not finite: the checkpoint is what a
+        resumed run sends the nodes, and what the strategy's own check (``strategy.finite_update``) missed must
+        not become the run's state. The previous checkpoint then stays as it is."""
         tensors = {"p_global": state.p_global}
         if state.momentum is not None:
             tensors["momentum"] = state.momentum
         tensors.update({f"cluster-{s}": p.clone() for s, p in state.cluster_prompts.items()})  # p_global may alias one
         if state.p_global_average is not None:
             tensors["p_global_average"] = state.p_global_average
+        bad = sorted(name for name, t in tensors.items() if not bool(torch.isfinite(t).all()))
+        if bad:
+            raise NonFiniteStateError(
+                f"{self.path / CHECKPOINT}: not saving round {state.server_round}: {', '.join(bad)} holds NaN or "
+                "Inf; the previous checkpoint stays as it is"
+            )
         meta = {
             k: getattr(state, k)
             for k in (

@@ -231,6 +231,7 @@ class _SecureRound:
         self.sent = 0  # train messages sent
         self.advertised: dict[int, Reply] = {}  # by node id: payload = (c-pk, s-pk), or its shares (keyed ahead)
         self.roster_payloads: dict[int, dict] = {}
+        self.updated = False  # whether a group's step changed its prompt (``apply``)
 
     def run(self) -> tuple[ArrayRecord | None, MetricRecord | None]:
         train = self.form_groups()
@@ -238,7 +239,10 @@ class _SecureRound:
         shares.update(self.collect_shares())
         self.collect_masked_inputs(shares)
         done = self.unmask()
-        return self.strategy.current_arrays(), MetricRecord(self.apply(done))
+        summary = self.apply(done)
+        if not self.updated:  # every group's step was refused (not finite): booked, but nothing changed
+            return None, None
+        return self.strategy.current_arrays(), MetricRecord(summary)
 
     def _reject(self, node: int, what: str, err: Exception) -> None:
         """A stage's reply that fails its parser: logged, and listed with the round's rejected replies; the node
@@ -427,7 +431,8 @@ class _SecureRound:
         return _for_each_live_group(self.groups, self.server_round, unmask_sum, self.cfg.min_clients)
 
     def apply(self, done: list[_Group]) -> dict[str, float]:
-        """Each group's decoded noisy mean takes the server step; only the survivors are charged."""
+        """Each group's decoded noisy mean takes the server step; only the survivors are charged, also where the
+        step's result is refused for not being finite (their noisy sum was unmasked all the same)."""
         cfg, state, strategy = self.cfg, self.state, self.strategy
         z = state.noise_multiplier_global if cfg.dp else 0.0
         gamma = scale_factor(cfg.secagg_quantization_bits, cfg.max_grad_norm_global, cfg.batch_size)
@@ -441,8 +446,8 @@ class _SecureRound:
                 batch_size=cfg.batch_size,
                 num_summands=m,
             )
-            strategy.apply_secure_mean(
-                group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m
+            self.updated |= strategy.apply_secure_mean(
+                self.server_round, group.label, torch.from_numpy(mean.reshape(self.shape)).to(state.p_global.dtype), m
             )
             z_eff = effective_noise_multiplier(z, m, group.threshold) if cfg.dp else 0.0
             # std of the noise on the decoded mean, in gradient units (compare: central z C / (B n))

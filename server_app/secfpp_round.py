@@ -49,7 +49,7 @@ from dpfpl.common.secfpp.protocol import validate
 from .exchange import exchange
 from .federation import NUM_CLIENTS_KEY
 from .replies import InvalidReply, blob, blobs, config_fields, node_ids
-from .strategy import PromptStrategy, global_learning_rate, global_update, parse_node_key
+from .strategy import PromptStrategy, finite_update, global_learning_rate, global_update, parse_node_key
 
 log = logging.getLogger("dpfpl.server.secfpp")
 
@@ -121,9 +121,9 @@ class SecfppStrategy(PromptStrategy):
             try:
                 if reply.has_error():
                     raise InvalidReply(f"it reported an error: {reply.error.reason}")
-                if "identity" not in reply.content.config_records or "node-key" not in reply.content["identity"]:
-                    raise InvalidReply("its reply holds no 'identity' record with a 'node-key'")
-                self.learn_key(node_id, parse_node_key(reply.content["identity"]["node-key"]))
+                # the one typed parser, as for every other reply: exactly the record, exactly the key
+                identity = config_fields(reply, "identity", {"node-key"})
+                self.learn_key(node_id, parse_node_key(identity["node-key"]))
             except InvalidReply as err:
                 log.warning("node %s could not be identified (%s); it gets cluster 0's prompt", node_id, err)
 
@@ -157,13 +157,19 @@ class SecfppStrategy(PromptStrategy):
         if not self.enough_replies(server_round, accepted):
             return None, None
         summary = {"secfpp-clusters": float(len(by_cluster))}
+        updated = False
         for cluster, grads in sorted(by_cluster.items()):
-            self.state.cluster_prompts[cluster], _, std = global_update(
+            prompt, _, std = global_update(
                 self.cfg, self.prompt_of(cluster), None, grads, self.state.noise_multiplier_global, self.noise_generator
             )
-            summary[f"{GLOBAL_NOISE_STD}-c{cluster}"] = std
+            if finite_update(server_round, f"cluster {cluster}'s p_G", prompt):  # else it keeps its prompt
+                self.state.cluster_prompts[cluster], updated = prompt, True
+                summary[f"{GLOBAL_NOISE_STD}-c{cluster}"] = std
         self.state.p_global = self.prompt_of(0)
-        return None, MetricRecord({**self.close_round(accepted), **summary})
+        booked = self.close_round(accepted)  # every cluster's replies, also those of a refused step
+        if not updated:
+            return None, None
+        return None, MetricRecord({**booked, **summary})
 
     # secure aggregation (server_app/secagg_round.py): one group per cluster, each with its own sum
     def secagg_groups(self, node_ids: list[int]) -> dict[int, list[int]]:
@@ -172,14 +178,16 @@ class SecfppStrategy(PromptStrategy):
             groups.setdefault(self.cluster_sent_to(n), []).append(n)
         return groups
 
-    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
+    def apply_secure_mean(self, server_round: int, group: int, noisy_mean: torch.Tensor, num_members: int) -> bool:
         lr = global_learning_rate(
             self.cfg, self.state.noise_multiplier_global, num_members, tuple(self.prompt_of(group).shape)
         )
-        self.state.cluster_prompts[group], _ = sgd_update(
-            self.prompt_of(group), noisy_mean, None, lr, self.cfg.momentum, self.cfg.weight_decay
-        )
+        prompt, _ = sgd_update(self.prompt_of(group), noisy_mean, None, lr, self.cfg.momentum, self.cfg.weight_decay)
+        if not finite_update(server_round, f"cluster {group}'s p_G", prompt):
+            return False
+        self.state.cluster_prompts[group] = prompt
         self.state.p_global = self.prompt_of(0)
+        return True
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
         return {f"{k}-c{group}": v for k, v in values.items()}

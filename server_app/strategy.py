@@ -180,6 +180,32 @@ def global_update(
     return p_global, momentum, std
 
 
+def max_noisy_steps(server_round: int) -> int:
+    """The most noisy steps an honest node can report in a reply for ``server_round``: one per train message it was
+    sent (one per round: the rounds up to this one, and the next, which a crash may have cut off after the node's
+    step and before the server's checkpoint; a round sent again gets the stored reply, no second step), and for
+    each such step at most one more, the lost-step charge of a fallback to the node's previous state copy
+    (``client_app/state.py``). A re-release changes a step's noise, not the count."""
+    return 2 * (server_round + 1)
+
+
+def finite_update(server_round: int, what: str, updated: torch.Tensor) -> bool:
+    """Whether the server step's result may replace ``what``: a non-finite prompt (an overflow of the mean of
+    replies that each passed the checks, or a decoding gone wrong) would be sent to every node and checkpointed,
+    and the next rounds could not recover from it. Refused, logged; the caller keeps the previous value. The
+    replies stay booked, which is conservative: the nodes' steps happened and the server saw their replies (under
+    secure aggregation, their noisy sum), so refusing the update must not lower an epsilon."""
+    if bool(torch.isfinite(updated).all()):
+        return True
+    log.error(
+        "round %d: the server step made %s non-finite (NaN or Inf); it keeps its previous value, this round "
+        "counts as not updated, and its replies stay booked",
+        server_round,
+        what,
+    )
+    return False
+
+
 def summarize_node_metrics(rows: list[dict]) -> dict[str, float]:
     """The round's summary of the nodes' own metrics. The epsilons come from the server's books over every node
     (``privacy_maxima``), not from this round's replies."""
@@ -285,14 +311,19 @@ class PromptStrategy(Strategy):
         """Which nodes are summed together: all of them, into the one p_G."""
         return {0: list(node_ids)}
 
-    def apply_secure_mean(self, group: int, noisy_mean: torch.Tensor, num_members: int) -> None:
-        """The server step with a group's decoded mean (its noise was added by the clients)."""
+    def apply_secure_mean(self, server_round: int, group: int, noisy_mean: torch.Tensor, num_members: int) -> bool:
+        """The server step with a group's decoded mean (its noise was added by the clients); False when its result
+        is not finite and p_G keeps its value (``finite_update``)."""
         lr = global_learning_rate(
             self.cfg, self.state.noise_multiplier_global, num_members, tuple(self.state.p_global.shape)
         )
-        self.state.p_global, self.state.momentum = sgd_update(
+        p_global, momentum = sgd_update(
             self.state.p_global, noisy_mean, self.state.momentum, lr, self.cfg.momentum, self.cfg.weight_decay
         )
+        if not finite_update(server_round, "p_G", p_global):
+            return False
+        self.state.p_global, self.state.momentum = p_global, momentum
+        return True
 
     def group_metrics(self, group: int, values: dict[str, float]) -> dict[str, float]:
         """A group's numbers in the round's metrics line (one group: under their own names)."""
@@ -326,13 +357,35 @@ class PromptStrategy(Strategy):
     def check_round_and_run(self, metrics: dict, server_round: int) -> None:
         """A reply must answer this round of this run: a late reply from an earlier round, or one from a previous
         run that reused the SuperLink, would otherwise be counted as current (for evaluation replies at round 0
-        that would feed a stale training-set size to the accountant's sample rates)."""
+        that would feed a stale training-set size to the accountant's sample rates). What it asks the books to take
+        must be possible as well (``check_book_entries``)."""
         if int(metrics.get("server-round", -1)) != server_round:
             raise InvalidReply(f"reply is for round {metrics.get('server-round')}, not {server_round}")
         if metrics.get(RUN_TAG_KEY) != run_tag(self.state.run_token):
             raise InvalidReply(
                 f"reply is for another run ({RUN_TAG_KEY} {metrics.get(RUN_TAG_KEY)!r}, this run's is "
                 f"{run_tag(self.state.run_token)})"
+            )
+        self.check_book_entries(metrics, server_round)
+
+    def check_book_entries(self, metrics: dict, server_round: int) -> None:
+        """What a reply asks the books to take must be possible for an honest node: the books take the noisy steps
+        and z_L on trust, so a claim that would lower an epsilon (an infinite z_L) or that no node could have made
+        (more steps than ``max_noisy_steps``) marks the reply as hostile. The step count also bounds the
+        accountant's work: a reply claiming 10^9 steps kept the round waiting for the accountant for half a
+        minute."""
+        steps = metrics.get("noisy-steps")
+        if steps is not None and steps > (most := max_noisy_steps(server_round)):
+            raise InvalidReply(
+                f"noisy-steps = {steps:g} is more than a node can have taken by round {server_round} ({most})"
+            )
+        z_local = metrics.get("noise-multiplier-local")
+        if self.cfg.dp and self.method.local is not None and z_local is not None and not math.isfinite(z_local):
+            # an honest node of a method with a local prompt adds finite local noise under DP; inf would book its
+            # local releases as free (NaN is the parser's refusal already)
+            raise InvalidReply(
+                f"noise-multiplier-local = {z_local}: under DP method '{self.method.name}' releases its local "
+                "prompt with finite noise"
             )
 
     def validate_train_reply(self, msg: Message, server_round: int) -> tuple[torch.Tensor | None, dict]:
@@ -452,7 +505,7 @@ class PromptStrategy(Strategy):
             return None, None
         if not self.method.shares_global:
             return None, MetricRecord(self.close_round(accepted, released_global=False))
-        self.state.p_global, self.state.momentum, std = global_update(
+        p_global, momentum, std = global_update(
             self.cfg,
             self.state.p_global,
             self.state.momentum,
@@ -460,7 +513,10 @@ class PromptStrategy(Strategy):
             self.state.noise_multiplier_global,
             self.noise_generator,
         )
-        summary = self.close_round(accepted)
+        summary = self.close_round(accepted)  # booked even if the update is refused (``finite_update``)
+        if not finite_update(server_round, "p_G", p_global):
+            return None, None
+        self.state.p_global, self.state.momentum = p_global, momentum
         summary[GLOBAL_NOISE_STD] = std
         return self.current_arrays(), MetricRecord(summary)
 

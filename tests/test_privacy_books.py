@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ import torch
 from dpfpl.common.config import RunConfig
 from dpfpl.common.privacy import accounted_epsilon
 from dpfpl.common.wire import outside_epsilon
-from dpfpl.server_app.books import COVERS, privacy_maxima
+from dpfpl.server_app import books
+from dpfpl.server_app.books import COVERS, privacy_maxima, worst
 from dpfpl.server_app.checkpoint import CHECKPOINT, RunDirectory, ServerState
 from dpfpl.server_app.strategy import PromptStrategy
 from dpfpl.server_app.summary import summarize
@@ -70,6 +72,28 @@ def test_a_step_whose_reply_was_never_aggregated_still_counts_for_p_global():
         accounted_epsilon(_independent_combined(1.5, 2.0), Q_SMALL, 4, 1e-5)
     )
     assert eps["epsilon-gdp-mechanism-max"] == pytest.approx(accounted_epsilon(2.0, Q_SMALL, 3, 1e-5))
+
+
+def test_an_epsilon_the_accountant_could_not_compute_makes_the_maximum_infinite(monkeypatch):
+    """``max`` keeps whichever argument comes first when the other is NaN, so a node whose epsilon came out NaN
+    would drop out of the worst case; it counts as no guarantee (inf) instead, wherever it comes in the order."""
+    assert worst(1.0, math.nan) == worst(math.nan, 1.0) == math.inf and worst(0.5, 2.0) == 2.0
+    honest = books.node_epsilons
+
+    def nan_for_b(z_local, *rest):  # node b (z_L 1.25): an epsilon the accountant could not compute
+        eps = honest(z_local, *rest)
+        return {k: math.nan for k in eps} if z_local == 1.25 else eps
+
+    monkeypatch.setattr(books, "node_epsilons", nan_for_b)
+    for order in (("a", "b"), ("b", "a")):
+        state = _state(
+            node_sample_rates={k: Q_SMALL for k in order},
+            participation={k: 2 for k in order},
+            node_noise_local={k: 1.5 if k == "a" else 1.25 for k in order},
+            node_steps={k: 2 for k in order},
+        )
+        maxima = privacy_maxima(state, 1e-5, has_local=True, shares_global=True)
+        assert all(maxima[key] == math.inf for key in COVERS), (order, maxima)
 
 
 def _strategy(tmp_path, method: str = "dpfpl") -> PromptStrategy:

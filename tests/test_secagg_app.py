@@ -163,6 +163,29 @@ def test_too_many_dropouts_fail_the_round_safely(tmp_path, cache_dir):
     assert sorted(RunDirectory(tmp_path / "run").load().participation.values()) == [1, 1, 1, 1]
 
 
+def test_a_non_finite_decoded_mean_leaves_p_global_and_its_survivors_charged(tmp_path, cache_dir, monkeypatch):
+    """Round 1's decoded mean is made NaN: p_G keeps its value, the round counts as not updated and the run goes
+    on; the survivors are charged all the same, since their noisy sum was unmasked (the release happened)."""
+    import torch
+
+    from dpfpl.server_app import secagg_round
+    from dpfpl.server_app.checkpoint import RunDirectory
+
+    decode, calls = secagg_round.decode_sum, []
+
+    def poisoned(*args, **kwargs):
+        mean = decode(*args, **kwargs)
+        calls.append(mean)
+        return np.full_like(mean, np.nan) if len(calls) == 1 else mean
+
+    monkeypatch.setattr(secagg_round, "decode_sum", poisoned)
+    _, rounds, _ = _run(tmp_path, {"dp": True, "target-epsilon": 1.0, "secure-aggregation": True})
+    assert len(calls) == 2 and [r["updated"] for r in rounds] == [False, True]
+    state = RunDirectory(tmp_path / "run").load()
+    assert torch.isfinite(state.p_global).all()
+    assert sorted(state.participation.values()) == [2, 2, 2, 2]  # round 1 is booked for all four
+
+
 def test_secure_aggregation_needs_a_shared_tensor():
     with pytest.raises(ValueError, match="shares no tensor"):
         RunConfig.from_flower(full_run_config({"method": "coop", "secure-aggregation": True}))

@@ -390,3 +390,53 @@ def test_a_node_failing_before_its_shares_are_out_is_left_out_and_the_phase_star
     domains = run_partition(RunConfig(**SETTINGS, run_dir=str(run_dir))).domains
     others = [k for k in range(6) if node_id_for(k) != lost]
     assert adjusted_rand_index([by_node[str(node_id_for(k))] for k in others], [domains[k] for k in others]) == 1.0
+
+
+def test_a_malformed_answer_to_the_node_key_query_is_rejected_not_fatal(tmp_path, monkeypatch, caplog):
+    """The node-key query's reply goes through the typed parser like every other reply: exactly one 'identity'
+    record holding exactly 'node-key', nothing else. A malformed one leaves that node unidentified (it trains with
+    cluster 0's prompt this round), the others are identified, and the round goes on."""
+    import logging
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from dpfpl.server_app import secfpp_round
+    from dpfpl.server_app.checkpoint import ServerState
+    from dpfpl.server_app.secfpp_round import SecfppStrategy
+
+    answers = {
+        1: {"identity": ConfigRecord({"node-key": 111})},
+        2: {"identity": ConfigRecord({"node-key": 222, "extra": 1})},
+        3: {"identity": MetricRecord({"node-key": 333})},
+        4: {"identity": ConfigRecord({"node-key": "444"})},
+        5: {"identity": ConfigRecord({"node-key": 555}), "arrays": ArrayRecord({"x": Array(np.zeros(2, np.float32))})},
+        6: {"identity": ConfigRecord({"node-key": 666}), "config": ConfigRecord({"x": 1})},
+        7: {},
+    }
+
+    def answering(grid, messages, timeout=None):
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_src_node_id"] = 0
+            reply = Message(content=RecordDict(answers[message.metadata.dst_node_id]), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+    monkeypatch.setattr(secfpp_round, "exchange", answering)
+    state = ServerState(
+        p_global=torch.zeros(4, 8),
+        momentum=None,
+        server_round=4,
+        run_token="t",
+        noise_multiplier_global=0.0,
+        config_fingerprint="f",
+        cluster_prompts={0: torch.zeros(4, 8), 1: torch.ones(4, 8)},
+        assignment={str(k): 1 for k in (111, 222, 333, 444, 555, 666)},
+    )
+    strategy = SecfppStrategy(RunConfig(**SETTINGS, method="secfpp", run_dir=str(tmp_path)), state)
+    with caplog.at_level(logging.WARNING, logger="dpfpl.server.secfpp"):
+        strategy.identify(grid=None, node_ids=list(answers))
+    assert strategy.node_keys == {1: "111"}
+    assert [strategy.cluster_of(n) for n in answers] == [1, 0, 0, 0, 0, 0, 0]
+    assert caplog.text.count("could not be identified") == 6

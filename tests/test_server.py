@@ -1,3 +1,7 @@
+import dataclasses
+import logging
+import math
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -5,22 +9,24 @@ from flwr.common import MessageType
 
 from dpfpl.common.config import RunConfig
 from dpfpl.common.runtag import run_tag
-from dpfpl.server_app.checkpoint import RunDirectory, ServerState
+from dpfpl.server_app.checkpoint import NonFiniteStateError, RunDirectory, ServerState
 from dpfpl.server_app.replies import InvalidReply
-from dpfpl.server_app.strategy import PromptStrategy
+from dpfpl.server_app.strategy import PromptStrategy, max_noisy_steps
 
 
 def _strategy(tmp_path, **overrides):
     cfg = RunConfig(
-        run_dir=str(tmp_path),
-        num_clients=4,
-        min_clients=2,
-        batch_size=8,
-        lr_global=1.0,
-        target_epsilon=0,
-        noise_multiplier_local=1.0,
-        noise_multiplier_global=2.0,
-        **overrides,
+        **{
+            "run_dir": str(tmp_path),
+            "num_clients": 4,
+            "min_clients": 2,
+            "batch_size": 8,
+            "lr_global": 1.0,
+            "target_epsilon": 0,
+            "noise_multiplier_local": 1.0,
+            "noise_multiplier_global": 2.0,
+            **overrides,
+        }
     )
     state = ServerState(
         p_global=torch.zeros(4, 16),
@@ -33,12 +39,14 @@ def _strategy(tmp_path, **overrides):
     return PromptStrategy(cfg, state)
 
 
-def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None):
+def _reply(grad, server_round=1, batch=8.0, node=1, extra_arrays=None, metrics=None):
     arrays = {"global-grad": grad, **(extra_arrays or {})}
     content = RecordDict(
         {
             "arrays": ArrayRecord(arrays),
-            "metrics": MetricRecord({"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t")}),
+            "metrics": MetricRecord(
+                {"server-round": server_round, "batch-size": batch, "run-tag": run_tag("t"), **(metrics or {})}
+            ),
         }
     )
     request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
@@ -135,6 +143,145 @@ def test_checkpoint_round_trip_and_metric_truncation(tmp_path):
         run.append_metrics({"round": r})
     run.truncate_metrics(3)
     assert [m["round"] for m in run.read_metrics()] == [0, 1, 2, 3]
+
+
+def test_a_non_finite_server_step_keeps_p_global_and_the_replies_stay_booked(tmp_path, caplog):
+    """Replies that each pass every check can still make the server step overflow (here a learning rate past
+    float32's range): p_G and its momentum keep their values, the round counts as not updated and the log names
+    it, and the replies stay booked (the nodes' steps happened, the server saw their replies). The next round
+    goes on from the kept p_G."""
+    strategy = _strategy(tmp_path, lr_global=1e39, momentum=0.9)
+    before = strategy.state.p_global.clone()
+    replies = lambda r: [_reply(torch.full((4, 16), 0.5), server_round=r, node=n) for n in (1, 2)]  # noqa: E731
+    with caplog.at_level(logging.ERROR, logger="dpfpl.server"):
+        assert strategy.aggregate_train(1, replies(1)) == (None, None)
+    assert torch.equal(strategy.state.p_global, before) and strategy.state.momentum is None
+    assert "round 1" in caplog.text and "non-finite" in caplog.text
+    assert strategy.state.participation == {"1": 1, "2": 1}
+    RunDirectory(tmp_path).save(strategy.state)  # the kept p_G is checkpointed as any other
+    strategy.cfg = strategy.cfg.model_copy(update={"lr_global": 1.0})
+    arrays, metrics = strategy.aggregate_train(2, replies(2))
+    assert arrays is not None and metrics["num-replies"] == 2
+    assert torch.isfinite(strategy.state.p_global).all() and not torch.equal(strategy.state.p_global, before)
+    assert strategy.state.participation == {"1": 2, "2": 2}
+
+
+def test_a_non_finite_secure_mean_leaves_p_global_as_it_was(tmp_path, caplog):
+    """Under secure aggregation the decoded mean takes the server step; a step that is not finite is refused."""
+    strategy = _strategy(tmp_path)
+    before = strategy.state.p_global.clone()
+    with caplog.at_level(logging.ERROR, logger="dpfpl.server"):
+        assert not strategy.apply_secure_mean(4, 0, torch.full((4, 16), float("nan")), 3)
+    assert torch.equal(strategy.state.p_global, before) and "round 4" in caplog.text
+    assert strategy.apply_secure_mean(4, 0, torch.full((4, 16), 0.25), 3)
+    assert torch.allclose(strategy.state.p_global, before - 0.25)  # lr 1
+
+
+def test_a_cluster_whose_step_is_not_finite_keeps_its_prompt_and_the_others_update(tmp_path):
+    """SecFPP: each cluster's prompt takes its own step; one that overflows keeps its prompt, the round still
+    updates the others, and a round in which every cluster's step is refused counts as not updated."""
+    from dpfpl.server_app.secfpp_round import SecfppStrategy
+
+    cfg = RunConfig(run_dir=str(tmp_path), method="secfpp", min_clients=1, lr_global=10.0, dp=False)
+    state = ServerState(
+        p_global=torch.zeros(4, 16),
+        momentum=None,
+        server_round=0,
+        run_token="t",
+        noise_multiplier_global=0.0,
+        config_fingerprint="f",
+        cluster_prompts={0: torch.zeros(4, 16), 1: torch.ones(4, 16)},
+        assignment={"1": 0, "2": 1},  # no node-key in the replies: booked under their node ids
+    )
+    strategy = SecfppStrategy(cfg, state)
+    small, huge = torch.full((4, 16), 0.1), torch.full((4, 16), 1e38)  # 10 x 1e38 overflows float32
+    arrays, metrics = strategy.aggregate_train(1, [_reply(small, node=1), _reply(huge, node=2)])
+    assert metrics is not None and metrics["num-replies"] == 2
+    assert torch.allclose(state.cluster_prompts[0], torch.full((4, 16), -1.0))
+    assert torch.equal(state.cluster_prompts[1], torch.ones(4, 16)) and torch.equal(
+        state.p_global, state.cluster_prompts[0]
+    )
+    assert strategy.aggregate_train(2, [_reply(huge, server_round=2, node=n) for n in (1, 2)]) == (None, None)
+    assert torch.allclose(state.cluster_prompts[0], torch.full((4, 16), -1.0))
+    assert torch.equal(state.cluster_prompts[1], torch.ones(4, 16))
+
+
+def test_a_non_finite_prompt_is_never_checkpointed(tmp_path):
+    """The checkpoint is what a resumed run sends the nodes: a NaN or Inf in a prompt or its momentum is refused
+    with the tensor named, and the last checkpoint stays."""
+    run = RunDirectory(tmp_path)
+    good = ServerState(
+        p_global=torch.zeros(4, 16),
+        momentum=None,
+        server_round=1,
+        run_token="t",
+        noise_multiplier_global=1.0,
+        config_fingerprint="f",
+    )
+    run.save(good)
+    bad_states = {
+        "p_global": dataclasses.replace(good, p_global=torch.full((4, 16), math.nan)),
+        "momentum": dataclasses.replace(good, momentum=torch.full((4, 16), math.inf)),
+        "cluster-1": dataclasses.replace(
+            good, cluster_prompts={0: torch.zeros(4, 16), 1: torch.full((4, 16), -math.inf)}
+        ),
+        "p_global_average": dataclasses.replace(good, p_global_average=torch.full((4, 16), math.nan)),
+    }
+    for name, bad in bad_states.items():
+        bad.server_round = 2
+        with pytest.raises(NonFiniteStateError, match=f"round 2: {name} holds NaN or Inf"):
+            run.save(bad)
+    loaded = run.load()
+    assert loaded.server_round == 1 and torch.equal(loaded.p_global, good.p_global)
+
+
+def test_a_reply_claiming_more_noisy_steps_than_possible_is_rejected_and_the_round_goes_on(tmp_path):
+    """The books take a node's step count on trust, and the accountant's work grows with it: a count no node can
+    have reached by this round (one step per round, a round a crash cut off, and a lost-step charge per step) is
+    refused, in a train reply as in an evaluation reply; one at the bound is booked."""
+    strategy = _strategy(tmp_path)
+    most = max_noisy_steps(3)
+    assert most == 8
+    books = lambda n, steps: _reply(  # noqa: E731
+        torch.zeros(4, 16), server_round=3, node=n, metrics={"noisy-steps": steps, "noise-multiplier-local": 1.0}
+    )
+    honest, at_most = [books(n, 3.0) for n in (1, 2)], books(3, float(most))
+    hostile = [books(4, steps) for steps in (float(most + 1), 1e9)]
+    for bad in hostile:
+        with pytest.raises(InvalidReply, match="noisy-steps"):
+            strategy.validate_train_reply(bad, 3)
+    arrays, metrics = strategy.aggregate_train(3, [*honest, at_most, hostile[1]])
+    assert arrays is not None and metrics["num-replies"] == 3
+    assert strategy.state.node_steps == {"1": 3, "2": 3, "3": most}
+    assert any("node 4" in r and "noisy-steps" in r for r in strategy.rejected)
+    request = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.EVALUATE)
+    request.metadata.__dict__["_src_node_id"] = 0
+    claim = {"server-round": 3, "run-tag": run_tag("t"), "noisy-steps": 1e9, "local-acc": 0.5}
+    evaluation = Message(content=RecordDict({"metrics": MetricRecord(claim)}), reply_to=request)
+    evaluation.metadata.__dict__["_src_node_id"] = 1
+    assert strategy.aggregate_evaluate(3, [evaluation]) is None  # rejected: nothing to average, nothing booked
+    assert strategy.state.node_steps == {"1": 3, "2": 3, "3": most}
+    assert math.isfinite(strategy.privacy_maxima()["epsilon-published-max"])
+
+
+@pytest.mark.parametrize("z_local", [math.inf, math.nan])
+def test_a_non_finite_local_noise_multiplier_is_refused_under_dp_with_the_key_named(tmp_path, z_local):
+    """An infinite z_L would book a node's local releases as free (NaN as nothing at all): under DP a method with a
+    local prompt refuses the reply, and the round goes on with the others. PromptFL has no local release: its
+    honest z_L is inf, and it is accepted."""
+    strategy = _strategy(tmp_path)  # DP-FPL: a local prompt
+    good = [_reply(torch.zeros(4, 16), node=n, metrics={"noise-multiplier-local": 1.0}) for n in (1, 2)]
+    bad = _reply(torch.zeros(4, 16), node=3, metrics={"noise-multiplier-local": z_local})
+    with pytest.raises(InvalidReply, match="noise-multiplier-local"):
+        strategy.validate_train_reply(bad, 1)
+    arrays, _ = strategy.aggregate_train(1, [*good, bad])
+    assert arrays is not None and strategy.state.participation == {"1": 1, "2": 1}
+    assert strategy.state.node_noise_local == {"1": 1.0, "2": 1.0}
+    if math.isinf(z_local):
+        promptfl = _strategy(tmp_path, method="promptfl")
+        promptfl.validate_train_reply(
+            _reply(torch.zeros(4, 16), node=3, metrics={"noise-multiplier-local": z_local}), 1
+        )
 
 
 def _metrics_only_reply(server_round=1, node=1, arrays=None):

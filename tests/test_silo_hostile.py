@@ -60,6 +60,19 @@ def test_decompression_bomb_is_refused_with_the_pixel_limit_named(tmp_path, monk
     assert str(bomb) in text and "pixel limit" in text
 
 
+def test_an_image_past_the_pixel_limit_but_below_twice_it_is_refused_too(tmp_path, monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice it PIL only warns (DecompressionBombWarning) and decodes the image
+    anyway: the check makes the warning an error, so this image is refused like a bigger one, naming the file."""
+    write_images(tmp_path / "cat", 4, size=16)
+    big = tmp_path / "dog" / "big.png"
+    big.parent.mkdir()
+    Image.new("RGB", (40, 40)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32)  # 1,600 pixels: past 1,024, below 2,048
+    text = refusal(tmp_path)
+    assert str(big) in text and "pixel limit" in text
+    assert str(tmp_path / "cat") not in text  # the 256-pixel images are fine
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bomb"])
 def test_file_that_breaks_after_the_check_is_named_when_encoded(tmp_path, monkeypatch, damage):
     write_images(tmp_path / "cat", 3, size=16)

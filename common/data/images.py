@@ -38,7 +38,7 @@ def shown(path: str | Path) -> str:
 
 def decode_failure(err: BaseException) -> str:
     """Why PIL could not open or decode a file, in words the file's owner can act on."""
-    if isinstance(err, Image.DecompressionBombError):
+    if isinstance(err, (Image.DecompressionBombError, Image.DecompressionBombWarning)):  # the warning, made an error
         return (
             f"exceeds PIL's pixel limit (Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}) and is refused as a "
             f"possible decompression bomb: {err}"

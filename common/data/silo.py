@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,12 +114,16 @@ def outside_reason(root: Path, real_root: Path, path: Path) -> str | None:
 def image_problem(path: Path) -> str | None:
     """Why the file cannot be used as an image, or None. ``verify()`` checks the structure (PNG checksums,
     say) but decodes nothing, so a truncated JPEG passes it; ``load()`` on a fresh open decodes every pixel
-    and fails there. Any exception counts (see ``open_rgb``)."""
+    and fails there. Any exception counts (see ``open_rgb``). PIL only warns about an image between its pixel
+    limit and twice that (``DecompressionBombWarning``) and decodes it anyway: the check makes the warning an
+    error, so that every image past the limit is refused here, not only those past twice it."""
     try:
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:  # verify() leaves the image unusable: open again to decode
-            img.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
+            with Image.open(path) as img:  # verify() leaves the image unusable: open again to decode
+                img.load()
     except Exception as err:
         return decode_failure(err)
     return None
