@@ -24,7 +24,10 @@ operator's policy (``client_app/policy.py``), checks every reply against the wir
 
 **Liveness.** A thread touches ``worker.heartbeat`` every second; the supervisor restarts a worker whose
 heartbeat stops (frozen, hung), and while a handler runs the worker sends the waiting ClientApp an ``alive``
-frame every few seconds, so that a silent worker is given up on quickly (``SILENCE_SECONDS``).
+frame every few seconds, so that a silent worker is given up on quickly (``SILENCE_SECONDS``). Both come from
+threads of their own, so a handler stuck in Python (a deadlock, a loop) would keep them going: a handler that
+runs past the message deadline (``--message-deadline``) stops both, and the worker is then restarted and
+reported like a frozen one.
 """
 
 from __future__ import annotations
@@ -82,6 +85,39 @@ PUBLIC_ERRORS = (
     UnclassifiedField,  # names the operation and the fields' names (the code's), never a value
 )
 READ_TIMEOUT_SECONDS = 30.0  # a ClientApp that connects and sends nothing holds the worker no longer than this
+# a handler running longer than this counts as hung (a first message encodes a whole silo: generous by default)
+MESSAGE_DEADLINE_SECONDS = 3600.0
+
+
+class _MessageClock:
+    """When the handler now running started, and whether it is past the message deadline: then the worker's
+    signs of life stop (the heartbeat file, the ``alive`` frames), so that its supervisor restarts it and the
+    waiting ClientApp gives up on it, as for a frozen worker."""
+
+    def __init__(self, deadline: float = MESSAGE_DEADLINE_SECONDS) -> None:
+        self.deadline = deadline
+        self.started: float | None = None
+        self.reported = False
+
+    def start(self) -> None:
+        self.started, self.reported = time.monotonic(), False
+
+    def stop(self) -> None:
+        self.started = None
+
+    def alive(self) -> bool:
+        overdue = self.started is not None and time.monotonic() - self.started > self.deadline
+        if overdue and not self.reported:
+            self.reported = True
+            log.error(
+                "a handler has run for more than the message deadline (%.0f s): hung; this worker stops its "
+                "heartbeat so that its supervisor restarts it",
+                self.deadline,
+            )
+        return not overdue
+
+
+CLOCK = _MessageClock()
 LOCK_NAME = "worker.lock"
 log = logging.getLogger("dpfpl.worker")
 
@@ -123,7 +159,7 @@ class _Heartbeat:
     def _run(self) -> None:
         while not self.done.wait(HEARTBEAT_SECONDS):
             with self.lock, contextlib.suppress(OSError):
-                if not self.done.is_set():
+                if not self.done.is_set() and CLOCK.alive():
                     send_frame(self.conn, {"op": "alive"})
 
     def send(self, header: dict, payload: bytes = b"") -> None:
@@ -399,6 +435,7 @@ class NodeWorker:
             return {"op": "error", "message": f"this worker serves {self.state_dir}, the message is for {own}"}, b""
         self._follow_run(request)
         started = time.perf_counter()
+        CLOCK.start()
         try:
             content = handlers.handle(context)
             if self.separated:
@@ -410,6 +447,8 @@ class NodeWorker:
             self.status["errors"] += 1
             message = _public_error(err, request.operation) if self.separated else str(err) or type(err).__name__
             return {"op": "error", "message": message}, b""
+        finally:
+            CLOCK.stop()
         age = "-" if request.clientapp_age is None else f"{request.clientapp_age:.2f}"
         # dpfpl/bench/step.py reads these two numbers: the handler's time and the ClientApp's start-up share
         log.info("%s answered in %.2f s (ClientApp %s s old)", request.operation, time.perf_counter() - started, age)
@@ -459,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         help="with --supervise: restart a worker whose heartbeat is this many seconds old (default %(default)s)",
     )
     parser.add_argument(
+        "--message-deadline",
+        type=float,
+        default=MESSAGE_DEADLINE_SECONDS,
+        help="a handler running longer than this many seconds is hung: the worker stops its heartbeat and is "
+        "restarted (default %(default)s; a run's first message encodes the node's whole data set)",
+    )
+    parser.add_argument(
         "--supervise",
         action="store_true",
         help="run the worker as a child, restart it whenever it dies or its heartbeat stops",
@@ -471,12 +517,15 @@ def main(argv: list[str] | None = None) -> int:
             ("--socket", args.socket),
             ("--peer-user", args.peer_user),
             ("--node-config", args.node_config),
+            ("--message-deadline", str(args.message_deadline)),
         ):
             if value:
                 child += [flag, value]
         return supervise(child, heartbeat=Path(args.state_dir) / HEARTBEAT_FILE, hung_after=args.hung_after)
     Path(args.state_dir).mkdir(parents=True, exist_ok=True)
-    beat(Path(args.state_dir) / HEARTBEAT_FILE)  # from the start: the supervisor's watchdog covers start-up too
+    CLOCK.deadline = args.message_deadline
+    # from the start: the supervisor's watchdog covers start-up too; a handler past the deadline stops it
+    beat(Path(args.state_dir) / HEARTBEAT_FILE, alive=CLOCK.alive)
     try:
         peer_uid = None if args.peer_user is None else pwd.getpwnam(args.peer_user).pw_uid
         node_config = None if args.node_config is None else parse_config_args([args.node_config])

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_CONFIG = 78  # the worker's exit status for a setup error (EX_CONFIG): restarting would fail the same way
@@ -29,11 +30,16 @@ HUNG_AFTER_SECONDS = 15.0  # a worker's heartbeat this old: hung; also the grace
 log = logging.getLogger("dpfpl.worker")
 
 
-def beat(path: Path, every: float = BEAT_SECONDS) -> threading.Thread:
-    """Touch ``path`` every ``every`` seconds from a daemon thread, for as long as the process runs freely."""
+def beat(path: Path, every: float = BEAT_SECONDS, alive: Callable[[], bool] | None = None) -> threading.Thread:
+    """Touch ``path`` every ``every`` seconds from a daemon thread, for as long as the process runs freely and
+    ``alive()`` (when given) says it is making progress: a process stuck in its own code (a deadlock, a loop) would
+    otherwise keep beating from this thread."""
 
     def run() -> None:
         while True:
+            if alive is not None and not alive():
+                time.sleep(every)
+                continue
             try:
                 path.touch()
             except OSError as err:  # a full or read-only disk: the watchdog will see it, and the log says why

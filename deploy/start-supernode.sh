@@ -12,7 +12,8 @@
 # SuperNode. DPFPL_SAMPLE_RATE=0.05 declares the node's public sample rate, DPFPL_LIFETIME_EPSILON=8 its budget
 # over every run (both go into the node config). DPFPL_NODE_WORKER=0 starts the SuperNode alone (each ClientApp then does its own work).
 # DPFPL_WORKER_HUNG_AFTER (default 15 s): how old the worker's heartbeat may get before its supervisor restarts
-# it (raise it on a host so loaded that a worker's start-up takes longer).
+# it (raise it on a host so loaded that a worker's start-up takes longer); DPFPL_WORKER_MESSAGE_DEADLINE (default
+# 3600 s): a handler running longer is hung (a deadlock, a loop), and the worker stops its heartbeat to be restarted.
 # Insecure (no TLS, no authentication), only for a trusted test network:
 #   DPFPL_INSECURE=1 deploy/start-supernode.sh SUPERLINK_HOST:PORT DATA_DIR STATE_DIR - - [LOCAL_PORT]
 #
@@ -92,6 +93,7 @@ if [ "$SEPARATED" = "1" ]; then
     echo "node worker for $STATE as $WORKER_USER, answering $NODE_USER on $SOCKET: logging to $STATE/worker.log" >&2
     as_user "$WORKER_USER" "$VENV_BIN/dpfpl" worker --supervise --state-dir "$STATE" --socket "$SOCKET" \
       --peer-user "$NODE_USER" --node-config "$WORKER_CONFIG" --hung-after "${DPFPL_WORKER_HUNG_AFTER:-15}" \
+      --message-deadline "${DPFPL_WORKER_MESSAGE_DEADLINE:-3600}" \
       >>"$STATE/worker.log" 2>&1 &
     WORKER=$!
   fi
@@ -102,6 +104,7 @@ else
   if [ "${DPFPL_NODE_WORKER:-1}" = "1" ]; then
     echo "node worker for $STATE: logging to $STATE/worker.log" >&2
     dpfpl worker --supervise --state-dir "$STATE" --hung-after "${DPFPL_WORKER_HUNG_AFTER:-15}" \
+      --message-deadline "${DPFPL_WORKER_MESSAGE_DEADLINE:-3600}" \
       >>"$STATE/worker.log" 2>&1 &
     WORKER=$!
   fi

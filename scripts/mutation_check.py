@@ -79,6 +79,7 @@ NODE_GLOBAL_NOISE = (
 REBOOKED = "tests/test_privacy_books.py::test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier"
 AUDIT = "tests/test_audit.py::test_the_audit_flags_no_violation_on_the_correct_code_and_finds_some_leakage"
 TAKEN_OVER = "tests/test_durable_state.py::test_a_step_whose_reply_was_stored_is_never_taken_over_by_a_retry"
+REBOOKED_ACROSS = "tests/test_privacy_books.py::test_a_rerelease_stays_booked_across_the_next_checkpoint_and_a_restart"
 KEYED_AHEAD = "tests/test_secagg.py::test_keys_announced_a_round_ahead_sum_exactly_and_serve_that_round_only"
 
 
@@ -92,6 +93,13 @@ class Mutation:
 
 
 MUTATIONS = (
+    Mutation(
+        "a re-released round forgotten by the next checkpoint",
+        "server_app/checkpoint.py",
+        '                "rereleased",\n',
+        "",
+        (REBOOKED_ACROSS,),
+    ),
     Mutation(
         "secure aggregation: keys drawn ahead serve any round",
         "common/secagg/protocol.py",

@@ -121,6 +121,8 @@ class RunDirectory:
                 "last_record",
                 "assignment",
                 "averaged_rounds",
+                "rereleased",
+                "rerelease_round",
             )
         }
         write_state(self.path / CHECKPOINT, tensors, {"state": json.dumps(meta)})

@@ -184,6 +184,19 @@ def test_falling_back_to_the_previous_checkpoint_charges_the_lost_round(tmp_path
     assert state.participation == {"a": 2} and state.node_steps == {"a": 2} and state.rereleased == {"a": 1}
 
 
+def test_a_rerelease_stays_booked_across_the_next_checkpoint_and_a_restart(tmp_path):
+    """After a fallback the round runs again and is checkpointed; a later restart must still find the re-release in
+    the books (and the round to flag), or the server's epsilon would drop back to a single release."""
+    run = RunDirectory(tmp_path)
+    _save_round(run, 2, evaluated=True)
+    _save_round(run, 3, evaluated=False)
+    _damage(run)
+    state = run.load()
+    run.save(state)  # the re-run round's first checkpoint
+    again = RunDirectory(tmp_path).load()  # a restart after it
+    assert again.rereleased == {"a": 1} and again.rerelease_round == state.rerelease_round == 3
+
+
 def test_a_rereleased_round_is_booked_as_one_release_at_the_combined_multiplier():
     """Two releases of one batch with fresh noise are one Gaussian at z / sqrt(2) on that batch: more than the
     single release, and more than two independently subsampled steps (which would under-count)."""

@@ -186,6 +186,43 @@ def test_heartbeats_keep_a_long_handler_alive_past_the_deadline(tmp_path):
         assert worker_link.forward(_request(), path, restart_wait=1, silence=0.5) is not None
 
 
+def test_a_handler_stuck_past_the_message_deadline_stops_the_workers_signs_of_life(tmp_path, monkeypatch):
+    """A handler stuck in Python keeps the worker's threads running: without the message deadline its alive
+    frames would hold the ClientApp for the handler's whole length, and its heartbeat file would keep the
+    supervisor from restarting it. Past the deadline both stop: the ClientApp gives up (WorkerHung) and the
+    heartbeat file is no longer touched, so the supervisor restarts the worker."""
+    from dpfpl.client_app import worker as worker_module
+    from dpfpl.client_app.worker_supervisor import beat
+
+    monkeypatch.setattr(worker_module, "HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(worker_module, "CLOCK", worker_module._MessageClock(deadline=0.5))
+    monkeypatch.setattr(handlers, "handle", lambda context: time.sleep(6) or RecordDict())
+    heartbeat = tmp_path / "worker.heartbeat"
+    beat(heartbeat, every=0.05, alive=worker_module.CLOCK.alive)
+    node = worker_module.NodeWorker(tmp_path / "node")
+    path = tmp_path / "w.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            node.serve_one(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    request = NodeRequest(
+        "query.node_key", RecordDict({"config": ConfigRecord({"x": 1})}), {}, {"state-dir": str(tmp_path / "node")}, 1
+    )
+    started = time.monotonic()
+    with listener, pytest.raises(worker_link.WorkerHung):
+        worker_link.forward(request, path, restart_wait=1, silence=1.0)
+    assert time.monotonic() - started < 4.0  # the handler alone would have taken 6 s
+    last = heartbeat.stat().st_mtime
+    time.sleep(0.5)
+    assert heartbeat.stat().st_mtime == last  # the supervisor's watchdog now sees a hung worker
+
+
 def test_a_held_node_lock_times_out_with_a_clear_error(tmp_path):
     with handlers.node_lock(tmp_path):
         done = []

@@ -13,9 +13,9 @@ Threat models:
 * ``white-box``: sees each round's noisy releases; score_i = sum over rounds of each release's inner product
   with canary i's clipped contribution, divided by that release's noise variance (the Gaussian likelihood-ratio
   direction), local and global added;
-* ``final-prompt``: sees node 0's personalized prompt after the last round only (its last iterate, not the mean
-  of the last ``publish-average`` iterates a run publishes); score_i = <p_init - p_final, u_i> (gradient descent
-  moves against the canary's gradient).
+* ``final-prompt``: sees only the prompt node 0 publishes: the mean of its personalized prompt's last
+  ``publish-average`` iterates, as a run publishes and ``dpfpl export`` writes; score_i = <p_init - p_published, u_i>
+  (gradient descent moves against the canary's gradient).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..client_app.node import PromptNode, local_noise_multiplier
 from ..common.config import NodeConfig, RunConfig
 from ..common.methods import DpSettings, SgdSettings
+from ..common.optim import fold_into_mean
 from ..common.privacy import PrivacyAccountant
 from ..common.prompt import initial_global_prompt
 from ..server_app.strategy import global_learning_rate, global_noise_multiplier, global_update
@@ -189,9 +190,9 @@ class _CanaryFederation:
         """Each canary's direction, flattened (m x prompt size)."""
         return self.hook.directions.flatten(1)
 
-    def published_prompt(self) -> torch.Tensor:
-        """Node 0's personalized prompt now: after the last round, what the final-prompt adversary sees (the last
-        iterate; the run would publish the mean of the last ``publish-average`` iterates)."""
+    def current_prompt(self) -> torch.Tensor:
+        """Node 0's personalized prompt now (p_G + p_L: linear in both, so the mean of these iterates is the mean of
+        p_G's plus the mean of p_L's, which is what a run publishes)."""
         return self.nodes[0].learner.personalized_prompt(self.p_global, self.locals_[0])
 
     def train_round(self) -> None:
@@ -257,12 +258,15 @@ def run_audit(
         raise ValueError("an audit needs dp = true: without DP there is no claimed epsilon to audit")
     started = time.time()
     fed = _CanaryFederation.start(cfg, settings, cache_dir)
-    start_prompt = fed.published_prompt()
+    start_prompt = fed.current_prompt()
+    published, averaged = None, 0  # the mean of the iterates that enter publication (publish-average)
     for rnd in range(1, cfg.num_server_rounds + 1):
         fed.train_round()
+        if cfg.averages_for_publication(rnd):
+            published, averaged = fold_into_mean(published, averaged, fed.current_prompt())
         if progress is not None:
             progress(rnd)
-    final = -(fed.directions @ (fed.published_prompt() - start_prompt).flatten()).double()
+    final = -(fed.directions @ (published - start_prompt).flatten()).double()
     return _audit_result(fed, final, time.time() - started)
 
 
