@@ -387,18 +387,30 @@ def write_table(records: list[RunRecord], never_started: list[str], spec: SweepS
     return path
 
 
+def _rows(record: RunRecord) -> list[dict]:
+    """A run's logged rounds, then its published prompt's accuracies (phase ``published``, at its last round), the
+    number the tables report."""
+    published = (record.summary or {}).get("published") or {}
+    numbers = {k: v for k, v in published.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not numbers:
+        return record.metrics
+    last = max((int(m.get("round", 0)) for m in record.metrics), default=0)
+    return [*record.metrics, {"round": last, "phase": "published", **numbers}]
+
+
 def write_results_csv(records: list[RunRecord], out: Path) -> Path:
-    """One row per (run, logged round): the run's coordinates, then every metric key present anywhere."""
+    """One row per (run, logged round), and one for its published prompt: the run's coordinates, then every metric
+    key present anywhere."""
     fixed = ["method", "epsilon", "rank", "seed", "round", "phase"]
     keys: list[str] = []
     for r in records:
-        for row in r.metrics:
+        for row in _rows(r):
             keys += [k for k in row if k not in fixed and k not in keys and not isinstance(row[k], (dict, list))]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fixed + keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in records:
-        for row in r.metrics:
+        for row in _rows(r):
             writer.writerow(
                 {
                     **row,

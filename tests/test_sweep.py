@@ -165,12 +165,20 @@ def test_tiny_sweep_writes_results_table_and_plots(sweep):
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {"method", "epsilon", "rank", "seed", "round", "phase", "local-acc", "neighbor-acc"} <= set(rows[0])
-    got = sorted((r["method"], r["epsilon"], r["seed"], r["round"]) for r in rows)
+    got = sorted((r["method"], r["epsilon"], r["seed"], r["round"]) for r in rows if r["phase"] != "published")
     expected = sorted((m, e, s, rnd) for m in METHODS for e in ("none", "1") for s in ("0", "1") for rnd in "012")
     assert got == expected
+    # one row per run for the prompt it published, at its last round: the number the table reports
+    published = [r for r in rows if r["phase"] == "published"]
+    assert sorted((r["method"], r["epsilon"], r["seed"]) for r in published) == sorted(
+        (m, e, s) for m in METHODS for e in ("none", "1") for s in ("0", "1")
+    )
+    last = {(r["method"], r["epsilon"], r["seed"]): r["round"] for r in rows if r["phase"] != "published"}
+    assert all(r["round"] == last[r["method"], r["epsilon"], r["seed"]] for r in published)  # zero-shot: round 0
+    assert all(0.0 <= float(r["local-acc"]) <= 1.0 for r in published)
     assert {r["rank"] for r in rows} == {"2"}
     assert {r["phase"] for r in rows if r["round"] == "0"} == {"zeroshot"}
-    assert all(r["epsilon-global-max"] for r in rows if r["epsilon"] == "1" and r["round"] != "0")
+    assert all(r["epsilon-global-max"] for r in rows if r["epsilon"] == "1" and r["phase"] == "train")
     assert not any(r.get("epsilon-global-max") for r in rows if r["epsilon"] == "none")
 
     table = (out / "table.md").read_text()
