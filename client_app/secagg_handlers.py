@@ -5,8 +5,8 @@ of the global noise, ``dpfpl.common.secagg.encoding``) and keeps it on its own d
 (``ClientSession``): the four messages of a round (three, keyed ahead) may each be served by another process (a
 fresh ClientApp, or the node's worker restarted in between), so the state between them lives in one atomically
 written file in the node's state directory (mode 0600: it holds this round's private keys). Keys drawn for the
-next round wait in a second file of the same form until that round's train message binds them. The clear gradient never leaves
-the node; the masked vector does, once.
+next round wait in a second file of the same form until that round's train message binds them. The clear
+gradient never leaves the node; the masked vector does, once.
 
 The file carries a SHA-256 digest of its content. A damaged file (garbage, a write cut short, a bit flip, another
 shape) fails the stage that reads it with ``CorruptSessionError``, naming the file: the node answers that stage

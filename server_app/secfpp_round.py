@@ -23,9 +23,10 @@ share of the computation. What the server sees: public keys, ciphertexts (and th
 hence the assignment. Dropouts: a node that fails or sends a malformed reply before its shares are out (keys,
 shares) leaves the phase, and the others start it over once without it (new roster indices, fresh keys and
 shares, under a new phase label; a second such failure aborts the phase and the assignment stays as it was); the
-node left out gets cluster 0's prompt until a phase that includes it. After that, a node that fails or does not answer leaves the phase: the
-others decode from the coded results that are left (LCC needs 2(K+T-1)+1 of them; fewer aborts the phase),
-its vector stays in the cluster sums (its shares are held by the others) and it keeps its cluster.
+node left out gets cluster 0's prompt until a phase that includes it. After that, a node that fails or does not
+answer leaves the phase: the others decode from the coded results that are left (LCC needs 2(K+T-1)+1 of them;
+fewer aborts the phase), its vector stays in the cluster sums (its shares are held by the others) and it keeps
+its cluster.
 """
 
 from __future__ import annotations
