@@ -121,8 +121,9 @@ def reply_metrics(msg: Message, operation: str, required: Iterable[str] = ("serv
     return out
 
 
-def config_fields(msg: Message, record: str, keys: set[str]) -> dict:
-    """The one ConfigRecord ``record`` of a reply, with exactly ``keys``, and nothing else in the reply."""
+def config_fields(msg: Message, record: str, keys: set[str], optional: set[str] = frozenset()) -> dict:
+    """The one ConfigRecord ``record`` of a reply, with exactly ``keys`` (and any of ``optional``), and nothing else
+    in the reply."""
     if msg.has_error():
         raise InvalidReply("the node reported an error")
     content = msg.content
@@ -132,8 +133,9 @@ def config_fields(msg: Message, record: str, keys: set[str]) -> dict:
     if extra or len(content.array_records):
         raise InvalidReply(f"the reply carries records it should not: {sorted(content.keys())}")
     values = dict(content[record])
-    if set(values) != keys:
-        raise InvalidReply(f"'{record}' holds {sorted(values)}, expected {sorted(keys)}")
+    if not keys <= set(values) <= keys | optional:
+        expected = sorted(keys) + ([f"optionally {sorted(optional)}"] if optional else [])
+        raise InvalidReply(f"'{record}' holds {sorted(values)}, expected {expected}")
     return values
 
 

@@ -99,58 +99,34 @@ class SecureTrainExchange:
     sees only each group's noised sum."""
 
     def __init__(self) -> None:
-        # the public keys each node drew for round ``announced_for``, from its unmasking reply of the round before
-        self.announced: dict[int, tuple[bytes, bytes]] = {}
-        self.announced_for = 0
+        # by round: the public keys each node drew for it, announced in its unmasking reply of the round before
+        self.announced: dict[int, dict[int, tuple[bytes, bytes]]] = {}
 
     def run(
         self, strategy: PromptStrategy, grid: Grid, server_round: int, timeout: float | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        announced = self.announced if self.announced_for == server_round else {}
-        self.announced, self.announced_for = {}, server_round + 1
-        return secure_train_round(strategy, grid, server_round, timeout, announced, self.announced)
+        """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train."""
+        secure = _SecureRound(strategy, grid, server_round, timeout, self.announced.pop(server_round, {}))
+        try:
+            return secure.run()
+        except SecAggError as err:
+            log.error(
+                "round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
+                "not charged: %s",
+                server_round,
+                err,
+            )
+            return None, None
+        finally:
+            self.announced = {server_round + 1: secure.next_keys}  # only the next round may use them
 
     def privacy_notes(self) -> dict[str, str]:
         """The nodes' distributed discrete-Gaussian noise is accounted as the continuous Gaussian."""
         return {"approximation": DISCRETE_GAUSSIAN_NOTE}
 
 
-def secure_train_round(
-    strategy: PromptStrategy,
-    grid: Grid,
-    server_round: int,
-    timeout: float | None,
-    announced: dict[int, tuple[bytes, bytes]] | None = None,
-    next_keys: dict[int, tuple[bytes, bytes]] | None = None,
-) -> tuple[ArrayRecord | None, MetricRecord | None]:
-    """The secure-aggregation equivalent of configure_train + send_and_receive + aggregate_train.
-
-    ``announced``: the public keys the nodes drew for this round, announced in the last round's unmasking;
-    ``next_keys`` receives those announced in this round's for the next."""
-    try:
-        return _SecureRound(strategy, grid, server_round, timeout, announced or {}, next_keys).run()
-    except SecAggError as err:
-        log.error(
-            "round %d: secure aggregation failed; nothing unmasked, p_G not updated, the global accountant "
-            "not charged: %s",
-            server_round,
-            err,
-        )
-        return None, None
-
-
 NEXT_KEYS = ("next-c-pk", "next-s-pk")
 _UNMASK_SHARES = {"b-owner", "b-share", "s-owner", "s-share"}
-
-
-def _unmask_keys(msg: Message, announce: bool) -> set[str]:
-    """The keys an unmasking reply must hold: the shares, plus the next round's public keys when the server asked
-    for them and the node sent them (a node that sends none advertises next round as it trains)."""
-    try:
-        with_next = announce and NEXT_KEYS[0] in msg.content.config_records["secagg"]
-    except Exception:  # noqa: BLE001  no such record, an error reply: config_fields names what is wrong
-        with_next = False
-    return _UNMASK_SHARES | set(NEXT_KEYS) if with_next else _UNMASK_SHARES
 
 
 def _roster_payload(group: _Group, members: dict[int, tuple[bytes, bytes]]) -> dict:
@@ -217,12 +193,11 @@ class _SecureRound:
         server_round: int,
         timeout: float | None,
         announced: dict[int, tuple[bytes, bytes]],
-        next_keys: dict[int, tuple[bytes, bytes]] | None,
     ) -> None:
         self.strategy, self.grid, self.server_round, self.timeout = strategy, grid, server_round, timeout
-        self.announced = announced
-        # None: no round follows this one (nobody is asked for next keys)
-        self.next_keys = next_keys if server_round < strategy.cfg.num_server_rounds else None
+        self.announced = announced  # the public keys the nodes drew for this round (the last round's unmasking)
+        self.announce_next = server_round < strategy.cfg.num_server_rounds  # ask for the next round's keys
+        self.next_keys: dict[int, tuple[bytes, bytes]] = {}  # those announced in this round's unmasking
         self.cfg, self.state = strategy.cfg, strategy.state
         self.shape = tuple(self.state.p_global.shape)
         self.stats = {"messages": 0}
@@ -302,7 +277,6 @@ class _SecureRound:
                 group.label,
                 err,
             )
-            group.session.roster = {}
             return None
         group.keyed_ahead = True
         return _roster_payload(group, members)
@@ -405,7 +379,7 @@ class _SecureRound:
 
     def unmask(self) -> list[_Group]:
         """Survivors send shares of the survivors' b and of the dropped nodes' s; the groups that unmask."""
-        announce = {"announce-next": True} if self.next_keys is not None else {}
+        announce = {"announce-next": True} if self.announce_next else {}
         payloads = {
             u: {"survivors": g.survivors, "dropped": g.dropped, "secagg-group": g.label, **announce}
             for g in self.live
@@ -415,12 +389,17 @@ class _SecureRound:
         members = set(self.group_of)
         for node, msg in self._request(UNMASK, payloads).items():
             try:
-                r = config_fields(msg, "secagg", _unmask_keys(msg, bool(announce)))
+                # the next round's keys when asked for, both or neither (a node that sends none advertises as it
+                # trains next round)
+                r = config_fields(msg, "secagg", _UNMASK_SHARES, optional=set(NEXT_KEYS) if announce else set())
+                next_keys = [k for k in NEXT_KEYS if k in r]
+                if next_keys and next_keys != list(NEXT_KEYS):
+                    raise InvalidReply(f"the unmasking reply holds {next_keys} without the other next-round key")
                 unmask[node] = (
                     id_to_blob(r["b-owner"], r["b-share"], "b-shares", members),
                     id_to_blob(r["s-owner"], r["s-share"], "s-shares", members),
                 )
-                if NEXT_KEYS[0] in r:
+                if next_keys:
                     self.next_keys[node] = tuple(blob(r[k], k, KEY_BYTES) for k in NEXT_KEYS)
             except Exception as err:  # noqa: BLE001
                 self._reject(node, "unmasking reply", err)
