@@ -274,16 +274,31 @@ PHASE_FIELDS = {
 PHASE_PARSERS = {KEYS: _keys, SHARES: _addressed, DISTANCES: _addressed, DECIDE: _decision}
 
 
+def _misaddressed(nodes: list[int], replies: dict[int, dict]) -> set[int]:
+    """The answering nodes that did not address exactly one ciphertext to every other node of the roster."""
+    others = set(range(len(nodes)))
+    return {
+        node
+        for src, node in enumerate(nodes)
+        if node in replies
+        and (
+            len(replies[node]["dst"]) != len(replies[node]["ct"])
+            or set(int(d) for d in replies[node]["dst"]) != others - {src}
+        )
+    }
+
+
 def _route(nodes: list[int], replies: dict[int, dict]) -> dict[int, tuple[list[int], list[bytes]]]:
     """Relay: the ciphertexts each answering node sent, regrouped by destination (roster indices). Opaque
     bytes; a sender must address exactly one ciphertext to every other node of the roster."""
+    bad = _misaddressed(nodes, replies)
+    if bad:
+        raise PhaseFailed(f"node {min(bad)} did not address exactly one ciphertext to every other node")
     inbox: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in range(len(nodes))}
     for src, node in enumerate(nodes):
         if node not in replies:
             continue
         r = replies[node]
-        if len(r["dst"]) != len(r["ct"]) or set(int(d) for d in r["dst"]) != set(range(len(nodes))) - {src}:
-            raise PhaseFailed(f"node {node} did not address exactly one ciphertext to every other node")
         for dst, ct in zip(r["dst"], r["ct"]):
             inbox[int(dst)][0].append(src)
             inbox[int(dst)][1].append(bytes(ct))
@@ -352,20 +367,19 @@ class _ClusteringPhase:
     def keys_and_shares(self, final: bool) -> set[int]:
         """Keys and shares of the current roster: the nodes that failed either (``final``: none may, the phase fails
         instead)."""
-        pks = self.collect_public_keys(tolerate=not final)
-        if isinstance(pks, set):
-            return pks
+        pks, failed = self.collect_public_keys(tolerate=not final)
+        if failed:
+            return failed
         replies = self._request(SHARES, {n: {"pks": pks} for n in self.nodes}, tolerate=not final)
-        others = {i: set(range(len(self.nodes))) - {i} for i in range(len(self.nodes))}
-        failed = {n for i, n in enumerate(self.nodes) if n not in replies or set(replies[n]["dst"]) != others[i]}
+        failed = (set(self.nodes) - set(replies)) | _misaddressed(self.nodes, replies)
         if failed and not final:
             return failed
         self.shares = _route(self.nodes, replies)
         return set()
 
-    def collect_public_keys(self, tolerate: bool = False) -> list[bytes] | set[int]:
-        """Each node's public key for this phase, in roster order (``tolerate``: or the set of nodes that did not
-        give one). The roster is also where the assignment learns each node's key; the message carries the run's
+    def collect_public_keys(self, tolerate: bool = False) -> tuple[list[bytes], set[int]]:
+        """Each node's public key for this phase, in roster order, and the nodes that gave none or one that cannot
+        be attributed (``tolerate``; otherwise the phase fails on them). The roster is also where the assignment learns each node's key; the message carries the run's
         number of clients, as a train message does (the node loads its partition to compute its clustering
         vector)."""
         nodes, strategy = self.nodes, self.strategy
@@ -383,7 +397,7 @@ class _ClusteringPhase:
         shared = {n for n in keys if count[str(keys[n]["node-key"])] > 1 or count[bytes(keys[n]["pk"])] > 1}
         failed = (set(nodes) - set(keys)) | shared
         if failed and tolerate:
-            return failed
+            return [], failed
         if shared:
             raise PhaseFailed(
                 "two nodes report the same node key or public key (a copied state directory?); each node needs its "
@@ -394,7 +408,7 @@ class _ClusteringPhase:
         pks = [bytes(keys[n]["pk"]) for n in nodes]
         if any(len(pk) != 32 for pk in pks):
             raise PhaseFailed("a public key is not 32 bytes")
-        return pks
+        return pks, set()
 
     def decisions(self, assignment: list[int], exclude: frozenset[int]) -> list[Decision]:
         """One k-means iteration: the nodes' coded distances to the current clusters, relayed, then each node's
